@@ -1,0 +1,368 @@
+//! The Konnectivity wire protocol (kubernetes-sigs/apiserver-network-proxy), written from the
+//! field reference in `docs/konnectivity-protocol.md` §1.
+//!
+//! Upstream's proto files declare no package: message names are bare (`Packet`, …) and the
+//! routes are `/AgentService/Connect` and `/ProxyService/Proxy`. Field tags and enum values here
+//! are the normative facts; everything must encode byte-identically to upstream.
+//!
+//! Build packets with the constructors on [`Packet`]: they always set the payload matching the
+//! type, because upstream Go receivers dereference it unconditionally and crash on a missing one.
+//! Read packets with [`Packet::into_message`], which tolerates a missing payload and unknown types.
+
+use bytes::Bytes;
+
+/// gRPC metadata keys (HTTP/2 lowercases them on the wire).
+pub mod metadata {
+    /// Agent → server: the agent's ID (exactly one value).
+    pub const AGENT_ID: &str = "agentid";
+    /// Agent → server: URL query string of identifiers (`host=…&ipv4=…`), possibly empty.
+    pub const AGENT_IDENTIFIERS: &str = "agentidentifiers";
+    /// Agent → server: `Bearer <token>` when token authentication is used.
+    pub const AUTHORIZATION: &str = "authorization";
+    /// Server → agent (initial response headers): the server instance's ID.
+    pub const SERVER_ID: &str = "serverid";
+    /// Server → agent (initial response headers): how many server instances exist, decimal.
+    pub const SERVER_COUNT: &str = "servercount";
+}
+
+/// `AgentService` (agent → server, `/AgentService/Connect`).
+pub mod agent {
+    include!(concat!(env!("OUT_DIR"), "/.AgentService.rs"));
+}
+
+/// `ProxyService` (kube-apiserver → server, `/ProxyService/Proxy`).
+pub mod proxy {
+    include!(concat!(env!("OUT_DIR"), "/.ProxyService.rs"));
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum PacketType {
+    DialReq = 0,
+    DialRsp = 1,
+    CloseReq = 2,
+    CloseRsp = 3,
+    Data = 4,
+    DialCls = 5,
+    Drain = 6,
+}
+
+impl PacketType {
+    /// The upstream enum name, used as the `packet_type` metric label.
+    pub fn as_str_name(self) -> &'static str {
+        match self {
+            PacketType::DialReq => "DIAL_REQ",
+            PacketType::DialRsp => "DIAL_RSP",
+            PacketType::CloseReq => "CLOSE_REQ",
+            PacketType::CloseRsp => "CLOSE_RSP",
+            PacketType::Data => "DATA",
+            PacketType::DialCls => "DIAL_CLS",
+            PacketType::Drain => "DRAIN",
+        }
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Packet {
+    #[prost(enumeration = "PacketType", tag = "1")]
+    pub r#type: i32,
+    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8")]
+    pub payload: Option<Payload>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Payload {
+    #[prost(message, tag = "2")]
+    DialRequest(DialRequest),
+    #[prost(message, tag = "3")]
+    DialResponse(DialResponse),
+    #[prost(message, tag = "4")]
+    Data(Data),
+    #[prost(message, tag = "5")]
+    CloseRequest(CloseRequest),
+    #[prost(message, tag = "6")]
+    CloseResponse(CloseResponse),
+    #[prost(message, tag = "7")]
+    CloseDial(CloseDial),
+    #[prost(message, tag = "8")]
+    Drain(Drain),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DialRequest {
+    /// Network to dial; clients always send `tcp`.
+    #[prost(string, tag = "1")]
+    pub protocol: String,
+    /// `host:port`, IPv6 literals in brackets; may be a DNS name.
+    #[prost(string, tag = "2")]
+    pub address: String,
+    /// Dial ID chosen by the frontend; echoed in the response.
+    #[prost(int64, tag = "3")]
+    pub random: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DialResponse {
+    /// Empty on success.
+    #[prost(string, tag = "1")]
+    pub error: String,
+    /// Agent-allocated; 0 on failure.
+    #[prost(int64, tag = "2")]
+    pub connect_id: i64,
+    #[prost(int64, tag = "3")]
+    pub random: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseRequest {
+    #[prost(int64, tag = "1")]
+    pub connect_id: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseResponse {
+    #[prost(string, tag = "1")]
+    pub error: String,
+    #[prost(int64, tag = "2")]
+    pub connect_id: i64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseDial {
+    #[prost(int64, tag = "1")]
+    pub random: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Drain {}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Data {
+    #[prost(int64, tag = "1")]
+    pub connect_id: i64,
+    /// Reserved upstream: never set, never read.
+    #[prost(string, tag = "2")]
+    pub error: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: Bytes,
+}
+
+/// A received packet, decoded by its type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    DialRequest(DialRequest),
+    DialResponse(DialResponse),
+    Data(Data),
+    CloseRequest(CloseRequest),
+    CloseResponse(CloseResponse),
+    CloseDial(CloseDial),
+    Drain,
+    /// A type value this implementation does not know (proto3 enums are open).
+    Unknown(i32),
+}
+
+impl Message {
+    /// The upstream enum name, or `UNKNOWN` (metric label).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Message::DialRequest(_) => "DIAL_REQ",
+            Message::DialResponse(_) => "DIAL_RSP",
+            Message::Data(_) => "DATA",
+            Message::CloseRequest(_) => "CLOSE_REQ",
+            Message::CloseResponse(_) => "CLOSE_RSP",
+            Message::CloseDial(_) => "DIAL_CLS",
+            Message::Drain => "DRAIN",
+            Message::Unknown(_) => "UNKNOWN",
+        }
+    }
+}
+
+impl Packet {
+    pub fn dial_request(address: impl Into<String>, random: i64) -> Self {
+        Self::with(
+            PacketType::DialReq,
+            Payload::DialRequest(DialRequest {
+                protocol: "tcp".into(),
+                address: address.into(),
+                random,
+            }),
+        )
+    }
+
+    pub fn dial_response(random: i64, connect_id: i64, error: impl Into<String>) -> Self {
+        Self::with(
+            PacketType::DialRsp,
+            Payload::DialResponse(DialResponse {
+                error: error.into(),
+                connect_id,
+                random,
+            }),
+        )
+    }
+
+    pub fn data(connect_id: i64, data: Bytes) -> Self {
+        Self::with(
+            PacketType::Data,
+            Payload::Data(Data {
+                connect_id,
+                error: String::new(),
+                data,
+            }),
+        )
+    }
+
+    pub fn close_request(connect_id: i64) -> Self {
+        Self::with(
+            PacketType::CloseReq,
+            Payload::CloseRequest(CloseRequest { connect_id }),
+        )
+    }
+
+    pub fn close_response(connect_id: i64, error: impl Into<String>) -> Self {
+        Self::with(
+            PacketType::CloseRsp,
+            Payload::CloseResponse(CloseResponse {
+                error: error.into(),
+                connect_id,
+            }),
+        )
+    }
+
+    pub fn close_dial(random: i64) -> Self {
+        Self::with(
+            PacketType::DialCls,
+            Payload::CloseDial(CloseDial { random }),
+        )
+    }
+
+    pub fn drain() -> Self {
+        Self::with(PacketType::Drain, Payload::Drain(Drain {}))
+    }
+
+    fn with(kind: PacketType, payload: Payload) -> Self {
+        Packet {
+            r#type: kind as i32,
+            payload: Some(payload),
+        }
+    }
+
+    /// Decodes by `type`. A payload that is missing or does not match the type reads as the
+    /// type's default message, as proto3 receivers do.
+    pub fn into_message(self) -> Message {
+        let Ok(kind) = PacketType::try_from(self.r#type) else {
+            return Message::Unknown(self.r#type);
+        };
+        let payload = self.payload;
+        macro_rules! field {
+            ($variant:ident) => {
+                match payload {
+                    Some(Payload::$variant(inner)) => inner,
+                    _ => Default::default(),
+                }
+            };
+        }
+        match kind {
+            PacketType::DialReq => Message::DialRequest(field!(DialRequest)),
+            PacketType::DialRsp => Message::DialResponse(field!(DialResponse)),
+            PacketType::Data => Message::Data(field!(Data)),
+            PacketType::CloseReq => Message::CloseRequest(field!(CloseRequest)),
+            PacketType::CloseRsp => Message::CloseResponse(field!(CloseResponse)),
+            PacketType::DialCls => Message::CloseDial(field!(CloseDial)),
+            PacketType::Drain => Message::Drain,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn hex(packet: &Packet) -> String {
+        packet
+            .encode_to_vec()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn encodings_match_hand_computed_bytes() {
+        // Tag bytes: (field << 3) | wire type. DIAL_REQ is 0, so no type field at all.
+        assert_eq!(
+            hex(&Packet::dial_request("a:1", 5)),
+            "12 0c 0a 03 74 63 70 12 03 61 3a 31 18 05"
+        );
+        assert_eq!(
+            hex(&Packet::dial_response(5, 7, "")),
+            "08 01 1a 04 10 07 18 05"
+        );
+        assert_eq!(
+            hex(&Packet::dial_response(5, 0, "x")),
+            "08 01 1a 05 0a 01 78 18 05"
+        );
+        assert_eq!(hex(&Packet::close_request(7)), "08 02 2a 02 08 07");
+        assert_eq!(hex(&Packet::close_response(7, "")), "08 03 32 02 10 07");
+        assert_eq!(
+            hex(&Packet::data(7, Bytes::from_static(b"hi"))),
+            "08 04 22 06 08 07 1a 02 68 69"
+        );
+        assert_eq!(hex(&Packet::close_dial(5)), "08 05 3a 02 08 05");
+        // An empty payload still serialises, preserving presence for Go receivers.
+        assert_eq!(hex(&Packet::drain()), "08 06 42 00");
+        assert_eq!(hex(&Packet::close_request(0)), "08 02 2a 00");
+    }
+
+    #[test]
+    fn every_packet_type_round_trips() {
+        let packets = [
+            Packet::dial_request("[fd00::1]:10250", i64::MAX),
+            Packet::dial_response(-1, 3, "dial tcp: refused"),
+            Packet::data(9, Bytes::from(vec![0u8; 70_000])),
+            Packet::close_request(4),
+            Packet::close_response(4, "Unknown connectID"),
+            Packet::close_dial(77),
+            Packet::drain(),
+        ];
+        for packet in packets {
+            let decoded = Packet::decode(packet.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(decoded, packet);
+        }
+    }
+
+    #[test]
+    fn missing_payload_and_unknown_types_decode_without_failing() {
+        // `08 02` is CLOSE_REQ with no payload: reads as connectID 0.
+        let packet = Packet::decode(&[0x08, 0x02][..]).unwrap();
+        assert_eq!(
+            packet.into_message(),
+            Message::CloseRequest(CloseRequest { connect_id: 0 })
+        );
+        // An empty buffer is a DIAL_REQ with every field at its default.
+        let packet = Packet::decode(&[][..]).unwrap();
+        assert_eq!(
+            packet.into_message(),
+            Message::DialRequest(DialRequest::default())
+        );
+        let packet = Packet::decode(&[0x08, 0x2a][..]).unwrap();
+        assert_eq!(packet.into_message(), Message::Unknown(42));
+    }
+
+    #[test]
+    fn mismatched_payload_reads_as_the_types_default() {
+        let mut packet = Packet::data(7, Bytes::from_static(b"x"));
+        packet.r#type = PacketType::CloseReq as i32;
+        assert_eq!(
+            packet.into_message(),
+            Message::CloseRequest(CloseRequest::default())
+        );
+    }
+
+    #[test]
+    fn generated_routes_have_no_package() {
+        assert_eq!(agent::agent_service_server::SERVICE_NAME, "AgentService");
+        assert_eq!(proxy::proxy_service_server::SERVICE_NAME, "ProxyService");
+    }
+}
