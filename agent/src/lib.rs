@@ -1,0 +1,5 @@
+//! tether-agent: the node half of the Konnectivity tunnel, and the XDP guard that makes the
+//! tunnel the only way in.
+
+pub mod dataplane;
+pub mod telemetry;

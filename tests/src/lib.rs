@@ -1,0 +1,13 @@
+//! Harness for tether's end-to-end tests: network namespaces that clean up after themselves.
+
+pub mod netns;
+pub mod process;
+
+/// Fails the calling test loudly unless it runs as root: privileged tests never pass by
+/// skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "this test needs root (network namespaces, eBPF); run it through `cargo xtask test` as root"
+    );
+}
