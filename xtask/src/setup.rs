@@ -1,0 +1,145 @@
+//! `cargo xtask setup`: installs, idempotently, everything building and testing need.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages: the eBPF toolchain recipe (docs/architecture.md) plus what tests and the demo
+/// drive (ip, nsenter, iptables, nft, openssl).
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "openssl",
+    "util-linux",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    apt_packages()?;
+    bpf_linker()?;
+    nextest()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| !dpkg_installed(pkg))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: skipped apt packages (all present: {})",
+            APT_PACKAGES.join(" ")
+        );
+        return Ok(());
+    }
+    println!("setup: installing apt packages: {}", missing.join(" "));
+    apt(&["update", "-q"]).context("apt-get update failed; is the Debian mirror reachable?")?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args).with_context(|| format!("apt-get install {} failed", missing.join(" ")))?;
+    println!("setup: installed apt packages: {}", missing.join(" "));
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${db:Status-Status}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .is_ok_and(|out| out.stdout == b"installed")
+}
+
+fn apt(args: &[&str]) -> Result<()> {
+    let out = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .output()
+        .context("could not run apt-get")?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        bail!("{} ({last})", out.status);
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let present = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+        });
+    if present {
+        println!("setup: skipped bpf-linker {BPF_LINKER_VERSION} (present)");
+        return Ok(());
+    }
+    println!(
+        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
+    );
+    cargo_install(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            // llvm-sys reads the first variable; bpf-linker's own build script reads the second
+            // and would otherwise pick whichever llvm-config comes first on PATH.
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
+    .context(
+        "cargo install bpf-linker failed; is crates.io reachable and llvm-22-dev installed?",
+    )?;
+    println!("setup: installed bpf-linker {BPF_LINKER_VERSION}");
+    Ok(())
+}
+
+fn nextest() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        println!("setup: skipped cargo-nextest (present)");
+        return Ok(());
+    }
+    println!("setup: installing cargo-nextest");
+    cargo_install(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))
+        .context("cargo install cargo-nextest failed; is crates.io reachable?")?;
+    println!("setup: installed cargo-nextest");
+    Ok(())
+}
+
+fn cargo_install(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("could not run cargo")?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("error"))
+            .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+            .unwrap_or("");
+        bail!("{} ({last})", out.status);
+    }
+    Ok(())
+}
