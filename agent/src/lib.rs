@@ -2,4 +2,3 @@
 //! tunnel the only way in.
 
 pub mod dataplane;
-pub mod telemetry;

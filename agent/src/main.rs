@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tether_agent::dataplane::Dataplane;
-use tether_agent::telemetry::{self, LogFormat};
+use tether_runtime::telemetry::{self, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// tether-agent: guards a Kubernetes node so that the control plane reaches it only through
@@ -28,7 +28,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format);
+    telemetry::init(args.log_format, "info");
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
