@@ -1,0 +1,141 @@
+//! `AgentService/Connect`: one call per agent stream. Validates the agent's metadata, answers
+//! with `serverid`/`servercount` headers at once (before any packet, as upstream agents wait
+//! for them), registers the stream as a backend and runs its receive loop.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tether_proto::Packet;
+use tether_proto::agent::agent_service_server::AgentService;
+use tether_proto::metadata;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backends::{Backend, Backends, Identifiers};
+use crate::metrics::Metrics;
+
+pub struct Agents {
+    pub backends: Arc<Backends>,
+    pub metrics: Arc<Metrics>,
+    pub server_id: String,
+    pub server_count: u32,
+    pub queue_packets: usize,
+    pub dial_timeout: Option<std::time::Duration>,
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Agents {
+    type ConnectStream = PacketStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<PacketStream>, Status> {
+        let (agent_id, identifiers) = self.validate(&request).inspect_err(|status| {
+            self.metrics.reject("agent_metadata");
+            tracing::warn!(peer = ?request.remote_addr(), error = status.message(), "rejected agent stream");
+        })?;
+        let (tx, rx) = mpsc::channel(self.queue_packets);
+        let backend = Arc::new(Backend::new(
+            agent_id,
+            identifiers,
+            tx,
+            self.dial_timeout,
+            self.metrics.clone(),
+        ));
+        tracing::info!(
+            backend = backend.id,
+            agent = %backend.agent_id,
+            peer = ?request.remote_addr(),
+            identifiers = ?backend.identifiers,
+            "agent connected"
+        );
+        self.backends.add(backend.clone());
+        let gauge = self.metrics.grpc_connections("Connect");
+        gauge.inc();
+
+        let mut inbound = request.into_inner();
+        let backends = self.backends.clone();
+        let metrics = self.metrics.clone();
+        let receiver = backend.clone();
+        tokio::spawn(async move {
+            let end = loop {
+                match inbound.message().await {
+                    Ok(Some(packet)) => receiver.handle(packet),
+                    Ok(None) => break "agent closed the stream".to_owned(),
+                    Err(status) => {
+                        metrics.reject("agent_stream_error");
+                        break format!("{} ({:?})", status.message(), status.code());
+                    }
+                }
+            };
+            tracing::info!(backend = receiver.id, agent = %receiver.agent_id, reason = end, "agent disconnected");
+            backends.remove(receiver.id);
+            receiver.shut_down();
+            gauge.dec();
+        });
+
+        // The response ends when the agent's side does, even while frontends still hold the
+        // backend (and so a sender).
+        let closed = {
+            let backend = backend.clone();
+            async move { backend.wait_closed().await }
+        };
+        let outbound = ReceiverStream::new(rx).map(Ok).take_until(closed);
+        let mut response = Response::new(Box::pin(outbound) as PacketStream);
+        let headers = response.metadata_mut();
+        headers.insert(
+            metadata::SERVER_ID,
+            MetadataValue::try_from(self.server_id.as_str())
+                .map_err(|_| Status::internal("server ID is not a valid header value"))?,
+        );
+        headers.insert(
+            metadata::SERVER_COUNT,
+            MetadataValue::from(self.server_count),
+        );
+        Ok(response)
+    }
+}
+
+impl Agents {
+    fn validate(
+        &self,
+        request: &Request<Streaming<Packet>>,
+    ) -> Result<(String, Identifiers), Status> {
+        let md = request.metadata();
+        let ids: Vec<_> = md.get_all(metadata::AGENT_ID).iter().collect();
+        let [agent_id] = ids.as_slice() else {
+            return Err(Status::unknown(format!(
+                "expected one agent ID in the context, got {}",
+                ids.len()
+            )));
+        };
+        let agent_id = agent_id
+            .to_str()
+            .map_err(|_| Status::unknown("agent ID is not printable ASCII"))?
+            .to_owned();
+        let idents: Vec<_> = md.get_all(metadata::AGENT_IDENTIFIERS).iter().collect();
+        let identifiers = match idents.as_slice() {
+            [] => Identifiers::default(),
+            [one] => {
+                let text = one
+                    .to_str()
+                    .map_err(|_| Status::unknown("agent identifiers are not printable ASCII"))?;
+                Identifiers::parse(text).map_err(|err| Status::unknown(err.to_string()))?
+            }
+            more => {
+                return Err(Status::unknown(format!(
+                    "expected at most one set of agent identifiers, got {}",
+                    more.len()
+                )));
+            }
+        };
+        Ok((agent_id, identifiers))
+    }
+}

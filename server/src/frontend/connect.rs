@@ -1,0 +1,324 @@
+//! HTTP CONNECT frontend (`--mode http-connect`), over a Unix socket or mTLS TCP.
+//!
+//! The response bytes are written by hand because kube-apiserver checks them closely: exactly
+//! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before tunnel data (it rejects
+//! a 200 followed by buffered bytes), and upstream's status lines for each failure.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{DialCause, FrontendConn, ToFrontend};
+use crate::backends::{Backend, Backends};
+use crate::metrics::Metrics;
+
+/// Upstream's read-header timeout.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest request head we read (upstream allows 1 MiB).
+const MAX_HEAD: usize = 1 << 20;
+/// Client bytes per DATA packet, as upstream.
+const CHUNK: usize = 32 * 1024;
+
+pub struct ConnectFrontend {
+    pub backends: Arc<Backends>,
+    pub metrics: Arc<Metrics>,
+    pub queue_bytes: usize,
+}
+
+impl ConnectFrontend {
+    /// Serves one client connection to its end.
+    pub async fn serve<S>(self: Arc<Self>, mut stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics.http_connections.inc();
+        let result = self.serve_inner(&mut stream, &peer).await;
+        self.metrics.http_connections.dec();
+        if let Err(reason) = result {
+            tracing::info!(%peer, reason, "CONNECT request ended");
+        }
+        let _ = stream.shutdown().await;
+    }
+
+    async fn serve_inner<S>(&self, stream: &mut S, peer: &str) -> Result<(), String>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (target, mut leftover) = match tokio::time::timeout(HEADER_TIMEOUT, read_head(stream))
+            .await
+        {
+            Err(_) => {
+                self.metrics.reject("connect_header_timeout");
+                return Err("no complete request head within 60s".into());
+            }
+            Ok(Err(HeadError::Closed)) => return Err("client closed before a request".into()),
+            Ok(Err(HeadError::Malformed(why))) => {
+                self.metrics.reject("connect_malformed_request");
+                tracing::warn!(%peer, why, "malformed HTTP request on the CONNECT frontend");
+                let _ = write(stream, "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n400 Bad Request").await;
+                return Err(format!("malformed request: {why}"));
+            }
+            Ok(Err(HeadError::NotConnect(method))) => {
+                self.metrics.reject("connect_method");
+                let _ = write(stream, "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain; charset=utf-8\r\nX-Content-Type-Options: nosniff\r\n\r\nthis proxy only supports CONNECT passthrough\n").await;
+                return Err(format!("method {method} is not CONNECT"));
+            }
+            Ok(Ok(head)) => head,
+        };
+        if let Err(why) = validate_target(&target) {
+            self.metrics.reject("connect_bad_target");
+            tracing::warn!(%peer, target, why, "refused CONNECT to an unparsable target");
+            let _ = write(stream, &format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ninvalid CONNECT target {target:?}: {why}\r\n")).await;
+            return Err(format!("bad target {target:?}"));
+        }
+        let Some(backend) = self.backends.pick(&target) else {
+            self.metrics.dial_failure("no_agent");
+            let _ = write(stream, "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: No agent available").await;
+            return Err("no agent available".into());
+        };
+        let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
+        let conn = Arc::new(FrontendConn::new(random, self.queue_bytes));
+        let Ok(dial_id) = backend.dial(&target, &conn).await else {
+            let _ = write(stream, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nFailed to tunnel dial request: agent stream closed\r\n").await;
+            return Err("agent stream closed before the dial was sent".into());
+        };
+
+        // Wait for the agent's answer, noticing a client that gives up meanwhile.
+        let first = loop {
+            let mut scratch = [0u8; 4096];
+            tokio::select! {
+                event = conn.mailbox.pop() => break event,
+                read = stream.read(&mut scratch) => match read {
+                    Ok(0) | Err(_) => {
+                        backend.cancel_dial(dial_id, "frontend_close");
+                        self.metrics.reject("connect_client_gone_mid_dial");
+                        tracing::info!(%peer, target, "client went away while the dial was pending; cancelled it");
+                        return Err("client disconnected mid-dial".into());
+                    }
+                    Ok(n) if leftover.len() + n <= MAX_HEAD => leftover.extend_from_slice(&scratch[..n]),
+                    Ok(_) => {
+                        backend.cancel_dial(dial_id, "frontend_close");
+                        self.metrics.reject("connect_early_data");
+                        return Err("client sent too much before the tunnel was up".into());
+                    }
+                },
+            }
+        };
+        let connect_id = match first {
+            Some(ToFrontend::DialOk { connect_id }) => connect_id,
+            Some(ToFrontend::DialFailed { error, cause }) => {
+                let _ = write(stream, &failure_response(&error, cause)).await;
+                return Err(format!("dial to {target} failed: {error}"));
+            }
+            Some(ToFrontend::DialClosed) | None => return Err("agent cancelled the dial".into()),
+            Some(other) => return Err(format!("unexpected first event {other:?}")),
+        };
+        if write(stream, "HTTP/1.1 200 Connection Established\r\n\r\n")
+            .await
+            .is_err()
+        {
+            backend.forget(connect_id);
+            return Err("client went away before the 200".into());
+        }
+        if !leftover.is_empty()
+            && backend
+                .send_data(connect_id, leftover.split().freeze())
+                .await
+                .is_err()
+        {
+            return Err("agent stream closed".into());
+        }
+        pump(stream, &backend, &conn, connect_id).await;
+        Ok(())
+    }
+}
+
+/// Moves bytes both ways until either side ends, then closes the other.
+async fn pump<S>(stream: &mut S, backend: &Arc<Backend>, conn: &Arc<FrontendConn>, connect_id: i64)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let upstream = async {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        loop {
+            buf.reserve(CHUNK);
+            match reader.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {
+                    if backend
+                        .send_data(connect_id, buf.split().freeze())
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+            }
+        }
+    };
+    let downstream = async {
+        while let Some(event) = conn.mailbox.pop().await {
+            match event {
+                ToFrontend::Data(data) if writer.write_all(&data).await.is_err() => return true,
+                ToFrontend::Closed { .. } => return false,
+                _ => {}
+            }
+        }
+        false
+    };
+    let client_ended = tokio::select! {
+        ended = upstream => ended,
+        ended = downstream => ended,
+    };
+    if client_ended {
+        backend.forget(connect_id);
+    }
+    conn.mailbox.close();
+}
+
+/// Upstream's response to a failed agent dial, with the status chosen from the error text.
+fn failure_response(error: &str, cause: DialCause) -> String {
+    match cause {
+        DialCause::Timeout => "HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend dial timeout: timed out waiting for backend dial\r\n".into(),
+        DialCause::Backend => format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend context error: {error}\r\n"),
+        DialCause::Agent | DialCause::Refused => {
+            let status = status_for(error);
+            format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{error}")
+        }
+    }
+}
+
+/// Upstream's mapping from dial error text to status: first matching rule wins.
+pub fn status_for(error: &str) -> &'static str {
+    let lower = error.to_ascii_lowercase();
+    let any = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    if any(&["i/o timeout", "deadline exceeded", "timeout"]) {
+        "504 Gateway Timeout"
+    } else if any(&["too many open files"]) {
+        "503 Service Unavailable"
+    } else {
+        "502 Bad Gateway"
+    }
+}
+
+enum HeadError {
+    Closed,
+    Malformed(String),
+    NotConnect(String),
+}
+
+/// Reads the request head; returns the CONNECT target and any bytes after the head.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, BytesMut), HeadError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|_| HeadError::Closed)?
+            == 0
+        {
+            return Err(if buf.is_empty() {
+                HeadError::Closed
+            } else {
+                HeadError::Malformed("connection closed inside the request head".into())
+            });
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let method = request.method.unwrap_or("").to_owned();
+                if method != "CONNECT" {
+                    return Err(HeadError::NotConnect(method));
+                }
+                if request.version != Some(1) {
+                    return Err(HeadError::Malformed("only HTTP/1.1 is supported".into()));
+                }
+                let target = request.path.unwrap_or("").to_owned();
+                let rest = buf.split_off(len);
+                return Ok((target, rest));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(HeadError::Malformed("request head exceeds 1 MiB".into()));
+            }
+            Err(err) => return Err(HeadError::Malformed(err.to_string())),
+        }
+    }
+}
+
+/// A CONNECT target must be `host:port` (IPv6 in brackets) with a numeric, non-zero port.
+fn validate_target(target: &str) -> Result<(), &'static str> {
+    let (host, port) = target.rsplit_once(':').ok_or("missing :port")?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| "port is not a number from 1 to 65535")?;
+    if port == 0 {
+        return Err("port 0");
+    }
+    let host = if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').ok_or("unbalanced [")?;
+        inner
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| "bracketed host is not an IPv6 address")?;
+        return Ok(());
+    } else {
+        host
+    };
+    if host.is_empty() {
+        return Err("empty host");
+    }
+    if host.contains(':') {
+        return Err("IPv6 hosts need brackets");
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    {
+        return Err("host has characters no DNS name or IP address has");
+    }
+    Ok(())
+}
+
+async fn write<S: AsyncWrite + Unpin>(stream: &mut S, text: &str) -> std::io::Result<()> {
+    stream.write_all(text.as_bytes()).await?;
+    stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_dial_errors_to_upstream_statuses() {
+        assert_eq!(
+            status_for("dial tcp 10.0.0.1:80: i/o timeout"),
+            "504 Gateway Timeout"
+        );
+        assert_eq!(
+            status_for("accept4: too many open files"),
+            "503 Service Unavailable"
+        );
+        assert_eq!(
+            status_for("dial tcp 10.0.0.1:80: connect: connection refused"),
+            "502 Bad Gateway"
+        );
+        assert_eq!(status_for("something else"), "502 Bad Gateway");
+    }
+
+    #[test]
+    fn validates_connect_targets() {
+        assert!(validate_target("10.0.0.1:10250").is_ok());
+        assert!(validate_target("node-1.example:443").is_ok());
+        assert!(validate_target("[fd00::1]:10250").is_ok());
+        assert!(validate_target("fd00::1:10250").is_err());
+        assert!(validate_target("host").is_err());
+        assert!(validate_target("host:99999").is_err());
+        assert!(validate_target(":80").is_err());
+        assert!(validate_target("bad host:80").is_err());
+        assert!(validate_target("[nope]:80").is_err());
+    }
+}

@@ -1,0 +1,9 @@
+//! tether-server: the control-plane half of the Konnectivity tunnel.
+
+pub mod agent_service;
+pub mod app;
+pub mod backends;
+pub mod config;
+pub mod frontend;
+pub mod listen;
+pub mod metrics;

@@ -1,0 +1,58 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use tether_runtime::shutdown::{Signals, Step};
+use tether_runtime::telemetry;
+use tether_server::app;
+use tether_server::config::{Args, Config};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.log_format, args.klog.filter("info"));
+    let mut signals = match Signals::install() {
+        Ok(signals) => signals,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = match Config::from_args(&args) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!("invalid configuration: {}", error_chain(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = config.graceful_shutdown_timeout;
+    let server = match app::start(config).await {
+        Ok(server) => server,
+        Err(err) => {
+            tracing::error!("cannot start: {}", error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
+    signals.next().await;
+    tracing::info!(deadline = ?deadline, "shutting down: no new frontend connections; waiting for open tunnels");
+    tokio::select! {
+        left = server.drain(deadline) => {
+            tracing::info!(closed_early = left, "shutdown complete");
+            ExitCode::SUCCESS
+        }
+        Step::Stop | Step::Drain = signals.next() => {
+            tracing::warn!("second signal: stopping now");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}

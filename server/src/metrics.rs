@@ -1,0 +1,175 @@
+//! Server metrics. Names, types and labels follow upstream's `konnectivity_network_proxy_server_*`
+//! (dashboards and e2e tests scrape them); tether's own additions are `tether_server_*`.
+//!
+//! Upstream counters whose names do not end in `_total` (e.g. `dial_failure_count`) are exported
+//! as gauges that only go up: OpenMetrics would otherwise rename them with a `_total` suffix.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StrategyLabel {
+    proxy_strategy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabel {
+    service_method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    segment: &'static str,
+    packet_type: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub dial_duration: Histogram,
+    pub pending_dials: Gauge,
+    pub established: Gauge,
+    pub http_connections: Gauge,
+    pub ready_backend_connections: Gauge,
+    pub frontend_queue_full: Counter,
+    grpc_connections: Family<MethodLabel, Gauge>,
+    ready_backends: Family<StrategyLabel, Gauge>,
+    dial_failures: Family<ReasonLabel, Gauge>,
+    packets: Family<PacketLabels, Counter>,
+    rejected: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let dial_duration = Histogram::new([1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5]);
+        let metrics = Metrics {
+            dial_duration,
+            pending_dials: Gauge::default(),
+            established: Gauge::default(),
+            http_connections: Gauge::default(),
+            ready_backend_connections: Gauge::default(),
+            frontend_queue_full: Counter::default(),
+            grpc_connections: Family::default(),
+            ready_backends: Family::default(),
+            dial_failures: Family::default(),
+            packets: Family::default(),
+            rejected: Family::default(),
+            registry: Registry::default(),
+        };
+        // Registered clones share their values with the fields above.
+        {
+            let upstream = registry.sub_registry_with_prefix("konnectivity_network_proxy_server");
+            upstream.register(
+                "dial_duration_seconds",
+                "Latency of successful dials (DIAL_REQ to DIAL_RSP)",
+                metrics.dial_duration.clone(),
+            );
+            upstream.register(
+                "pending_backend_dials",
+                "Dials waiting for an agent's answer",
+                metrics.pending_dials.clone(),
+            );
+            upstream.register(
+                "established_connections",
+                "Tunnelled connections open",
+                metrics.established.clone(),
+            );
+            upstream.register(
+                "http_connections",
+                "Open HTTP CONNECT requests",
+                metrics.http_connections.clone(),
+            );
+            upstream.register(
+                "ready_backend_connections",
+                "Agent streams usable by the first strategy (deprecated upstream)",
+                metrics.ready_backend_connections.clone(),
+            );
+            upstream.register(
+                "grpc_connections",
+                "Open gRPC streams by method",
+                metrics.grpc_connections.clone(),
+            );
+            upstream.register(
+                "ready_backends",
+                "Agent streams usable per strategy",
+                metrics.ready_backends.clone(),
+            );
+            upstream.register(
+                "dial_failure_count",
+                "Failed dials by reason",
+                metrics.dial_failures.clone(),
+            );
+            upstream.register(
+                "stream_packets",
+                "Packets by direction and type",
+                metrics.packets.clone(),
+            );
+        }
+        {
+            let ours = registry.sub_registry_with_prefix("tether_server");
+            ours.register(
+                "frontend_queue_full",
+                "Connections closed because their frontend stopped reading and its queue filled",
+                metrics.frontend_queue_full.clone(),
+            );
+            ours.register(
+                "rejected",
+                "Bad input refused or ignored, by reason",
+                metrics.rejected.clone(),
+            );
+        }
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn dial_failure(&self, reason: &'static str) {
+        self.dial_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn packet(&self, segment: &'static str, packet_type: &'static str) {
+        self.packets
+            .get_or_create(&PacketLabels {
+                segment,
+                packet_type,
+            })
+            .inc();
+    }
+
+    /// The open-streams gauge for one gRPC method (clones share the same value).
+    pub fn grpc_connections(&self, service_method: &'static str) -> Gauge {
+        self.grpc_connections
+            .get_or_create(&MethodLabel { service_method })
+            .clone()
+    }
+
+    pub fn ready_backends(&self, strategy: &'static str, count: usize) {
+        self.ready_backends
+            .get_or_create(&StrategyLabel {
+                proxy_strategy: strategy,
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
