@@ -1,4 +1,9 @@
 //! tether-agent: the node half of the Konnectivity tunnel, and the XDP guard that makes the
 //! tunnel the only way in.
 
+pub mod app;
+pub mod config;
 pub mod dataplane;
+pub mod dialer;
+pub mod metrics;
+pub mod tunnel;

@@ -1,57 +1,71 @@
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::Parser;
+use tether_agent::app;
+use tether_agent::config::{Args, Command, Config, GuardArgs};
 use tether_agent::dataplane::Dataplane;
-use tether_runtime::telemetry::{self, LogFormat};
-use tokio::signal::unix::{SignalKind, signal};
-
-/// tether-agent: guards a Kubernetes node so that the control plane reaches it only through
-/// the Konnectivity tunnel.
-#[derive(Parser)]
-#[command(version)]
-struct Args {
-    /// Interface to attach the XDP guard to (repeatable).
-    #[arg(
-        long = "guard-interface",
-        env = "TETHER_GUARD_INTERFACE",
-        value_delimiter = ',',
-        required = true
-    )]
-    guard_interfaces: Vec<String>,
-
-    /// Log output format.
-    #[arg(long, env = "TETHER_LOG_FORMAT", value_enum, default_value_t)]
-    log_format: LogFormat,
-}
+use tether_runtime::shutdown::Signals;
+use tether_runtime::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init(args.log_format, "info");
-    match run(args).await {
-        Ok(()) => ExitCode::SUCCESS,
+    telemetry::init(args.run.log_format, args.run.klog.filter("info"));
+    let mut signals = match Signals::install() {
+        Ok(signals) => signals,
         Err(err) => {
-            tracing::error!("{err:#}");
+            tracing::error!(error = %err, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(Command::Guard(guard)) = args.command {
+        return match run_guard(guard, &mut signals).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                tracing::error!("{err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match Config::from_args(&args.run) {
+        Ok(config) => config,
+        Err(err) => {
+            tracing::error!("invalid configuration: {}", error_chain(&err));
+            return ExitCode::from(2);
+        }
+    };
+    let deadline = config.drain_timeout;
+    let agent = match app::start(config).await {
+        Ok(agent) => agent,
+        Err(err) => {
+            tracing::error!("cannot start: {}", error_chain(&err));
+            return ExitCode::FAILURE;
+        }
+    };
+    signals.next().await;
+    tracing::info!(deadline = ?deadline, open = agent.clients.open_connections(), "draining: DRAIN sent, new connections refused");
+    tokio::select! {
+        left = agent.drain(deadline) => {
+            if left > 0 {
+                tracing::warn!(closed = left, "drain deadline reached; closing the remaining connections");
+            }
+            ExitCode::SUCCESS
+        }
+        _ = signals.next() => {
+            tracing::warn!("second signal: stopping now");
             ExitCode::FAILURE
         }
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run_guard(args: GuardArgs, signals: &mut Signals) -> anyhow::Result<()> {
     let (mut dataplane, logs) = Dataplane::load()?;
-    for interface in &args.guard_interfaces {
+    for interface in &args.interfaces {
         let mode = dataplane.attach(interface)?;
         tracing::info!(interface, mode = mode.label(), "XDP guard attached");
     }
     let log_task = tokio::spawn(logs.forward());
-
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    signals.next().await;
     for (reason, counter) in dataplane.counters()? {
         tracing::info!(
             reason = reason.label(),
@@ -62,4 +76,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     log_task.abort();
     Ok(())
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
 }

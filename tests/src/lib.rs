@@ -1,7 +1,12 @@
 //! Harness for tether's end-to-end tests: network namespaces that clean up after themselves.
 
+pub mod backend;
+pub mod cluster;
+pub mod frontend;
 pub mod netns;
+pub mod pki;
 pub mod process;
+pub mod procs;
 
 /// Fails the calling test loudly unless it runs as root: privileged tests never pass by
 /// skipping.

@@ -1,0 +1,172 @@
+//! Wires the agent together and returns what it bound, so `main` only handles signals and tests
+//! can run the whole agent on port 0.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use tether_runtime::admin::{self, Query, Reply, Routes};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::tunnel::client_set::ClientSet;
+
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: cannot listen on {address}")]
+pub struct StartError {
+    flag: &'static str,
+    address: String,
+    #[source]
+    source: io::Error,
+}
+
+pub struct Agent {
+    pub health_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub clients: Arc<ClientSet>,
+    pub metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+}
+
+pub async fn start(config: Config) -> Result<Agent, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let bind = |flag: &'static str, host: String, port: u16| async move {
+        let listener = if host.is_empty() {
+            match TcpListener::bind(("::", port)).await {
+                Ok(listener) => Ok(listener),
+                Err(err) if err.kind() == io::ErrorKind::AddrInUse => Err(err),
+                Err(_) => TcpListener::bind(("0.0.0.0", port)).await,
+            }
+        } else {
+            TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), port)).await
+        };
+        listener
+            .and_then(|l| l.local_addr().map(|addr| (l, addr)))
+            .map_err(|source| StartError {
+                flag,
+                address: format!("{host}:{port}"),
+                source,
+            })
+    };
+    let (health, health_addr) = bind(
+        "health-server-port",
+        config.health_host.clone(),
+        config.health_port,
+    )
+    .await?;
+    let (admin_listener, admin_addr) = bind(
+        "admin-server-port",
+        config.admin_host.clone(),
+        config.admin_port,
+    )
+    .await?;
+
+    let config = Arc::new(config);
+    let clients = ClientSet::new(config.clone(), metrics.clone());
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(clients.clone().run(stop_rx));
+
+    let routes: Arc<dyn Routes> = Arc::new(HealthRoutes {
+        clients: clients.clone(),
+        metrics: metrics.clone(),
+    });
+    tokio::spawn(admin::serve(health, routes, std::future::pending()));
+    let admin_routes: Arc<dyn Routes> = Arc::new(AdminRoutes {
+        health_port: health_addr.port(),
+    });
+    tokio::spawn(admin::serve(
+        admin_listener,
+        admin_routes,
+        std::future::pending(),
+    ));
+    tracing::info!(
+        server = format!("{}:{}", config.server_host, config.server_port),
+        agent_id = config.agent_id,
+        health = %health_addr,
+        admin = %admin_addr,
+        "tether-agent started"
+    );
+    Ok(Agent {
+        health_addr,
+        admin_addr,
+        clients,
+        metrics,
+        stop,
+    })
+}
+
+impl Agent {
+    /// Sends DRAIN to every server, refuses new connections, and waits at most `deadline` for
+    /// open ones to finish. Returns how many were still open.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.clients.drain();
+        let _ = self.stop.send(true);
+        let start = Instant::now();
+        loop {
+            let open = self.clients.open_connections();
+            if open == 0 || start.elapsed() >= deadline {
+                return open;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct HealthRoutes {
+    clients: Arc<ClientSet>,
+    metrics: Arc<Metrics>,
+}
+
+impl Routes for HealthRoutes {
+    fn route(&self, request: &Query<'_>) -> Reply {
+        match request.path {
+            "/healthz" => Reply::text(StatusCode::OK, "ok"),
+            "/readyz" | "/ready" => {
+                let verbose = request.query.is_some_and(|q| {
+                    q.split('&')
+                        .any(|kv| kv == "verbose" || kv.starts_with("verbose="))
+                });
+                if !self.clients.ready() {
+                    Reply::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "[+]ping ok\n[-]server-connected failed: no servers connected\n",
+                    )
+                } else if verbose {
+                    Reply::text(
+                        StatusCode::OK,
+                        "[+]ping ok\n[+]server-connected ok\ncheck passed\n",
+                    )
+                } else {
+                    Reply::text(StatusCode::OK, "ok")
+                }
+            }
+            "/metrics" => Reply::metrics(&self.metrics.registry),
+            _ => Reply::not_found(),
+        }
+    }
+}
+
+/// Upstream serves metrics on the health port only; the admin port redirects there.
+struct AdminRoutes {
+    health_port: u16,
+}
+
+impl Routes for AdminRoutes {
+    fn route(&self, request: &Query<'_>) -> Reply {
+        match request.path {
+            "/metrics" => {
+                let host = request.host.unwrap_or("127.0.0.1");
+                let host = match host.rsplit_once(':') {
+                    Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+                    _ => host,
+                };
+                Reply::redirect(format!("http://{host}:{}/metrics", self.health_port))
+            }
+            _ => Reply::not_found(),
+        }
+    }
+}

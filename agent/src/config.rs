@@ -1,0 +1,450 @@
+//! Command line → validated [`Config`]. Flag names, defaults and env fallbacks follow upstream's
+//! `proxy-agent`, so existing DaemonSets work unchanged; upstream flags tether does not
+//! implement are refused by name.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tether_runtime::flags::{Klog, go_bool, go_duration};
+use tether_runtime::telemetry::LogFormat;
+use tether_runtime::tls::{Identity, PemFile, TlsError};
+
+/// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
+/// TLS, holds one stream per server replica, and carries the control plane's connections
+/// (kubelet logs/exec/attach/port-forward, apiserver proxy) to local destinations.
+#[derive(Parser, Debug)]
+#[command(name = "tether-agent", version, max_term_width = 100)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach the XDP guard only (no tunnel) until SIGTERM, then print its counters.
+    Guard(GuardArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct GuardArgs {
+    /// Interface to attach the XDP guard to (repeatable, or comma-separated).
+    #[arg(
+        long = "guard-interface",
+        env = "TETHER_GUARD_INTERFACE",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub interfaces: Vec<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct RunArgs {
+    /// Proxy server host name or IP; also the name its certificate must carry.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Proxy server")]
+    pub proxy_server_host: String,
+    /// Proxy server agent port.
+    #[arg(long, default_value_t = 8091, help_heading = "Proxy server")]
+    pub proxy_server_port: u16,
+    /// CA bundle that signs the proxy server's certificate (required; never skipped).
+    #[arg(long, default_value = "", help_heading = "Proxy server")]
+    pub ca_cert: String,
+    /// Client certificate for mTLS (with --agent-key).
+    #[arg(long, default_value = "", help_heading = "Proxy server")]
+    pub agent_cert: String,
+    /// Client key for mTLS (with --agent-cert).
+    #[arg(long, default_value = "", help_heading = "Proxy server")]
+    pub agent_key: String,
+    /// Extra ALPN protocols to offer before h2 (for an ALPN-routing load balancer).
+    #[arg(long, value_delimiter = ',', help_heading = "Proxy server")]
+    pub alpn_proto: Vec<String>,
+    /// Service-account token sent as a bearer token; re-read on every connection.
+    #[arg(long, default_value = "", help_heading = "Proxy server")]
+    pub service_account_token_path: String,
+    /// HTTP/2 keepalive ping interval (at least 30s: servers punish faster pings).
+    #[arg(long, value_parser = go_duration, default_value = "1h", help_heading = "Proxy server")]
+    pub keepalive_time: Duration,
+
+    /// This agent's ID (default: $PROXY_AGENT_ID, else random).
+    #[arg(
+        long,
+        env = "PROXY_AGENT_ID",
+        default_value = "",
+        help_heading = "Identity"
+    )]
+    pub agent_id: String,
+    /// What this agent serves, as a URL query: host=…&ipv4=…&ipv6=…&cidr=…&default-route=true.
+    #[arg(long, default_value = "", help_heading = "Identity")]
+    pub agent_identifiers: String,
+
+    /// First reconnect delay; grows 1.5x (10% jitter) up to --sync-interval-cap.
+    #[arg(long, value_parser = go_duration, default_value = "1s", help_heading = "Server set")]
+    pub sync_interval: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, value_parser = go_duration, default_value = "10s", help_heading = "Server set")]
+    pub sync_interval_cap: Duration,
+    /// How often each server stream's health is checked.
+    #[arg(long, value_parser = go_duration, default_value = "1s", help_heading = "Server set")]
+    pub probe_interval: Duration,
+    /// Keep dialling after reaching the server count, to discover new replicas.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", help_heading = "Server set")]
+    pub sync_forever: bool,
+
+    /// Bytes queued toward one local destination before that connection alone is closed.
+    #[arg(long, env = "TETHER_CONN_QUEUE_BYTES", default_value_t = 4 << 20, help_heading = "Limits")]
+    pub conn_queue_bytes: usize,
+    /// Per-connection queue length in upstream's units (150 chunks); sets --conn-queue-bytes to
+    /// that many 4 KiB chunks when given.
+    #[arg(long, help_heading = "Limits")]
+    pub xfr_channel_size: Option<usize>,
+    /// Time allowed for one destination dial (DNS + TCP connect).
+    #[arg(long, env = "TETHER_DIAL_TIMEOUT", value_parser = go_duration, default_value = "5s", help_heading = "Limits")]
+    pub dial_timeout: Duration,
+    /// Dials allowed in flight at once per server stream; more are refused at once.
+    #[arg(
+        long,
+        env = "TETHER_MAX_PENDING_DIALS",
+        default_value_t = 512,
+        help_heading = "Limits"
+    )]
+    pub max_pending_dials: usize,
+    /// Tunnelled connections allowed open at once per server stream.
+    #[arg(
+        long,
+        env = "TETHER_MAX_CONNECTIONS",
+        default_value_t = 16384,
+        help_heading = "Limits"
+    )]
+    pub max_connections: usize,
+
+    /// Health server host (/healthz, /readyz, /metrics); empty = all interfaces.
+    #[arg(long, default_value = "", help_heading = "Operations")]
+    pub health_server_host: String,
+    /// Health server port.
+    #[arg(long, default_value_t = 8093, help_heading = "Operations")]
+    pub health_server_port: u16,
+    /// Admin server port (/metrics redirects to the health port).
+    #[arg(long, default_value_t = 8094, help_heading = "Operations")]
+    pub admin_server_port: u16,
+    /// Admin server bind address; empty = all interfaces.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Operations")]
+    pub admin_bind_address: String,
+    /// After the first SIGTERM, open connections get this long before they are closed.
+    #[arg(long, env = "TETHER_DRAIN_TIMEOUT", value_parser = go_duration, default_value = "25s", help_heading = "Operations")]
+    pub drain_timeout: Duration,
+    /// Log output format.
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        help_heading = "Operations"
+    )]
+    pub log_format: LogFormat,
+    /// Accepted for compatibility: tether always counts full queues in metrics and logs them.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub warn_on_channel_limit: Option<bool>,
+
+    #[command(flatten)]
+    pub klog: Klog,
+
+    #[command(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// Upstream flags for features tether-agent does not have: setting one is an error naming it.
+#[derive(ClapArgs, Debug, Default)]
+pub struct Unsupported {
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub count_server_leases: Option<String>,
+    #[arg(long, hide = true)]
+    pub lease_namespace: Option<String>,
+    #[arg(long, hide = true)]
+    pub lease_label_selector: Option<String>,
+    #[arg(long, hide = true)]
+    pub lease_label: Option<String>,
+    #[arg(long, hide = true)]
+    pub server_count_source: Option<String>,
+    #[arg(long, hide = true)]
+    pub kubeconfig: Option<String>,
+    #[arg(long, hide = true)]
+    pub kube_api_content_type: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_profiling: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_contention_profiling: Option<String>,
+}
+
+impl Unsupported {
+    fn check(&self) -> Result<(), ConfigError> {
+        const LEASES: &str = "lease-based server counting is not implemented; the agent uses the servercount each server announces";
+        let set = [
+            ("count-server-leases", &self.count_server_leases, LEASES),
+            ("lease-namespace", &self.lease_namespace, LEASES),
+            ("lease-label-selector", &self.lease_label_selector, LEASES),
+            ("lease-label", &self.lease_label, LEASES),
+            ("kubeconfig", &self.kubeconfig, LEASES),
+            ("kube-api-content-type", &self.kube_api_content_type, LEASES),
+            (
+                "enable-profiling",
+                &self.enable_profiling,
+                "Go pprof endpoints do not exist in tether-agent",
+            ),
+            (
+                "enable-contention-profiling",
+                &self.enable_contention_profiling,
+                "Go pprof endpoints do not exist in tether-agent",
+            ),
+        ];
+        for (flag, value, why) in set {
+            if value
+                .as_deref()
+                .is_some_and(|v| !matches!(v, "" | "false" | "False" | "0" | "f" | "F" | "FALSE"))
+            {
+                return Err(ConfigError::Unsupported { flag, why });
+            }
+        }
+        if let Some(source) = &self.server_count_source
+            && !matches!(source.as_str(), "" | "default")
+        {
+            return Err(ConfigError::Unsupported {
+                flag: "server-count-source",
+                why: LEASES,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} is not supported: {why}")]
+    Unsupported {
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("--{flag} is required{why}")]
+    Required {
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("--{flag}={value:?}: {why}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+pub struct Config {
+    pub server_host: String,
+    pub server_port: u16,
+    pub ca: PemFile,
+    pub client_identity: Option<(PemFile, PemFile)>,
+    pub alpn: Vec<String>,
+    pub token_path: Option<PathBuf>,
+    pub keepalive: Duration,
+    pub agent_id: String,
+    pub agent_identifiers: String,
+    pub sync_interval: Duration,
+    pub sync_interval_cap: Duration,
+    pub probe_interval: Duration,
+    pub sync_forever: bool,
+    pub conn_queue_bytes: usize,
+    pub dial_timeout: Duration,
+    pub max_pending_dials: usize,
+    pub max_connections: usize,
+    pub health_host: String,
+    pub health_port: u16,
+    pub admin_host: String,
+    pub admin_port: u16,
+    pub drain_timeout: Duration,
+}
+
+const IDENTIFIER_KEYS: [&str; 5] = ["ipv4", "ipv6", "cidr", "host", "default-route"];
+const MIN_KEEPALIVE: Duration = Duration::from_secs(30);
+
+impl Config {
+    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        args.unsupported.check()?;
+        let invalid = |flag, value: String, why: String| ConfigError::Invalid { flag, value, why };
+        if args.ca_cert.is_empty() {
+            return Err(ConfigError::Required {
+                flag: "ca-cert",
+                why: " (the CA bundle that signs the proxy server's certificate)",
+            });
+        }
+        let ca = PemFile::new("ca-cert", &args.ca_cert);
+        tether_runtime::tls::root_store(&ca)?;
+        let client_identity = match (args.agent_cert.is_empty(), args.agent_key.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                let pair = (
+                    PemFile::new("agent-cert", &args.agent_cert),
+                    PemFile::new("agent-key", &args.agent_key),
+                );
+                Identity::load(pair.0.clone(), pair.1.clone())?;
+                Some(pair)
+            }
+            (false, true) => {
+                return Err(ConfigError::Required {
+                    flag: "agent-key",
+                    why: " with --agent-cert",
+                });
+            }
+            (true, false) => {
+                return Err(ConfigError::Required {
+                    flag: "agent-cert",
+                    why: " with --agent-key",
+                });
+            }
+        };
+        if args.proxy_server_port == 0 {
+            return Err(invalid(
+                "proxy-server-port",
+                "0".into(),
+                "must be greater than 0".into(),
+            ));
+        }
+        if args.proxy_server_host.is_empty() {
+            return Err(ConfigError::Required {
+                flag: "proxy-server-host",
+                why: "",
+            });
+        }
+        let token_path = (!args.service_account_token_path.is_empty())
+            .then(|| PathBuf::from(&args.service_account_token_path));
+        if let Some(path) = &token_path {
+            read_token(path).map_err(|why| {
+                invalid(
+                    "service-account-token-path",
+                    path.display().to_string(),
+                    why,
+                )
+            })?;
+        }
+        if args.keepalive_time < MIN_KEEPALIVE {
+            return Err(invalid(
+                "keepalive-time",
+                format!("{:?}", args.keepalive_time),
+                "must be at least 30s: grpc-go servers answer faster pings with GOAWAY too_many_pings".into(),
+            ));
+        }
+        for (key, _) in form_urlencoded::parse(args.agent_identifiers.as_bytes()) {
+            if !IDENTIFIER_KEYS.contains(&key.as_ref()) {
+                return Err(invalid(
+                    "agent-identifiers",
+                    args.agent_identifiers.clone(),
+                    format!(
+                        "unknown key {key:?} (known: {})",
+                        IDENTIFIER_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if args.agent_identifiers.contains(';') {
+            return Err(invalid(
+                "agent-identifiers",
+                args.agent_identifiers.clone(),
+                "separate pairs with '&', not ';'".into(),
+            ));
+        }
+        if args.sync_interval > args.sync_interval_cap {
+            return Err(invalid(
+                "sync-interval",
+                format!("{:?}", args.sync_interval),
+                format!(
+                    "must not exceed --sync-interval-cap ({:?})",
+                    args.sync_interval_cap
+                ),
+            ));
+        }
+        let conn_queue_bytes = match args.xfr_channel_size {
+            Some(0) => {
+                return Err(invalid(
+                    "xfr-channel-size",
+                    "0".into(),
+                    "must be greater than 0".into(),
+                ));
+            }
+            Some(chunks) => chunks.saturating_mul(4096).max(64 * 1024),
+            None => args.conn_queue_bytes,
+        };
+        if conn_queue_bytes < 64 * 1024 {
+            return Err(invalid(
+                "conn-queue-bytes",
+                conn_queue_bytes.to_string(),
+                "must be at least 65536".into(),
+            ));
+        }
+        for (flag, value) in [
+            ("max-pending-dials", args.max_pending_dials),
+            ("max-connections", args.max_connections),
+        ] {
+            if value == 0 {
+                return Err(invalid(flag, "0".into(), "must be greater than 0".into()));
+            }
+        }
+        let agent_id = if args.agent_id.is_empty() {
+            random_id()
+        } else {
+            args.agent_id.clone()
+        };
+        Ok(Config {
+            server_host: args.proxy_server_host.clone(),
+            server_port: args.proxy_server_port,
+            ca,
+            client_identity,
+            alpn: args
+                .alpn_proto
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
+            token_path,
+            keepalive: args.keepalive_time,
+            agent_id,
+            agent_identifiers: args.agent_identifiers.clone(),
+            sync_interval: args.sync_interval,
+            sync_interval_cap: args.sync_interval_cap,
+            probe_interval: args.probe_interval,
+            sync_forever: args.sync_forever,
+            conn_queue_bytes,
+            dial_timeout: args.dial_timeout,
+            max_pending_dials: args.max_pending_dials,
+            max_connections: args.max_connections,
+            health_host: args.health_server_host.clone(),
+            health_port: args.health_server_port,
+            admin_host: args.admin_bind_address.clone(),
+            admin_port: args.admin_server_port,
+            drain_timeout: args.drain_timeout,
+        })
+    }
+}
+
+/// The bearer token, without surrounding whitespace (a trailing newline would break the header).
+pub fn read_token(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|err| format!("cannot read: {err}"))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("file is empty".into());
+    }
+    if !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err("token contains characters not allowed in an HTTP header".into());
+    }
+    Ok(token.to_owned())
+}
+
+fn random_id() -> String {
+    let bytes: [u8; 16] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let (a, rest) = hex.split_at(8);
+    let (b, rest) = rest.split_at(4);
+    let (c, rest) = rest.split_at(4);
+    let (d, e) = rest.split_at(4);
+    format!("{a}-{b}-{c}-{d}-{e}")
+}

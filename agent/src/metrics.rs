@@ -1,0 +1,172 @@
+//! Agent metrics: upstream's `konnectivity_network_proxy_agent_*` names and labels (dashboards
+//! and e2e suites scrape them) plus tether's `tether_agent_*`.
+//!
+//! Upstream counters whose names do not end in `_total` are exported as gauges that only go up,
+//! since OpenMetrics would otherwise append `_total` to a counter's name.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PacketLabels {
+    segment: &'static str,
+    packet_type: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub dial_duration: Histogram,
+    pub open_server_connections: Gauge,
+    pub known_server_count: Gauge,
+    pub open_endpoint_connections: Gauge,
+    pub queue_full: Counter,
+    dial_failures: Family<ReasonLabel, Counter>,
+    dial_refused: Family<ReasonLabel, Counter>,
+    server_failures: Family<DirectionLabel, Gauge>,
+    packets: Family<PacketLabels, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+    rejected: Family<ReasonLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let metrics = Metrics {
+            registry: Registry::default(),
+            dial_duration: Histogram::new([0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0]),
+            open_server_connections: Gauge::default(),
+            known_server_count: Gauge::default(),
+            open_endpoint_connections: Gauge::default(),
+            queue_full: Counter::default(),
+            dial_failures: Family::default(),
+            dial_refused: Family::default(),
+            server_failures: Family::default(),
+            packets: Family::default(),
+            bytes: Family::default(),
+            rejected: Family::default(),
+        };
+        // Registered clones share their values with the fields.
+        let mut registry = Registry::default();
+        {
+            let upstream = registry.sub_registry_with_prefix("konnectivity_network_proxy_agent");
+            upstream.register(
+                "dial_duration_seconds",
+                "Latency of successful endpoint dials",
+                metrics.dial_duration.clone(),
+            );
+            upstream.register(
+                "endpoint_dial_failure",
+                "Endpoint dial failures by reason",
+                metrics.dial_failures.clone(),
+            );
+            upstream.register(
+                "server_connection_failure_count",
+                "Server stream failures by direction",
+                metrics.server_failures.clone(),
+            );
+            upstream.register(
+                "open_server_connections",
+                "Server streams held",
+                metrics.open_server_connections.clone(),
+            );
+            upstream.register(
+                "known_server_count",
+                "Server replicas the agent aims to hold streams to",
+                metrics.known_server_count.clone(),
+            );
+            upstream.register(
+                "open_endpoint_connections",
+                "Tunnelled connections open to local destinations",
+                metrics.open_endpoint_connections.clone(),
+            );
+            upstream.register(
+                "stream_packets",
+                "Packets by direction and type",
+                metrics.packets.clone(),
+            );
+        }
+        {
+            let ours = registry.sub_registry_with_prefix("tether_agent");
+            ours.register(
+                "queue_full",
+                "Connections closed because their destination stopped reading and its queue filled",
+                metrics.queue_full.clone(),
+            );
+            ours.register(
+                "dial_refused",
+                "Dials refused before dialling, by reason (draining, limit, protocol)",
+                metrics.dial_refused.clone(),
+            );
+            ours.register(
+                "bytes",
+                "Bytes relayed, by direction (to_endpoint, from_endpoint)",
+                metrics.bytes.clone(),
+            );
+            ours.register(
+                "rejected",
+                "Anomalous packets from servers, by reason",
+                metrics.rejected.clone(),
+            );
+        }
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn dial_failure(&self, reason: &'static str) {
+        self.dial_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn dial_refused(&self, reason: &'static str) {
+        self.dial_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn server_failure(&self, direction: &'static str) {
+        self.server_failures
+            .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    pub fn packet(&self, segment: &'static str, packet_type: &'static str) {
+        self.packets
+            .get_or_create(&PacketLabels {
+                segment,
+                packet_type,
+            })
+            .inc();
+    }
+
+    pub fn bytes(&self, direction: &'static str, n: usize) {
+        self.bytes
+            .get_or_create(&DirectionLabel { direction })
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,241 @@
+//! The set of server streams: one per distinct server replica (by `serverid`) until the
+//! announced `servercount` is reached, redialled with jittered exponential backoff.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::scheduler::Scheduler;
+use super::session::{Limits, Session};
+use super::transport::{self, ConnectError};
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub struct ClientSet {
+    config: Arc<Config>,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+    servers: Mutex<HashMap<String, Arc<Session>>>,
+    last_server_count: AtomicU32,
+    draining: Arc<AtomicBool>,
+}
+
+enum Outcome {
+    /// Nothing to do: enough servers held, or draining.
+    Idle,
+    Connected,
+    /// The new stream reached a server already held; it was closed.
+    Duplicate,
+}
+
+impl ClientSet {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let limits = Arc::new(Limits {
+            dial_timeout: config.dial_timeout,
+            conn_queue_bytes: config.conn_queue_bytes,
+            max_pending_dials: config.max_pending_dials,
+            max_connections: config.max_connections,
+        });
+        Arc::new(ClientSet {
+            config,
+            limits,
+            metrics,
+            servers: Mutex::new(HashMap::new()),
+            last_server_count: AtomicU32::new(0),
+            draining: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The sync loop: runs until `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Backoff::new(self.config.sync_interval, self.config.sync_interval_cap);
+        loop {
+            let delay = match self.sync_once().await {
+                Ok(Outcome::Idle | Outcome::Connected | Outcome::Duplicate) => {
+                    backoff.reset();
+                    jitter(self.config.sync_interval)
+                }
+                Err(err) => {
+                    let delay = backoff.step();
+                    tracing::warn!(
+                        server = format!("{}:{}", self.config.server_host, self.config.server_port),
+                        error = error_chain(&err),
+                        retry_in = ?delay,
+                        "cannot connect to the proxy server"
+                    );
+                    delay
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn sync_once(self: &Arc<Self>) -> Result<Outcome, ConnectError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Ok(Outcome::Idle);
+        }
+        let count = self.last_server_count.load(Ordering::Relaxed).max(1);
+        self.metrics.known_server_count.set(i64::from(count));
+        let held = self.servers().len();
+        if !self.config.sync_forever && held >= usize::try_from(count).unwrap_or(usize::MAX) {
+            return Ok(Outcome::Idle);
+        }
+        let scheduler = Arc::new(Scheduler::new());
+        let outbound = futures_util::stream::unfold(scheduler.clone(), |scheduler| async move {
+            scheduler.next().await.map(|packet| (packet, scheduler))
+        });
+        let connected = match transport::connect(&self.config, outbound).await {
+            Ok(connected) => connected,
+            Err(err) => {
+                self.metrics.server_failure("to_server");
+                return Err(err);
+            }
+        };
+        let session = {
+            let mut servers = self.servers();
+            if servers.contains_key(&connected.server_id) {
+                scheduler.close();
+                tracing::debug!(
+                    server = connected.server_id,
+                    "reached a server already held; closed the extra stream"
+                );
+                return Ok(Outcome::Duplicate);
+            }
+            let session = Session::new(
+                connected.server_id.clone(),
+                scheduler.clone(),
+                self.draining.clone(),
+                self.limits.clone(),
+                self.metrics.clone(),
+            );
+            servers.insert(connected.server_id.clone(), session.clone());
+            session
+        };
+        self.last_server_count
+            .store(connected.server_count, Ordering::Relaxed);
+        self.metrics.open_server_connections.inc();
+        tracing::info!(
+            server = connected.server_id,
+            server_count = connected.server_count,
+            "connected to proxy server"
+        );
+
+        let set = self.clone();
+        let mut inbound = connected.inbound;
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(packet)) => session.handle(packet),
+                    Ok(None) => break "server closed the stream".to_owned(),
+                    Err(status) => {
+                        set.metrics.server_failure("from_server");
+                        break format!("{} ({:?})", status.message(), status.code());
+                    }
+                }
+            };
+            tracing::warn!(
+                server = session.server_id,
+                reason,
+                open = session.open_connections(),
+                "lost proxy server stream; its connections are closed"
+            );
+            set.servers().remove(&session.server_id);
+            session.shut_down();
+            set.metrics.open_server_connections.dec();
+        });
+        Ok(Outcome::Connected)
+    }
+
+    /// Ready once at least one server stream is held (as upstream).
+    pub fn ready(&self) -> bool {
+        !self.servers().is_empty()
+    }
+
+    /// First signal: tell every server we are leaving, stop dialling servers and refuse new
+    /// connections; open ones continue.
+    pub fn drain(&self) {
+        if self.draining.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for session in self.servers().values() {
+            session.send_drain();
+        }
+    }
+
+    /// Tunnelled connections still open across all servers.
+    pub fn open_connections(&self) -> usize {
+        self.servers().values().map(|s| s.open_connections()).sum()
+    }
+
+    fn servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// k8s-style backoff: factor 1.5, up to 10% jitter, capped.
+struct Backoff {
+    initial: Duration,
+    current: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(initial: Duration, cap: Duration) -> Self {
+        Backoff {
+            initial,
+            current: initial,
+            cap,
+        }
+    }
+
+    fn step(&mut self) -> Duration {
+        let delay = jitter(self.current);
+        self.current = self.current.mul_f64(1.5).min(self.cap);
+        delay.min(self.cap.mul_f64(1.1))
+    }
+
+    fn reset(&mut self) {
+        self.current = self.initial;
+    }
+}
+
+fn jitter(base: Duration) -> Duration {
+    base.mul_f64(1.0 + rand::random::<f64>() * 0.1)
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_by_half_with_jitter_up_to_the_cap() {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        let steps: Vec<f64> = (0..8).map(|_| backoff.step().as_secs_f64()).collect();
+        let bases = [1.0, 1.5, 2.25, 3.375, 5.0625, 7.59375, 10.0, 10.0];
+        for (got, base) in steps.iter().zip(bases) {
+            assert!(
+                *got >= base && *got <= base * 1.1 + 1e-9,
+                "step {got} not within 10% above {base}"
+            );
+        }
+        backoff.reset();
+        assert!(backoff.step() < Duration::from_millis(1101));
+    }
+}

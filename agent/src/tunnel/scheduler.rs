@@ -1,0 +1,187 @@
+//! Fair scheduling of what goes up one server stream.
+//!
+//! Every tunnelled connection has its own lane; the stream takes one packet from each lane with
+//! something queued, in turn, so a bulk download and an interactive exec share the stream by
+//! packet rather than by who queued first. Control packets that belong to no connection (errors
+//! for unknown IDs, DRAIN, dial results) jump the queue. A connection's DIAL_RSP and CLOSE_RSP
+//! travel in its own lane when order matters: CLOSE_RSP must follow the connection's last DATA.
+//!
+//! Each lane's bytes are bounded by the permits its reader holds (see `conn`), so a reader that
+//! outpaces the stream waits, which in turn pushes back on its endpoint through TCP.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use tether_proto::Packet;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+struct Item {
+    packet: Packet,
+    _credit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Default)]
+struct Lanes {
+    control: VecDeque<Packet>,
+    lanes: HashMap<i64, VecDeque<Item>>,
+    /// Connections with something queued, in service order.
+    ready: VecDeque<i64>,
+    closed: bool,
+}
+
+#[derive(Default)]
+pub struct Scheduler {
+    lanes: Mutex<Lanes>,
+    wake: Notify,
+}
+
+impl Scheduler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queues a packet ahead of all connection traffic.
+    pub fn push_control(&self, packet: Packet) {
+        {
+            let mut lanes = self.lock();
+            if lanes.closed {
+                return;
+            }
+            lanes.control.push_back(packet);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Queues a packet in connection `id`'s lane; `credit` is released once the packet has been
+    /// handed to the stream.
+    pub fn push(&self, id: i64, packet: Packet, credit: Option<OwnedSemaphorePermit>) {
+        {
+            let mut lanes = self.lock();
+            if lanes.closed {
+                return;
+            }
+            let lane = lanes.lanes.entry(id).or_default();
+            let was_idle = lane.is_empty();
+            lane.push_back(Item {
+                packet,
+                _credit: credit,
+            });
+            if was_idle {
+                lanes.ready.push_back(id);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// The next packet to send, waiting for one; `None` once closed.
+    pub async fn next(&self) -> Option<Packet> {
+        loop {
+            {
+                let mut lanes = self.lock();
+                if lanes.closed {
+                    return None;
+                }
+                if let Some(packet) = lanes.control.pop_front() {
+                    return Some(packet);
+                }
+                while let Some(id) = lanes.ready.pop_front() {
+                    let Some(lane) = lanes.lanes.get_mut(&id) else {
+                        continue;
+                    };
+                    let Some(item) = lane.pop_front() else {
+                        lanes.lanes.remove(&id);
+                        continue;
+                    };
+                    if lane.is_empty() {
+                        lanes.lanes.remove(&id);
+                    } else {
+                        lanes.ready.push_back(id);
+                    }
+                    return Some(item.packet);
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// Ends the stream: `next` returns `None` and queued packets are dropped.
+    pub fn close(&self) {
+        let mut lanes = self.lock();
+        lanes.closed = true;
+        lanes.control.clear();
+        lanes.lanes.clear();
+        lanes.ready.clear();
+        drop(lanes);
+        self.wake.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Lanes> {
+        self.lanes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use tether_proto::Message;
+
+    use super::*;
+
+    fn id_of(packet: Packet) -> i64 {
+        match packet.into_message() {
+            Message::Data(d) => d.connect_id,
+            Message::CloseResponse(c) => c.connect_id,
+            _ => -1,
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_lanes_in_turn_and_control_first() {
+        let scheduler = Scheduler::new();
+        for _ in 0..5 {
+            scheduler.push(1, Packet::data(1, Bytes::from_static(b"bulk")), None);
+        }
+        scheduler.push(2, Packet::data(2, Bytes::from_static(b"ping")), None);
+        scheduler.push_control(Packet::drain());
+        let mut order = Vec::new();
+        for _ in 0..7 {
+            order.push(id_of(scheduler.next().await.unwrap()));
+        }
+        // DRAIN first, then the interactive packet right after the bulk lane's first.
+        assert_eq!(order, vec![-1, 1, 2, 1, 1, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn keeps_order_within_a_lane() {
+        let scheduler = Scheduler::new();
+        scheduler.push(3, Packet::data(3, Bytes::from_static(b"a")), None);
+        scheduler.push(3, Packet::close_response(3, ""), None);
+        assert!(matches!(
+            scheduler.next().await.unwrap().into_message(),
+            Message::Data(_)
+        ));
+        assert!(matches!(
+            scheduler.next().await.unwrap().into_message(),
+            Message::CloseResponse(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn releases_credit_when_a_packet_leaves() {
+        let credits = std::sync::Arc::new(tokio::sync::Semaphore::new(10));
+        let scheduler = Scheduler::new();
+        let permit = credits.clone().acquire_many_owned(10).await.unwrap();
+        scheduler.push(1, Packet::data(1, Bytes::from_static(b"x")), Some(permit));
+        assert_eq!(credits.available_permits(), 0);
+        scheduler.next().await.unwrap();
+        assert_eq!(credits.available_permits(), 10);
+    }
+
+    #[tokio::test]
+    async fn close_ends_the_stream() {
+        let scheduler = Scheduler::new();
+        scheduler.push(1, Packet::data(1, Bytes::from_static(b"x")), None);
+        scheduler.close();
+        assert!(scheduler.next().await.is_none());
+    }
+}

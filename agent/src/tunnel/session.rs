@@ -1,0 +1,384 @@
+//! One server stream's demultiplexer: dials on DIAL_REQ, moves DATA between the stream and each
+//! destination, and closes connections exactly once whichever side ends them.
+//!
+//! Nothing here waits on a destination while handling a packet: DATA goes into the connection's
+//! bounded mailbox, drained by that connection's own writer task; a connection whose
+//! destination stops reading until the mailbox is full is closed on its own, with an error and a
+//! metric, and every other connection keeps flowing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tether_proto::{Message, Packet};
+use tether_runtime::mailbox::{Mailbox, PushError, Weigh};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
+
+use super::scheduler::Scheduler;
+use crate::dialer;
+use crate::metrics::Metrics;
+
+/// Largest read from a destination (one DATA packet).
+const CHUNK: usize = 64 * 1024;
+/// Bytes a connection may have queued toward the server before its reader waits.
+const OUTBOUND_CREDIT: usize = 256 * 1024;
+
+/// Limits and shared state every session of the agent uses.
+pub struct Limits {
+    pub dial_timeout: Duration,
+    pub conn_queue_bytes: usize,
+    pub max_pending_dials: usize,
+    pub max_connections: usize,
+}
+
+struct Chunk(Bytes);
+
+impl Weigh for Chunk {
+    fn weight(&self) -> usize {
+        self.0.len()
+    }
+}
+
+struct Conn {
+    inbound: Arc<Mailbox<Chunk>>,
+    reader: Option<AbortHandle>,
+    writer: Option<AbortHandle>,
+}
+
+pub struct Session {
+    pub server_id: String,
+    scheduler: Arc<Scheduler>,
+    conns: Mutex<HashMap<i64, Conn>>,
+    dials: Mutex<HashMap<i64, AbortHandle>>,
+    next_connect_id: AtomicI64,
+    dial_slots: Arc<Semaphore>,
+    draining: Arc<AtomicBool>,
+    limits: Arc<Limits>,
+    metrics: Arc<Metrics>,
+}
+
+impl Session {
+    pub fn new(
+        server_id: String,
+        scheduler: Arc<Scheduler>,
+        draining: Arc<AtomicBool>,
+        limits: Arc<Limits>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        Arc::new(Session {
+            server_id,
+            scheduler,
+            conns: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
+            next_connect_id: AtomicI64::new(0),
+            dial_slots: Arc::new(Semaphore::new(limits.max_pending_dials)),
+            draining,
+            limits,
+            metrics,
+        })
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.conns().len()
+    }
+
+    /// Handles one packet from the server without waiting on any destination.
+    pub fn handle(self: &Arc<Self>, packet: Packet) {
+        let message = packet.into_message();
+        self.metrics.packet("to_agent", message.type_name());
+        match message {
+            Message::DialRequest(req) => self.on_dial(req.protocol, req.address, req.random),
+            Message::CloseDial(cls) => {
+                if let Some(dial) = self.dials().remove(&cls.random) {
+                    dial.abort();
+                    tracing::debug!(
+                        server = self.server_id,
+                        random = cls.random,
+                        "dial cancelled by the server"
+                    );
+                }
+            }
+            Message::Data(data) => {
+                if data.connect_id == 0 {
+                    self.metrics.reject("data_connect_id_zero");
+                    return;
+                }
+                let inbound = self
+                    .conns()
+                    .get(&data.connect_id)
+                    .map(|c| c.inbound.clone());
+                let Some(inbound) = inbound else {
+                    self.metrics.reject("data_unknown_connect_id");
+                    self.send_control(Packet::close_response(
+                        data.connect_id,
+                        "unrecognized connectID",
+                    ));
+                    return;
+                };
+                let len = data.data.len();
+                match inbound.push(Chunk(data.data)) {
+                    Ok(()) => self.metrics.bytes("to_endpoint", len),
+                    Err(PushError::Full { limit }) => {
+                        self.metrics.queue_full.inc();
+                        tracing::warn!(
+                            server = self.server_id,
+                            connect_id = data.connect_id,
+                            limit,
+                            "destination stopped reading and its queue is full; closing that connection"
+                        );
+                        self.close(
+                            data.connect_id,
+                            format!(
+                                "tether-agent: destination queue limit of {limit} bytes reached"
+                            ),
+                            false,
+                        );
+                    }
+                    Err(PushError::Closed) => {}
+                }
+            }
+            Message::CloseRequest(req) => {
+                if !self.close(req.connect_id, String::new(), true) {
+                    self.send_control(Packet::close_response(req.connect_id, "Unknown connectID"));
+                }
+            }
+            other => {
+                self.metrics.reject("unexpected_packet_from_server");
+                tracing::debug!(
+                    server = self.server_id,
+                    packet_type = other.type_name(),
+                    "ignored packet from server"
+                );
+            }
+        }
+    }
+
+    fn on_dial(self: &Arc<Self>, protocol: String, address: String, random: i64) {
+        let refuse = |reason: &'static str, text: String| {
+            self.metrics.dial_refused(reason);
+            tracing::info!(server = self.server_id, address, reason, "dial refused");
+            self.send_control(Packet::dial_response(random, 0, text));
+        };
+        if self.draining.load(Ordering::Relaxed) {
+            return refuse(
+                "draining",
+                "tether-agent is draining and accepts no new connections".into(),
+            );
+        }
+        if !(protocol.is_empty() || protocol == "tcp") {
+            return refuse(
+                "protocol",
+                format!("dial {protocol} {address}: only tcp is tunnelled"),
+            );
+        }
+        if self.conns().len() >= self.limits.max_connections {
+            return refuse(
+                "limit",
+                format!(
+                    "tether-agent: connection limit of {} reached",
+                    self.limits.max_connections
+                ),
+            );
+        }
+        let Ok(slot) = self.dial_slots.clone().try_acquire_owned() else {
+            return refuse(
+                "limit",
+                format!(
+                    "tether-agent: {} dials already in flight",
+                    self.limits.max_pending_dials
+                ),
+            );
+        };
+        // IDs are consumed by failed dials too, as upstream: gaps are normal.
+        let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let session = self.clone();
+        let mut dials = self.dials();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let result = dialer::dial(&address, session.limits.dial_timeout).await;
+            drop(slot);
+            session.dials().remove(&random);
+            match result {
+                Ok(stream) => {
+                    session
+                        .metrics
+                        .dial_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    session.start(connect_id, random, stream);
+                }
+                Err(err) => {
+                    session.metrics.dial_failure(err.reason);
+                    tracing::info!(
+                        server = session.server_id,
+                        address,
+                        error = err.text,
+                        "dial failed"
+                    );
+                    session.send_control(Packet::dial_response(random, 0, err.text));
+                }
+            }
+        });
+        dials.insert(random, task.abort_handle());
+    }
+
+    /// Registers a dialled connection, answers the dial, then starts moving bytes.
+    fn start(self: &Arc<Self>, connect_id: i64, random: i64, stream: tokio::net::TcpStream) {
+        let (read, write) = stream.into_split();
+        let inbound = Arc::new(Mailbox::new(self.limits.conn_queue_bytes));
+        self.conns().insert(
+            connect_id,
+            Conn {
+                inbound: inbound.clone(),
+                reader: None,
+                writer: None,
+            },
+        );
+        self.metrics.open_endpoint_connections.inc();
+        // Control packets leave before any lane's DATA, so the DIAL_RSP precedes this
+        // connection's first DATA.
+        self.send_control(Packet::dial_response(random, connect_id, ""));
+        let reader = tokio::spawn(self.clone().read_endpoint(connect_id, read)).abort_handle();
+        let writer =
+            tokio::spawn(self.clone().write_endpoint(connect_id, write, inbound)).abort_handle();
+        let mut conns = self.conns();
+        match conns.get_mut(&connect_id) {
+            Some(conn) => {
+                conn.reader = Some(reader);
+                conn.writer = Some(writer);
+            }
+            // Closed while we were starting (e.g. a CLOSE_REQ raced in).
+            None => {
+                reader.abort();
+            }
+        }
+    }
+
+    /// Destination → server, with per-connection credit so a fast destination waits for the
+    /// stream instead of growing a queue.
+    async fn read_endpoint(self: Arc<Self>, connect_id: i64, read: OwnedReadHalf) {
+        let credit = Arc::new(Semaphore::new(OUTBOUND_CREDIT));
+        let error = loop {
+            if let Err(err) = read.readable().await {
+                break err.to_string();
+            }
+            // Allocated only when data is ready: an idle connection holds no read buffer.
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            match read.try_read_buf(&mut buf) {
+                Ok(0) => break String::new(),
+                Ok(n) => {
+                    // Small reads are copied so they do not pin a 64 KiB allocation.
+                    let data = if n < CHUNK / 8 {
+                        Bytes::copy_from_slice(&buf)
+                    } else {
+                        buf.freeze()
+                    };
+                    let weight = u32::try_from(n).unwrap_or(u32::MAX);
+                    let Ok(permit) = credit.clone().acquire_many_owned(weight).await else {
+                        break String::new();
+                    };
+                    self.metrics.bytes("from_endpoint", n);
+                    self.metrics.packet("from_agent", "DATA");
+                    self.scheduler
+                        .push(connect_id, Packet::data(connect_id, data), Some(permit));
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(err) => break format!("read from destination failed: {err}"),
+            }
+        };
+        self.close(connect_id, error, false);
+    }
+
+    /// Server → destination. Ends (and shuts the socket down) once the mailbox is closed and
+    /// drained, so data the server sent before its CLOSE_REQ is still delivered.
+    async fn write_endpoint(
+        self: Arc<Self>,
+        connect_id: i64,
+        mut write: OwnedWriteHalf,
+        inbound: Arc<Mailbox<Chunk>>,
+    ) {
+        while let Some(Chunk(bytes)) = inbound.pop().await {
+            if let Err(err) = write.write_all(&bytes).await {
+                self.close(
+                    connect_id,
+                    format!("write to destination failed: {err}"),
+                    false,
+                );
+                return;
+            }
+        }
+        let _ = write.shutdown().await;
+    }
+
+    /// Closes a connection once: the caller that removes it from the table does the work.
+    /// Its CLOSE_RSP goes into its lane behind its queued DATA. Returns false when it was
+    /// already gone.
+    fn close(&self, connect_id: i64, error: String, server_asked: bool) -> bool {
+        let Some(conn) = self.conns().remove(&connect_id) else {
+            return false;
+        };
+        self.metrics.open_endpoint_connections.dec();
+        if let Some(reader) = conn.reader {
+            reader.abort();
+        }
+        if error.is_empty() || server_asked {
+            // Normal close: the writer flushes what the server already sent, then shuts down.
+            conn.inbound.close();
+        } else if let Some(writer) = conn.writer {
+            // Failure: the destination is not taking data; drop the socket now.
+            writer.abort();
+        }
+        if !error.is_empty() {
+            tracing::info!(
+                server = self.server_id,
+                connect_id,
+                error,
+                "connection closed"
+            );
+        }
+        self.metrics.packet("from_agent", "CLOSE_RSP");
+        self.scheduler
+            .push(connect_id, Packet::close_response(connect_id, error), None);
+        true
+    }
+
+    /// Queues DRAIN ahead of all data.
+    pub fn send_drain(&self) {
+        self.send_control(Packet::drain());
+    }
+
+    /// The stream is gone: every connection and dial of this session ends now.
+    pub fn shut_down(&self) {
+        for (_, dial) in self.dials().drain() {
+            dial.abort();
+        }
+        let conns: Vec<_> = self.conns().drain().collect();
+        for (_, conn) in conns {
+            self.metrics.open_endpoint_connections.dec();
+            for task in [conn.reader, conn.writer].into_iter().flatten() {
+                task.abort();
+            }
+        }
+        self.scheduler.close();
+    }
+
+    fn send_control(&self, packet: Packet) {
+        if let Ok(kind) = tether_proto::PacketType::try_from(packet.r#type) {
+            self.metrics.packet("from_agent", kind.as_str_name());
+        }
+        self.scheduler.push_control(packet);
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Conn>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dials(&self) -> std::sync::MutexGuard<'_, HashMap<i64, AbortHandle>> {
+        self.dials.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

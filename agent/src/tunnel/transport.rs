@@ -1,0 +1,173 @@
+//! Opens one server stream: a fresh TCP + TLS connection (so a load balancer in front of the
+//! replicas can send each attempt elsewhere), the `AgentService/Connect` call with the agent's
+//! metadata, and the server's `serverid`/`servercount` response headers.
+//!
+//! Certificates, keys and the token are read from disk for every connection, so rotated files
+//! take effect at the next reconnect without a restart.
+
+use std::io;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tether_proto::Packet;
+use tether_proto::agent::agent_service_client::AgentServiceClient;
+use tether_proto::metadata;
+use tether_runtime::tls::{self, Identity, TlsError};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_stream::Stream;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Endpoint, Uri};
+use tonic::{Request, Streaming};
+
+use crate::config::{Config, read_token};
+
+/// Upstream agents wait forever for the server's headers; we do not.
+const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_MESSAGE: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("TLS material")]
+    Tls(#[from] TlsError),
+    #[error("--service-account-token-path {path}: {why}")]
+    Token { path: String, why: String },
+    #[error("{what} is not a valid gRPC header value")]
+    Header { what: &'static str },
+    #[error("cannot reach the proxy server at {address}")]
+    Transport {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("the proxy server refused the stream: {status}")]
+    Refused { status: tonic::Status },
+    #[error("the proxy server sent no response headers within {0:?}")]
+    HeadersTimeout(Duration),
+    #[error("the proxy server's response headers are unusable: {0}")]
+    BadHeaders(String),
+}
+
+/// A stream that is up: the server's identity and its packets.
+pub struct Connected {
+    pub server_id: String,
+    pub server_count: u32,
+    pub inbound: Streaming<Packet>,
+}
+
+pub async fn connect(
+    config: &Config,
+    outbound: impl Stream<Item = Packet> + Send + 'static,
+) -> Result<Connected, ConnectError> {
+    let identity = match &config.client_identity {
+        Some((cert, key)) => Some(Identity::load(cert.clone(), key.clone())?),
+        None => None,
+    };
+    let tls = tls::client_config(&config.ca, identity.as_ref(), &config.alpn)?;
+    let host = config
+        .server_host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let address = if host.contains(':') {
+        format!("[{host}]:{}", config.server_port)
+    } else {
+        format!("{host}:{}", config.server_port)
+    };
+    let transport_error = |source| ConnectError::Transport {
+        address: address.clone(),
+        source,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .map_err(transport_error)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .http2_keep_alive_interval(config.keepalive)
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    let connector = {
+        let address = address.clone();
+        let host = host.clone();
+        tower::service_fn(move |_: Uri| {
+            let tls = TlsConnector::from(tls.clone());
+            let address = address.clone();
+            let host = host.clone();
+            async move {
+                let name = ServerName::try_from(host).map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "proxy server host is not a valid TLS name",
+                    )
+                })?;
+                let tcp = TcpStream::connect(&address).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(name, tcp).await?;
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        })
+    };
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(transport_error)?;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+
+    let mut request = Request::new(outbound);
+    let headers = request.metadata_mut();
+    headers.insert(
+        metadata::AGENT_ID,
+        MetadataValue::try_from(config.agent_id.as_str())
+            .map_err(|_| ConnectError::Header { what: "--agent-id" })?,
+    );
+    headers.insert(
+        metadata::AGENT_IDENTIFIERS,
+        MetadataValue::try_from(config.agent_identifiers.as_str()).map_err(|_| {
+            ConnectError::Header {
+                what: "--agent-identifiers",
+            }
+        })?,
+    );
+    if let Some(path) = &config.token_path {
+        let token = read_token(path).map_err(|why| ConnectError::Token {
+            path: path.display().to_string(),
+            why,
+        })?;
+        headers.insert(
+            metadata::AUTHORIZATION,
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .map_err(|_| ConnectError::Header { what: "the token" })?,
+        );
+    }
+
+    let response = tokio::time::timeout(HEADERS_TIMEOUT, client.connect(request))
+        .await
+        .map_err(|_| ConnectError::HeadersTimeout(HEADERS_TIMEOUT))?
+        .map_err(|status| ConnectError::Refused { status })?;
+    let md = response.metadata();
+    let one = |key: &str| -> Result<String, ConnectError> {
+        let values: Vec<_> = md.get_all(key).iter().collect();
+        match values.as_slice() {
+            [value] => value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| ConnectError::BadHeaders(format!("{key} is not text"))),
+            other => Err(ConnectError::BadHeaders(format!(
+                "expected one {key}, got {}",
+                other.len()
+            ))),
+        }
+    };
+    let server_id = one(metadata::SERVER_ID)?;
+    let server_count = one(metadata::SERVER_COUNT)?
+        .parse::<u32>()
+        .map_err(|_| ConnectError::BadHeaders("servercount is not a number".into()))?;
+    Ok(Connected {
+        server_id,
+        server_count,
+        inbound: response.into_inner(),
+    })
+}

@@ -1,0 +1,123 @@
+//! Certificates made per test: a CA, a server certificate for loopback, and client
+//! certificates for the agent and for the kube-apiserver frontend. Named files in a temporary
+//! directory that is removed with the fixture.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+
+pub struct Pki {
+    dir: tempfile::TempDir,
+}
+
+/// A certificate and its key on disk.
+pub struct Pair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// A CA plus `server` (for localhost, 127.0.0.1, ::1 and `extra_sans`), `agent` and
+    /// `apiserver` client certificates, and an unrelated `stranger` CA and client.
+    pub fn new(extra_sans: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "tether test CA");
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem())?;
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let mut sans = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        sans.extend(extra_sans.iter().map(|s| s.to_string()));
+        leaf(
+            dir.path(),
+            "server",
+            &issuer,
+            &sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        leaf(
+            dir.path(),
+            "agent",
+            &issuer,
+            &["agent".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        leaf(
+            dir.path(),
+            "apiserver",
+            &issuer,
+            &["apiserver".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+
+        let other_key = KeyPair::generate()?;
+        let mut other_params = CertificateParams::new(Vec::<String>::new())?;
+        other_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        other_params
+            .distinguished_name
+            .push(DnType::CommonName, "some other CA");
+        let other = other_params.self_signed(&other_key)?;
+        std::fs::write(dir.path().join("stranger-ca.pem"), other.pem())?;
+        let other_issuer = Issuer::new(other_params, other_key);
+        leaf(
+            dir.path(),
+            "stranger",
+            &other_issuer,
+            &["stranger".to_owned()],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        Ok(Pki { dir })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn pair(&self, name: &str) -> Pair {
+        Pair {
+            cert: self.dir.path().join(format!("{name}.pem")),
+            key: self.dir.path().join(format!("{name}-key.pem")),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn leaf(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    sans: &[String],
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<()> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names = sans
+        .iter()
+        .map(|san| match san.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(san.clone().try_into()?)),
+        })
+        .collect::<Result<_>>()?;
+    params.extended_key_usages = vec![usage];
+    let cert = params.signed_by(&key, issuer)?;
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! tether-server and tether-agent as real processes. Each logs JSON to stderr; the harness
+//! keeps every line (for assertions) and learns the ports bound on port 0 from the startup line.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::Process;
+
+/// A built workspace binary (nextest builds them before running tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    dir.join(name)
+}
+
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<String>>>);
+
+impl Logs {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn contains(&self, needle: &str) -> bool {
+        self.lines().iter().any(|l| l.contains(needle))
+    }
+
+    /// Waits for a line containing `needle`.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> Option<String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return Some(line);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// A process whose stderr is collected into [`Logs`] (and echoed, for failed-test output).
+pub struct Logged {
+    pub process: Process,
+    pub logs: Logs,
+}
+
+pub fn spawn_logged(name: &str, cmd: &mut Command) -> Result<Logged> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut process = Process::spawn(name, cmd)?;
+    let stderr = process.take_stderr().context("stderr not piped")?;
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let label = name.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[{label}] {line}");
+            if let Ok(mut lines) = sink.0.lock() {
+                lines.push(line);
+            }
+        }
+    });
+    Ok(Logged { process, logs })
+}
+
+fn field(line: &str, key: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(line).ok()?;
+    value.get("fields")?.get(key)?.as_str().map(str::to_owned)
+}
+
+fn port_of(address: &str) -> Option<u16> {
+    address
+        .rsplit_once(':')?
+        .1
+        .trim_end_matches(')')
+        .parse()
+        .ok()
+}
+
+pub struct Server {
+    pub logged: Logged,
+    pub agent_port: u16,
+    pub health_port: u16,
+    pub admin_port: u16,
+    /// The TCP frontend's port, when the frontend is TCP.
+    pub frontend_port: Option<u16>,
+}
+
+impl Server {
+    /// Starts tether-server with `args` plus JSON logs and port-0 defaults for every port the
+    /// caller does not set.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin("tether-server"));
+        cmd.args(["--log-format", "json"]);
+        for (flag, default) in [
+            ("--agent-port", "0"),
+            ("--health-port", "0"),
+            ("--admin-port", "0"),
+        ] {
+            if !args.iter().any(|a| a.starts_with(flag)) {
+                cmd.args([flag, default]);
+            }
+        }
+        cmd.args(args);
+        let mut logged = spawn_logged("server", &mut cmd)?;
+        let line = wait_started(&mut logged, "tether-server listening")?;
+        let get = |key| {
+            field(&line, key)
+                .and_then(|a| port_of(&a))
+                .with_context(|| format!("no {key} in {line}"))
+        };
+        let frontend_port = field(&line, "frontend")
+            .filter(|f| f.starts_with("Tcp"))
+            .and_then(|f| port_of(&f));
+        Ok(Server {
+            agent_port: get("agent")?,
+            health_port: get("health")?,
+            admin_port: get("admin")?,
+            frontend_port,
+            logged,
+        })
+    }
+}
+
+pub struct Agent {
+    pub logged: Logged,
+    pub health_port: u16,
+    pub admin_port: u16,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let mut cmd = Command::new(bin("tether-agent"));
+        cmd.args([
+            "--log-format",
+            "json",
+            "--health-server-port",
+            "0",
+            "--admin-server-port",
+            "0",
+        ]);
+        cmd.args(args);
+        let mut logged = spawn_logged("agent", &mut cmd)?;
+        let line = wait_started(&mut logged, "tether-agent started")?;
+        let get = |key| {
+            field(&line, key)
+                .and_then(|a| port_of(&a))
+                .with_context(|| format!("no {key} in {line}"))
+        };
+        Ok(Agent {
+            health_port: get("health")?,
+            admin_port: get("admin")?,
+            logged,
+        })
+    }
+}
+
+fn wait_started(logged: &mut Logged, message: &str) -> Result<String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Some(line) = logged
+            .logs
+            .lines()
+            .into_iter()
+            .find(|l| l.contains(message))
+        {
+            return Ok(line);
+        }
+        if logged.process.exited() {
+            bail!(
+                "process exited before starting:\n{}",
+                logged.logs.lines().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!(
+        "no {message:?} line within 20s:\n{}",
+        logged.logs.lines().join("\n")
+    )
+}
+
+/// `GET path` on 127.0.0.1:`port` → (status, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status line")?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `port`'s `/readyz` until it answers 200.
+pub fn wait_ready(port: u16, limit: Duration) -> bool {
+    crate::process::wait_until(limit, || {
+        http_get(port, "/readyz").is_ok_and(|(s, _)| s == 200)
+    })
+}

@@ -1,0 +1,173 @@
+//! tether-server end to end: real processes, real TLS, both frontend modes over UDS and mTLS.
+
+use std::time::{Duration, Instant};
+
+use tether_tests::backend;
+use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::frontend::{GrpcTunnel, grpc_client, http_connect, raw};
+use tether_tests::procs::http_get;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
+
+async fn http_get_through(cluster: &Cluster, mode: Mode) -> String {
+    let addr = backend::hello().await.to_string();
+    match mode {
+        Mode::Grpc => {
+            let mut client = grpc_client(&cluster.target).await.unwrap();
+            let mut tunnel = GrpcTunnel::dial(&mut client, &addr).await.unwrap().unwrap();
+            assert!(tunnel.connect_id > 0);
+            tunnel.send(GET).await.unwrap();
+            let (bytes, error) = tunnel.read_to_close().await.unwrap();
+            assert_eq!(error, "", "the backend's close is a normal close");
+            String::from_utf8(bytes).unwrap()
+        }
+        Mode::HttpConnect => {
+            let mut stream = http_connect(&cluster.target, &addr).await.unwrap().unwrap();
+            stream.write_all(GET).await.unwrap();
+            let mut out = String::new();
+            stream.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    }
+}
+
+async fn http_get_case(mode: Mode, transport: Transport) {
+    let cluster = Cluster::start(mode, transport, &[], &[]).unwrap();
+    let response = http_get_through(&cluster, mode).await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    assert!(response.ends_with("hello from backend"), "{response}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_get_through_grpc_over_uds() {
+    http_get_case(Mode::Grpc, Transport::Uds).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_get_through_grpc_over_mtls() {
+    http_get_case(Mode::Grpc, Transport::Mtls).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_get_through_connect_over_uds() {
+    http_get_case(Mode::HttpConnect, Transport::Uds).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_get_through_connect_over_mtls() {
+    http_get_case(Mode::HttpConnect, Transport::Mtls).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dial_to_a_closed_port_returns_the_agents_error_promptly() {
+    let closed = backend::closed_port().to_string();
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    let mut client = grpc_client(&cluster.target).await.unwrap();
+    let start = Instant::now();
+    let error = GrpcTunnel::dial(&mut client, &closed)
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert_eq!(
+        error,
+        format!("dial tcp {closed}: connect: connection refused")
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+
+    let connect = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+    let response = http_connect(&connect.target, &closed)
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert_eq!(
+        response,
+        format!(
+            "HTTP/1.1 502 Bad Gateway\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ndial tcp {closed}: connect: connection refused"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_agent_gets_the_upstream_error() {
+    let addr = backend::hello().await.to_string();
+    let grpc = Cluster::server_only(Mode::Grpc, Transport::Uds, &[]).unwrap();
+    let mut client = grpc_client(&grpc.target).await.unwrap();
+    let error = GrpcTunnel::dial(&mut client, &addr)
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert_eq!(error, "No agent available");
+    assert_eq!(
+        http_get(grpc.server.health_port, "/readyz").unwrap(),
+        (500, "no connection to any proxy agent".to_owned())
+    );
+
+    let connect = Cluster::server_only(Mode::HttpConnect, Transport::Uds, &[]).unwrap();
+    let response = http_connect(&connect.target, &addr)
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert_eq!(
+        response,
+        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: No agent available"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_and_bad_targets_are_refused_precisely_and_counted() {
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+
+    let mut garbage = raw(&cluster.target).await.unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\x00\xff not http at all\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    garbage.read_to_string(&mut reply).await.unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400 Bad Request"), "{reply}");
+
+    let bad = http_connect(&cluster.target, "node%1:99999")
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(bad.starts_with("HTTP/1.1 400 Bad Request"), "{bad}");
+    assert!(bad.contains("invalid CONNECT target"), "{bad}");
+
+    // Everyone else is still served.
+    let response = http_get_through(&cluster, Mode::HttpConnect).await;
+    assert!(response.ends_with("hello from backend"), "{response}");
+
+    let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"tether_server_rejected_total{reason="connect_malformed_request"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"tether_server_rejected_total{reason="connect_bad_target"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        cluster
+            .server
+            .logged
+            .logs
+            .contains("malformed HTTP request on the CONNECT frontend")
+    );
+    assert!(
+        cluster
+            .server
+            .logged
+            .logs
+            .contains("refused CONNECT to an unparsable target")
+    );
+}
