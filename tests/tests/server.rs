@@ -1,4 +1,5 @@
 //! tether-server end to end: real processes, real TLS, both frontend modes over UDS and mTLS.
+#![allow(clippy::unwrap_used, reason = "test code: a panic is how a failed check reports")]
 
 use std::time::{Duration, Instant};
 
