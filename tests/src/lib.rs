@@ -7,6 +7,7 @@ pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod procs;
+pub mod rtt;
 
 /// Fails the calling test loudly unless it runs as root: privileged tests never pass by
 /// skipping.

@@ -1,5 +1,8 @@
 //! tether-server end to end: real processes, real TLS, both frontend modes over UDS and mTLS.
-#![allow(clippy::unwrap_used, reason = "test code: a panic is how a failed check reports")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
 
 use std::time::{Duration, Instant};
 
@@ -170,5 +173,97 @@ async fn garbage_and_bad_targets_are_refused_precisely_and_counted() {
             .logged
             .logs
             .contains("refused CONNECT to an unparsable target")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frontend_that_stops_reading_does_not_delay_other_connections() {
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &["--frontend-queue-bytes=65536"],
+        &[],
+    )
+    .unwrap();
+    let echo = backend::echo().await.to_string();
+    let flood = backend::flood().await.to_string();
+
+    let mut interactive = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
+    let baseline = tether_tests::rtt::connect_rtt(&mut interactive, 20)
+        .await
+        .unwrap();
+
+    // This client never reads: the agent keeps sending it data until its queue fills.
+    let _stalled = http_connect(&cluster.target, &flood)
+        .await
+        .unwrap()
+        .unwrap();
+    let closed = tether_tests::process::wait_until(Duration::from_secs(10), || {
+        http_get(cluster.server.health_port, "/metrics")
+            .is_ok_and(|(_, m)| m.contains("tether_server_frontend_queue_full_total 1"))
+    });
+    assert!(
+        closed,
+        "the stalled connection was not closed at its queue limit"
+    );
+    let during = tether_tests::rtt::connect_rtt(&mut interactive, 20)
+        .await
+        .unwrap();
+    assert!(
+        during <= baseline + Duration::from_millis(100),
+        "round trip went from {baseline:?} to {during:?} while another frontend stalled"
+    );
+    assert!(
+        cluster
+            .server
+            .logged
+            .logs
+            .contains("frontend stopped reading and its queue is full")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_gone_mid_dial_cancels_the_dial_at_the_agent() {
+    let (stuck, _fillers, _listener) = backend::stuck().await;
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &[],
+        &["--dial-timeout=30s"],
+    )
+    .unwrap();
+    let mut client = raw(&cluster.target).await.unwrap();
+    client
+        .write_all(format!("CONNECT {stuck} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(client);
+    let agent = cluster.agent.as_ref().unwrap();
+    assert!(
+        agent
+            .logged
+            .logs
+            .wait_for("dial cancelled by the server", Duration::from_secs(5))
+            .is_some(),
+        "agent never saw DIAL_CLS"
+    );
+    assert!(
+        cluster
+            .server
+            .logged
+            .logs
+            .contains("client went away while the dial was pending")
+    );
+    let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains(
+            r#"konnectivity_network_proxy_server_dial_failure_count{reason="frontend_close"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("konnectivity_network_proxy_server_pending_backend_dials 0"),
+        "{metrics}"
     );
 }

@@ -97,7 +97,7 @@ impl Session {
             Message::CloseDial(cls) => {
                 if let Some(dial) = self.dials().remove(&cls.random) {
                     dial.abort();
-                    tracing::debug!(
+                    tracing::info!(
                         server = self.server_id,
                         random = cls.random,
                         "dial cancelled by the server"
