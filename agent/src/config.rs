@@ -14,7 +14,12 @@ use tether_runtime::tls::{Identity, PemFile, TlsError};
 /// TLS, holds one stream per server replica, and carries the control plane's connections
 /// (kubelet logs/exec/attach/port-forward, apiserver proxy) to local destinations.
 #[derive(Parser, Debug)]
-#[command(name = "tether-agent", version, max_term_width = 100)]
+#[command(
+    name = "tether-agent",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -18,7 +18,12 @@ use crate::backends::Strategy;
 /// through it (gRPC or HTTP CONNECT, over a Unix socket or mTLS TCP); node agents hold TLS
 /// streams to it and carry the connections.
 #[derive(Parser, Debug)]
-#[command(name = "tether-server", version, max_term_width = 100)]
+#[command(
+    name = "tether-server",
+    version,
+    max_term_width = 100,
+    args_override_self = true
+)]
 pub struct Args {
     /// Frontend protocol spoken to kube-apiserver.
     #[arg(

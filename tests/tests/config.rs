@@ -1,0 +1,175 @@
+//! Bad configuration fails at start with one precise message and a non-zero exit.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use tether_tests::pki::Pki;
+use tether_tests::procs::{bin, spawn_logged};
+
+/// Runs `binary args…` to exit; returns its status code and the error line it logged.
+fn fails(binary: &str, args: &[String]) -> (i32, String) {
+    let mut cmd = Command::new(bin(binary));
+    cmd.args(["--log-format", "text"]).args(args);
+    let mut logged = spawn_logged(binary, &mut cmd).unwrap();
+    let status = logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let errors: Vec<String> = logged
+        .logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("ERROR"))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected exactly one error line, got {errors:#?}"
+    );
+    (status.code().unwrap_or(-1), errors[0].clone())
+}
+
+fn server_args(pki: &Pki, extra: &[&str]) -> Vec<String> {
+    let pair = pki.pair("server");
+    let uds = pki.dir().join("s.sock");
+    let mut args = vec![
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        format!("--uds-name={}", uds.display()),
+        "--server-port=0".into(),
+        "--agent-port=0".into(),
+        "--health-port=0".into(),
+        "--admin-port=0".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn missing_certificate_file_is_named() {
+    let pki = Pki::new(&[]).unwrap();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(&pki, &["--cluster-cert=/nonexistent/cert.pem"]),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        line.contains("--cluster-cert: cannot read /nonexistent/cert.pem"),
+        "{line}"
+    );
+}
+
+#[test]
+fn key_that_does_not_match_the_certificate_is_refused() {
+    let pki = Pki::new(&[]).unwrap();
+    let other_key = pki.pair("agent").key;
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(&pki, &[&format!("--cluster-key={}", other_key.display())]),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        line.contains("does not belong to the certificate in --cluster-cert"),
+        "{line}"
+    );
+}
+
+#[test]
+fn port_in_use_is_named() {
+    let pki = Pki::new(&[]).unwrap();
+    let busy = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(&pki, &[&format!("--agent-port={port}")]),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        line.contains(&format!("--agent-port: cannot listen on :{port}")),
+        "{line}"
+    );
+    assert!(
+        line.to_lowercase().contains("address already in use"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unix_socket_in_a_missing_directory_is_named() {
+    let pki = Pki::new(&[]).unwrap();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(&pki, &["--uds-name=/nonexistent-dir/s.sock"]),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        line.contains("--uds-name: cannot listen on /nonexistent-dir/s.sock"),
+        "{line}"
+    );
+}
+
+#[test]
+fn unsupported_upstream_flags_are_refused_by_name() {
+    let pki = Pki::new(&[]).unwrap();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(&pki, &["--enable-lease-controller"]),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--enable-lease-controller is not supported"),
+        "{line}"
+    );
+
+    let (code, line) = fails(
+        "tether-agent",
+        &[
+            format!("--ca-cert={}", pki.ca().display()),
+            "--count-server-leases".into(),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--count-server-leases is not supported"),
+        "{line}"
+    );
+}
+
+#[test]
+fn agent_without_a_ca_bundle_says_which_flag() {
+    let (code, line) = fails("tether-agent", &[]);
+    assert_eq!(code, 2);
+    assert!(line.contains("--ca-cert is required"), "{line}");
+    let (code, line) = fails(
+        "tether-agent",
+        &[
+            "--ca-cert=/etc/hostname".into(),
+            "--agent-identifiers=uid=1".into(),
+        ],
+    );
+    assert_eq!(code, 2);
+    assert!(line.contains("--ca-cert: /etc/hostname"), "{line}");
+}
+
+#[test]
+fn klog_flags_from_upstream_manifests_are_accepted() {
+    let pki = Pki::new(&[]).unwrap();
+    let mut args = server_args(
+        &pki,
+        &[
+            "--logtostderr=true",
+            "--v=4",
+            "--log-file-max-size=0",
+            "--alsologtostderr",
+        ],
+    );
+    args.extend(["--log-format".to_string(), "json".to_string()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = tether_tests::procs::Server::start(&refs).unwrap();
+    assert!(server.health_port > 0);
+}
