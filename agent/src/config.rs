@@ -97,6 +97,10 @@ pub struct RunArgs {
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", help_heading = "Server set")]
     pub sync_forever: bool,
 
+    /// Offer tether's per-connection flow control to tether servers (upstream servers ignore
+    /// the offer). Without it, a destination that stops reading is closed at its queue limit.
+    #[arg(long, env = "TETHER_FLOW_CONTROL", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true", help_heading = "Limits")]
+    pub flow_control: bool,
     /// Bytes queued toward one local destination before that connection alone is closed.
     #[arg(long, env = "TETHER_CONN_QUEUE_BYTES", default_value_t = 4 << 20, help_heading = "Limits")]
     pub conn_queue_bytes: usize,
@@ -259,6 +263,7 @@ pub struct Config {
     pub sync_interval_cap: Duration,
     pub probe_interval: Duration,
     pub sync_forever: bool,
+    pub flow_control: bool,
     pub conn_queue_bytes: usize,
     pub dial_timeout: Duration,
     pub max_pending_dials: usize,
@@ -418,6 +423,7 @@ impl Config {
             sync_interval_cap: args.sync_interval_cap,
             probe_interval: args.probe_interval,
             sync_forever: args.sync_forever,
+            flow_control: args.flow_control,
             conn_queue_bytes,
             dial_timeout: args.dial_timeout,
             max_pending_dials: args.max_pending_dials,

@@ -23,7 +23,15 @@ pub mod metadata {
     pub const SERVER_ID: &str = "serverid";
     /// Server → agent (initial response headers): how many server instances exist, decimal.
     pub const SERVER_COUNT: &str = "servercount";
+    /// tether extension, both directions: `1` offers (agent) or accepts (server) per-connection
+    /// flow control with WINDOW packets. Upstream peers ignore unknown metadata, so they never
+    /// see a WINDOW packet.
+    pub const FLOW_CONTROL: &str = "tether-flow-control";
 }
+
+/// Bytes of DATA either side may send on a new connection before the receiver grants more,
+/// when flow control was negotiated.
+pub const INITIAL_WINDOW: usize = 512 * 1024;
 
 /// `AgentService` (agent → server, `/AgentService/Connect`).
 pub mod agent {
@@ -45,6 +53,9 @@ pub enum PacketType {
     Data = 4,
     DialCls = 5,
     Drain = 6,
+    /// tether extension: grants the peer more send window for one connection. Far from
+    /// upstream's numbers so a future upstream type cannot collide.
+    Window = 1000,
 }
 
 impl PacketType {
@@ -58,6 +69,7 @@ impl PacketType {
             PacketType::Data => "DATA",
             PacketType::DialCls => "DIAL_CLS",
             PacketType::Drain => "DRAIN",
+            PacketType::Window => "WINDOW",
         }
     }
 }
@@ -66,7 +78,7 @@ impl PacketType {
 pub struct Packet {
     #[prost(enumeration = "PacketType", tag = "1")]
     pub r#type: i32,
-    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "Payload", tags = "2, 3, 4, 5, 6, 7, 8, 100")]
     pub payload: Option<Payload>,
 }
 
@@ -86,6 +98,8 @@ pub enum Payload {
     CloseDial(CloseDial),
     #[prost(message, tag = "8")]
     Drain(Drain),
+    #[prost(message, tag = "100")]
+    Window(Window),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -136,6 +150,15 @@ pub struct CloseDial {
 #[derive(Clone, Copy, PartialEq, prost::Message)]
 pub struct Drain {}
 
+/// tether extension: `bytes` more of DATA may be sent on `connect_id`.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Window {
+    #[prost(int64, tag = "1")]
+    pub connect_id: i64,
+    #[prost(int64, tag = "2")]
+    pub bytes: i64,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Data {
     #[prost(int64, tag = "1")]
@@ -157,6 +180,7 @@ pub enum Message {
     CloseResponse(CloseResponse),
     CloseDial(CloseDial),
     Drain,
+    Window(Window),
     /// A type value this implementation does not know (proto3 enums are open).
     Unknown(i32),
 }
@@ -172,6 +196,7 @@ impl Message {
             Message::CloseResponse(_) => "CLOSE_RSP",
             Message::CloseDial(_) => "DIAL_CLS",
             Message::Drain => "DRAIN",
+            Message::Window(_) => "WINDOW",
             Message::Unknown(_) => "UNKNOWN",
         }
     }
@@ -239,6 +264,13 @@ impl Packet {
         Self::with(PacketType::Drain, Payload::Drain(Drain {}))
     }
 
+    pub fn window(connect_id: i64, bytes: i64) -> Self {
+        Self::with(
+            PacketType::Window,
+            Payload::Window(Window { connect_id, bytes }),
+        )
+    }
+
     fn with(kind: PacketType, payload: Payload) -> Self {
         Packet {
             r#type: kind as i32,
@@ -269,6 +301,7 @@ impl Packet {
             PacketType::CloseRsp => Message::CloseResponse(field!(CloseResponse)),
             PacketType::DialCls => Message::CloseDial(field!(CloseDial)),
             PacketType::Drain => Message::Drain,
+            PacketType::Window => Message::Window(field!(Window)),
         }
     }
 }
@@ -312,6 +345,8 @@ mod tests {
         assert_eq!(hex(&Packet::close_dial(5)), "08 05 3a 02 08 05");
         // An empty payload still serialises, preserving presence for Go receivers.
         assert_eq!(hex(&Packet::drain()), "08 06 42 00");
+        // type 1000 = e8 07; field 100, wire type 2 = a2 06.
+        assert_eq!(hex(&Packet::window(7, 4)), "08 e8 07 a2 06 04 08 07 10 04");
         assert_eq!(hex(&Packet::close_request(0)), "08 02 2a 00");
     }
 
@@ -325,6 +360,7 @@ mod tests {
             Packet::close_response(4, "Unknown connectID"),
             Packet::close_dial(77),
             Packet::drain(),
+            Packet::window(3, 65536),
         ];
         for packet in packets {
             let decoded = Packet::decode(packet.encode_to_vec().as_slice()).unwrap();

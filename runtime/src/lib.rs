@@ -7,3 +7,4 @@ pub mod mailbox;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod window;

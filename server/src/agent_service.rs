@@ -42,13 +42,18 @@ impl AgentService for Agents {
             tracing::warn!(peer = ?request.remote_addr(), error = status.message(), "rejected agent stream");
         })?;
         let (tx, rx) = mpsc::channel(self.queue_packets);
-        let backend = Arc::new(Backend::new(
+        let flow_control = request
+            .metadata()
+            .get(metadata::FLOW_CONTROL)
+            .is_some_and(|v| v == "1");
+        let backend = Backend::new(
             agent_id,
             identifiers,
             tx,
             self.dial_timeout,
+            flow_control,
             self.metrics.clone(),
-        ));
+        );
         tracing::info!(
             backend = backend.id,
             agent = %backend.agent_id,
@@ -99,6 +104,10 @@ impl AgentService for Agents {
             metadata::SERVER_COUNT,
             MetadataValue::from(self.server_count),
         );
+        // Accepting the offer is what turns WINDOW accounting on at both ends.
+        if flow_control {
+            headers.insert(metadata::FLOW_CONTROL, MetadataValue::from_static("1"));
+        }
         Ok(response)
     }
 }

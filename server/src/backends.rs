@@ -170,6 +170,9 @@ pub struct Backend {
     closed: Notify,
     is_closed: AtomicBool,
     dial_timeout: Option<Duration>,
+    /// The agent speaks tether's WINDOW extension.
+    flow_control: bool,
+    me: std::sync::Weak<Backend>,
     metrics: Arc<Metrics>,
 }
 
@@ -190,6 +193,9 @@ struct Pending {
 #[error("the agent stream closed")]
 pub struct BackendClosed;
 
+/// Largest DATA payload sent to an agent (well under any window and gRPC's 4 MiB).
+const MAX_DATA: usize = 64 * 1024;
+
 static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
 impl Backend {
@@ -198,9 +204,10 @@ impl Backend {
         identifiers: Identifiers,
         to_agent: mpsc::Sender<Packet>,
         dial_timeout: Option<Duration>,
+        flow_control: bool,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Backend {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Backend {
             id: NEXT_BACKEND.fetch_add(1, Ordering::Relaxed),
             agent_id,
             identifiers,
@@ -211,8 +218,10 @@ impl Backend {
             closed: Notify::new(),
             is_closed: AtomicBool::new(false),
             dial_timeout,
+            flow_control,
+            me: me.clone(),
             metrics,
-        }
+        })
     }
 
     pub fn draining(&self) -> bool {
@@ -271,14 +280,30 @@ impl Backend {
                 error: "timed out waiting for backend dial".into(),
                 cause: DialCause::Timeout,
             });
-        pending.frontend.mailbox.close();
+        pending.frontend.close();
         self.send_control(Packet::close_dial(dial_id));
     }
 
-    /// Frontend bytes for an established connection. Waits when the agent stream is
-    /// backed up, which pushes back on that frontend's socket only.
-    pub async fn send_data(&self, connect_id: i64, data: Bytes) -> Result<(), BackendClosed> {
-        self.send(Packet::data(connect_id, data)).await
+    /// Frontend bytes for an established connection. Waits for the connection's window (with
+    /// flow control) and when the agent stream is backed up, which pushes back on that
+    /// frontend only.
+    pub async fn send_data(
+        &self,
+        conn: &FrontendConn,
+        mut data: Bytes,
+    ) -> Result<(), BackendClosed> {
+        let connect_id = conn.connect_id();
+        while !data.is_empty() {
+            let piece = data.split_to(data.len().min(MAX_DATA));
+            conn.reserve(piece.len()).await.map_err(|_| BackendClosed)?;
+            self.send(Packet::data(connect_id, piece)).await?;
+        }
+        Ok(())
+    }
+
+    /// Returns window to the agent for bytes its frontend consumed.
+    pub fn grant(&self, connect_id: i64, bytes: i64) {
+        self.send_control(Packet::window(connect_id, bytes));
     }
 
     /// The frontend asked to close: the agent answers with CLOSE_RSP, which ends the connection.
@@ -341,7 +366,7 @@ impl Backend {
                         let _ = frontend
                             .mailbox
                             .push_control(ToFrontend::Closed { error: rsp.error });
-                        frontend.mailbox.close();
+                        frontend.close();
                     }
                     None => {
                         self.metrics.reject("close_unknown_connect_id");
@@ -363,9 +388,15 @@ impl Backend {
                             .frontend
                             .mailbox
                             .push_control(ToFrontend::DialClosed);
-                        pending.frontend.mailbox.close();
+                        pending.frontend.close();
                     }
                     None => self.metrics.reject("dial_close_unknown_random"),
+                }
+            }
+            Message::Window(grant) => {
+                let frontend = self.tables().established.get(&grant.connect_id).cloned();
+                if let Some(frontend) = frontend {
+                    frontend.granted(grant.bytes);
                 }
             }
             Message::Drain => {
@@ -403,13 +434,16 @@ impl Backend {
                 error,
                 cause: DialCause::Agent,
             });
-            frontend.mailbox.close();
+            frontend.close();
             return;
         }
         self.metrics
             .dial_duration
             .observe(pending.started.elapsed().as_secs_f64());
         frontend.set_connect_id(connect_id);
+        if self.flow_control {
+            frontend.enable_flow(self.me.clone());
+        }
         if frontend
             .mailbox
             .push_control(ToFrontend::DialOk { connect_id })
@@ -443,7 +477,7 @@ impl Backend {
                 let _ = frontend.mailbox.push_control(ToFrontend::Closed {
                     error: format!("tether-server: frontend queue limit of {limit} bytes reached"),
                 });
-                frontend.mailbox.close();
+                frontend.close();
                 self.send_control(Packet::close_request(connect_id));
             }
             Err(PushError::Closed) => self.forget(connect_id),
@@ -460,7 +494,7 @@ impl Backend {
             let _ = frontend.mailbox.push_control(ToFrontend::Closed {
                 error: String::new(),
             });
-            frontend.mailbox.close();
+            frontend.close();
         }
         for (_, pending) in tables.pending {
             self.metrics.pending_dials.dec();
@@ -471,7 +505,7 @@ impl Backend {
                     error: "agent stream closed before the dial completed".into(),
                     cause: DialCause::Backend,
                 });
-            pending.frontend.mailbox.close();
+            pending.frontend.close();
         }
     }
 
@@ -665,13 +699,14 @@ mod tests {
 
     fn backend(ids: &str, metrics: &Arc<Metrics>) -> Arc<Backend> {
         let (tx, _rx) = mpsc::channel(1);
-        Arc::new(Backend::new(
+        Backend::new(
             "a".into(),
             Identifiers::parse(ids).unwrap(),
             tx,
             None,
+            false,
             metrics.clone(),
-        ))
+        )
     }
 
     #[test]

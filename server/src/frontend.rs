@@ -3,9 +3,13 @@
 //! slow kube-apiserver reader never blocks the agent stream.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{OnceLock, Weak};
 
 use bytes::Bytes;
 use tether_runtime::mailbox::{Mailbox, Weigh};
+use tether_runtime::window::{Grants, SendWindow, WindowClosed};
+
+use crate::backends::Backend;
 
 pub mod connect;
 pub mod grpc;
@@ -63,6 +67,16 @@ pub struct FrontendConn {
     pub random: i64,
     pub mailbox: Mailbox<ToFrontend>,
     connect_id: AtomicI64,
+    flow: OnceLock<Flow>,
+}
+
+/// Credit for one connection when its agent negotiated flow control.
+struct Flow {
+    backend: Weak<Backend>,
+    /// What we may still send the agent for this connection.
+    window: SendWindow,
+    /// What the frontend took, owed back to the agent as WINDOW grants.
+    grants: Grants,
 }
 
 static NEXT_FRONTEND: AtomicU64 = AtomicU64::new(1);
@@ -74,6 +88,51 @@ impl FrontendConn {
             random,
             mailbox: Mailbox::new(queue_bytes),
             connect_id: AtomicI64::new(0),
+            flow: OnceLock::new(),
+        }
+    }
+
+    /// Turns on per-connection credit once the dial succeeded on a flow-controlled agent.
+    pub(crate) fn enable_flow(&self, backend: Weak<Backend>) {
+        let _ = self.flow.set(Flow {
+            backend,
+            window: SendWindow::new(tether_proto::INITIAL_WINDOW),
+            grants: Grants::new(tether_proto::INITIAL_WINDOW / 4),
+        });
+    }
+
+    /// Waits until `n` more bytes may be sent to the agent (at once without flow control).
+    pub async fn reserve(&self, n: usize) -> Result<(), WindowClosed> {
+        match self.flow.get() {
+            Some(flow) => flow.window.take(n).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The agent granted more window.
+    pub(crate) fn granted(&self, bytes: i64) {
+        if let Some(flow) = self.flow.get() {
+            flow.window.grant(bytes);
+        }
+    }
+
+    /// The frontend took `n` bytes; owes the agent a grant once enough has accumulated.
+    pub fn delivered(&self, n: usize) {
+        let Some(flow) = self.flow.get() else {
+            return;
+        };
+        if let Some(grant) = flow.grants.consumed(n)
+            && let Some(backend) = flow.backend.upgrade()
+        {
+            backend.grant(self.connect_id(), grant);
+        }
+    }
+
+    /// No more events will be queued; a sender waiting for window gives up.
+    pub fn close(&self) {
+        self.mailbox.close();
+        if let Some(flow) = self.flow.get() {
+            flow.window.close();
         }
     }
 

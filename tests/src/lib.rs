@@ -2,7 +2,9 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod fake_server;
 pub mod frontend;
+pub mod lb;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -109,6 +109,7 @@ impl ClientSet {
             }
             let session = Session::new(
                 connected.server_id.clone(),
+                connected.flow_control,
                 scheduler.clone(),
                 self.draining.clone(),
                 self.limits.clone(),

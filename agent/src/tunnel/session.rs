@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tether_proto::{Message, Packet};
 use tether_runtime::mailbox::{Mailbox, PushError, Weigh};
+use tether_runtime::window::{Grants, SendWindow};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
@@ -46,12 +47,23 @@ impl Weigh for Chunk {
 
 struct Conn {
     inbound: Arc<Mailbox<Chunk>>,
+    flow: Option<Arc<Flow>>,
     reader: Option<AbortHandle>,
     writer: Option<AbortHandle>,
 }
 
+/// Per-connection credit when the server negotiated flow control.
+struct Flow {
+    /// What we may still send the server.
+    window: SendWindow,
+    /// What the destination took, owed back to the server as WINDOW grants.
+    grants: Grants,
+}
+
 pub struct Session {
     pub server_id: String,
+    /// Whether the server speaks tether's WINDOW extension.
+    flow_control: bool,
     scheduler: Arc<Scheduler>,
     conns: Mutex<HashMap<i64, Conn>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
@@ -65,6 +77,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         server_id: String,
+        flow_control: bool,
         scheduler: Arc<Scheduler>,
         draining: Arc<AtomicBool>,
         limits: Arc<Limits>,
@@ -72,6 +85,7 @@ impl Session {
     ) -> Arc<Self> {
         Arc::new(Session {
             server_id,
+            flow_control,
             scheduler,
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
@@ -114,6 +128,13 @@ impl Session {
                     .get(&data.connect_id)
                     .map(|c| c.inbound.clone());
                 let Some(inbound) = inbound else {
+                    // IDs are never reused on a stream: one we allocated and no longer hold is a
+                    // connection we closed, whose CLOSE_RSP is already on its way. Answering its
+                    // late DATA would race that CLOSE_RSP with a misleading error.
+                    if data.connect_id <= self.next_connect_id.load(Ordering::Relaxed) {
+                        self.metrics.reject("data_for_closed_connection");
+                        return;
+                    }
                     self.metrics.reject("data_unknown_connect_id");
                     self.send_control(Packet::close_response(
                         data.connect_id,
@@ -141,6 +162,15 @@ impl Session {
                         );
                     }
                     Err(PushError::Closed) => {}
+                }
+            }
+            Message::Window(grant) => {
+                let flow = self
+                    .conns()
+                    .get(&grant.connect_id)
+                    .and_then(|c| c.flow.clone());
+                if let Some(flow) = flow {
+                    flow.window.grant(grant.bytes);
                 }
             }
             Message::CloseRequest(req) => {
@@ -231,10 +261,17 @@ impl Session {
     fn start(self: &Arc<Self>, connect_id: i64, random: i64, stream: tokio::net::TcpStream) {
         let (read, write) = stream.into_split();
         let inbound = Arc::new(Mailbox::new(self.limits.conn_queue_bytes));
+        let flow = self.flow_control.then(|| {
+            Arc::new(Flow {
+                window: SendWindow::new(tether_proto::INITIAL_WINDOW),
+                grants: Grants::new(tether_proto::INITIAL_WINDOW / 4),
+            })
+        });
         self.conns().insert(
             connect_id,
             Conn {
                 inbound: inbound.clone(),
+                flow: flow.clone(),
                 reader: None,
                 writer: None,
             },
@@ -243,9 +280,13 @@ impl Session {
         // Control packets leave before any lane's DATA, so the DIAL_RSP precedes this
         // connection's first DATA.
         self.send_control(Packet::dial_response(random, connect_id, ""));
-        let reader = tokio::spawn(self.clone().read_endpoint(connect_id, read)).abort_handle();
-        let writer =
-            tokio::spawn(self.clone().write_endpoint(connect_id, write, inbound)).abort_handle();
+        let reader =
+            tokio::spawn(self.clone().read_endpoint(connect_id, read, flow.clone())).abort_handle();
+        let writer = tokio::spawn(
+            self.clone()
+                .write_endpoint(connect_id, write, inbound, flow),
+        )
+        .abort_handle();
         let mut conns = self.conns();
         match conns.get_mut(&connect_id) {
             Some(conn) => {
@@ -259,9 +300,15 @@ impl Session {
         }
     }
 
-    /// Destination → server, with per-connection credit so a fast destination waits for the
-    /// stream instead of growing a queue.
-    async fn read_endpoint(self: Arc<Self>, connect_id: i64, read: OwnedReadHalf) {
+    /// Destination → server. With flow control it spends the window the server grants;
+    /// without, it holds local credit until the stream takes its packets. Either way a fast
+    /// destination waits instead of growing a queue.
+    async fn read_endpoint(
+        self: Arc<Self>,
+        connect_id: i64,
+        read: OwnedReadHalf,
+        flow: Option<Arc<Flow>>,
+    ) {
         let credit = Arc::new(Semaphore::new(OUTBOUND_CREDIT));
         let error = loop {
             if let Err(err) = read.readable().await {
@@ -278,14 +325,25 @@ impl Session {
                     } else {
                         buf.freeze()
                     };
-                    let weight = u32::try_from(n).unwrap_or(u32::MAX);
-                    let Ok(permit) = credit.clone().acquire_many_owned(weight).await else {
-                        break String::new();
+                    let permit = match &flow {
+                        Some(flow) => {
+                            if flow.window.take(n).await.is_err() {
+                                break String::new();
+                            }
+                            None
+                        }
+                        None => {
+                            let weight = u32::try_from(n).unwrap_or(u32::MAX);
+                            let Ok(permit) = credit.clone().acquire_many_owned(weight).await else {
+                                break String::new();
+                            };
+                            Some(permit)
+                        }
                     };
                     self.metrics.bytes("from_endpoint", n);
                     self.metrics.packet("from_agent", "DATA");
                     self.scheduler
-                        .push(connect_id, Packet::data(connect_id, data), Some(permit));
+                        .push(connect_id, Packet::data(connect_id, data), permit);
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(err) => break format!("read from destination failed: {err}"),
@@ -301,6 +359,7 @@ impl Session {
         connect_id: i64,
         mut write: OwnedWriteHalf,
         inbound: Arc<Mailbox<Chunk>>,
+        flow: Option<Arc<Flow>>,
     ) {
         while let Some(Chunk(bytes)) = inbound.pop().await {
             if let Err(err) = write.write_all(&bytes).await {
@@ -310,6 +369,9 @@ impl Session {
                     false,
                 );
                 return;
+            }
+            if let Some(grant) = flow.as_ref().and_then(|f| f.grants.consumed(bytes.len())) {
+                self.send_control(Packet::window(connect_id, grant));
             }
         }
         let _ = write.shutdown().await;

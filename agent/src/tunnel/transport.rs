@@ -54,6 +54,8 @@ pub enum ConnectError {
 pub struct Connected {
     pub server_id: String,
     pub server_count: u32,
+    /// The server accepted tether's per-connection flow control.
+    pub flow_control: bool,
     pub inbound: Streaming<Packet>,
 }
 
@@ -131,6 +133,9 @@ pub async fn connect(
             }
         })?,
     );
+    if config.flow_control {
+        headers.insert(metadata::FLOW_CONTROL, MetadataValue::from_static("1"));
+    }
     if let Some(path) = &config.token_path {
         let token = read_token(path).map_err(|why| ConnectError::Token {
             path: path.display().to_string(),
@@ -165,9 +170,11 @@ pub async fn connect(
     let server_count = one(metadata::SERVER_COUNT)?
         .parse::<u32>()
         .map_err(|_| ConnectError::BadHeaders("servercount is not a number".into()))?;
+    let flow_control = md.get(metadata::FLOW_CONTROL).is_some_and(|v| v == "1");
     Ok(Connected {
         server_id,
         server_count,
+        flow_control,
         inbound: response.into_inner(),
     })
 }

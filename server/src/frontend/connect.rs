@@ -124,7 +124,7 @@ impl ConnectFrontend {
         }
         if !leftover.is_empty()
             && backend
-                .send_data(connect_id, leftover.split().freeze())
+                .send_data(&conn, leftover.split().freeze())
                 .await
                 .is_err()
         {
@@ -148,11 +148,7 @@ where
             match reader.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => return true,
                 Ok(_) => {
-                    if backend
-                        .send_data(connect_id, buf.split().freeze())
-                        .await
-                        .is_err()
-                    {
+                    if backend.send_data(conn, buf.split().freeze()).await.is_err() {
                         return false;
                     }
                 }
@@ -162,7 +158,12 @@ where
     let downstream = async {
         while let Some(event) = conn.mailbox.pop().await {
             match event {
-                ToFrontend::Data(data) if writer.write_all(&data).await.is_err() => return true,
+                ToFrontend::Data(data) => {
+                    if writer.write_all(&data).await.is_err() {
+                        return true;
+                    }
+                    conn.delivered(data.len());
+                }
                 ToFrontend::Closed { .. } => return false,
                 _ => {}
             }
@@ -176,7 +177,7 @@ where
     if client_ended {
         backend.forget(connect_id);
     }
-    conn.mailbox.close();
+    conn.close();
 }
 
 /// Upstream's response to a failed agent dial, with the status chosen from the error text.

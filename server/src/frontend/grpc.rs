@@ -50,7 +50,7 @@ impl ProxyService for Frontends {
                 error,
                 cause: DialCause::Refused,
             });
-            conn.mailbox.close();
+            conn.close();
         };
         if !(dial.protocol.is_empty() || dial.protocol == "tcp") {
             self.metrics.reject("dial_protocol");
@@ -105,7 +105,10 @@ fn outbound(
                 ToFrontend::DialFailed { error, .. } => {
                     Packet::dial_response(conn.random, 0, error)
                 }
-                ToFrontend::Data(data) => Packet::data(conn.connect_id(), data),
+                ToFrontend::Data(data) => {
+                    conn.delivered(data.len());
+                    Packet::data(conn.connect_id(), data)
+                }
                 ToFrontend::Closed { error } => Packet::close_response(conn.connect_id(), error),
                 ToFrontend::DialClosed => Packet::close_dial(conn.random),
             };
@@ -134,7 +137,7 @@ impl Session {
                 error: "agent stream closed before the dial was sent".into(),
                 cause: DialCause::Backend,
             });
-            self.conn.mailbox.close();
+            self.conn.close();
             return discard(inbound).await;
         };
         let mut closing = false;
@@ -162,11 +165,11 @@ impl Session {
                         let _ = self.conn.mailbox.push_control(ToFrontend::Closed {
                             error: "mismatched connection IDs".into(),
                         });
-                        self.conn.mailbox.close();
+                        self.conn.close();
                         closing = true;
                         continue;
                     }
-                    if self.backend.send_data(connect_id, data.data).await.is_err() {
+                    if self.backend.send_data(&self.conn, data.data).await.is_err() {
                         break;
                     }
                 }
@@ -174,18 +177,18 @@ impl Session {
                     let connect_id = self.conn.connect_id();
                     if connect_id == 0 {
                         self.backend.cancel_dial(dial_id, "frontend_close");
-                        self.conn.mailbox.close();
+                        self.conn.close();
                     } else if self.backend.close_request(connect_id).await.is_err() {
                         let _ = self.conn.mailbox.push_control(ToFrontend::Closed {
                             error: "CLOSE_REQ to backend failed".into(),
                         });
-                        self.conn.mailbox.close();
+                        self.conn.close();
                     }
                     closing = true;
                 }
                 Message::CloseDial(_) => {
                     self.backend.cancel_dial(dial_id, "frontend_close");
-                    self.conn.mailbox.close();
+                    self.conn.close();
                     closing = true;
                 }
                 other => {
@@ -206,6 +209,6 @@ impl Session {
         } else if !closing {
             self.backend.forget(connect_id);
         }
-        self.conn.mailbox.close();
+        self.conn.close();
     }
 }

@@ -1,0 +1,477 @@
+//! tether-agent end to end against tether-server (and a hostile stand-in): real processes,
+//! real TLS.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use std::hash::{DefaultHasher, Hasher};
+use std::time::{Duration, Instant};
+
+use tether_proto::{Message, Packet};
+use tether_tests::backend;
+use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::fake_server::FakeServer;
+use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
+use tether_tests::pki::Pki;
+use tether_tests::process::wait_until;
+use tether_tests::procs::{Agent, Server, http_get, wait_ready};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn metric(port: u16, line_prefix: &str) -> Option<f64> {
+    let (_, text) = http_get(port, "/metrics").ok()?;
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hundred_mib_each_way_arrives_byte_exact() {
+    const TOTAL: usize = 100 << 20;
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+    let echo = backend::echo().await.to_string();
+    let stream = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let sender = tokio::spawn(async move {
+        let mut hash = DefaultHasher::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut sent = 0usize;
+        while sent < TOTAL {
+            for (i, b) in chunk.iter_mut().enumerate() {
+                *b = ((sent + i) % 251) as u8;
+            }
+            hash.write(&chunk);
+            writer.write_all(&chunk).await.unwrap();
+            sent += chunk.len();
+        }
+        hash.finish()
+    });
+    let mut hash = DefaultHasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0usize;
+    while received < TOTAL {
+        let n = match tokio::time::timeout(Duration::from_secs(30), reader.read(&mut buf)).await {
+            Ok(n) => n.unwrap(),
+            Err(_) => {
+                let (_, a) =
+                    http_get(cluster.agent.as_ref().unwrap().health_port, "/metrics").unwrap();
+                let (_, s) = http_get(cluster.server.health_port, "/metrics").unwrap();
+                panic!("stalled at {received}\nAGENT\n{a}\nSERVER\n{s}");
+            }
+        };
+        assert!(n > 0, "tunnel closed after {received} bytes");
+        hash.write(&buf[..n]);
+        received += n;
+    }
+    assert_eq!(received, TOTAL);
+    assert_eq!(
+        hash.finish(),
+        sender.await.unwrap(),
+        "echoed bytes differ from what was sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_hundred_connections_at_once() {
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+    let echo = backend::echo().await.to_string();
+    let mut streams = Vec::new();
+    for _ in 0..500 {
+        streams.push(http_connect(&cluster.target, &echo).await.unwrap().unwrap());
+    }
+    let agent_port = cluster.agent.as_ref().unwrap().health_port;
+    assert_eq!(
+        metric(
+            agent_port,
+            "konnectivity_network_proxy_agent_open_endpoint_connections "
+        ),
+        Some(500.0)
+    );
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let msg = format!("conn {i:04}");
+        stream.write_all(msg.as_bytes()).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+    drop(streams);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            metric(
+                agent_port,
+                "konnectivity_network_proxy_agent_open_endpoint_connections ",
+            ) == Some(0.0)
+        }),
+        "connections were not released after the clients closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn closed_port_error_text_reaches_the_client() {
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    let closed = backend::closed_port().to_string();
+    let mut client = grpc_client(&cluster.target).await.unwrap();
+    let error = GrpcTunnel::dial(&mut client, &closed)
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(error.ends_with("connect: connection refused"), "{error}");
+    let agent_port = cluster.agent.as_ref().unwrap().health_port;
+    assert_eq!(
+        metric(
+            agent_port,
+            r#"konnectivity_network_proxy_agent_endpoint_dial_failure_total{reason="unknown"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+/// Sends into a destination that never reads; returns the close error, or `None` when the
+/// tunnel pushed back (the sender blocked) instead of closing.
+async fn fill_black_hole(stuck: &mut GrpcTunnel) -> Option<String> {
+    let chunk = vec![0u8; 32 * 1024];
+    // Far more than the kernel's socket buffers plus any queue or window.
+    for _ in 0..1024 {
+        match tokio::time::timeout(Duration::from_millis(500), stuck.send(&chunk)).await {
+            Err(_) => return None,
+            Ok(Err(_)) => break,
+            Ok(Ok(())) => {}
+        }
+        if let Ok(Ok(Some(Event::Closed(error)))) =
+            tokio::time::timeout(Duration::from_millis(1), stuck.next()).await
+        {
+            return Some(error);
+        }
+    }
+    match tokio::time::timeout(Duration::from_secs(10), stuck.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(Event::Closed(error)) => Some(error),
+        other => panic!("expected CLOSE_RSP, got {other:?}"),
+    }
+}
+
+async fn stalled_destination_case(agent_args: &[&str]) -> (Option<String>, Cluster) {
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], agent_args).unwrap();
+    let echo = backend::echo().await.to_string();
+    let hole = backend::black_hole().await.to_string();
+    let mut client = grpc_client(&cluster.target).await.unwrap();
+    let mut interactive = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
+    let baseline = tether_tests::rtt::grpc_rtt(&mut interactive, 20)
+        .await
+        .unwrap();
+    let mut stuck = GrpcTunnel::dial(&mut client, &hole).await.unwrap().unwrap();
+    let outcome = fill_black_hole(&mut stuck).await;
+    let during = tether_tests::rtt::grpc_rtt(&mut interactive, 20)
+        .await
+        .unwrap();
+    assert!(
+        during <= baseline + Duration::from_millis(100),
+        "round trip went from {baseline:?} to {during:?} while another destination stalled"
+    );
+    (outcome, cluster)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_destination_pushes_back_on_its_own_connection_only() {
+    let (outcome, cluster) = stalled_destination_case(&[]).await;
+    assert_eq!(
+        outcome, None,
+        "with flow control the sender waits instead of the tunnel closing"
+    );
+    let agent_port = cluster.agent.as_ref().unwrap().health_port;
+    assert_eq!(
+        metric(agent_port, "tether_agent_queue_full_total "),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_flow_control_a_stalled_destination_is_closed_alone() {
+    // As against an upstream server, which has no WINDOW extension.
+    let (outcome, cluster) =
+        stalled_destination_case(&["--flow-control=false", "--conn-queue-bytes=65536"]).await;
+    let error = outcome.expect("the stalled connection should have been closed");
+    assert!(error.contains("destination queue limit"), "{error}");
+    let agent_port = cluster.agent.as_ref().unwrap().health_port;
+    assert_eq!(
+        metric(agent_port, "tether_agent_queue_full_total "),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnects_after_the_server_restarts() {
+    let pki = Pki::new(&[]).unwrap();
+    let pair = pki.pair("server");
+    let port = backend::closed_port().port();
+    let uds = pki.dir().join("s.sock");
+    let args = [
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        format!("--uds-name={}", uds.display()),
+        "--server-port=0".into(),
+        format!("--agent-port={port}"),
+        "--mode=http-connect".into(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start(&args).unwrap();
+    let _agent = Agent::start(&[
+        &format!("--proxy-server-port={port}"),
+        &format!("--ca-cert={}", pki.ca().display()),
+        "--sync-interval=100ms",
+        "--sync-interval-cap=1s",
+    ])
+    .unwrap();
+    assert!(wait_ready(server.health_port, Duration::from_secs(10)));
+    drop(server);
+
+    let restarted = Server::start(&args).unwrap();
+    let start = Instant::now();
+    assert!(
+        wait_ready(restarted.health_port, Duration::from_secs(5)),
+        "agent did not come back"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "reconnect took {:?} (cap 1s)",
+        start.elapsed()
+    );
+    let target = tether_tests::frontend::Target::Uds(uds);
+    let hello = backend::hello().await.to_string();
+    let mut stream = http_connect(&target, &hello).await.unwrap().unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    assert!(out.ends_with("hello from backend"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn holds_one_stream_per_server_when_server_count_is_two() {
+    let pki = Pki::new(&[]).unwrap();
+    let pair = pki.pair("server");
+    let start = |id: &str| {
+        let args = [
+            format!("--cluster-cert={}", pair.cert.display()),
+            format!("--cluster-key={}", pair.key.display()),
+            format!(
+                "--uds-name={}",
+                pki.dir().join(format!("{id}.sock")).display()
+            ),
+            "--server-port=0".into(),
+            "--server-count=2".into(),
+            format!("--server-id={id}"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(&args).unwrap()
+    };
+    let a = start("server-a");
+    let b = start("server-b");
+    let lb = tether_tests::lb::round_robin(vec![
+        format!("127.0.0.1:{}", a.agent_port).parse().unwrap(),
+        format!("127.0.0.1:{}", b.agent_port).parse().unwrap(),
+    ])
+    .await;
+    let agent = Agent::start(&[
+        &format!("--proxy-server-port={}", lb.port()),
+        &format!("--ca-cert={}", pki.ca().display()),
+        "--sync-interval=50ms",
+        "--sync-interval-cap=500ms",
+    ])
+    .unwrap();
+    assert!(
+        wait_ready(a.health_port, Duration::from_secs(10)),
+        "server a has no agent"
+    );
+    assert!(
+        wait_ready(b.health_port, Duration::from_secs(10)),
+        "server b has no agent"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        metric(
+            agent.health_port,
+            "konnectivity_network_proxy_agent_open_server_connections ",
+        ) == Some(2.0)
+    }));
+    assert_eq!(
+        metric(
+            agent.health_port,
+            "konnectivity_network_proxy_agent_known_server_count "
+        ),
+        Some(2.0)
+    );
+    // Stays at two: no third stream to an already-held server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(
+            agent.health_port,
+            "konnectivity_network_proxy_agent_open_server_connections "
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn presents_upstream_metadata_and_a_rotated_token_on_reconnect() {
+    let pki = Pki::new(&[]).unwrap();
+    let mut fake = FakeServer::start(&pki, "fake-1").await.unwrap();
+    let token = pki.dir().join("token");
+    std::fs::write(&token, "first-token\n").unwrap();
+    let _agent = Agent::start(&[
+        &format!("--proxy-server-port={}", fake.port),
+        &format!("--ca-cert={}", pki.ca().display()),
+        &format!("--service-account-token-path={}", token.display()),
+        "--agent-id=node-1",
+        "--agent-identifiers=host=node-1&ipv4=10.0.0.5",
+        "--sync-interval=100ms",
+        "--sync-interval-cap=500ms",
+    ])
+    .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let presented = fake.presented();
+    assert_eq!(presented[0].agent_id.as_deref(), Some("node-1"));
+    assert_eq!(
+        presented[0].identifiers.as_deref(),
+        Some("host=node-1&ipv4=10.0.0.5")
+    );
+    assert_eq!(
+        presented[0].authorization.as_deref(),
+        Some("Bearer first-token"),
+        "trailing newline trimmed"
+    );
+
+    std::fs::write(&token, "second-token").unwrap();
+    drop(first); // the server ends the stream; the agent reconnects
+    let _second = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fake.presented()[1].authorization.as_deref(),
+        Some("Bearer second-token")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_a_hostile_server() {
+    let pki = Pki::new(&[]).unwrap();
+    let mut fake = FakeServer::start(&pki, "hostile").await.unwrap();
+    let agent = Agent::start(&[
+        &format!("--proxy-server-port={}", fake.port),
+        &format!("--ca-cert={}", pki.ca().display()),
+    ])
+    .unwrap();
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let unknown_type = Packet {
+        r#type: 99,
+        payload: None,
+    };
+    stream.to_agent.send(unknown_type).await.unwrap();
+    stream
+        .to_agent
+        .send(Packet::data(0, bytes::Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    stream
+        .to_agent
+        .send(Packet::data(777, bytes::Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    stream
+        .to_agent
+        .send(Packet::close_request(778))
+        .await
+        .unwrap();
+    stream
+        .to_agent
+        .send(Packet::dial_response(1, 1, ""))
+        .await
+        .unwrap();
+    let closed = backend::closed_port().to_string();
+    const DIALS: usize = 10_000;
+    let sender = stream.to_agent.clone();
+    tokio::spawn(async move {
+        for i in 0..DIALS {
+            let _ = sender
+                .send(Packet::dial_request(closed.clone(), 1_000 + i as i64))
+                .await;
+        }
+    });
+
+    let mut close_rsps = Vec::new();
+    let mut dial_rsps = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dial_rsps < DIALS || close_rsps.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "agent answered {dial_rsps} dials and {} closes",
+            close_rsps.len()
+        );
+        let packet = tokio::time::timeout(Duration::from_secs(30), stream.from_agent.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match packet.into_message() {
+            Message::DialResponse(rsp) => {
+                assert!(!rsp.error.is_empty());
+                dial_rsps += 1;
+            }
+            Message::CloseResponse(rsp) => close_rsps.push((rsp.connect_id, rsp.error)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    close_rsps.sort();
+    assert_eq!(
+        close_rsps,
+        vec![
+            (777, "unrecognized connectID".to_owned()),
+            (778, "Unknown connectID".to_owned())
+        ]
+    );
+    assert_eq!(
+        http_get(agent.health_port, "/healthz").unwrap(),
+        (200, "ok".to_owned())
+    );
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", agent.logged.process.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:").map(|v| {
+                v.trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+        })
+        .unwrap();
+    assert!(rss_kib < 200 * 1024, "agent RSS grew to {rss_kib} KiB");
+    let rejected = |reason: &str| {
+        metric(
+            agent.health_port,
+            &format!(r#"tether_agent_rejected_total{{reason="{reason}"}}"#),
+        )
+    };
+    assert_eq!(rejected("data_connect_id_zero"), Some(1.0));
+    assert_eq!(rejected("data_unknown_connect_id"), Some(1.0));
+    assert_eq!(
+        rejected("unexpected_packet_from_server"),
+        Some(2.0),
+        "unknown type and DIAL_RSP"
+    );
+}
