@@ -11,6 +11,7 @@ use tether_runtime::telemetry;
 async fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.run.log_format, args.run.klog.filter("info"));
+    tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(err) => {

@@ -301,6 +301,12 @@ impl Backend {
         Ok(())
     }
 
+    /// Tells a tether agent the frontend will send nothing more (an empty DATA is FIN).
+    pub async fn send_fin(&self, conn: &FrontendConn) -> Result<(), BackendClosed> {
+        self.send(Packet::data(conn.connect_id(), Bytes::new()))
+            .await
+    }
+
     /// Returns window to the agent for bytes its frontend consumed.
     pub fn grant(&self, connect_id: i64, bytes: i64) {
         self.send_control(Packet::window(connect_id, bytes));

@@ -109,6 +109,11 @@ impl FrontendConn {
         }
     }
 
+    /// Whether a client's EOF can be passed on as a half-close (tether agents only).
+    pub fn half_close(&self) -> bool {
+        self.flow.get().is_some()
+    }
+
     /// The agent granted more window.
     pub(crate) fn granted(&self, bytes: i64) {
         if let Some(flow) = self.flow.get() {

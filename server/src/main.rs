@@ -10,6 +10,7 @@ use tether_server::config::{Args, Config};
 async fn main() -> ExitCode {
     let args = Args::parse();
     telemetry::init(args.log_format, args.klog.filter("info"));
+    tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
         Err(err) => {

@@ -109,3 +109,24 @@ pub async fn stuck() -> (
     }
     (addr, fillers, listener)
 }
+
+/// A server on 127.0.0.1 that reads until the client half-closes, then answers
+/// `got N bytes` and closes.
+pub async fn reply_after_eof() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                if stream.read_to_end(&mut seen).await.is_ok() {
+                    let _ = stream
+                        .write_all(format!("got {} bytes", seen.len()).as_bytes())
+                        .await;
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}

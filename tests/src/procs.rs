@@ -11,16 +11,16 @@ use anyhow::{Context, Result, bail};
 
 use crate::process::Process;
 
-/// A built workspace binary (nextest builds them before running tests).
+/// A built workspace binary, beside the running executable: tests run from
+/// `target/<profile>/deps/`, the benchmark driver from `target/<profile>/`.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/<test> → target/debug/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    dir.join(name)
+    let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    let beside = dir.join(name);
+    if beside.exists() {
+        return beside;
+    }
+    dir.parent().map(|p| p.join(name)).unwrap_or(beside)
 }
 
 #[derive(Clone, Default)]

@@ -475,3 +475,58 @@ async fn survives_a_hostile_server() {
         "unknown type and DIAL_RSP"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_close_lets_the_reply_come_back() {
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+    let replier = backend::reply_after_eof().await.to_string();
+    let mut stream = http_connect(&cluster.target, &replier)
+        .await
+        .unwrap()
+        .unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, "got 5 bytes");
+    let agent_port = cluster.agent.as_ref().unwrap().health_port;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            metric(
+                agent_port,
+                "konnectivity_network_proxy_agent_open_endpoint_connections ",
+            ) == Some(0.0)
+        }),
+        "connection not released after both sides finished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_flow_control_eof_closes_both_directions_as_upstream() {
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &[],
+        &["--flow-control=false"],
+    )
+    .unwrap();
+    let replier = backend::reply_after_eof().await.to_string();
+    let mut stream = http_connect(&cluster.target, &replier)
+        .await
+        .unwrap()
+        .unwrap();
+    stream.write_all(b"hello").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reply, "",
+        "upstream semantics: the client's EOF ends the whole connection"
+    );
+}

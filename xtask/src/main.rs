@@ -1,5 +1,6 @@
 //! `cargo xtask …`: the project's developer and CI tasks, one module per task.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -29,6 +30,8 @@ enum Task {
     Test(test::Options),
     /// Run the local demo in network namespaces it creates and removes.
     Demo,
+    /// Measure against a baseline taken in the same run (release builds).
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Task::BuildEbpf(opts) => build_ebpf::run(&opts),
         Task::Test(opts) => test::run(&opts),
         Task::Demo => demo::run(),
+        Task::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,7 +7,7 @@
 //! metric, and every other connection keeps flowing.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,22 @@ struct Flow {
     window: SendWindow,
     /// What the destination took, owed back to the server as WINDOW grants.
     grants: Grants,
+    /// Which directions have ended (FIN_FROM_DESTINATION | FIN_FROM_SERVER); the connection
+    /// closes when both have.
+    finished: AtomicU8,
+}
+
+/// The destination sent EOF; the server got our FIN (an empty DATA).
+const FIN_FROM_DESTINATION: u8 = 1;
+/// The server sent FIN; the destination's write side was shut down.
+const FIN_FROM_SERVER: u8 = 2;
+
+impl Flow {
+    /// Records one direction's end; true when both have ended.
+    fn finish(&self, direction: u8) -> bool {
+        let before = self.finished.fetch_or(direction, Ordering::AcqRel);
+        (before | direction) == FIN_FROM_DESTINATION | FIN_FROM_SERVER
+    }
 }
 
 pub struct Session {
@@ -265,6 +281,7 @@ impl Session {
             Arc::new(Flow {
                 window: SendWindow::new(tether_proto::INITIAL_WINDOW),
                 grants: Grants::new(tether_proto::INITIAL_WINDOW / 4),
+                finished: AtomicU8::new(0),
             })
         });
         self.conns().insert(
@@ -317,7 +334,21 @@ impl Session {
             // Allocated only when data is ready: an idle connection holds no read buffer.
             let mut buf = BytesMut::with_capacity(CHUNK);
             match read.try_read_buf(&mut buf) {
-                Ok(0) => break String::new(),
+                Ok(0) => {
+                    // With a tether server, pass the destination's EOF on as a half-close and
+                    // keep the other direction open.
+                    if let Some(flow) = &flow {
+                        self.scheduler.push(
+                            connect_id,
+                            Packet::data(connect_id, Bytes::new()),
+                            None,
+                        );
+                        if !flow.finish(FIN_FROM_DESTINATION) {
+                            return;
+                        }
+                    }
+                    break String::new();
+                }
                 Ok(n) => {
                     // Small reads are copied so they do not pin a 64 KiB allocation.
                     let data = if n < CHUNK / 8 {
@@ -362,6 +393,14 @@ impl Session {
         flow: Option<Arc<Flow>>,
     ) {
         while let Some(Chunk(bytes)) = inbound.pop().await {
+            if let Some(flow) = flow.as_ref().filter(|_| bytes.is_empty()) {
+                // The server's FIN: the frontend sends nothing more.
+                let _ = write.shutdown().await;
+                if flow.finish(FIN_FROM_SERVER) {
+                    self.close(connect_id, String::new(), false);
+                }
+                return;
+            }
             if let Err(err) = write.write_all(&bytes).await {
                 self.close(
                     connect_id,

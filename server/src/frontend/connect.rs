@@ -135,29 +135,42 @@ impl ConnectFrontend {
     }
 }
 
-/// Moves bytes both ways until either side ends, then closes the other.
+/// Moves bytes both ways until the connection ends. With a tether agent (flow control
+/// negotiated) a client's EOF is a half-close: the agent gets a FIN and the reply still flows
+/// back until the agent closes. Toward upstream agents, EOF closes both directions, as upstream.
 async fn pump<S>(stream: &mut S, backend: &Arc<Backend>, conn: &Arc<FrontendConn>, connect_id: i64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    enum Up {
+        Eof,
+        ClientError,
+        AgentGone,
+    }
     let (mut reader, mut writer) = tokio::io::split(stream);
     let upstream = async {
         let mut buf = BytesMut::with_capacity(CHUNK);
         loop {
             buf.reserve(CHUNK);
             match reader.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return true,
+                Ok(0) => return Up::Eof,
+                Err(_) => return Up::ClientError,
                 Ok(_) => {
                     if backend.send_data(conn, buf.split().freeze()).await.is_err() {
-                        return false;
+                        return Up::AgentGone;
                     }
                 }
             }
         }
     };
+    // Returns whether the client went away (as opposed to the agent closing).
     let downstream = async {
         while let Some(event) = conn.mailbox.pop().await {
             match event {
+                // The agent's FIN: the destination will send nothing more.
+                ToFrontend::Data(data) if data.is_empty() => {
+                    let _ = writer.shutdown().await;
+                }
                 ToFrontend::Data(data) => {
                     if writer.write_all(&data).await.is_err() {
                         return true;
@@ -170,11 +183,22 @@ where
         }
         false
     };
-    let client_ended = tokio::select! {
-        ended = upstream => ended,
-        ended = downstream => ended,
+    tokio::pin!(upstream, downstream);
+    let client_gone = tokio::select! {
+        up = &mut upstream => match up {
+            Up::Eof if conn.half_close() => {
+                if backend.send_fin(conn).await.is_err() {
+                    true
+                } else {
+                    (&mut downstream).await
+                }
+            }
+            Up::Eof | Up::ClientError => true,
+            Up::AgentGone => false,
+        },
+        gone = &mut downstream => gone,
     };
-    if client_ended {
+    if client_gone {
         backend.forget(connect_id);
     }
     conn.close();

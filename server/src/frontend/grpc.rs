@@ -169,6 +169,11 @@ impl Session {
                         closing = true;
                         continue;
                     }
+                    // An empty DATA would read as FIN to a tether agent; from a frontend it
+                    // carries nothing, so it is not forwarded.
+                    if data.data.is_empty() {
+                        continue;
+                    }
                     if self.backend.send_data(&self.conn, data.data).await.is_err() {
                         break;
                     }
