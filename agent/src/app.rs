@@ -69,6 +69,10 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     let clients = ClientSet::new(config.clone(), metrics.clone());
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(clients.clone().run(stop_rx));
+    let open = clients.clone();
+    tokio::spawn(tether_runtime::trim_memory_when_idle(move || {
+        open.open_connections()
+    }));
 
     let routes: Arc<dyn Routes> = Arc::new(HealthRoutes {
         clients: clients.clone(),

@@ -7,9 +7,19 @@ use tether_agent::dataplane::Dataplane;
 use tether_runtime::shutdown::Signals;
 use tether_runtime::telemetry;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    let workers = args.run.worker_threads;
+    match tether_runtime::runtime(workers) {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> ExitCode {
     telemetry::init(args.run.log_format, args.run.klog.filter("info"));
     tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {

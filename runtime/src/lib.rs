@@ -24,3 +24,31 @@ pub fn raise_fd_limit() {
         Err(err) => tracing::warn!(error = %err, "could not read the open-files limit"),
     }
 }
+
+/// Gives freed heap memory back to the kernel once `open` connections have dropped well below
+/// their recent peak. glibc keeps freed memory in its arenas indefinitely, so without this a
+/// burst of connections would leave the process at its peak size.
+pub async fn trim_memory_when_idle(open: impl Fn() -> usize) {
+    let mut peak = open();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let now = open();
+        if now + 64 <= peak {
+            // SAFETY: malloc_trim only touches the allocator's own free lists.
+            unsafe { libc::malloc_trim(0) };
+            peak = now;
+        } else {
+            peak = peak.max(now);
+        }
+    }
+}
+
+/// The tokio runtime both binaries run on. One worker by default: the work per packet is
+/// small, and cross-thread wakeups cost more CPU than they save (measured in
+/// docs/benchmarks.md); `--worker-threads` raises it for heavy traffic.
+pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads.max(1))
+        .enable_all()
+        .build()
+}

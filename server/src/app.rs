@@ -26,6 +26,10 @@ use crate::metrics::Metrics;
 
 /// Largest gRPC message accepted (upstream peers send at most 4 MiB).
 const MAX_MESSAGE: usize = 16 << 20;
+/// HTTP/2 receive windows: one agent stream carries every tunnel, and 64 KiB defaults stall
+/// it on WINDOW_UPDATE round trips. Per-tunnel limits come from each tunnel's own window
+/// (tether agents) or bounded queue (upstream agents).
+const STREAM_WINDOW: u32 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -105,6 +109,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     );
     let agent_server = GrpcServer::builder()
         .http2_keepalive_interval(Some(config.keepalive))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW)
         .max_concurrent_streams(Some(u32::MAX))
         .add_service(
             AgentServiceServer::new(agents)
@@ -210,6 +216,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         std::future::pending(),
     ));
 
+    let gauge = metrics.established.clone();
+    tokio::spawn(tether_runtime::trim_memory_when_idle(move || {
+        usize::try_from(gauge.get()).unwrap_or(0)
+    }));
     tracing::info!(
         agent = %agent_addr,
         frontend = ?frontend_addr,
@@ -238,6 +248,8 @@ fn grpc_frontend(
 ) -> tonic::transport::server::Router {
     GrpcServer::builder()
         .http2_keepalive_interval(Some(config.frontend_keepalive))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW)
         // Recent kube-apiservers open one stream per dial on a single connection.
         .max_concurrent_streams(Some(u32::MAX))
         .add_service(

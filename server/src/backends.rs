@@ -193,8 +193,9 @@ struct Pending {
 #[error("the agent stream closed")]
 pub struct BackendClosed;
 
-/// Largest DATA payload sent to an agent (well under any window and gRPC's 4 MiB).
-const MAX_DATA: usize = 64 * 1024;
+/// Largest DATA payload sent to an agent (under the window minus its grant batch, and far
+/// under gRPC's 4 MiB).
+const MAX_DATA: usize = 256 * 1024;
 
 static NEXT_BACKEND: AtomicU64 = AtomicU64::new(1);
 
@@ -305,6 +306,11 @@ impl Backend {
     pub async fn send_fin(&self, conn: &FrontendConn) -> Result<(), BackendClosed> {
         self.send(Packet::data(conn.connect_id(), Bytes::new()))
             .await
+    }
+
+    /// Asks the agent to close a connection without waiting; its CLOSE_RSP ends it here.
+    pub fn request_close(&self, connect_id: i64) {
+        self.send_control(Packet::close_request(connect_id));
     }
 
     /// Returns window to the agent for bytes its frontend consumed.

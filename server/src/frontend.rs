@@ -133,6 +133,15 @@ impl FrontendConn {
         }
     }
 
+    /// The destination finished sending (the agent's FIN) on a frontend that cannot represent
+    /// a half-close: ask the agent to close, so its CLOSE_RSP ends the stream as upstream's
+    /// EOF would.
+    pub fn finish_without_half_close(&self) {
+        if let Some(backend) = self.flow.get().and_then(|flow| flow.backend.upgrade()) {
+            backend.request_close(self.connect_id());
+        }
+    }
+
     /// No more events will be queued; a sender waiting for window gives up.
     pub fn close(&self) {
         self.mailbox.close();

@@ -6,9 +6,19 @@ use tether_runtime::telemetry;
 use tether_server::app;
 use tether_server::config::{Args, Config};
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    let workers = args.worker_threads;
+    match tether_runtime::runtime(workers) {
+        Ok(runtime) => runtime.block_on(run(args)),
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> ExitCode {
     telemetry::init(args.log_format, args.klog.filter("info"));
     tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {

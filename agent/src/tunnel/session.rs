@@ -24,8 +24,9 @@ use super::scheduler::Scheduler;
 use crate::dialer;
 use crate::metrics::Metrics;
 
-/// Largest read from a destination (one DATA packet).
-const CHUNK: usize = 64 * 1024;
+/// Largest read from a destination (one DATA packet); must stay well under the flow-control
+/// window minus its grant batch (512 KiB - 128 KiB).
+const CHUNK: usize = 256 * 1024;
 /// Bytes a connection may have queued toward the server before its reader waits.
 const OUTBOUND_CREDIT: usize = 256 * 1024;
 

@@ -27,6 +27,7 @@ use crate::config::{Config, read_token};
 const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 16 << 20;
+const STREAM_WINDOW: u32 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -88,6 +89,10 @@ pub async fn connect(
         .http2_keep_alive_interval(config.keepalive)
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
+        // One HTTP/2 stream carries every tunnel; with 64 KiB default windows it stalls on
+        // WINDOW_UPDATE round trips. Per-tunnel limits come from the tunnel's own window.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(STREAM_WINDOW)
         .tcp_nodelay(true);
     let connector = {
         let address = address.clone();

@@ -18,8 +18,10 @@ use crate::metrics::Metrics;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest request head we read (upstream allows 1 MiB).
 const MAX_HEAD: usize = 1 << 20;
-/// Client bytes per DATA packet, as upstream.
-const CHUNK: usize = 32 * 1024;
+/// Most client bytes per read (one or a few DATA packets).
+const CHUNK: usize = 256 * 1024;
+/// Read size for a connection that is idle or interactive.
+const MIN_READ: usize = 2048;
 
 pub struct ConnectFrontend {
     pub backends: Arc<Backends>,
@@ -87,17 +89,19 @@ impl ConnectFrontend {
 
         // Wait for the agent's answer, noticing a client that gives up meanwhile.
         let first = loop {
-            let mut scratch = [0u8; 4096];
+            // Early bytes land straight in `leftover`: no scratch buffer in this future, which
+            // every waiting connection would otherwise keep.
+            leftover.reserve(1024);
             tokio::select! {
                 event = conn.mailbox.pop() => break event,
-                read = stream.read(&mut scratch) => match read {
+                read = stream.read_buf(&mut leftover) => match read {
                     Ok(0) | Err(_) => {
                         backend.cancel_dial(dial_id, "frontend_close");
                         self.metrics.reject("connect_client_gone_mid_dial");
                         tracing::info!(%peer, target, "client went away while the dial was pending; cancelled it");
                         return Err("client disconnected mid-dial".into());
                     }
-                    Ok(n) if leftover.len() + n <= MAX_HEAD => leftover.extend_from_slice(&scratch[..n]),
+                    Ok(_) if leftover.len() <= MAX_HEAD => {}
                     Ok(_) => {
                         backend.cancel_dial(dial_id, "frontend_close");
                         self.metrics.reject("connect_early_data");
@@ -149,13 +153,23 @@ where
     }
     let (mut reader, mut writer) = tokio::io::split(stream);
     let upstream = async {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        // Sized to the traffic: an idle connection holds a small buffer, a bulk one grows to
+        // CHUNK and shrinks again when reads get small.
+        let mut want = MIN_READ;
+        let mut buf = BytesMut::new();
         loop {
-            buf.reserve(CHUNK);
+            buf.reserve(want);
             match reader.read_buf(&mut buf).await {
                 Ok(0) => return Up::Eof,
                 Err(_) => return Up::ClientError,
-                Ok(_) => {
+                Ok(n) => {
+                    want = if n >= want {
+                        (want * 2).min(CHUNK)
+                    } else if n < want / 4 {
+                        (want / 2).max(MIN_READ)
+                    } else {
+                        want
+                    };
                     if backend.send_data(conn, buf.split().freeze()).await.is_err() {
                         return Up::AgentGone;
                     }

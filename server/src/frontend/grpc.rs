@@ -98,7 +98,13 @@ fn outbound(
     futures_util::stream::unfold(
         (conn, metrics, Open(open)),
         |(conn, metrics, open)| async move {
-            let packet = match conn.mailbox.pop().await? {
+            let mut event = conn.mailbox.pop().await?;
+            // A gRPC frontend has no half-close: the agent's FIN (empty DATA) becomes a close.
+            while matches!(&event, ToFrontend::Data(data) if data.is_empty()) {
+                conn.finish_without_half_close();
+                event = conn.mailbox.pop().await?;
+            }
+            let packet = match event {
                 ToFrontend::DialOk { connect_id } => {
                     Packet::dial_response(conn.random, connect_id, "")
                 }
