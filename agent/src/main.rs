@@ -41,7 +41,10 @@ async fn run(args: Args) -> ExitCode {
     let config = match Config::from_args(&args.run) {
         Ok(config) => config,
         Err(err) => {
-            tracing::error!("invalid configuration: {}", error_chain(&err));
+            tracing::error!(
+                "invalid configuration: {}",
+                tether_runtime::error_chain(&err)
+            );
             return ExitCode::from(2);
         }
     };
@@ -49,7 +52,7 @@ async fn run(args: Args) -> ExitCode {
     let agent = match app::start(config).await {
         Ok(agent) => agent,
         Err(err) => {
-            tracing::error!("cannot start: {}", error_chain(&err));
+            tracing::error!("cannot start: {}", tether_runtime::error_chain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -87,15 +90,4 @@ async fn run_guard(args: GuardArgs, signals: &mut Signals) -> anyhow::Result<()>
     }
     log_task.abort();
     Ok(())
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }

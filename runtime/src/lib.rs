@@ -52,3 +52,40 @@ pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime
         .enable_all()
         .build()
 }
+
+/// An error and its sources on one line. Sources whose text the line already contains are
+/// skipped (some libraries repeat their source in their own message).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(err) = source {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer: {0}")]
+    struct Repeats(#[source] std::io::Error);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read config")]
+    struct Wraps(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_appends_sources_once() {
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            super::error_chain(&Wraps(io())),
+            "cannot read config: disk on fire"
+        );
+        assert_eq!(super::error_chain(&Repeats(io())), "outer: disk on fire");
+    }
+}

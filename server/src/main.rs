@@ -31,7 +31,10 @@ async fn run(args: Args) -> ExitCode {
     let config = match Config::from_args(&args) {
         Ok(config) => config,
         Err(err) => {
-            tracing::error!("invalid configuration: {}", error_chain(&err));
+            tracing::error!(
+                "invalid configuration: {}",
+                tether_runtime::error_chain(&err)
+            );
             return ExitCode::from(2);
         }
     };
@@ -39,7 +42,7 @@ async fn run(args: Args) -> ExitCode {
     let server = match app::start(config).await {
         Ok(server) => server,
         Err(err) => {
-            tracing::error!("cannot start: {}", error_chain(&err));
+            tracing::error!("cannot start: {}", tether_runtime::error_chain(&err));
             return ExitCode::FAILURE;
         }
     };
@@ -55,15 +58,4 @@ async fn run(args: Args) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }

@@ -1,19 +1,26 @@
 //! `cargo xtask demo`: the local demo, in network namespaces it creates and removes.
 //!
-//! A "node" namespace runs tether-agent with the XDP guard on its uplink; a "peer" namespace
-//! sends it traffic; the agent reports what its kernel program counted when it stops.
+//! A "control-plane" namespace runs tether-server; a "node" namespace runs tether-agent, a
+//! kubelet-like HTTP server on :10250 and the XDP guard on the node's uplink. A client plays
+//! kube-apiserver: it reaches the kubelet through the tunnel (HTTP CONNECT on the server's Unix
+//! socket), then tries the direct path.
 
-use std::net::UdpSocket;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
 use tether_tests::netns::{Netns, veth};
+use tether_tests::pki::Pki;
 use tether_tests::process::{Process, wait_until};
 
 use crate::{build_ebpf, run_checked, setup, workspace_root};
 
-const DATAGRAMS: usize = 20;
+const CP: &str = "10.77.0.1";
+const NODE: &str = "10.77.0.2";
 
 pub fn run() -> Result<()> {
     setup::run()?;
@@ -24,47 +31,160 @@ pub fn run() -> Result<()> {
         "--quiet",
         "--package",
         "tether-agent",
+        "--package",
+        "tether-server",
     ]))?;
-    let agent_bin = root.join("target/debug/tether-agent");
+    let bin = |name: &str| root.join("target/debug").join(name);
+    let pki = Pki::new(&[CP])?;
+    let socket = pki.dir().join("konnectivity-server.socket");
 
-    println!("\n== network: node (10.77.0.1, eth0) <-veth-> peer (10.77.0.2, eth0)");
+    println!("\n== network: control-plane ({CP}) <-veth-> node ({NODE})");
+    let cp = Netns::new("demo-cp")?;
     let node = Netns::new("demo-node")?;
-    let peer = Netns::new("demo-peer")?;
-    veth(&node, "eth0", "10.77.0.1/24", &peer, "eth0", "10.77.0.2/24")?;
-
-    println!("== starting tether-agent in the node namespace, guarding eth0");
-    let mut agent = Process::spawn(
-        "tether-agent",
-        Command::new("nsenter")
-            .arg(format!("--net={}", node.path()))
-            .arg(&agent_bin)
-            .args(["--guard-interface", "eth0"])
-            .stdin(Stdio::null()),
+    veth(
+        &cp,
+        "eth0",
+        &format!("{CP}/24"),
+        &node,
+        "eth0",
+        &format!("{NODE}/24"),
     )?;
-    let attached = wait_until(Duration::from_secs(10), || {
+
+    println!("== node: a kubelet-like HTTP server on {NODE}:10250");
+    let kubelet = node.run(|| TcpListener::bind((NODE, 10250)))??;
+    std::thread::spawn(move || serve_kubelet(kubelet));
+
+    println!(
+        "== control plane: tether-server (HTTP CONNECT on {}, agents on {CP}:8091)",
+        socket.display()
+    );
+    let server_pair = pki.pair("server");
+    let _server = Process::spawn(
+        "tether-server",
+        nsenter(&cp, &bin("tether-server")).args([
+            "--mode=http-connect",
+            &format!("--uds-name={}", socket.display()),
+            "--server-port=0",
+            &format!("--cluster-cert={}", server_pair.cert.display()),
+            &format!("--cluster-key={}", server_pair.key.display()),
+            &format!("--agent-bind-address={CP}"),
+        ]),
+    )?;
+
+    println!("== node: tether-agent dials out to the server");
+    let _agent = Process::spawn(
+        "tether-agent",
+        nsenter(&node, &bin("tether-agent")).args([
+            &format!("--proxy-server-host={CP}"),
+            &format!("--ca-cert={}", pki.ca().display()),
+            &format!("--agent-identifiers=ipv4={NODE}"),
+            "--agent-id=demo-node",
+        ]),
+    )?;
+    let ready = wait_until(Duration::from_secs(15), || {
+        cp.run(|| http_get_status((CP, 8092), "/readyz"))
+            .ok()
+            .flatten()
+            == Some(200)
+    });
+    if !ready {
+        bail!("tether-server did not become ready (no agent connected) within 15s");
+    }
+
+    println!(
+        "== node: the XDP guard on eth0 (counting; its drop policy comes with the guard issue)"
+    );
+    let mut guard = Process::spawn(
+        "tether-agent guard",
+        nsenter(&node, &bin("tether-agent")).args(["guard", "--guard-interface=eth0"]),
+    )?;
+    if !wait_until(Duration::from_secs(10), || {
         node.ip(&["link", "show", "eth0"])
             .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("xdp"))
-    });
-    if !attached {
-        bail!("tether-agent did not attach its XDP program to eth0 within 10s");
+    }) {
+        bail!("the XDP guard did not attach to the node's eth0 within 10s");
     }
 
-    println!("== peer sends {DATAGRAMS} UDP datagrams to the node; each passes through the guard");
-    peer.run(|| -> Result<()> {
-        let socket = UdpSocket::bind("10.77.0.2:0")?;
-        for _ in 0..DATAGRAMS {
-            socket.send_to(b"hello from the peer", "10.77.0.1:9")?;
-        }
-        Ok(())
-    })?
-    .context("sending from the peer namespace")?;
+    println!("\n== kube-apiserver's path: CONNECT {NODE}:10250 through the tunnel");
+    let reply = through_tunnel(&socket, &format!("{NODE}:10250"))?;
+    println!("{}", indent(&reply));
 
-    println!("== stopping tether-agent (SIGTERM); it reports the guard's counters");
-    agent.signal(nix::sys::signal::Signal::SIGTERM)?;
-    let status = agent.wait_timeout(Duration::from_secs(10))?;
-    if !status.success() {
-        bail!("tether-agent exited with {status}");
+    println!("== the direct path, control plane -> {NODE}:10250");
+    let direct = cp.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{NODE}:10250").parse().expect("addr"),
+            Duration::from_secs(2),
+        )
+    })?;
+    match direct {
+        Ok(_) => println!("   connected (the guard does not drop yet; it only counts)"),
+        Err(err) => println!("   refused or dropped: {err}"),
     }
-    println!("== done; namespaces removed");
+
+    println!("\n== stopping the guard; it reports what the kernel program counted");
+    guard.signal(Signal::SIGTERM)?;
+    guard.wait_timeout(Duration::from_secs(10))?;
+    println!("== done; processes stopped and namespaces removed");
     Ok(())
+}
+
+fn nsenter(ns: &Netns, program: &std::path::Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path()))
+        .arg(program)
+        .stdin(Stdio::null());
+    cmd
+}
+
+fn serve_kubelet(listener: TcpListener) {
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let body = "kubelet on the demo node says hello\n";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+    }
+}
+
+fn http_get_status(addr: (&str, u16), path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn through_tunnel(socket: &std::path::Path, target: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(socket).context("connecting to the server's socket")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )?;
+    let mut head = [0u8; 39];
+    stream.read_exact(&mut head)?;
+    if &head[..] != b"HTTP/1.1 200 Connection Established\r\n\r\n" {
+        bail!("CONNECT failed: {}", String::from_utf8_lossy(&head));
+    }
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("   {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }

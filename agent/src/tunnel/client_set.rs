@@ -62,7 +62,7 @@ impl ClientSet {
                     let delay = backoff.step();
                     tracing::warn!(
                         server = format!("{}:{}", self.config.server_host, self.config.server_port),
-                        error = error_chain(&err),
+                        error = tether_runtime::error_chain(&err),
                         retry_in = ?delay,
                         "cannot connect to the proxy server"
                     );
@@ -124,6 +124,7 @@ impl ClientSet {
         tracing::info!(
             server = connected.server_id,
             server_count = connected.server_count,
+            flow_control = connected.flow_control,
             "connected to proxy server"
         );
 
@@ -208,17 +209,6 @@ impl Backoff {
 
 fn jitter(base: Duration) -> Duration {
     base.mul_f64(1.0 + rand::random::<f64>() * 0.1)
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(err) = source {
-        text.push_str(": ");
-        text.push_str(&err.to_string());
-        source = err.source();
-    }
-    text
 }
 
 #[cfg(test)]
