@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cluster;
+pub mod fake_agent;
 pub mod fake_server;
 pub mod frontend;
 pub mod lb;

@@ -23,6 +23,18 @@ pub fn bin(name: &str) -> PathBuf {
     dir.parent().map(|p| p.join(name)).unwrap_or(beside)
 }
 
+/// [`bin`], failing with the command that builds it when it is missing.
+pub fn built(name: &str) -> Result<PathBuf> {
+    let path = bin(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built; run `cargo build --workspace --bins` first (`cargo xtask test` does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<String>>>);
 
@@ -101,7 +113,7 @@ impl Server {
     /// Starts tether-server with `args` plus JSON logs and port-0 defaults for every port the
     /// caller does not set.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(bin("tether-server"));
+        let mut cmd = Command::new(built("tether-server")?);
         cmd.args(["--log-format", "json"]);
         for (flag, default) in [
             ("--agent-port", "0"),
@@ -141,7 +153,7 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(bin("tether-agent"));
+        let mut cmd = Command::new(built("tether-agent")?);
         cmd.args([
             "--log-format",
             "json",

@@ -267,3 +267,144 @@ async fn a_client_gone_mid_dial_cancels_the_dial_at_the_agent() {
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hostile_agent_is_counted_and_answered_while_others_are_served() {
+    use tether_proto::{Message, Packet};
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
+    let mut hostile = tether_tests::fake_agent::FakeAgent::connect(
+        cluster.server.agent_port,
+        &cluster.pki.ca(),
+        "hostile",
+    )
+    .await
+    .unwrap();
+    hostile
+        .to_server
+        .send(Packet {
+            r#type: 77,
+            payload: None,
+        })
+        .await
+        .unwrap();
+    hostile
+        .to_server
+        .send(Packet::data(999, bytes::Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    hostile
+        .to_server
+        .send(Packet::close_response(998, ""))
+        .await
+        .unwrap();
+    // A late answer to a dial nobody is waiting for, with an endpoint it opened.
+    hostile
+        .to_server
+        .send(Packet::dial_response(123_456, 5, ""))
+        .await
+        .unwrap();
+    hostile
+        .to_server
+        .send(Packet::dial_request("10.0.0.1:1", 1))
+        .await
+        .unwrap();
+
+    let mut closes = Vec::new();
+    while closes.len() < 2 {
+        let packet = tokio::time::timeout(Duration::from_secs(5), hostile.from_server.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match packet.into_message() {
+            Message::CloseRequest(req) => closes.push(req.connect_id),
+            other => panic!("server sent {other:?}"),
+        }
+    }
+    closes.sort();
+    assert_eq!(
+        closes,
+        vec![5, 999],
+        "the server must ask the agent to close orphan endpoints"
+    );
+
+    // Everyone else is still served (the real agent or the hostile one may be picked; retry
+    // until the real one answers).
+    let ok = tether_tests::process::wait_until(Duration::from_secs(10), || {
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let addr = backend::hello().await.to_string();
+                match http_connect(&cluster.target, &addr).await {
+                    Ok(Ok(mut s)) => {
+                        let _ = s.write_all(GET).await;
+                        let mut out = String::new();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(2),
+                            s.read_to_string(&mut out),
+                        )
+                        .await;
+                        out.ends_with("hello from backend")
+                    }
+                    _ => false,
+                }
+            })
+        })
+    });
+    assert!(ok, "the real agent stopped serving");
+    let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
+    for reason in [
+        "unexpected_packet_from_agent",
+        "data_unknown_connect_id",
+        "close_unknown_connect_id",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                r#"tether_server_rejected_total{{reason="{reason}"}}"#
+            )),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains(r#"konnectivity_network_proxy_server_dial_failure_count{reason="unrecognized_response"} 1"#), "{metrics}");
+    assert!(
+        cluster
+            .server
+            .logged
+            .logs
+            .contains("agent sent a packet type agents never send")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_dial_timeout_gives_the_upstream_504() {
+    let (stuck, _fillers, _listener) = backend::stuck().await;
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &["--backend-dial-timeout=500ms"],
+        &["--dial-timeout=30s"],
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let response = http_connect(&cluster.target, &stuck.to_string())
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert_eq!(
+        response,
+        "HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend dial timeout: timed out waiting for backend dial\r\n"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    let agent = cluster.agent.as_ref().unwrap();
+    assert!(
+        agent
+            .logged
+            .logs
+            .wait_for("dial cancelled by the server", Duration::from_secs(5))
+            .is_some()
+    );
+}

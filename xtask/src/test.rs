@@ -19,6 +19,12 @@ pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     build_ebpf::run(&build_ebpf::Options { release: false })?;
     netns::remove_stale()?;
+    // The end-to-end tests run the real executables, which `nextest` does not build.
+    run_checked(Command::new("cargo").current_dir(workspace_root()).args([
+        "build",
+        "--workspace",
+        "--bins",
+    ]))?;
     run_checked(
         Command::new("cargo")
             .current_dir(workspace_root())
