@@ -5,34 +5,66 @@
 //! time: a layout change that only one side picks up would silently corrupt counters.
 #![no_std]
 
-/// Name of the per-CPU counter array in the eBPF object.
+/// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// One [`GuardConfig`] at index 0.
+pub const CONFIG_MAP: &str = "CONFIG";
+/// LPM tries of control-plane source prefixes.
+pub const CONTROL_PLANE_V4_MAP: &str = "CP_V4";
+pub const CONTROL_PLANE_V6_MAP: &str = "CP_V6";
+/// LPM tries of sources still allowed to reach protected ports directly.
+pub const ALLOW_V4_MAP: &str = "ALLOW_V4";
+pub const ALLOW_V6_MAP: &str = "ALLOW_V6";
+/// Protected destination ports (host byte order) → 1.
+pub const PORTS_MAP: &str = "PORTS";
 
 /// Name of the XDP program that guards an interface.
 pub const GUARD_PROGRAM: &str = "tether_guard";
 
-/// Why the guard let a packet through or dropped it: the index into the counter array.
+/// Capacity of each prefix trie and of the port set.
+pub const MAX_PREFIXES: u32 = 1024;
+pub const MAX_PORTS: u32 = 64;
+
+/// Why the guard decided what it did about a packet.
 ///
 /// Values are explicit because userspace and the kernel program are built by different
 /// compilers and must agree on them.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// Passed: nothing in the policy matched.
+    /// Nothing in the policy matched.
     Pass = 0,
+    /// Could not be parsed (truncated at some header, bad version or length); dropped only
+    /// when it came from a control-plane source.
+    Malformed = 1,
+    /// A new inbound TCP connection (SYN without ACK) from a control-plane source.
+    ControlPlaneSyn = 2,
+    /// A TCP SYN or UDP datagram to a protected port from a source not allowed there.
+    ProtectedPort = 3,
+    /// An IP fragment from a control-plane source.
+    Fragment = 4,
 }
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 1] = [Reason::Pass];
+    pub const ALL: [Reason; 5] = [
+        Reason::Pass,
+        Reason::Malformed,
+        Reason::ControlPlaneSyn,
+        Reason::ProtectedPort,
+        Reason::Fragment,
+    ];
 
-    /// Number of slots the counter array needs.
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// Stable label for metrics and logs.
     pub const fn label(self) -> &'static str {
         match self {
             Reason::Pass => "pass",
+            Reason::Malformed => "malformed",
+            Reason::ControlPlaneSyn => "control_plane_syn",
+            Reason::ProtectedPort => "protected_port",
+            Reason::Fragment => "fragment",
         }
     }
 }
@@ -52,7 +84,47 @@ impl TryFrom<u32> for Reason {
     }
 }
 
-/// Packets and bytes seen for one reason on one CPU.
+/// Number of counter slots: each reason counted separately for passed and dropped packets
+/// (in monitor mode, "would drop" is counted as passed).
+pub const COUNTER_SLOTS: u32 = Reason::COUNT * 2;
+
+/// The counter slot for `reason` and whether the packet was actually dropped.
+pub const fn counter_slot(reason: Reason, dropped: bool) -> u32 {
+    reason as u32 * 2 + dropped as u32
+}
+
+/// What the guard does with what it matches.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Pass everything, count nothing (the map's zero value: an unconfigured program is inert).
+    Off = 0,
+    /// Pass everything, count what would have been dropped.
+    Monitor = 1,
+    /// Drop what the policy says.
+    Enforce = 2,
+}
+
+impl Mode {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Monitor => "monitor",
+            Mode::Enforce => "enforce",
+        }
+    }
+}
+
+/// Runtime settings the program reads on every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// A [`Mode`] value.
+    pub mode: u32,
+    pub _pad: u32,
+}
+
+/// Packets and bytes seen for one slot on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
@@ -64,12 +136,18 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::offset_of!(Counter, packets) == 0);
     assert!(core::mem::offset_of!(Counter, bytes) == 8);
+    assert!(core::mem::size_of::<GuardConfig>() == 8);
+    assert!(core::mem::offset_of!(GuardConfig, mode) == 0);
     assert!(core::mem::size_of::<Reason>() == 4);
 };
 
-// SAFETY: Counter is repr(C), has no padding (checked above) and every bit pattern is valid.
+// SAFETY: both are repr(C), have no implicit padding (checked above) and every bit pattern is
+// a valid value.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Counter {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for GuardConfig {}
 
 #[cfg(test)]
 mod tests {
@@ -84,5 +162,18 @@ mod tests {
             Reason::try_from(Reason::COUNT),
             Err(UnknownReason(Reason::COUNT))
         );
+    }
+
+    #[test]
+    fn counter_slots_are_distinct_and_in_range() {
+        let mut seen = [false; COUNTER_SLOTS as usize];
+        for reason in Reason::ALL {
+            for dropped in [false, true] {
+                let slot = counter_slot(reason, dropped) as usize;
+                assert!(!seen[slot]);
+                seen[slot] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
     }
 }

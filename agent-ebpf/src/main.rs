@@ -1,37 +1,326 @@
 //! tether's kernel programs. Built for `bpfel-unknown-none` by `cargo xtask build-ebpf` and
 //! embedded in `tether-agent`; the layouts they share with userspace live in `agent-common`.
+//!
+//! `tether_guard` (XDP) makes the tunnel the only way in: new connections from the control
+//! plane, direct hits on protected node ports and control-plane fragments are dropped before
+//! the kernel allocates anything for them. Every read is bounds-checked; a packet that cannot
+//! be parsed is counted as malformed and dropped only when it came from the control plane.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::xdp_action, macros::map, macros::xdp, maps::PerCpuArray, programs::XdpContext,
-};
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, xdp_action};
+use aya_ebpf::macros::{map, xdp};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray};
+use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
-use tether_agent_common::{Counter, Reason};
+use tether_agent_common::{
+    COUNTER_SLOTS, Counter, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
+};
 
-/// Per-CPU packet and byte counts, one slot per [`Reason`]; userspace sums the CPUs at scrape
-/// time, so the fast path never contends on a shared cache line.
 #[map(name = "COUNTERS")]
-static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map(name = "CONFIG")]
+static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+#[map(name = "CP_V4")]
+static CP_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "CP_V6")]
+static CP_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "ALLOW_V4")]
+static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "ALLOW_V6")]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "PORTS")]
+static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// IPv6 extension headers followed before giving up (and calling the packet malformed).
+const MAX_EXTENSION_HEADERS: usize = 6;
+/// Largest L3 + extension-header offset parsed; keeps offsets bounded for the verifier.
+const MAX_L4_OFFSET: usize = 512;
 
 #[xdp]
 pub fn tether_guard(ctx: XdpContext) -> u32 {
-    let verdict = Reason::Pass;
-    count(&ctx, verdict);
-    xdp_action::XDP_PASS
+    let mode = CONFIG.get(0).map_or(Mode::Off as u32, |c| c.mode);
+    if mode == Mode::Off as u32 {
+        return xdp_action::XDP_PASS;
+    }
+    let verdict = classify(&ctx);
+    let drop = verdict.drop && mode == Mode::Enforce as u32;
+    count(&ctx, verdict.reason, drop);
+    if drop {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+struct Verdict {
+    reason: Reason,
+    drop: bool,
+}
+
+const PASS: Verdict = Verdict {
+    reason: Reason::Pass,
+    drop: false,
+};
+
+const fn malformed(from_control_plane: bool) -> Verdict {
+    Verdict {
+        reason: Reason::Malformed,
+        drop: from_control_plane,
+    }
+}
+
+/// The source address, once known.
+#[derive(Clone, Copy)]
+enum Source {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl Source {
+    fn in_control_plane(self) -> bool {
+        match self {
+            Source::V4(a) => CP_V4.get(&Key::new(32, a)).is_some(),
+            Source::V6(a) => CP_V6.get(&Key::new(128, a)).is_some(),
+        }
+    }
+
+    fn allowed_on_protected_ports(self) -> bool {
+        match self {
+            Source::V4(a) => ALLOW_V4.get(&Key::new(32, a)).is_some(),
+            Source::V6(a) => ALLOW_V6.get(&Key::new(128, a)).is_some(),
+        }
+    }
 }
 
 #[inline(always)]
-fn count(ctx: &XdpContext, reason: Reason) {
+fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    array::<2>(ctx, offset).map(u16::from_be_bytes)
+}
+
+/// Reads N bytes at `offset`, or `None` past the end. Every read is at least two bytes wide:
+/// LLVM turns a one-byte bound check `p + 1 > end` into `p >= end`, for which the verifier
+/// grants no range at a variable offset.
+#[inline(always)]
+fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: all N bytes lie inside the packet (checked above); read_unaligned because
+    // packet data has no alignment guarantee.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Verdict {
+    let Some(mut ethertype) = be16(ctx, 12) else {
+        return malformed(false);
+    };
+    let mut offset = ETH_HLEN;
+    // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
+    for _ in 0..2 {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(ctx, offset + 2) else {
+            return malformed(false);
+        };
+        ethertype = inner;
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IP => ipv4(ctx, offset),
+        ETH_P_IPV6 => ipv6(ctx, offset),
+        // A third tag is nothing the node's stack would deliver as IP.
+        ETH_P_8021Q | ETH_P_8021AD => malformed(false),
+        // ARP and everything else is not ours to judge.
+        _ => PASS,
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
+    // One binding per read: LLVM may spill the undefined half of a tuple of Options from a
+    // register holding a packet pointer, which the verifier rejects.
+    let Some([version_ihl, _]) = array::<2>(ctx, l3) else {
+        return malformed(false);
+    };
+    let Some(source) = array::<4>(ctx, l3 + 12) else {
+        return malformed(false);
+    };
+    let source = Source::V4(source);
+    let control_plane = source.in_control_plane();
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return malformed(control_plane);
+    }
+    let Some([frag_hi, frag_lo, _ttl, protocol]) = array::<4>(ctx, l3 + 6) else {
+        return malformed(control_plane);
+    };
+    // More-fragments set or a non-zero offset: any piece of a fragmented datagram.
+    if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
+        return fragment_verdict(control_plane);
+    }
+    let l4 = l3 + header_len;
+    // Options must be present in full.
+    if array::<2>(ctx, l4 - 2).is_none() {
+        return malformed(control_plane);
+    }
+    transport(ctx, protocol, l4, source, control_plane)
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
+    let Some([version, _, _, _, _, _, first_next, _]) = array::<8>(ctx, l3) else {
+        return malformed(false);
+    };
+    let Some(source) = array::<16>(ctx, l3 + 8) else {
+        return malformed(false);
+    };
+    let source = Source::V6(source);
+    let control_plane = source.in_control_plane();
+    if version >> 4 != 6 || array::<2>(ctx, l3 + 38).is_none() {
+        return malformed(control_plane);
+    }
+    let mut next = first_next;
+    let mut offset = l3 + 40;
+    let mut fragmented = false;
+    for _ in 0..MAX_EXTENSION_HEADERS {
+        let step = match next {
+            // Hop-by-hop, routing, destination options: length in 8-octet units after the first.
+            0 | 43 | 60 => {
+                let Some([following, len]) = array::<2>(ctx, offset) else {
+                    return malformed(control_plane);
+                };
+                next = following;
+                (usize::from(len) + 1) * 8
+            }
+            // Fragment header: fixed 8 octets.
+            44 => {
+                let Some([following, _]) = array::<2>(ctx, offset) else {
+                    return malformed(control_plane);
+                };
+                fragmented = true;
+                next = following;
+                8
+            }
+            _ => break,
+        };
+        offset += step;
+        if offset > MAX_L4_OFFSET {
+            return malformed(control_plane);
+        }
+    }
+    if matches!(next, 0 | 43 | 44 | 60) {
+        // The chain is longer than we follow.
+        return malformed(control_plane);
+    }
+    if fragmented {
+        return fragment_verdict(control_plane);
+    }
+    transport(ctx, next, offset, source, control_plane)
+}
+
+#[inline(always)]
+fn fragment_verdict(control_plane: bool) -> Verdict {
+    if control_plane {
+        Verdict {
+            reason: Reason::Fragment,
+            drop: true,
+        }
+    } else {
+        PASS
+    }
+}
+
+#[inline(always)]
+fn transport(
+    ctx: &XdpContext,
+    protocol: u8,
+    l4: usize,
+    source: Source,
+    control_plane: bool,
+) -> Verdict {
+    if l4 > MAX_L4_OFFSET {
+        return malformed(control_plane);
+    }
+    match protocol {
+        IPPROTO_TCP => {
+            let Some(port) = be16(ctx, l4 + 2) else {
+                return malformed(control_plane);
+            };
+            let Some([data_offset, flags]) = array::<2>(ctx, l4 + 12) else {
+                return malformed(control_plane);
+            };
+            let header_len = usize::from(data_offset >> 4) * 4;
+            if header_len < 20 || array::<2>(ctx, l4 + 18).is_none() {
+                return malformed(control_plane);
+            }
+            let syn = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
+            if !syn {
+                // Established traffic, including replies to the node's own connections.
+                return PASS;
+            }
+            if control_plane {
+                return Verdict {
+                    reason: Reason::ControlPlaneSyn,
+                    drop: true,
+                };
+            }
+            protected_port(port, source)
+        }
+        IPPROTO_UDP => {
+            let Some(port) = be16(ctx, l4 + 2) else {
+                return malformed(control_plane);
+            };
+            if array::<2>(ctx, l4 + 6).is_none() {
+                return malformed(control_plane);
+            }
+            protected_port(port, source)
+        }
+        // ICMP (path-MTU errors included) and everything else passes.
+        _ => PASS,
+    }
+}
+
+#[inline(always)]
+fn protected_port(port: u16, source: Source) -> Verdict {
+    // SAFETY: a hash-map lookup; the value is only tested for presence.
+    let protected = unsafe { PORTS.get(&port) }.is_some();
+    if protected && !source.allowed_on_protected_ports() {
+        Verdict {
+            reason: Reason::ProtectedPort,
+            drop: true,
+        }
+    } else {
+        PASS
+    }
+}
+
+#[inline(always)]
+fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(slot) = COUNTERS.get_ptr_mut(reason as u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter_slot(reason, dropped)) {
         // SAFETY: the pointer comes from a successful per-CPU map lookup, so it is valid for
         // this CPU's slot, and XDP programs do not migrate between CPUs while running.
         let counter = unsafe { &mut *slot };
         if counter.packets == 0 {
             info!(
                 ctx,
-                "tether_guard: first packet on this CPU ({} bytes)", len
+                "tether_guard: first {} packet on this CPU ({} bytes)",
+                reason.label(),
+                len
             );
         }
         counter.packets += 1;

@@ -10,6 +10,8 @@ use tether_runtime::flags::{Klog, go_bool, go_duration};
 use tether_runtime::telemetry::LogFormat;
 use tether_runtime::tls::{Identity, PemFile, TlsError};
 
+use crate::dataplane::Cidr;
+
 /// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
 /// TLS, holds one stream per server replica, and carries the control plane's connections
 /// (kubelet logs/exec/attach/port-forward, apiserver proxy) to local destinations.
@@ -43,6 +45,45 @@ pub struct GuardArgs {
         required = true
     )]
     pub interfaces: Vec<String>,
+    /// enforce drops what the policy says; monitor only counts it; off passes and counts nothing.
+    #[arg(long, env = "TETHER_GUARD_MODE", value_enum, default_value = "enforce")]
+    pub guard_mode: GuardMode,
+    /// Source prefix of the control plane (repeatable). In production this is the range
+    /// kube-apiserver connects from, which is usually not the proxy server's address.
+    #[arg(
+        long = "control-plane-cidr",
+        env = "TETHER_CONTROL_PLANE_CIDR",
+        value_delimiter = ','
+    )]
+    pub control_plane: Vec<Cidr>,
+    /// Node port reachable only through the tunnel (repeatable).
+    #[arg(long = "protected-port", env = "TETHER_PROTECTED_PORT", value_delimiter = ',', default_values_t = [10250u16, 10255])]
+    pub protected_ports: Vec<u16>,
+    /// Source prefix still allowed to reach protected ports directly, e.g. the pod range
+    /// metrics-server and Prometheus scrape the kubelet from (repeatable).
+    #[arg(
+        long = "protected-port-allow-cidr",
+        env = "TETHER_PROTECTED_PORT_ALLOW_CIDR",
+        value_delimiter = ','
+    )]
+    pub allowed: Vec<Cidr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuardMode {
+    Enforce,
+    Monitor,
+    Off,
+}
+
+impl From<GuardMode> for tether_agent_common::Mode {
+    fn from(mode: GuardMode) -> Self {
+        match mode {
+            GuardMode::Enforce => tether_agent_common::Mode::Enforce,
+            GuardMode::Monitor => tether_agent_common::Mode::Monitor,
+            GuardMode::Off => tether_agent_common::Mode::Off,
+        }
+    }
 }
 
 #[derive(ClapArgs, Debug)]

@@ -3,12 +3,19 @@
 
 use std::ffi::CString;
 use std::io;
+use std::net::IpAddr;
+use std::str::FromStr;
 
-use aya::maps::PerCpuArray;
-use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError};
 use aya_log::EbpfLogger;
-use tether_agent_common::{COUNTERS_MAP, Counter, GUARD_PROGRAM, Reason};
+use tether_agent_common::{
+    ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
+    COUNTERS_MAP, Counter, GUARD_PROGRAM, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, PORTS_MAP,
+    Reason, counter_slot,
+};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -50,6 +57,73 @@ pub enum DataplaneError {
     },
     #[error("could not start reading eBPF logs")]
     Logs(#[source] io::Error),
+    #[error("policy has {count} {what}; the guard holds at most {max}")]
+    PolicyTooLarge {
+        what: &'static str,
+        count: usize,
+        max: u32,
+    },
+    #[error("running the guard on a test packet failed")]
+    TestRun(#[source] ProgramError),
+}
+
+/// An IP prefix (`10.0.0.0/8`, `fd00::/8`, or a bare address for a single host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{0:?} is not an IP prefix (examples: 10.0.0.0/8, fd00::/8, 192.0.2.7)")]
+pub struct BadCidr(pub String);
+
+impl FromStr for Cidr {
+    type Err = BadCidr;
+
+    fn from_str(text: &str) -> Result<Self, BadCidr> {
+        let bad = || BadCidr(text.to_owned());
+        let (addr, len) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(len) => len
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What the guard drops (see `agent-common`'s `Reason` for the verdicts).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Sources whose new connections, fragments and malformed packets are dropped.
+    pub control_plane: Vec<Cidr>,
+    /// Ports a TCP SYN or UDP datagram may reach only from `allowed`.
+    pub protected_ports: Vec<u16>,
+    pub allowed: Vec<Cidr>,
+}
+
+/// Counts for one reason, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReasonCounts {
+    pub reason: Reason,
+    /// Passed, including what monitor mode would have dropped.
+    pub passed: Counter,
+    pub dropped: Counter,
 }
 
 /// How the XDP program ended up attached to an interface.
@@ -130,27 +204,132 @@ impl Dataplane {
     }
 
     /// The guard's counters, summed over CPUs, one entry per reason.
-    pub fn counters(&self) -> Result<Vec<(Reason, Counter)>, DataplaneError> {
-        let map_err = |source| DataplaneError::Map {
-            name: COUNTERS_MAP,
-            source,
-        };
+    pub fn counters(&self) -> Result<Vec<ReasonCounts>, DataplaneError> {
         let map = self.ebpf.map(COUNTERS_MAP).ok_or(DataplaneError::Missing {
             kind: "map",
             name: COUNTERS_MAP,
         })?;
-        let array = PerCpuArray::<_, Counter>::try_from(map).map_err(map_err)?;
+        let array = PerCpuArray::<_, Counter>::try_from(map).map_err(map_error(COUNTERS_MAP))?;
+        let sum = |slot: u32| -> Result<Counter, DataplaneError> {
+            let per_cpu = array.get(&slot, 0).map_err(map_error(COUNTERS_MAP))?;
+            Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            }))
+        };
         Reason::ALL
             .into_iter()
             .map(|reason| {
-                let per_cpu = array.get(&(reason as u32), 0).map_err(map_err)?;
-                let total = per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                });
-                Ok((reason, total))
+                Ok(ReasonCounts {
+                    reason,
+                    passed: sum(counter_slot(reason, false))?,
+                    dropped: sum(counter_slot(reason, true))?,
+                })
             })
             .collect()
+    }
+
+    /// Switches enforce / monitor / off; takes effect on the next packet.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), DataplaneError> {
+        let map = self.map_mut(CONFIG_MAP)?;
+        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
+        config
+            .set(
+                0,
+                GuardConfig {
+                    mode: mode as u32,
+                    _pad: 0,
+                },
+                0,
+            )
+            .map_err(map_error(CONFIG_MAP))
+    }
+
+    /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
+    /// are removed after the new ones are in place).
+    pub fn set_policy(&mut self, policy: &Policy) -> Result<(), DataplaneError> {
+        for (what, count, max) in [
+            (
+                "control-plane prefixes",
+                policy.control_plane.len(),
+                MAX_PREFIXES,
+            ),
+            ("allowed prefixes", policy.allowed.len(), MAX_PREFIXES),
+            ("protected ports", policy.protected_ports.len(), MAX_PORTS),
+        ] {
+            if count > usize::try_from(max).unwrap_or(usize::MAX) {
+                return Err(DataplaneError::PolicyTooLarge { what, count, max });
+            }
+        }
+        self.replace_prefixes(
+            CONTROL_PLANE_V4_MAP,
+            CONTROL_PLANE_V6_MAP,
+            &policy.control_plane,
+        )?;
+        self.replace_prefixes(ALLOW_V4_MAP, ALLOW_V6_MAP, &policy.allowed)?;
+        let map = self.map_mut(PORTS_MAP)?;
+        let mut ports = HashMap::<_, u16, u8>::try_from(map).map_err(map_error(PORTS_MAP))?;
+        for port in &policy.protected_ports {
+            ports.insert(port, 1, 0).map_err(map_error(PORTS_MAP))?;
+        }
+        let stale: Vec<u16> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !policy.protected_ports.contains(p))
+            .collect();
+        for port in stale {
+            ports.remove(&port).map_err(map_error(PORTS_MAP))?;
+        }
+        Ok(())
+    }
+
+    fn replace_prefixes(
+        &mut self,
+        v4: &'static str,
+        v6: &'static str,
+        prefixes: &[Cidr],
+    ) -> Result<(), DataplaneError> {
+        let mut trie4 =
+            LpmTrie::<_, [u8; 4], u8>::try_from(self.map_mut(v4)?).map_err(map_error(v4))?;
+        let wanted4: Vec<Key<[u8; 4]>> = prefixes
+            .iter()
+            .filter_map(|c| match c.addr {
+                IpAddr::V4(a) => Some(Key::new(u32::from(c.len), masked(a.octets(), c.len))),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        replace_trie(&mut trie4, &wanted4).map_err(map_error(v4))?;
+        let mut trie6 =
+            LpmTrie::<_, [u8; 16], u8>::try_from(self.map_mut(v6)?).map_err(map_error(v6))?;
+        let wanted6: Vec<Key<[u8; 16]>> = prefixes
+            .iter()
+            .filter_map(|c| match c.addr {
+                IpAddr::V6(a) => Some(Key::new(u32::from(c.len), masked(a.octets(), c.len))),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        replace_trie(&mut trie6, &wanted6).map_err(map_error(v6))
+    }
+
+    /// Runs the guard once on `packet` in the kernel (BPF_PROG_TEST_RUN); returns the XDP
+    /// action. The packet is not sent anywhere.
+    pub fn run_packet(&mut self, packet: &[u8]) -> Result<u32, DataplaneError> {
+        let program = self.guard_program()?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .map_err(DataplaneError::TestRun)?;
+        Ok(result.return_value)
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })
     }
 
     fn guard_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
@@ -183,6 +362,42 @@ impl KernelLogs {
             ready.clear_ready();
         }
     }
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+/// The address with the bits beyond the prefix cleared, as the trie stores keys.
+fn masked<const N: usize>(mut bytes: [u8; N], len: u8) -> [u8; N] {
+    let len = usize::from(len);
+    for (i, byte) in bytes.iter_mut().enumerate() {
+        let keep = len.saturating_sub(i * 8).min(8);
+        *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
+    }
+    bytes
+}
+
+fn replace_trie<const N: usize>(
+    trie: &mut LpmTrie<&mut MapData, [u8; N], u8>,
+    wanted: &[Key<[u8; N]>],
+) -> Result<(), aya::maps::MapError> {
+    for key in wanted {
+        trie.insert(key, 1, 0)?;
+    }
+    let stale: Vec<Key<[u8; N]>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| {
+            !wanted
+                .iter()
+                .any(|w| w.prefix_len() == k.prefix_len() && w.data() == k.data())
+        })
+        .collect();
+    for key in stale {
+        trie.remove(&key)?;
+    }
+    Ok(())
 }
 
 fn interface_index(interface: &str) -> Result<u32, DataplaneError> {

@@ -3,7 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tether_agent::app;
 use tether_agent::config::{Args, Command, Config, GuardArgs};
-use tether_agent::dataplane::Dataplane;
+use tether_agent::dataplane::{Dataplane, Policy};
 use tether_runtime::shutdown::Signals;
 use tether_runtime::telemetry;
 
@@ -74,17 +74,32 @@ async fn run(args: Args) -> ExitCode {
 
 async fn run_guard(args: GuardArgs, signals: &mut Signals) -> anyhow::Result<()> {
     let (mut dataplane, logs) = Dataplane::load()?;
+    dataplane.set_policy(&Policy {
+        control_plane: args.control_plane.clone(),
+        protected_ports: args.protected_ports.clone(),
+        allowed: args.allowed.clone(),
+    })?;
+    let mode = tether_agent_common::Mode::from(args.guard_mode);
+    dataplane.set_mode(mode)?;
     for interface in &args.interfaces {
-        let mode = dataplane.attach(interface)?;
-        tracing::info!(interface, mode = mode.label(), "XDP guard attached");
+        let attach = dataplane.attach(interface)?;
+        tracing::info!(
+            interface,
+            attach = attach.label(),
+            mode = mode.label(),
+            control_plane = ?args.control_plane.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            protected_ports = ?args.protected_ports,
+            allowed = ?args.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "XDP guard attached"
+        );
     }
     let log_task = tokio::spawn(logs.forward());
     signals.next().await;
-    for (reason, counter) in dataplane.counters()? {
+    for counts in dataplane.counters()? {
         tracing::info!(
-            reason = reason.label(),
-            packets = counter.packets,
-            bytes = counter.bytes,
+            reason = counts.reason.label(),
+            passed = counts.passed.packets,
+            dropped = counts.dropped.packets,
             "guard counters at shutdown"
         );
     }

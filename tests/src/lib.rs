@@ -7,6 +7,7 @@ pub mod fake_server;
 pub mod frontend;
 pub mod lb;
 pub mod netns;
+pub mod packets;
 pub mod pki;
 pub mod process;
 pub mod procs;

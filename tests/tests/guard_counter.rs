@@ -7,7 +7,7 @@ use std::net::UdpSocket;
 use std::sync::{Arc, Mutex};
 
 use tether_agent::dataplane::Dataplane;
-use tether_agent_common::Reason;
+use tether_agent_common::{Mode, Reason};
 use tether_tests::netns::{Netns, veth};
 use tether_tests::require_root;
 
@@ -43,6 +43,8 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     veth(&node, "eth0", "10.77.0.1/24", &peer, "eth0", "10.77.0.2/24").unwrap();
 
     let (mut dataplane, mut logs) = Dataplane::load().unwrap();
+    // Enforce with an empty policy: everything passes and is counted.
+    dataplane.set_mode(Mode::Enforce).unwrap();
     let mode = node.run(|| dataplane.attach("eth0")).unwrap().unwrap();
     assert_eq!(
         mode.label(),
@@ -61,8 +63,8 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     .unwrap();
 
     let counters = dataplane.counters().unwrap();
-    let (reason, pass) = counters[0];
-    assert_eq!(reason, Reason::Pass);
+    assert_eq!(counters[0].reason, Reason::Pass);
+    let pass = counters[0].passed;
     assert!(
         pass.packets >= DATAGRAMS,
         "guard saw {} packets, expected at least {DATAGRAMS}",
@@ -80,7 +82,7 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     logs.flush();
     let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     assert!(
-        text.contains("tether_guard: first packet on this CPU"),
+        text.contains("tether_guard: first pass packet on this CPU"),
         "aya-log record did not reach tracing; captured:\n{text}"
     );
 }

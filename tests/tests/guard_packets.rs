@@ -1,0 +1,505 @@
+//! The XDP guard's verdicts, run in the real kernel with BPF_PROG_TEST_RUN on hand-built
+//! frames: every verdict and every malformed shape, each with the counter it must move.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use tether_agent::dataplane::{Dataplane, KernelLogs, Policy};
+use tether_agent_common::{Mode, Reason};
+use tether_tests::packets::*;
+use tether_tests::require_root;
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const CP4: [u8; 4] = [10, 1, 2, 3];
+const OTHER4: [u8; 4] = [172, 16, 0, 9];
+const ALLOWED4: [u8; 4] = [192, 168, 7, 7];
+const NODE4: [u8; 4] = [10, 200, 0, 2];
+const CP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const OTHER6: [u8; 16] = [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+const NODE6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
+    require_root();
+    let (mut dataplane, logs) = Dataplane::load().unwrap();
+    dataplane
+        .set_policy(&Policy {
+            control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            protected_ports: vec![10250, 10255],
+            allowed: vec!["192.168.7.0/24".parse().unwrap()],
+        })
+        .unwrap();
+    dataplane.set_mode(mode).unwrap();
+    (dataplane, logs)
+}
+
+/// Runs `packet` and checks the action and that exactly the expected counter moved by one.
+fn expect(
+    dataplane: &mut Dataplane,
+    name: &str,
+    packet: &[u8],
+    action: u32,
+    reason: Reason,
+    dropped: bool,
+) {
+    let before = dataplane.counters().unwrap();
+    let got = dataplane.run_packet(packet).unwrap();
+    assert_eq!(got, action, "{name}: wrong XDP action");
+    let after = dataplane.counters().unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        let moved_passed = a.passed.packets - b.passed.packets;
+        let moved_dropped = a.dropped.packets - b.dropped.packets;
+        let want_passed = u64::from(a.reason == reason && !dropped);
+        let want_dropped = u64::from(a.reason == reason && dropped);
+        assert_eq!(
+            (moved_passed, moved_dropped),
+            (want_passed, want_dropped),
+            "{name}: counter for {} moved by (passed {moved_passed}, dropped {moved_dropped})",
+            a.reason.label()
+        );
+    }
+}
+
+fn syn4(src: [u8; 4], port: u16) -> Vec<u8> {
+    frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(src, NODE4, TCP, 20, 0, 0),
+        &tcp(port, SYN, 0),
+    ])
+}
+
+#[test]
+fn ipv4_verdicts() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let drop = |g: &mut Dataplane, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
+    let pass =
+        |g: &mut Dataplane, name, p: &[u8]| expect(g, name, p, XDP_PASS, Reason::Pass, false);
+
+    drop(
+        &mut g,
+        "control-plane SYN to any port",
+        &syn4(CP4, 443),
+        Reason::ControlPlaneSyn,
+    );
+    drop(
+        &mut g,
+        "control-plane SYN to the kubelet",
+        &syn4(CP4, 10250),
+        Reason::ControlPlaneSyn,
+    );
+    let syn_ack = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(40000, SYN | ACK, 0),
+    ]);
+    pass(
+        &mut g,
+        "control-plane SYN-ACK (reply to the node's own dial)",
+        &syn_ack,
+    );
+    let ack = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(10250, ACK, 0),
+    ]);
+    pass(&mut g, "control-plane established segment", &ack);
+    drop(
+        &mut g,
+        "SYN to a protected port from elsewhere",
+        &syn4(OTHER4, 10255),
+        Reason::ProtectedPort,
+    );
+    pass(
+        &mut g,
+        "SYN to a protected port from an allowed source",
+        &syn4(ALLOWED4, 10250),
+    );
+    pass(
+        &mut g,
+        "SYN to an unprotected port from elsewhere",
+        &syn4(OTHER4, 8080),
+    );
+    let udp_kubelet = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(OTHER4, NODE4, UDP, 12, 0, 0),
+        &udp(10255, 4),
+    ]);
+    drop(
+        &mut g,
+        "UDP to a protected port",
+        &udp_kubelet,
+        Reason::ProtectedPort,
+    );
+    let udp_dns = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, UDP, 12, 0, 0),
+        &udp(53, 4),
+    ]);
+    pass(&mut g, "UDP reply from the control plane", &udp_dns);
+    let with_options = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 32, 3, 0),
+        &tcp(443, SYN, 3),
+    ]);
+    drop(
+        &mut g,
+        "SYN with IP and TCP options",
+        &with_options,
+        Reason::ControlPlaneSyn,
+    );
+    let first_fragment = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0x2000),
+        &tcp(443, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "first fragment from the control plane",
+        &first_fragment,
+        Reason::Fragment,
+    );
+    let later_fragment = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 8, 0, 0x0010),
+        &[0u8; 8],
+    ]);
+    drop(
+        &mut g,
+        "later fragment from the control plane",
+        &later_fragment,
+        Reason::Fragment,
+    );
+    let other_fragment = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(OTHER4, NODE4, UDP, 8, 0, 0x2000),
+        &udp(53, 0),
+    ]);
+    pass(&mut g, "fragment from elsewhere", &other_fragment);
+    let icmp = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, ICMP, 8, 0, 0),
+        &[3, 4, 0, 0, 0, 0, 5, 0xdc],
+    ]);
+    pass(
+        &mut g,
+        "ICMP fragmentation-needed from the control plane",
+        &icmp,
+    );
+    let arp = frame(&[&ethernet(&[], ETH_ARP), &[0u8; 28]]);
+    pass(&mut g, "ARP", &arp);
+}
+
+#[test]
+fn vlan_tags_are_looked_through() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let tagged = frame(&[
+        &ethernet(&[VLAN], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "802.1Q",
+        &tagged,
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+    let qinq = frame(&[
+        &ethernet(&[QINQ, VLAN], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "802.1ad + 802.1Q",
+        &qinq,
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+    let triple = frame(&[
+        &ethernet(&[QINQ, VLAN, VLAN], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "three tags",
+        &triple,
+        XDP_PASS,
+        Reason::Malformed,
+        false,
+    );
+}
+
+#[test]
+fn ipv6_verdicts_through_extension_chains() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let syn6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, TCP, 20),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "IPv6 control-plane SYN",
+        &syn6,
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+    let chain = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, 0, 48),
+        &ipv6_extension(43, 1),
+        &ipv6_extension(60, 2),
+        &ipv6_extension(TCP, 1),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "hop-by-hop, routing, destination options, TCP",
+        &chain,
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+    let udp6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 60, 16),
+        &ipv6_extension(UDP, 1),
+        &udp(10250, 0),
+    ]);
+    expect(
+        &mut g,
+        "IPv6 UDP to a protected port",
+        &udp6,
+        XDP_DROP,
+        Reason::ProtectedPort,
+        true,
+    );
+    let frag6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, 44, 28),
+        &ipv6_fragment(TCP, 0, true),
+        &tcp(443, SYN, 0),
+    ]);
+    expect(
+        &mut g,
+        "IPv6 fragment from the control plane",
+        &frag6,
+        XDP_DROP,
+        Reason::Fragment,
+        true,
+    );
+    let frag6_other = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 44, 16),
+        &ipv6_fragment(UDP, 0, true),
+        &udp(53, 0),
+    ]);
+    expect(
+        &mut g,
+        "IPv6 fragment from elsewhere",
+        &frag6_other,
+        XDP_PASS,
+        Reason::Pass,
+        false,
+    );
+    let mut too_long = vec![ethernet(&[], ETH_IPV6), ipv6(CP6, NODE6, 60, 8 * 7 + 20)];
+    for _ in 0..7 {
+        too_long.push(ipv6_extension(60, 1));
+    }
+    too_long.push(tcp(443, SYN, 0));
+    let refs: Vec<&[u8]> = too_long.iter().map(Vec::as_slice).collect();
+    expect(
+        &mut g,
+        "extension chain longer than followed",
+        &frame(&refs),
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+}
+
+#[test]
+fn truncated_packets_are_malformed_and_dropped_only_from_the_control_plane() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let cut = |p: Vec<u8>, len: usize| p[..len].to_vec();
+    let vlan_cut = cut(frame(&[&ethernet(&[VLAN], ETH_IP), &[0u8; 20]]), 16);
+    expect(
+        &mut g,
+        "cut inside a VLAN tag",
+        &vlan_cut,
+        XDP_PASS,
+        Reason::Malformed,
+        false,
+    );
+    let ip_cut = cut(syn4(CP4, 443), 14 + 10);
+    expect(
+        &mut g,
+        "cut before the source address",
+        &ip_cut,
+        XDP_PASS,
+        Reason::Malformed,
+        false,
+    );
+    let options_cut = cut(
+        frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(CP4, NODE4, TCP, 20, 4, 0),
+            &tcp(443, SYN, 0),
+        ]),
+        14 + 24,
+    );
+    expect(
+        &mut g,
+        "cut inside IPv4 options, control plane",
+        &options_cut,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+    let tcp_cut = cut(syn4(CP4, 443), 14 + 20 + 12);
+    expect(
+        &mut g,
+        "cut inside TCP, control plane",
+        &tcp_cut,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+    let tcp_cut_other = cut(syn4(OTHER4, 443), 14 + 20 + 12);
+    expect(
+        &mut g,
+        "cut inside TCP, elsewhere",
+        &tcp_cut_other,
+        XDP_PASS,
+        Reason::Malformed,
+        false,
+    );
+    let udp_cut = cut(
+        frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(CP4, NODE4, UDP, 8, 0, 0),
+            &udp(53, 0),
+        ]),
+        14 + 20 + 4,
+    );
+    expect(
+        &mut g,
+        "cut inside UDP, control plane",
+        &udp_cut,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+    let mut bad_version = syn4(CP4, 443);
+    bad_version[14] = 0x55;
+    expect(
+        &mut g,
+        "IPv4 EtherType with version 5",
+        &bad_version,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+    let mut short_ihl = syn4(CP4, 443);
+    short_ihl[14] = 0x44;
+    expect(
+        &mut g,
+        "IHL below 5",
+        &short_ihl,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+    let v6_cut = cut(
+        frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(CP6, NODE6, 0, 8),
+            &ipv6_extension(TCP, 1),
+        ]),
+        14 + 40 + 1,
+    );
+    expect(
+        &mut g,
+        "cut inside an IPv6 extension header",
+        &v6_cut,
+        XDP_DROP,
+        Reason::Malformed,
+        true,
+    );
+}
+
+#[test]
+fn monitor_counts_what_it_would_drop_and_off_counts_nothing() {
+    let (mut g, _logs) = guard(Mode::Monitor);
+    expect(
+        &mut g,
+        "monitor: control-plane SYN",
+        &syn4(CP4, 443),
+        XDP_PASS,
+        Reason::ControlPlaneSyn,
+        false,
+    );
+    g.set_mode(Mode::Off).unwrap();
+    let before = g.counters().unwrap();
+    assert_eq!(g.run_packet(&syn4(CP4, 443)).unwrap(), XDP_PASS);
+    assert_eq!(g.counters().unwrap(), before, "off must not count");
+    g.set_mode(Mode::Enforce).unwrap();
+    expect(
+        &mut g,
+        "enforce again, no reload",
+        &syn4(CP4, 443),
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+}
+
+#[test]
+fn policy_changes_apply_at_runtime() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    expect(
+        &mut g,
+        "before",
+        &syn4(OTHER4, 8080),
+        XDP_PASS,
+        Reason::Pass,
+        false,
+    );
+    g.set_policy(&Policy {
+        control_plane: vec!["172.16.0.0/12".parse().unwrap()],
+        protected_ports: vec![8080],
+        allowed: vec![],
+    })
+    .unwrap();
+    expect(
+        &mut g,
+        "after adding the prefix",
+        &syn4(OTHER4, 8080),
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+    expect(
+        &mut g,
+        "old prefix removed",
+        &syn4(CP4, 443),
+        XDP_PASS,
+        Reason::Pass,
+        false,
+    );
+    expect(
+        &mut g,
+        "old port removed",
+        &syn4(ALLOWED4, 10250),
+        XDP_PASS,
+        Reason::Pass,
+        false,
+    );
+}
