@@ -3,7 +3,7 @@
 //! A "control-plane" namespace runs tether-server; a "node" namespace runs tether-agent, a
 //! kubelet-like HTTP server on :10250 and the XDP guard on the node's uplink. A client plays
 //! kube-apiserver: it reaches the kubelet through the tunnel (HTTP CONNECT on the server's Unix
-//! socket), then tries the direct path.
+//! socket), then tries the direct path, which the guard drops.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -91,12 +91,15 @@ pub fn run() -> Result<()> {
         bail!("tether-server did not become ready (no agent connected) within 15s");
     }
 
-    println!(
-        "== node: the XDP guard on eth0 (counting; its drop policy comes with the guard issue)"
-    );
+    println!("== node: the XDP guard on eth0, enforcing; control plane = {CP}/32");
     let mut guard = Process::spawn(
         "tether-agent guard",
-        nsenter(&node, &bin("tether-agent")).args(["guard", "--guard-interface=eth0"]),
+        nsenter(&node, &bin("tether-agent")).args([
+            "guard",
+            "--guard-interface=eth0",
+            "--guard-mode=enforce",
+            &format!("--control-plane-cidr={CP}/32"),
+        ]),
     )?;
     if !wait_until(Duration::from_secs(10), || {
         node.ip(&["link", "show", "eth0"])
@@ -109,7 +112,7 @@ pub fn run() -> Result<()> {
     let reply = through_tunnel(&socket, &format!("{NODE}:10250"))?;
     println!("{}", indent(&reply));
 
-    println!("== the direct path, control plane -> {NODE}:10250");
+    println!("== the direct path, control plane -> {NODE}:10250 (2 s timeout)");
     let direct = cp.run(|| {
         TcpStream::connect_timeout(
             &format!("{NODE}:10250").parse().expect("addr"),
@@ -117,9 +120,12 @@ pub fn run() -> Result<()> {
         )
     })?;
     match direct {
-        Ok(_) => println!("   connected (the guard does not drop yet; it only counts)"),
-        Err(err) => println!("   refused or dropped: {err}"),
+        Ok(_) => bail!("the direct connection got through; the guard should have dropped its SYN"),
+        Err(err) => println!("   no connection ({err}): its SYN was dropped in XDP"),
     }
+    println!("== the tunnel still works: the agent's own connection is outbound");
+    let again = through_tunnel(&socket, &format!("{NODE}:10250"))?;
+    println!("{}", indent(again.lines().last().unwrap_or("")));
 
     println!("\n== stopping the guard; it reports what the kernel program counted");
     guard.signal(Signal::SIGTERM)?;
