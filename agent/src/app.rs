@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use tether_runtime::admin::{self, Query, Reply, Routes};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -35,15 +34,7 @@ pub struct Agent {
 pub async fn start(config: Config) -> Result<Agent, StartError> {
     let metrics = Arc::new(Metrics::new());
     let bind = |flag: &'static str, host: String, port: u16| async move {
-        let listener = if host.is_empty() {
-            match TcpListener::bind(("::", port)).await {
-                Ok(listener) => Ok(listener),
-                Err(err) if err.kind() == io::ErrorKind::AddrInUse => Err(err),
-                Err(_) => TcpListener::bind(("0.0.0.0", port)).await,
-            }
-        } else {
-            TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), port)).await
-        };
+        let listener = tether_runtime::net::bind_tcp(&host, port).await;
         listener
             .and_then(|l| l.local_addr().map(|addr| (l, addr)))
             .map_err(|source| StartError {

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use tether_runtime::flags::{Klog, go_bool, go_duration};
-use tether_runtime::telemetry::LogFormat;
+use tether_runtime::flags::{Process, go_bool, go_duration};
 use tether_runtime::tls::{Identity, PemFile, TlsError};
 
 use crate::dataplane::Cidr;
@@ -184,30 +183,12 @@ pub struct RunArgs {
     /// After the first SIGTERM, open connections get this long before they are closed.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", value_parser = go_duration, default_value = "25s", help_heading = "Operations")]
     pub drain_timeout: Duration,
-    /// Log output format.
-    #[arg(
-        long,
-        env = "TETHER_LOG_FORMAT",
-        value_enum,
-        default_value_t,
-        help_heading = "Operations"
-    )]
-    pub log_format: LogFormat,
-    /// Threads that move packets. One keeps the node's cost small and moves about 500 MiB/s;
-    /// raise it only for unusually heavy kubelet or pod traffic.
-    #[arg(
-        long,
-        env = "TETHER_WORKER_THREADS",
-        default_value_t = 1,
-        help_heading = "Operations"
-    )]
-    pub worker_threads: usize,
     /// Accepted for compatibility: tether always counts full queues in metrics and logs them.
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub warn_on_channel_limit: Option<bool>,
 
     #[command(flatten)]
-    pub klog: Klog,
+    pub process: Process,
 
     #[command(flatten)]
     pub unsupported: Unsupported,

@@ -9,7 +9,7 @@ use tether_runtime::telemetry;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let workers = args.run.worker_threads;
+    let workers = args.run.process.worker_threads;
     match tether_runtime::runtime(workers) {
         Ok(runtime) => runtime.block_on(run(args)),
         Err(err) => {
@@ -20,7 +20,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    telemetry::init(args.run.log_format, args.run.klog.filter("info"));
+    telemetry::init(
+        args.run.process.log_format,
+        args.run.process.klog.filter("info"),
+    );
     tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {
         Ok(signals) => signals,

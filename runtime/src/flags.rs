@@ -48,6 +48,31 @@ pub fn go_duration(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
+/// How the process runs: flags both binaries share.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Process {
+    /// Log output format.
+    #[arg(
+        long,
+        env = "TETHER_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        help_heading = "Operations"
+    )]
+    pub log_format: crate::telemetry::LogFormat,
+    /// Threads that move packets. One moves about 500 MiB/s through TLS on a modest core and
+    /// keeps the process's CPU cost lowest; raise it only for unusually heavy traffic.
+    #[arg(
+        long,
+        env = "TETHER_WORKER_THREADS",
+        default_value_t = 1,
+        help_heading = "Operations"
+    )]
+    pub worker_threads: usize,
+    #[command(flatten)]
+    pub klog: Klog,
+}
+
 /// klog's flags. Manifests written for upstream pass them, so they are accepted; only `--v`
 /// changes anything (the log level). Output always goes to stderr, as `--logtostderr` asks.
 #[derive(clap::Args, Debug, Clone, Default)]

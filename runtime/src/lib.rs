@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod flags;
 pub mod mailbox;
+pub mod net;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

@@ -21,8 +21,9 @@ use crate::backends::Backends;
 use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
-use crate::listen::{bind_tcp, bind_uds, tls_incoming};
+use crate::listen::{bind_uds, tls_incoming};
 use crate::metrics::Metrics;
+use tether_runtime::net::bind_tcp;
 
 /// Largest gRPC message accepted (upstream peers send at most 4 MiB).
 const MAX_MESSAGE: usize = 16 << 20;

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use rustls::ServerConfig;
-use tether_runtime::flags::{Klog, go_bool, go_duration};
-use tether_runtime::telemetry::LogFormat;
+use tether_runtime::flags::{Process, go_bool, go_duration};
 use tether_runtime::tls::{self, Identity, PemFile, TlsError};
 
 use crate::backends::Strategy;
@@ -123,30 +122,12 @@ pub struct Args {
     /// On SIGTERM, wait this long for open connections before closing them (0 = close at once).
     #[arg(long, value_parser = go_duration, default_value = "0", help_heading = "Operations")]
     pub graceful_shutdown_timeout: Duration,
-    /// Log output format.
-    #[arg(
-        long,
-        env = "TETHER_LOG_FORMAT",
-        value_enum,
-        default_value_t,
-        help_heading = "Operations"
-    )]
-    pub log_format: LogFormat,
-    /// Threads that move packets. One moves about 500 MiB/s through TLS on a modest core;
-    /// raise it only for heavier apiserver traffic.
-    #[arg(
-        long,
-        env = "TETHER_WORKER_THREADS",
-        default_value_t = 1,
-        help_heading = "Operations"
-    )]
-    pub worker_threads: usize,
     /// Deprecated upstream and a no-op there too.
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub warn_on_channel_limit: Option<bool>,
 
     #[command(flatten)]
-    pub klog: Klog,
+    pub process: Process,
 
     #[command(flatten)]
     pub unsupported: Unsupported,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -19,19 +20,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::metrics::Metrics;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Binds `host:port`; an empty host means every interface (IPv6 and IPv4 when available).
-pub async fn bind_tcp(host: &str, port: u16) -> io::Result<TcpListener> {
-    if host.is_empty() {
-        match TcpListener::bind(("::", port)).await {
-            Ok(listener) => return Ok(listener),
-            Err(err) if err.kind() == io::ErrorKind::AddrInUse => return Err(err),
-            Err(_) => return TcpListener::bind(("0.0.0.0", port)).await,
-        }
-    }
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    TcpListener::bind((host, port)).await
-}
 
 /// Binds a Unix socket at `path` (mode 0770, as upstream's umask gives).
 pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> {

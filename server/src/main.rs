@@ -8,7 +8,7 @@ use tether_server::config::{Args, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let workers = args.worker_threads;
+    let workers = args.process.worker_threads;
     match tether_runtime::runtime(workers) {
         Ok(runtime) => runtime.block_on(run(args)),
         Err(err) => {
@@ -19,7 +19,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    telemetry::init(args.log_format, args.klog.filter("info"));
+    telemetry::init(args.process.log_format, args.process.klog.filter("info"));
     tether_runtime::raise_fd_limit();
     let mut signals = match Signals::install() {
         Ok(signals) => signals,
