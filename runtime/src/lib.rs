@@ -32,7 +32,7 @@ pub fn raise_fd_limit() {
 pub async fn trim_memory_when_idle(open: impl Fn() -> usize) {
     let mut peak = open();
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let now = open();
         if now + 64 <= peak {
             // SAFETY: malloc_trim only touches the allocator's own free lists.

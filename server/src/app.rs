@@ -82,16 +82,16 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     )
     .await?;
     let admin_listener = bind("admin-port", config.admin_host.clone(), config.admin_port).await?;
-    let local = |l: &tokio::net::TcpListener| {
+    let local = |flag: &'static str, l: &tokio::net::TcpListener| {
         l.local_addr().map_err(|source| StartError::Bind {
-            flag: "agent-port",
-            address: "local address".into(),
+            flag,
+            address: "its local address".into(),
             source,
         })
     };
-    let agent_addr = local(&agent_listener)?;
-    let health_addr = local(&health_listener)?;
-    let admin_addr = local(&admin_listener)?;
+    let agent_addr = local("agent-port", &agent_listener)?;
+    let health_addr = local("health-port", &health_listener)?;
+    let admin_addr = local("admin-port", &admin_listener)?;
 
     // Agents.
     let agents = Agents {
@@ -172,7 +172,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         }
         (FrontendTransport::Tcp { host, port, tls }, mode) => {
             let listener = bind("server-port", host.clone(), *port).await?;
-            let addr = local(&listener)?;
+            let addr = local("server-port", &listener)?;
             let incoming = tls_incoming(listener, tls.clone(), "frontend", metrics.clone());
             match mode {
                 Mode::Grpc => {

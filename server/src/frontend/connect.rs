@@ -21,7 +21,7 @@ const MAX_HEAD: usize = 1 << 20;
 /// Most client bytes per read (one or a few DATA packets).
 const CHUNK: usize = 256 * 1024;
 /// Read size for a connection that is idle or interactive.
-const MIN_READ: usize = 2048;
+const MIN_READ: usize = 512;
 
 pub struct ConnectFrontend {
     pub backends: Arc<Backends>,
