@@ -121,3 +121,57 @@ impl FakeServer {
         self.presented.lock().map(|p| p.clone()).unwrap_or_default()
     }
 }
+
+/// A server that answers the first `Connect` with proper headers and then one gRPC message
+/// whose body is not protobuf at all. Returns its port.
+pub async fn garbage_server(pki: &Pki) -> Result<u16> {
+    let pair = pki.pair("server");
+    let identity = Identity::load(
+        PemFile::new("cert", &pair.cert),
+        PemFile::new("key", &pair.key),
+    )?;
+    let tls = tokio_rustls::TlsAcceptor::from(tether_runtime::tls::server_config(
+        &identity,
+        None,
+        &[b"h2"],
+        false,
+    )?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    let response = http::Response::builder()
+                        .status(200)
+                        .header("content-type", "application/grpc")
+                        .header("serverid", "garbage")
+                        .header("servercount", "1")
+                        .body(())
+                        .expect("response");
+                    let Ok(mut body) = respond.send_response(response, false) else {
+                        return;
+                    };
+                    // gRPC frame: uncompressed, 6 bytes, then bytes that are no valid Packet
+                    // (field 15 with the reserved wire type 7).
+                    let frame = bytes::Bytes::from_static(&[
+                        0, 0, 0, 0, 6, 0x7f, 0xff, 0xff, 0xff, 0xff, 0x0f,
+                    ]);
+                    let _ = body.send_data(frame, false);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                        drop(body);
+                    });
+                }
+            });
+        }
+    });
+    Ok(port)
+}

@@ -530,3 +530,43 @@ async fn without_flow_control_eof_closes_both_directions_as_upstream() {
         "upstream semantics: the client's EOF ends the whole connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_protobuf_from_the_server_drops_that_stream_only() {
+    let pki = Pki::new(&[]).unwrap();
+    let port = tether_tests::fake_server::garbage_server(&pki)
+        .await
+        .unwrap();
+    let agent = Agent::start(&[
+        &format!("--proxy-server-port={port}"),
+        &format!("--ca-cert={}", pki.ca().display()),
+        "--sync-interval=100ms",
+        "--sync-interval-cap=300ms",
+    ])
+    .unwrap();
+    let lost = agent
+        .logged
+        .logs
+        .wait_for("lost proxy server stream", Duration::from_secs(10))
+        .expect("the agent kept a stream that sent garbage");
+    assert!(lost.to_lowercase().contains("decode"), "{lost}");
+    // It stays up and keeps reconnecting with backoff.
+    assert!(wait_until(Duration::from_secs(10), || {
+        agent
+            .logged
+            .logs
+            .lines()
+            .iter()
+            .filter(|l| l.contains("lost proxy server stream"))
+            .count()
+            >= 2
+    }));
+    assert_eq!(
+        http_get(agent.health_port, "/healthz").unwrap(),
+        (200, "ok".to_owned())
+    );
+    assert!(
+        metric(agent.health_port, r#"konnectivity_network_proxy_agent_server_connection_failure_count{direction="from_server"}"#)
+            .is_some_and(|n| n >= 1.0)
+    );
+}
