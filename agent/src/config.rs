@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
-use tether_runtime::flags::{Process, go_bool, go_duration};
-use tether_runtime::tls::{Identity, PemFile, TlsError};
+use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
+use tether_runtime::tls::{Identity, PemFile};
 
 use crate::dataplane::Cidr;
 
@@ -238,14 +238,7 @@ impl Unsupported {
                 "Go pprof endpoints do not exist in tether-agent",
             ),
         ];
-        for (flag, value, why) in set {
-            if value
-                .as_deref()
-                .is_some_and(|v| !matches!(v, "" | "false" | "False" | "0" | "f" | "F" | "FALSE"))
-            {
-                return Err(ConfigError::Unsupported { flag, why });
-            }
-        }
+        refuse_unsupported(&set)?;
         if let Some(source) = &self.server_count_source
             && !matches!(source.as_str(), "" | "default")
         {
@@ -256,28 +249,6 @@ impl Unsupported {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("--{flag} is not supported: {why}")]
-    Unsupported {
-        flag: &'static str,
-        why: &'static str,
-    },
-    #[error("--{flag} is required{why}")]
-    Required {
-        flag: &'static str,
-        why: &'static str,
-    },
-    #[error("--{flag}={value:?}: {why}")]
-    Invalid {
-        flag: &'static str,
-        value: String,
-        why: String,
-    },
-    #[error(transparent)]
-    Tls(#[from] TlsError),
 }
 
 pub struct Config {

@@ -48,6 +48,45 @@ pub fn go_duration(value: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
+/// A command line that cannot run, with the flag it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{flag} is not supported: {why}")]
+    Unsupported {
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("--{flag} is required{why}")]
+    Required {
+        flag: &'static str,
+        why: &'static str,
+    },
+    #[error("--{flag}={value:?}: {why}")]
+    Invalid {
+        flag: &'static str,
+        value: String,
+        why: String,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// Upstream flags for features a binary does not have: the first one set to anything but an
+/// "off" value is refused, naming the flag and why, instead of being silently ignored.
+pub fn refuse_unsupported(
+    flags: &[(&'static str, &Option<String>, &'static str)],
+) -> Result<(), ConfigError> {
+    for (flag, value, why) in flags {
+        if value
+            .as_deref()
+            .is_some_and(|v| !matches!(v, "" | "false" | "False" | "FALSE" | "0" | "f" | "F"))
+        {
+            return Err(ConfigError::Unsupported { flag, why });
+        }
+    }
+    Ok(())
+}
+
 /// How the process runs: flags both binaries share.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Process {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use rustls::ServerConfig;
-use tether_runtime::flags::{Process, go_bool, go_duration};
-use tether_runtime::tls::{self, Identity, PemFile, TlsError};
+use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
+use tether_runtime::tls::{self, Identity, PemFile};
 
 use crate::backends::Strategy;
 
@@ -234,18 +234,7 @@ impl Unsupported {
                 "Go cipher-suite names do not apply; tether uses rustls' safe defaults",
             ),
         ];
-        for (flag, value, why) in set {
-            if let Some(value) = value {
-                let off = matches!(
-                    value.as_str(),
-                    "" | "false" | "False" | "0" | "f" | "F" | "FALSE"
-                );
-                if !off {
-                    return Err(ConfigError::Unsupported { flag, why });
-                }
-            }
-        }
-        Ok(())
+        refuse_unsupported(&set)
     }
 }
 
@@ -254,28 +243,6 @@ pub enum Mode {
     Grpc,
     #[value(name = "http-connect")]
     HttpConnect,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("--{flag} is not supported: {why}")]
-    Unsupported {
-        flag: &'static str,
-        why: &'static str,
-    },
-    #[error("--{flag} is required{why}")]
-    Required {
-        flag: &'static str,
-        why: &'static str,
-    },
-    #[error("--{flag}={value:?}: {why}")]
-    Invalid {
-        flag: &'static str,
-        value: String,
-        why: String,
-    },
-    #[error(transparent)]
-    Tls(#[from] TlsError),
 }
 
 /// Where kube-apiserver reaches us.
