@@ -278,6 +278,12 @@ impl Packet {
         }
     }
 
+    /// The upstream name of this packet's type, or `UNKNOWN` (metric label), without decoding
+    /// or copying the payload.
+    pub fn type_name(&self) -> &'static str {
+        PacketType::try_from(self.r#type).map_or("UNKNOWN", PacketType::as_str_name)
+    }
+
     /// Decodes by `type`. A payload that is missing or does not match the type reads as the
     /// type's default message, as proto3 receivers do.
     pub fn into_message(self) -> Message {
@@ -393,6 +399,28 @@ mod tests {
         assert_eq!(
             packet.into_message(),
             Message::CloseRequest(CloseRequest::default())
+        );
+    }
+
+    #[test]
+    fn type_names_match_the_decoded_message() {
+        for packet in [
+            Packet::data(1, Bytes::new()),
+            Packet::drain(),
+            Packet::window(1, 1),
+        ] {
+            assert_eq!(
+                packet.type_name(),
+                packet.clone().into_message().type_name()
+            );
+        }
+        assert_eq!(
+            Packet {
+                r#type: 99,
+                payload: None
+            }
+            .type_name(),
+            "UNKNOWN"
         );
     }
 

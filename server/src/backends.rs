@@ -531,7 +531,7 @@ impl Backend {
     }
 
     async fn send(&self, packet: Packet) -> Result<(), BackendClosed> {
-        let kind = packet_type_name(&packet);
+        let kind = packet.type_name();
         self.to_agent
             .send(packet)
             .await
@@ -543,7 +543,7 @@ impl Backend {
     /// Sends a control packet from a context that must not wait: queued at once when there is
     /// room, otherwise by a short-lived task.
     fn send_control(&self, packet: Packet) {
-        let kind = packet_type_name(&packet);
+        let kind = packet.type_name();
         match self.to_agent.try_send(packet) {
             Ok(()) => self.metrics.packet("to_agent", kind),
             Err(mpsc::error::TrySendError::Full(packet)) => {
@@ -559,12 +559,6 @@ impl Backend {
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn packet_type_name(packet: &Packet) -> &'static str {
-    tether_proto::PacketType::try_from(packet.r#type)
-        .map(|t| t.as_str_name())
-        .unwrap_or("UNKNOWN")
 }
 
 /// Every connected agent stream.

@@ -470,9 +470,7 @@ impl Session {
     }
 
     fn send_control(&self, packet: Packet) {
-        if let Ok(kind) = tether_proto::PacketType::try_from(packet.r#type) {
-            self.metrics.packet("from_agent", kind.as_str_name());
-        }
+        self.metrics.packet("from_agent", packet.type_name());
         self.scheduler.push_control(packet);
     }
 

@@ -118,7 +118,7 @@ fn outbound(
                 ToFrontend::Closed { error } => Packet::close_response(conn.connect_id(), error),
                 ToFrontend::DialClosed => Packet::close_dial(conn.random),
             };
-            metrics.packet("to_client", packet.clone().into_message().type_name());
+            metrics.packet("to_client", packet.type_name());
             Some((Ok(packet), (conn, metrics, open)))
         },
     )
