@@ -5,33 +5,14 @@ use tether_agent::app;
 use tether_agent::config::{Args, Command, Config, GuardArgs};
 use tether_agent::dataplane::{Dataplane, Policy};
 use tether_runtime::shutdown::Signals;
-use tether_runtime::telemetry;
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let workers = args.run.process.worker_threads;
-    match tether_runtime::runtime(workers) {
-        Ok(runtime) => runtime.block_on(run(args)),
-        Err(err) => {
-            eprintln!("cannot start the async runtime: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    let process = args.run.process.clone();
+    tether_runtime::main(&process, |signals| run(args, signals))
 }
 
-async fn run(args: Args) -> ExitCode {
-    telemetry::init(
-        args.run.process.log_format,
-        args.run.process.klog.filter("info"),
-    );
-    tether_runtime::raise_fd_limit();
-    let mut signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn run(args: Args, mut signals: Signals) -> ExitCode {
     if let Some(Command::Guard(guard)) = args.command {
         return match run_guard(guard, &mut signals).await {
             Ok(()) => ExitCode::SUCCESS,

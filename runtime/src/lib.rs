@@ -13,7 +13,7 @@ pub mod window;
 /// Raises the soft open-files limit to the hard limit: every tunnelled connection costs a
 /// descriptor, and the usual soft limit of 1024 would cap a node at about a thousand
 /// (Go raises it the same way for upstream's binaries).
-pub fn raise_fd_limit() {
+fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => {
@@ -44,14 +44,36 @@ pub async fn trim_memory_when_idle(open: impl Fn() -> usize) {
     }
 }
 
-/// The tokio runtime both binaries run on. One worker by default: the work per packet is
-/// small, and cross-thread wakeups cost more CPU than they save (measured in
-/// docs/benchmarks.md); `--worker-threads` raises it for heavy traffic.
-pub fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(worker_threads.max(1))
+/// How both binaries start: the tokio runtime (one worker by default: the work per packet is
+/// small, and cross-thread wakeups cost more CPU than they save, as measured in
+/// docs/benchmarks.md), logging, the open-files limit and the signal handlers; then `body`.
+pub fn main<F, Fut>(process: &flags::Process, body: F) -> std::process::ExitCode
+where
+    F: FnOnce(shutdown::Signals) -> Fut,
+    Fut: std::future::Future<Output = std::process::ExitCode>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(process.worker_threads.max(1))
         .enable_all()
-        .build()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot start the async runtime: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        telemetry::init(process.log_format, process.klog.filter("info"));
+        raise_fd_limit();
+        match shutdown::Signals::install() {
+            Ok(signals) => body(signals).await,
+            Err(err) => {
+                tracing::error!(error = %err, "cannot install signal handlers");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 /// An error and its sources on one line. Sources whose text the line already contains are

@@ -1,33 +1,17 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tether_runtime::shutdown::{Signals, Step};
-use tether_runtime::telemetry;
+use tether_runtime::shutdown::Signals;
 use tether_server::app;
 use tether_server::config::{Args, Config};
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let workers = args.process.worker_threads;
-    match tether_runtime::runtime(workers) {
-        Ok(runtime) => runtime.block_on(run(args)),
-        Err(err) => {
-            eprintln!("cannot start the async runtime: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    let process = args.process.clone();
+    tether_runtime::main(&process, |signals| run(args, signals))
 }
 
-async fn run(args: Args) -> ExitCode {
-    telemetry::init(args.process.log_format, args.process.klog.filter("info"));
-    tether_runtime::raise_fd_limit();
-    let mut signals = match Signals::install() {
-        Ok(signals) => signals,
-        Err(err) => {
-            tracing::error!(error = %err, "cannot install signal handlers");
-            return ExitCode::FAILURE;
-        }
-    };
+async fn run(args: Args, mut signals: Signals) -> ExitCode {
     let config = match Config::from_args(&args) {
         Ok(config) => config,
         Err(err) => {
@@ -53,7 +37,7 @@ async fn run(args: Args) -> ExitCode {
             tracing::info!(closed_early = left, "shutdown complete");
             ExitCode::SUCCESS
         }
-        Step::Stop | Step::Drain = signals.next() => {
+        _ = signals.next() => {
             tracing::warn!("second signal: stopping now");
             ExitCode::FAILURE
         }
