@@ -18,6 +18,30 @@ pub const ALLOW_V6_MAP: &str = "ALLOW_V6";
 /// Protected destination ports (host byte order) → 1.
 pub const PORTS_MAP: &str = "PORTS";
 
+/// Ring buffer of [`DropEvent`]s, written at most [`EVENTS_PER_SECOND`] times per CPU.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU [`EventBudget`] behind the events' rate limit.
+pub const EVENT_BUDGET_MAP: &str = "EVENT_BUDGET";
+
+/// Maps whose contents must outlive the agent process: pinned under the bpffs root and adopted
+/// by the next agent, so policy, mode and counters carry over a restart. The events ring and
+/// its budget belong to the running agent and are not pinned.
+pub const PINNED_MAPS: [&str; 7] = [
+    COUNTERS_MAP,
+    CONFIG_MAP,
+    CONTROL_PLANE_V4_MAP,
+    CONTROL_PLANE_V6_MAP,
+    ALLOW_V4_MAP,
+    ALLOW_V6_MAP,
+    PORTS_MAP,
+];
+
+/// Drop events each CPU may emit per second; beyond that they are only counted in the next
+/// event's `suppressed`. Enough to see who is knocking, too few to flood the logs.
+pub const EVENTS_PER_SECOND: u32 = 8;
+/// Size of the events ring in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 64 * 1024;
+
 /// Name of the XDP program that guards an interface.
 pub const GUARD_PROGRAM: &str = "tether_guard";
 
@@ -124,6 +148,41 @@ pub struct GuardConfig {
     pub _pad: u32,
 }
 
+/// A packet the guard dropped, or would have dropped in monitor mode.
+///
+/// Addresses are in network byte order; IPv4 addresses fill the first four bytes. Ports are in
+/// host byte order and zero when the packet carried none the guard parsed (fragments,
+/// malformed packets).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub source: [u8; 16],
+    pub destination: [u8; 16],
+    pub source_port: u16,
+    pub destination_port: u16,
+    /// A [`Reason`] value.
+    pub reason: u32,
+    /// 4, 6, or 0 when the IP header could not be read.
+    pub family: u8,
+    /// IP protocol number when the transport header was parsed, else 0.
+    pub protocol: u8,
+    /// 1 when dropped, 0 when monitor mode let it pass.
+    pub dropped: u8,
+    pub _pad: u8,
+    /// Events this CPU left out, because of the rate limit, since its previous event.
+    pub suppressed: u32,
+}
+
+/// One CPU's share of the events' rate limit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// Start of the current one-second window (`bpf_ktime_get_ns`).
+    pub window_start_ns: u64,
+    pub sent: u32,
+    pub suppressed: u32,
+}
+
 /// Packets and bytes seen for one slot on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -139,6 +198,13 @@ const _: () = {
     assert!(core::mem::size_of::<GuardConfig>() == 8);
     assert!(core::mem::offset_of!(GuardConfig, mode) == 0);
     assert!(core::mem::size_of::<Reason>() == 4);
+    assert!(core::mem::size_of::<DropEvent>() == 48);
+    assert!(core::mem::offset_of!(DropEvent, destination) == 16);
+    assert!(core::mem::offset_of!(DropEvent, source_port) == 32);
+    assert!(core::mem::offset_of!(DropEvent, reason) == 36);
+    assert!(core::mem::offset_of!(DropEvent, family) == 40);
+    assert!(core::mem::offset_of!(DropEvent, suppressed) == 44);
+    assert!(core::mem::size_of::<EventBudget>() == 16);
 };
 
 // SAFETY: both are repr(C), have no implicit padding (checked above) and every bit pattern is
@@ -148,6 +214,9 @@ unsafe impl aya::Pod for Counter {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for GuardConfig {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DropEvent {}
 
 #[cfg(test)]
 mod tests {

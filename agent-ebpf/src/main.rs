@@ -9,13 +9,15 @@
 #![no_main]
 
 use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, xdp_action};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
-    COUNTER_SLOTS, Counter, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
+    COUNTER_SLOTS, Counter, DropEvent, EVENTS_PER_SECOND, EVENTS_RING_BYTES, EventBudget,
+    GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
 };
 
 #[map(name = "COUNTERS")]
@@ -32,6 +34,10 @@ static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, 
 static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "PORTS")]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+#[map(name = "EVENT_BUDGET")]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -56,6 +62,9 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
     let verdict = classify(&ctx);
     let drop = verdict.drop && mode == Mode::Enforce as u32;
     count(&ctx, verdict.reason, drop);
+    if verdict.drop {
+        report(&ctx, &verdict, drop);
+    }
     if drop {
         xdp_action::XDP_DROP
     } else {
@@ -66,18 +75,26 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
 struct Verdict {
     reason: Reason,
     drop: bool,
+    /// For drop events: the transport protocol and header offset, when they were parsed.
+    protocol: u8,
+    l4: u16,
 }
 
-const PASS: Verdict = Verdict {
-    reason: Reason::Pass,
-    drop: false,
-};
+const PASS: Verdict = Verdict::new(Reason::Pass, false);
+
+impl Verdict {
+    const fn new(reason: Reason, drop: bool) -> Self {
+        Verdict {
+            reason,
+            drop,
+            protocol: 0,
+            l4: 0,
+        }
+    }
+}
 
 const fn malformed(from_control_plane: bool) -> Verdict {
-    Verdict {
-        reason: Reason::Malformed,
-        drop: from_control_plane,
-    }
+    Verdict::new(Reason::Malformed, from_control_plane)
 }
 
 /// The source address, once known.
@@ -235,10 +252,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
 #[inline(always)]
 fn fragment_verdict(control_plane: bool) -> Verdict {
     if control_plane {
-        Verdict {
-            reason: Reason::Fragment,
-            drop: true,
-        }
+        Verdict::new(Reason::Fragment, true)
     } else {
         PASS
     }
@@ -274,11 +288,12 @@ fn transport(
             }
             if control_plane {
                 return Verdict {
-                    reason: Reason::ControlPlaneSyn,
-                    drop: true,
+                    protocol,
+                    l4: l4 as u16,
+                    ..Verdict::new(Reason::ControlPlaneSyn, true)
                 };
             }
-            protected_port(port, source)
+            protected_port(port, source, protocol, l4)
         }
         IPPROTO_UDP => {
             let Some(port) = be16(ctx, l4 + 2) else {
@@ -287,7 +302,7 @@ fn transport(
             if array::<2>(ctx, l4 + 6).is_none() {
                 return malformed(control_plane);
             }
-            protected_port(port, source)
+            protected_port(port, source, protocol, l4)
         }
         // ICMP (path-MTU errors included) and everything else passes.
         _ => PASS,
@@ -295,13 +310,14 @@ fn transport(
 }
 
 #[inline(always)]
-fn protected_port(port: u16, source: Source) -> Verdict {
+fn protected_port(port: u16, source: Source, protocol: u8, l4: usize) -> Verdict {
     // SAFETY: a hash-map lookup; the value is only tested for presence.
     let protected = unsafe { PORTS.get(&port) }.is_some();
     if protected && !source.allowed_on_protected_ports() {
         Verdict {
-            reason: Reason::ProtectedPort,
-            drop: true,
+            protocol,
+            l4: l4 as u16,
+            ..Verdict::new(Reason::ProtectedPort, true)
         }
     } else {
         PASS
@@ -325,6 +341,86 @@ fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
         }
         counter.packets += 1;
         counter.bytes += len;
+    }
+}
+
+/// Sends a [`DropEvent`] for a packet the policy drops, within this CPU's per-second budget.
+///
+/// Runs only on the drop path, so it re-reads the addresses instead of carrying them through
+/// the fast path's parse.
+#[inline(always)]
+fn report(ctx: &XdpContext, verdict: &Verdict, dropped: bool) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
+    let budget = unsafe { &mut *budget };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
+        budget.window_start_ns = now;
+        budget.sent = 0;
+    }
+    if budget.sent >= EVENTS_PER_SECOND {
+        budget.suppressed += 1;
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+        budget.suppressed += 1;
+        return;
+    };
+    budget.sent += 1;
+    let mut event = DropEvent {
+        reason: verdict.reason as u32,
+        protocol: verdict.protocol,
+        dropped: dropped as u8,
+        suppressed: budget.suppressed,
+        ..DropEvent::default()
+    };
+    budget.suppressed = 0;
+    addresses(ctx, &mut event);
+    let l4 = usize::from(verdict.l4);
+    if verdict.protocol != 0 && l4 <= MAX_L4_OFFSET {
+        if let Some(port) = be16(ctx, l4) {
+            event.source_port = port;
+        }
+        if let Some(port) = be16(ctx, l4 + 2) {
+            event.destination_port = port;
+        }
+    }
+    entry.write(event);
+    entry.submit(0);
+}
+
+/// Fills in the family and addresses, skipping VLAN tags as `classify` does.
+#[inline(always)]
+fn addresses(ctx: &XdpContext, event: &mut DropEvent) {
+    let Some(mut ethertype) = be16(ctx, 12) else {
+        return;
+    };
+    let mut l3 = ETH_HLEN;
+    for _ in 0..2 {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(ctx, l3 + 2) else {
+            return;
+        };
+        ethertype = inner;
+        l3 += 4;
+    }
+    if ethertype == ETH_P_IP {
+        if let Some(both) = array::<8>(ctx, l3 + 12) {
+            event.family = 4;
+            event.source[..4].copy_from_slice(&both[..4]);
+            event.destination[..4].copy_from_slice(&both[4..]);
+        }
+    } else if ethertype == ETH_P_IPV6 {
+        if let Some(both) = array::<32>(ctx, l3 + 8) {
+            event.family = 6;
+            event.source.copy_from_slice(&both[..16]);
+            event.destination.copy_from_slice(&both[16..]);
+        }
     }
 }
 

@@ -11,16 +11,21 @@ use tether_runtime::admin::{self, Query, Reply, Routes};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
 use crate::tunnel::client_set::ClientSet;
 
 #[derive(Debug, thiserror::Error)]
-#[error("--{flag}: cannot listen on {address}")]
-pub struct StartError {
-    flag: &'static str,
-    address: String,
-    #[source]
-    source: io::Error,
+pub enum StartError {
+    #[error("--{flag}: cannot listen on {address}")]
+    Listen {
+        flag: &'static str,
+        address: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("XDP guard")]
+    Guard(#[from] GuardError),
 }
 
 pub struct Agent {
@@ -29,15 +34,22 @@ pub struct Agent {
     pub clients: Arc<ClientSet>,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
+    _guard: Option<Guard>,
 }
 
 pub async fn start(config: Config) -> Result<Agent, StartError> {
-    let metrics = Arc::new(Metrics::new());
+    // The guard goes first: a node that cannot be guarded as configured should not come up.
+    let mut guard = guard::start(&config.guard, &config.server_host, config.server_port).await?;
+    let mut metrics = Metrics::new();
+    if let Some(counters) = guard.as_mut().and_then(Guard::take_counters) {
+        metrics.register_guard(counters);
+    }
+    let metrics = Arc::new(metrics);
     let bind = |flag: &'static str, host: String, port: u16| async move {
         let listener = tether_runtime::net::bind_tcp(&host, port).await;
         listener
             .and_then(|l| l.local_addr().map(|addr| (l, addr)))
-            .map_err(|source| StartError {
+            .map_err(|source| StartError::Listen {
                 flag,
                 address: format!("{host}:{port}"),
                 source,
@@ -91,6 +103,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         clients,
         metrics,
         stop,
+        _guard: guard,
     })
 }
 

@@ -10,6 +10,7 @@ use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_u
 use tether_runtime::tls::{Identity, PemFile};
 
 use crate::dataplane::Cidr;
+use crate::guard::GuardSettings;
 
 /// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
 /// TLS, holds one stream per server replica, and carries the control plane's connections
@@ -30,25 +31,48 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Attach the XDP guard only (no tunnel) until SIGTERM, then print its counters.
-    Guard(GuardArgs),
+    /// Inspect or remove the XDP guard an agent pinned (works while no agent runs).
+    #[command(subcommand)]
+    Guard(GuardCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GuardCommand {
+    /// Print the pinned guard's mode, interfaces, policy and counters.
+    Status(PinArgs),
+    /// Detach the guard from every interface and remove its pins (after the DaemonSet is gone).
+    Detach(PinArgs),
 }
 
 #[derive(ClapArgs, Debug)]
+pub struct PinArgs {
+    /// Directory on a BPF filesystem holding the guard's pins.
+    #[arg(long, env = "TETHER_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
+}
+
+const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tether";
+
+/// The XDP guard: drops what would reach the node around the tunnel. It stays in place, pinned,
+/// across agent restarts and upgrades.
+#[derive(ClapArgs, Debug)]
+#[command(next_help_heading = "Guard (XDP)")]
 pub struct GuardArgs {
-    /// Interface to attach the XDP guard to (repeatable, or comma-separated).
+    /// enforce drops what the policy says; monitor passes it and counts (and logs) what it
+    /// would drop; off loads nothing, and switches off a guard an earlier agent left pinned.
+    #[arg(long, env = "TETHER_GUARD_MODE", value_enum, default_value = "enforce")]
+    pub guard_mode: GuardMode,
+    /// Interface to guard (repeatable, or comma-separated) [default: the interfaces of the
+    /// default routes, v4 and v6].
     #[arg(
         long = "guard-interface",
         env = "TETHER_GUARD_INTERFACE",
-        value_delimiter = ',',
-        required = true
+        value_delimiter = ','
     )]
     pub interfaces: Vec<String>,
-    /// enforce drops what the policy says; monitor only counts it; off passes and counts nothing.
-    #[arg(long, env = "TETHER_GUARD_MODE", value_enum, default_value = "enforce")]
-    pub guard_mode: GuardMode,
-    /// Source prefix of the control plane (repeatable). In production this is the range
-    /// kube-apiserver connects from, which is usually not the proxy server's address.
+    /// Source prefix of the control plane, whose new connections are dropped (repeatable)
+    /// [default: the addresses --proxy-server-host resolves to]. Set it: in production
+    /// kube-apiserver usually connects from a range other than the proxy server's address.
     #[arg(
         long = "control-plane-cidr",
         env = "TETHER_CONTROL_PLANE_CIDR",
@@ -66,6 +90,10 @@ pub struct GuardArgs {
         value_delimiter = ','
     )]
     pub allowed: Vec<Cidr>,
+    /// Directory on a BPF filesystem for the guard's pins (mount the host's /sys/fs/bpf into
+    /// the pod).
+    #[arg(long, env = "TETHER_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
+    pub bpffs_root: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -188,6 +216,9 @@ pub struct RunArgs {
     pub warn_on_channel_limit: Option<bool>,
 
     #[command(flatten)]
+    pub guard: GuardArgs,
+
+    #[command(flatten)]
     pub process: Process,
 
     #[command(flatten)]
@@ -275,6 +306,7 @@ pub struct Config {
     pub admin_host: String,
     pub admin_port: u16,
     pub drain_timeout: Duration,
+    pub guard: GuardSettings,
 }
 
 const IDENTIFIER_KEYS: [&str; 5] = ["ipv4", "ipv6", "cidr", "host", "default-route"];
@@ -401,6 +433,13 @@ impl Config {
                 return Err(invalid(flag, "0".into(), "must be greater than 0".into()));
             }
         }
+        if args.guard.protected_ports.contains(&0) {
+            return Err(invalid(
+                "protected-port",
+                "0".into(),
+                "must be a port number from 1 to 65535".into(),
+            ));
+        }
         let agent_id = if args.agent_id.is_empty() {
             random_id()
         } else {
@@ -435,6 +474,14 @@ impl Config {
             admin_host: args.admin_bind_address.clone(),
             admin_port: args.admin_server_port,
             drain_timeout: args.drain_timeout,
+            guard: GuardSettings {
+                mode: args.guard.guard_mode.into(),
+                interfaces: args.guard.interfaces.clone(),
+                control_plane: args.guard.control_plane.clone(),
+                protected_ports: args.guard.protected_ports.clone(),
+                allowed: args.guard.allowed.clone(),
+                bpffs_root: args.guard.bpffs_root.clone(),
+            },
         })
     }
 }

@@ -5,5 +5,6 @@ pub mod app;
 pub mod config;
 pub mod dataplane;
 pub mod dialer;
+pub mod guard;
 pub mod metrics;
 pub mod tunnel;

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tether_agent::app;
-use tether_agent::config::{Args, Command, Config, GuardArgs};
-use tether_agent::dataplane::{Dataplane, Policy};
+use tether_agent::config::{Args, Command, Config, GuardCommand};
+use tether_agent::dataplane::{PinnedGuard, Pins, Status};
 use tether_runtime::shutdown::Signals;
 
 fn main() -> ExitCode {
@@ -13,11 +13,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, mut signals: Signals) -> ExitCode {
-    if let Some(Command::Guard(guard)) = args.command {
-        return match run_guard(guard, &mut signals).await {
+    if let Some(Command::Guard(command)) = args.command {
+        return match guard_command(command) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                tracing::error!("{err:#}");
+                tracing::error!("{}", tether_runtime::error_chain(err.as_ref()));
                 ExitCode::FAILURE
             }
         };
@@ -56,37 +56,101 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
     }
 }
 
-async fn run_guard(args: GuardArgs, signals: &mut Signals) -> anyhow::Result<()> {
-    let (mut dataplane, logs) = Dataplane::load()?;
-    dataplane.set_policy(&Policy {
-        control_plane: args.control_plane.clone(),
-        protected_ports: args.protected_ports.clone(),
-        allowed: args.allowed.clone(),
-    })?;
-    let mode = tether_agent_common::Mode::from(args.guard_mode);
-    dataplane.set_mode(mode)?;
-    for interface in &args.interfaces {
-        let attach = dataplane.attach(interface)?;
-        tracing::info!(
-            interface,
-            attach = attach.label(),
-            mode = mode.label(),
-            control_plane = ?args.control_plane.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            protected_ports = ?args.protected_ports,
-            allowed = ?args.allowed.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "XDP guard attached"
-        );
+/// `guard status|detach`: works on the pins alone, so it runs beside an agent or without one.
+fn guard_command(command: GuardCommand) -> anyhow::Result<()> {
+    match command {
+        GuardCommand::Status(args) => {
+            let status = PinnedGuard::open(Pins::new(&args.bpffs_root))?.status()?;
+            print!("{}", status_text(&args.bpffs_root, &status));
+        }
+        GuardCommand::Detach(args) => {
+            let pins = Pins::new(&args.bpffs_root);
+            if !pins.exist() {
+                println!(
+                    "nothing pinned under {}: no guard to detach",
+                    args.bpffs_root.display()
+                );
+                return Ok(());
+            }
+            let interfaces = PinnedGuard::open(pins)?.detach()?;
+            println!(
+                "guard detached from {} and its pins under {} removed",
+                if interfaces.is_empty() {
+                    "no interface".to_owned()
+                } else {
+                    interfaces.join(", ")
+                },
+                args.bpffs_root.display()
+            );
+        }
     }
-    let log_task = tokio::spawn(logs.forward());
-    signals.next().await;
-    for counts in dataplane.counters()? {
-        tracing::info!(
-            reason = counts.reason.label(),
-            passed = counts.passed.packets,
-            dropped = counts.dropped.packets,
-            "guard counters at shutdown"
-        );
-    }
-    log_task.abort();
     Ok(())
+}
+
+fn status_text(root: &std::path::Path, status: &Status) -> String {
+    let list = |items: Vec<String>| {
+        if items.is_empty() {
+            "none".to_owned()
+        } else {
+            items.join(", ")
+        }
+    };
+    fn strings<T: ToString>(items: &[T]) -> Vec<String> {
+        items.iter().map(ToString::to_string).collect()
+    }
+    let interfaces = status
+        .interfaces
+        .iter()
+        .map(|(name, program)| match program {
+            Some(id) => format!("{name} (program {id})"),
+            None => format!("{name} (link unreadable)"),
+        })
+        .collect();
+    let fields = [
+        ("bpffs root", root.display().to_string()),
+        (
+            "mode",
+            status.mode.map_or("unknown", |m| m.label()).to_owned(),
+        ),
+        ("interfaces", list(interfaces)),
+        (
+            "control-plane CIDRs",
+            list(strings(&status.policy.control_plane)),
+        ),
+        (
+            "protected ports",
+            list(strings(&status.policy.protected_ports)),
+        ),
+        ("allowed CIDRs", list(strings(&status.policy.allowed))),
+    ];
+    let mut out = String::new();
+    for (name, value) in fields {
+        out.push_str(&format!("{:<21}{value}\n", format!("{name}:")));
+    }
+    let mut row = |cells: [String; 5]| {
+        let [reason, rest @ ..] = cells;
+        out.push_str(&format!("{reason:<20}"));
+        for cell in rest {
+            out.push_str(&format!("{cell:>16}"));
+        }
+        out.push('\n');
+    };
+    row([
+        "reason",
+        "passed packets",
+        "passed bytes",
+        "dropped packets",
+        "dropped bytes",
+    ]
+    .map(String::from));
+    for count in &status.counters {
+        row([
+            count.reason.label().to_owned(),
+            count.passed.packets.to_string(),
+            count.passed.bytes.to_string(),
+            count.dropped.packets.to_string(),
+            count.dropped.bytes.to_string(),
+        ]);
+    }
+    out
 }

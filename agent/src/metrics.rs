@@ -4,12 +4,18 @@
 //! Upstream counters whose names do not end in `_total` are exported as gauges that only go up,
 //! since OpenMetrics would otherwise append `_total` to a counter's name.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tether_agent_common::Counter as KernelCounter;
+
+use crate::dataplane::Counters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -19,6 +25,12 @@ struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GuardLabels {
+    reason: &'static str,
+    action: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -127,6 +139,12 @@ impl Metrics {
         }
     }
 
+    /// Exports the XDP guard's counters, read from the kernel at each scrape.
+    pub fn register_guard(&mut self, counters: Counters) {
+        self.registry
+            .register_collector(Box::new(GuardCollector { counters }));
+    }
+
     pub fn dial_failure(&self, reason: &'static str) {
         self.dial_failures
             .get_or_create(&ReasonLabel { reason })
@@ -168,5 +186,50 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+type CounterField = fn(&KernelCounter) -> u64;
+
+/// The guard counts in per-CPU kernel maps; summing them at scrape time costs nothing per packet.
+#[derive(Debug)]
+struct GuardCollector {
+    counters: Counters,
+}
+
+impl Collector for GuardCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counts = match self.counters.read() {
+            Ok(counts) => counts,
+            Err(err) => {
+                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot read the guard's counters");
+                return Ok(());
+            }
+        };
+        let metrics: [(&str, &str, CounterField); 2] = [
+            (
+                "tether_agent_guard_packets",
+                "Packets the XDP guard judged, by reason and action (in monitor mode, what it would drop is counted as pass)",
+                |c| c.packets,
+            ),
+            (
+                "tether_agent_guard_bytes",
+                "Bytes the XDP guard judged, by reason and action",
+                |c| c.bytes,
+            ),
+        ];
+        for (name, help, value) in metrics {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for count in &counts {
+                for (action, counter) in [("pass", &count.passed), ("drop", &count.dropped)] {
+                    let labels = GuardLabels {
+                        reason: count.reason.label(),
+                        action,
+                    };
+                    ConstCounter::new(value(counter)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
     }
 }

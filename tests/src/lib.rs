@@ -1,6 +1,7 @@
 //! Harness for tether's end-to-end tests: network namespaces that clean up after themselves.
 
 pub mod backend;
+pub mod bpffs;
 pub mod cluster;
 pub mod fake_agent;
 pub mod fake_server;

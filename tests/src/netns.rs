@@ -5,11 +5,12 @@
 //! deletes the veths inside it — on success and on panic alike.
 
 use std::fs::File;
-use std::path::Path;
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
 use nix::sched::{CloneFlags, setns};
+
+use crate::process::dead_owner;
 
 const PREFIX: &str = "tether-";
 
@@ -110,14 +111,7 @@ pub fn remove_stale() -> Result<()> {
     let out = run(Command::new("ip").args(["netns", "list"]))?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(owner) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{owner}")).exists() {
+        if let Some(owner) = dead_owner(name, PREFIX) {
             eprintln!("removing stale network namespace {name} (owner {owner} is gone)");
             let _ = Command::new("ip").args(["netns", "del", name]).status();
         }

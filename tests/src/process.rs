@@ -66,6 +66,18 @@ impl Drop for Process {
     }
 }
 
+/// For a resource named `<prefix><pid>-…`: the owning test process's pid, when that process is
+/// gone (it was killed before its cleanup ran). `None` for other names and live owners.
+pub fn dead_owner(name: &str, prefix: &str) -> Option<u32> {
+    let owner = name
+        .strip_prefix(prefix)?
+        .split('-')
+        .next()?
+        .parse::<u32>()
+        .ok()?;
+    (!std::path::Path::new(&format!("/proc/{owner}")).exists()).then_some(owner)
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes.
 pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let start = Instant::now();

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::netns::Netns;
 use crate::process::Process;
 
 /// A built workspace binary, beside the running executable: tests run from
@@ -113,7 +114,15 @@ impl Server {
     /// Starts tether-server with `args` plus JSON logs and port-0 defaults for every port the
     /// caller does not set.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut cmd = Command::new(built("tether-server")?);
+        Self::spawn(Command::new(built("tether-server")?), args)
+    }
+
+    /// [`Server::start`] inside `netns`.
+    pub fn start_in(netns: &Netns, args: &[&str]) -> Result<Self> {
+        Self::spawn(in_netns(netns, "tether-server")?, args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args(["--log-format", "json"]);
         for (flag, default) in [
             ("--agent-port", "0"),
@@ -151,9 +160,26 @@ pub struct Agent {
     pub admin_port: u16,
 }
 
+/// An agent in the test's own network namespace must never touch its interfaces, nor a guard a
+/// real agent on this machine pinned: guard off, and pins looked for where there are none.
+pub const AGENT_WITHOUT_GUARD: [&str; 2] =
+    ["--guard-mode=off", "--bpffs-root=/nonexistent/tether-tests"];
+
 impl Agent {
+    /// Starts tether-agent with `args` plus JSON logs, port-0 health and admin ports, and
+    /// [`AGENT_WITHOUT_GUARD`].
     pub fn start(args: &[&str]) -> Result<Self> {
         let mut cmd = Command::new(built("tether-agent")?);
+        cmd.args(AGENT_WITHOUT_GUARD);
+        Self::spawn(cmd, args)
+    }
+
+    /// Starts tether-agent inside `netns`, where the guard flags are the caller's to choose.
+    pub fn start_in(netns: &Netns, args: &[&str]) -> Result<Self> {
+        Self::spawn(in_netns(netns, "tether-agent")?, args)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args([
             "--log-format",
             "json",
@@ -176,6 +202,14 @@ impl Agent {
             logged,
         })
     }
+}
+
+/// `nsenter --net=<netns> <binary>`: the process lives in the namespace from its first instruction.
+fn in_netns(netns: &Netns, binary: &str) -> Result<Command> {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.path()))
+        .arg(built(binary)?);
+    Ok(cmd)
 }
 
 fn wait_started(logged: &mut Logged, message: &str) -> Result<String> {

@@ -42,7 +42,7 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     let peer = Netns::new("peer").unwrap();
     veth(&node, "eth0", "10.77.0.1/24", &peer, "eth0", "10.77.0.2/24").unwrap();
 
-    let (mut dataplane, mut logs) = Dataplane::load().unwrap();
+    let (mut dataplane, mut logs) = Dataplane::load(None).unwrap();
     // Enforce with an empty policy: everything passes and is counted.
     dataplane.set_mode(Mode::Enforce).unwrap();
     let mode = node.run(|| dataplane.attach("eth0")).unwrap().unwrap();

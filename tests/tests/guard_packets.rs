@@ -23,7 +23,7 @@ const NODE6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
 fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
     require_root();
-    let (mut dataplane, logs) = Dataplane::load().unwrap();
+    let (mut dataplane, logs) = Dataplane::load(None).unwrap();
     dataplane
         .set_policy(&Policy {
             control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
@@ -502,4 +502,75 @@ fn policy_changes_apply_at_runtime() {
         Reason::Pass,
         false,
     );
+}
+
+/// Each drop is reported through the ring buffer with its addresses, ports and reason, at most
+/// EVENTS_PER_SECOND per CPU; the next event after the budget ran out says how many were left
+/// out.
+#[test]
+fn drops_are_reported_as_sampled_events() {
+    use nix::sched::{CpuSet, sched_setaffinity};
+    use nix::unistd::Pid;
+    use tether_agent_common::EVENTS_PER_SECOND;
+
+    let (mut dataplane, _logs) = guard(Mode::Enforce);
+    let mut events = dataplane.drop_events().unwrap();
+    // One CPU, so one budget: the counts below are exact.
+    let mut cpu = CpuSet::new();
+    cpu.set(0).unwrap();
+    sched_setaffinity(Pid::from_raw(0), &cpu).unwrap();
+
+    let syn = frame(&[
+        &ethernet(&[VLAN], ETH_IP),
+        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
+        &tcp(22, SYN, 0),
+    ]);
+    assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+    let udp6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 60, 8 + 16),
+        &ipv6_extension(UDP, 1),
+        &udp(10255, 8),
+    ]);
+    assert_eq!(dataplane.run_packet(&udp6).unwrap(), XDP_DROP);
+    let got = events.drain();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    let (syn_event, udp_event) = (&got[0], &got[1]);
+    assert_eq!(syn_event.reason, Some(Reason::ControlPlaneSyn));
+    assert!(syn_event.dropped);
+    assert_eq!(syn_event.source, Some(std::net::IpAddr::from(CP4)));
+    assert_eq!(syn_event.destination, Some(std::net::IpAddr::from(NODE4)));
+    assert_eq!(
+        (
+            syn_event.protocol,
+            syn_event.source_port,
+            syn_event.destination_port
+        ),
+        ("tcp", 40000, 22)
+    );
+    assert_eq!(udp_event.reason, Some(Reason::ProtectedPort));
+    assert_eq!(udp_event.source, Some(std::net::IpAddr::from(OTHER6)));
+    assert_eq!(udp_event.destination, Some(std::net::IpAddr::from(NODE6)));
+    assert_eq!(
+        (
+            udp_event.protocol,
+            udp_event.source_port,
+            udp_event.destination_port
+        ),
+        ("udp", 5353, 10255)
+    );
+
+    // A fresh window: wait it out, then flood it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    const FLOOD: u32 = 50;
+    for _ in 0..FLOOD {
+        assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+    }
+    let flood = events.drain();
+    assert_eq!(flood.len(), EVENTS_PER_SECOND as usize);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+    let next = events.drain();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].suppressed, FLOOD - EVENTS_PER_SECOND);
 }

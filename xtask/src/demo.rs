@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: the local demo, in network namespaces it creates and removes.
 //!
-//! A "control-plane" namespace runs tether-server; a "node" namespace runs tether-agent, a
-//! kubelet-like HTTP server on :10250 and the XDP guard on the node's uplink. A client plays
+//! A "control-plane" namespace runs tether-server; a "node" namespace runs tether-agent (whose
+//! XDP guard sits on the node's uplink) and a kubelet-like HTTP server on :10250. A client plays
 //! kube-apiserver: it reaches the kubelet through the tunnel (HTTP CONNECT on the server's Unix
-//! socket), then tries the direct path, which the guard drops.
+//! socket), then tries the direct path, which the guard drops. The guard's pins live on a BPF
+//! filesystem the demo mounts for itself and removes.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
+use tether_tests::bpffs::Bpffs;
 use tether_tests::netns::{Netns, veth};
 use tether_tests::pki::Pki;
 use tether_tests::process::{Process, wait_until};
@@ -49,6 +51,8 @@ pub fn run() -> Result<()> {
         "eth0",
         &format!("{NODE}/24"),
     )?;
+    node.ip(&["route", "add", "default", "via", CP])?;
+    let bpffs = Bpffs::mount()?;
 
     println!("== node: a kubelet-like HTTP server on {NODE}:10250");
     let kubelet = node.run(|| TcpListener::bind((NODE, 10250)))??;
@@ -71,14 +75,19 @@ pub fn run() -> Result<()> {
         ]),
     )?;
 
-    println!("== node: tether-agent dials out to the server");
-    let _agent = Process::spawn(
+    println!(
+        "== node: tether-agent dials out to the server and guards eth0 (the default route's \
+         interface; control plane = {CP}, the server's address)"
+    );
+    let bpffs_root = format!("--bpffs-root={}", bpffs.root().display());
+    let mut agent = Process::spawn(
         "tether-agent",
         nsenter(&node, &bin("tether-agent")).args([
             &format!("--proxy-server-host={CP}"),
             &format!("--ca-cert={}", pki.ca().display()),
             &format!("--agent-identifiers=ipv4={NODE}"),
             "--agent-id=demo-node",
+            &bpffs_root,
         ]),
     )?;
     let ready = wait_until(Duration::from_secs(15), || {
@@ -91,16 +100,6 @@ pub fn run() -> Result<()> {
         bail!("tether-server did not become ready (no agent connected) within 15s");
     }
 
-    println!("== node: the XDP guard on eth0, enforcing; control plane = {CP}/32");
-    let mut guard = Process::spawn(
-        "tether-agent guard",
-        nsenter(&node, &bin("tether-agent")).args([
-            "guard",
-            "--guard-interface=eth0",
-            "--guard-mode=enforce",
-            &format!("--control-plane-cidr={CP}/32"),
-        ]),
-    )?;
     if !wait_until(Duration::from_secs(10), || {
         node.ip(&["link", "show", "eth0"])
             .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("xdp"))
@@ -127,10 +126,31 @@ pub fn run() -> Result<()> {
     let again = through_tunnel(&socket, &format!("{NODE}:10250"))?;
     println!("{}", indent(again.lines().last().unwrap_or("")));
 
-    println!("\n== stopping the guard; it reports what the kernel program counted");
-    guard.signal(Signal::SIGTERM)?;
-    guard.wait_timeout(Duration::from_secs(10))?;
-    println!("== done; processes stopped and namespaces removed");
+    println!("\n== tether-agent guard status");
+    println!(
+        "{}",
+        indent(&guard_cli("status", &bin("tether-agent"), &bpffs_root)?)
+    );
+
+    println!("== stopping the agent: the guard stays pinned, so the direct path stays closed");
+    agent.signal(Signal::SIGTERM)?;
+    agent.wait_timeout(Duration::from_secs(30))?;
+    let direct = cp.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{NODE}:10250").parse().expect("addr"),
+            Duration::from_secs(1),
+        )
+    })?;
+    if direct.is_ok() {
+        bail!("the direct path opened when the agent stopped");
+    }
+    println!("   still dropped");
+    println!("== tether-agent guard detach (what an uninstall job runs)");
+    println!(
+        "{}",
+        indent(&guard_cli("detach", &bin("tether-agent"), &bpffs_root)?)
+    );
+    println!("== done; processes stopped, bpffs and namespaces removed");
     Ok(())
 }
 
@@ -140,6 +160,20 @@ fn nsenter(ns: &Netns, program: &std::path::Path) -> Command {
         .arg(program)
         .stdin(Stdio::null());
     cmd
+}
+
+fn guard_cli(action: &str, agent: &std::path::Path, bpffs_root: &str) -> Result<String> {
+    let out = Command::new(agent)
+        .args(["guard", action, bpffs_root])
+        .output()
+        .with_context(|| format!("running tether-agent guard {action}"))?;
+    if !out.status.success() {
+        bail!(
+            "tether-agent guard {action} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn serve_kubelet(listener: TcpListener) {

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use tether_tests::netns;
+use tether_tests::{bpffs, netns};
 
 use crate::{build_ebpf, run_checked, setup, workspace_root};
 
@@ -19,6 +19,7 @@ pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     build_ebpf::run(&build_ebpf::Options { release: false })?;
     netns::remove_stale()?;
+    bpffs::remove_stale()?;
     // The end-to-end tests run the real executables, which `nextest` does not build.
     run_checked(Command::new("cargo").current_dir(workspace_root()).args([
         "build",

@@ -1,23 +1,35 @@
-//! The kernel side of the agent: loads the embedded eBPF object, attaches the XDP guard and
-//! reads its counters. This is the only module that uses aya.
+//! The kernel side of the agent: loads the embedded eBPF object, attaches the XDP guard, keeps
+//! it pinned across restarts and reads its counters and drop events. This is the only module
+//! that uses aya.
 
+mod cidr;
+mod events;
+mod pins;
+
+use std::borrow::Borrow;
 use std::ffi::CString;
 use std::io;
 use std::net::IpAddr;
-use std::str::FromStr;
+use std::path::PathBuf;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
-use aya::{Ebpf, EbpfError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tether_agent_common::{
     ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, Counter, GUARD_PROGRAM, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, PORTS_MAP,
-    Reason, counter_slot,
+    COUNTERS_MAP, Counter, EVENTS_MAP, GUARD_PROGRAM, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode,
+    PINNED_MAPS, PORTS_MAP, Reason, counter_slot,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+
+pub use cidr::{BadCidr, Cidr};
+pub use events::{DropEvents, GuardEvent};
+pub use pins::{PinnedGuard, Pins, Status};
 
 /// The eBPF object `cargo xtask build-ebpf` produced; `build.rs` refuses a missing or stale one.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_EBPF_OBJECT"));
@@ -49,14 +61,21 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "this kernel attached the XDP guard to {interface} without a BPF link, which cannot be \
+         pinned; Linux 5.9 or newer is needed for the guard to survive restarts"
+    )]
+    NoLink { interface: String },
     #[error("could not read eBPF map {name}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: MapError,
     },
     #[error("could not start reading eBPF logs")]
     Logs(#[source] io::Error),
+    #[error("could not read the guard's drop events")]
+    Events(#[source] io::Error),
     #[error("policy has {count} {what}; the guard holds at most {max}")]
     PolicyTooLarge {
         what: &'static str,
@@ -65,46 +84,20 @@ pub enum DataplaneError {
     },
     #[error("running the guard on a test packet failed")]
     TestRun(#[source] ProgramError),
-}
-
-/// An IP prefix (`10.0.0.0/8`, `fd00::/8`, or a bare address for a single host).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not an IP prefix (examples: 10.0.0.0/8, fd00::/8, 192.0.2.7)")]
-pub struct BadCidr(pub String);
-
-impl FromStr for Cidr {
-    type Err = BadCidr;
-
-    fn from_str(text: &str) -> Result<Self, BadCidr> {
-        let bad = || BadCidr(text.to_owned());
-        let (addr, len) = match text.split_once('/') {
-            Some((addr, len)) => (addr, Some(len)),
-            None => (text, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            Some(len) => len
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(bad)?,
-            None => max,
-        };
-        Ok(Cidr { addr, len })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
+    #[error(
+        "{path} is not on a BPF filesystem, so --bpffs-root {root} cannot hold the guard's pins; \
+         mount one (mount -t bpf bpf /sys/fs/bpf) or, in a pod, mount the host's /sys/fs/bpf"
+    )]
+    NotBpffs { path: PathBuf, root: PathBuf },
+    #[error("{action} {path}")]
+    Pin {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("nothing is pinned under {0}: no guard to inspect")]
+    NothingPinned(PathBuf),
 }
 
 /// What the guard drops (see `agent-common`'s `Reason` for the verdicts).
@@ -126,20 +119,24 @@ pub struct ReasonCounts {
     pub dropped: Counter,
 }
 
-/// How the XDP program ended up attached to an interface.
+/// How the guard ended up on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
+pub enum Attached {
     /// In the driver, before an skb exists (the fast path).
     Native,
     /// In the generic network stack, for drivers without XDP support.
     Generic,
+    /// A pinned link from an earlier agent now runs this agent's program; the swap is atomic,
+    /// and the link keeps the mode it was created with.
+    Replaced,
 }
 
-impl AttachMode {
+impl Attached {
     pub fn label(self) -> &'static str {
         match self {
-            AttachMode::Native => "native",
-            AttachMode::Generic => "generic",
+            Attached::Native => "native",
+            Attached::Generic => "generic",
+            Attached::Replaced => "replaced on pinned link",
         }
     }
 }
@@ -147,6 +144,7 @@ impl AttachMode {
 /// The loaded eBPF programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
+    pins: Option<Pins>,
 }
 
 /// Log records written by the kernel programs with aya-log, forwarded to `tracing`.
@@ -157,10 +155,29 @@ pub struct KernelLogs {
     logger: EbpfLogger<&'static dyn log::Log>,
 }
 
+/// The guard's per-CPU counters, readable while the guard runs (by `/metrics`, for one).
+pub struct Counters {
+    array: PerCpuArray<MapData, Counter>,
+}
+
 impl Dataplane {
     /// Loads the embedded object and the guard program into the kernel (not yet attached).
-    pub fn load() -> Result<(Self, KernelLogs), DataplaneError> {
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).map_err(|err| {
+    ///
+    /// With `pins`, the policy, mode and counter maps are the ones pinned there by an earlier
+    /// agent (created and pinned when there are none), and the program is pinned too.
+    pub fn load(pins: Option<Pins>) -> Result<(Self, KernelLogs), DataplaneError> {
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = match &pins {
+            Some(pins) => {
+                pins.prepare()?;
+                PINNED_MAPS.iter().map(|m| (*m, pins.map(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
             if is_permission_error(&err) {
                 DataplaneError::NotPermitted(err)
             } else {
@@ -172,35 +189,114 @@ impl Dataplane {
             kind: "map",
             name: "AYA_LOGS",
         })?;
-        let mut dataplane = Dataplane { ebpf };
-        dataplane
-            .guard_program()?
+        let mut dataplane = Dataplane { ebpf, pins };
+        let program = dataplane.guard_program()?;
+        program
             .load()
             .map_err(|source| DataplaneError::ProgramLoad {
                 name: GUARD_PROGRAM,
                 source,
             })?;
+        if let Some(pins) = &dataplane.pins {
+            let path = pins.program();
+            // The pin names the program now running; the old one lives on only through links
+            // that are about to be switched over.
+            pins::remove_if_present(&path)?;
+            dataplane
+                .guard_program()?
+                .pin(&path)
+                .map_err(|err| pins::pin_error("cannot pin the guard program at", &path, err))?;
+        }
         Ok((dataplane, KernelLogs { logger }))
     }
 
-    /// Attaches the guard to `interface` in the calling thread's network namespace: natively
-    /// when the driver supports XDP, in generic mode otherwise.
-    pub fn attach(&mut self, interface: &str) -> Result<AttachMode, DataplaneError> {
+    /// Puts the guard on `interface` in the calling thread's network namespace.
+    ///
+    /// When pinned and a link from an earlier agent is pinned for the interface, the program on
+    /// that link is replaced atomically: enforcement has no gap. Otherwise it attaches natively
+    /// when the driver supports XDP, in generic mode if not, and pins the new link.
+    pub fn attach(&mut self, interface: &str) -> Result<Attached, DataplaneError> {
         let if_index = interface_index(interface)?;
-        let program = self.guard_program()?;
-        match program.attach_to_if_index(if_index, XdpMode::Driver) {
-            Ok(_) => Ok(AttachMode::Native),
-            Err(native) => {
-                tracing::debug!(interface, error = %native, "native XDP unavailable, trying generic");
-                program
-                    .attach_to_if_index(if_index, XdpMode::Skb)
-                    .map(|_| AttachMode::Generic)
-                    .map_err(|source| DataplaneError::Attach {
-                        interface: interface.to_owned(),
-                        source,
-                    })
+        let link_pin = self.pins.as_ref().map(|p| p.link(interface));
+        if let Some(path) = link_pin.as_deref().filter(|p| p.exists()) {
+            match self.replace_on_link(path) {
+                Ok(()) => return Ok(Attached::Replaced),
+                Err(err) => {
+                    // A link whose interface went away cannot be updated; start afresh.
+                    tracing::warn!(interface, error = %tether_runtime::error_chain(&err), "cannot reuse the pinned XDP link; attaching anew");
+                    pins::remove_if_present(path)?;
+                }
             }
         }
+        let program = self.guard_program()?;
+        let (link, attached) = match program.attach_to_if_index(if_index, XdpMode::Driver) {
+            Ok(link) => (link, Attached::Native),
+            Err(native) => {
+                tracing::debug!(interface, error = %native, "native XDP unavailable, trying generic");
+                let link =
+                    program
+                        .attach_to_if_index(if_index, XdpMode::Skb)
+                        .map_err(|source| DataplaneError::Attach {
+                            interface: interface.to_owned(),
+                            source,
+                        })?;
+                (link, Attached::Generic)
+            }
+        };
+        if let Some(path) = link_pin {
+            let link = program
+                .take_link(link)
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_owned(),
+                    source,
+                })?;
+            let link = FdLink::try_from(link).map_err(|_| DataplaneError::NoLink {
+                interface: interface.to_owned(),
+            })?;
+            // Only the pin holds the link from here on, so `guard detach` detaches at once even
+            // while this agent runs.
+            link.pin(&path)
+                .map_err(|err| pins::pin_error("cannot pin the XDP link at", &path, err))?;
+        }
+        Ok(attached)
+    }
+
+    fn replace_on_link(&mut self, path: &std::path::Path) -> Result<(), DataplaneError> {
+        let pinned = PinnedLink::from_pin(path).map_err(|err| DataplaneError::Pin {
+            action: "cannot open the pinned XDP link",
+            path: path.to_owned(),
+            source: io::Error::other(err),
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|err| DataplaneError::Pin {
+            action: "not an XDP link:",
+            path: path.to_owned(),
+            source: io::Error::other(err),
+        })?;
+        let program = self.guard_program()?;
+        let attach_error = |source| DataplaneError::Attach {
+            interface: path.display().to_string(),
+            source,
+        };
+        let id = program.attach_to_link(link).map_err(attach_error)?;
+        // Dropping the taken link closes this process's fd; the pin keeps the link.
+        drop(program.take_link(id).map_err(attach_error)?);
+        Ok(())
+    }
+
+    /// Unpins the links of interfaces not in `keep`, detaching the guard from them. Returns
+    /// their names.
+    pub fn release_other_interfaces(&self, keep: &[String]) -> Result<Vec<String>, DataplaneError> {
+        let Some(pins) = &self.pins else {
+            return Ok(Vec::new());
+        };
+        let mut released = Vec::new();
+        for interface in pins.linked_interfaces()? {
+            if !keep.contains(&interface) {
+                pins::remove_if_present(&pins.link(&interface))?;
+                released.push(interface);
+            }
+        }
+        Ok(released)
     }
 
     /// The guard's counters, summed over CPUs, one entry per reason.
@@ -210,39 +306,46 @@ impl Dataplane {
             name: COUNTERS_MAP,
         })?;
         let array = PerCpuArray::<_, Counter>::try_from(map).map_err(map_error(COUNTERS_MAP))?;
-        let sum = |slot: u32| -> Result<Counter, DataplaneError> {
-            let per_cpu = array.get(&slot, 0).map_err(map_error(COUNTERS_MAP))?;
-            Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                packets: acc.packets + c.packets,
-                bytes: acc.bytes + c.bytes,
-            }))
+        read_counters(&array)
+    }
+
+    /// A handle on the counters that outlives borrows of the dataplane.
+    pub fn counters_handle(&self) -> Result<Counters, DataplaneError> {
+        let map = self.ebpf.map(COUNTERS_MAP).ok_or(DataplaneError::Missing {
+            kind: "map",
+            name: COUNTERS_MAP,
+        })?;
+        let id = match map {
+            Map::PerCpuArray(data) => data.info().map_err(map_error(COUNTERS_MAP))?.id(),
+            _ => {
+                return Err(DataplaneError::Missing {
+                    kind: "per-CPU array",
+                    name: COUNTERS_MAP,
+                });
+            }
         };
-        Reason::ALL
-            .into_iter()
-            .map(|reason| {
-                Ok(ReasonCounts {
-                    reason,
-                    passed: sum(counter_slot(reason, false))?,
-                    dropped: sum(counter_slot(reason, true))?,
-                })
-            })
-            .collect()
+        let data = MapData::from_id(id).map_err(map_error(COUNTERS_MAP))?;
+        Counters::from_map(data)
+    }
+
+    /// Takes the drop-event ring buffer; call once.
+    pub fn drop_events(&mut self) -> Result<DropEvents, DataplaneError> {
+        let map = self
+            .ebpf
+            .take_map(EVENTS_MAP)
+            .ok_or(DataplaneError::Missing {
+                kind: "map",
+                name: EVENTS_MAP,
+            })?;
+        let ring = RingBuf::try_from(map).map_err(map_error(EVENTS_MAP))?;
+        Ok(DropEvents::new(ring))
     }
 
     /// Switches enforce / monitor / off; takes effect on the next packet.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), DataplaneError> {
         let map = self.map_mut(CONFIG_MAP)?;
         let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
-        config
-            .set(
-                0,
-                GuardConfig {
-                    mode: mode as u32,
-                    _pad: 0,
-                },
-                0,
-            )
-            .map_err(map_error(CONFIG_MAP))
+        write_mode(&mut config, mode)
     }
 
     /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
@@ -294,7 +397,7 @@ impl Dataplane {
         let wanted4: Vec<Key<[u8; 4]>> = prefixes
             .iter()
             .filter_map(|c| match c.addr {
-                IpAddr::V4(a) => Some(Key::new(u32::from(c.len), masked(a.octets(), c.len))),
+                IpAddr::V4(a) => Some(Key::new(u32::from(c.len), cidr::masked(a.octets(), c.len))),
                 IpAddr::V6(_) => None,
             })
             .collect();
@@ -304,7 +407,7 @@ impl Dataplane {
         let wanted6: Vec<Key<[u8; 16]>> = prefixes
             .iter()
             .filter_map(|c| match c.addr {
-                IpAddr::V6(a) => Some(Key::new(u32::from(c.len), masked(a.octets(), c.len))),
+                IpAddr::V6(a) => Some(Key::new(u32::from(c.len), cidr::masked(a.octets(), c.len))),
                 IpAddr::V4(_) => None,
             })
             .collect();
@@ -326,7 +429,7 @@ impl Dataplane {
         Ok(result.return_value)
     }
 
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, DataplaneError> {
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
         self.ebpf
             .map_mut(name)
             .ok_or(DataplaneError::Missing { kind: "map", name })
@@ -341,6 +444,25 @@ impl Dataplane {
             Some(program) => program.try_into().map_err(|_| missing),
             None => Err(missing),
         }
+    }
+}
+
+impl Counters {
+    fn from_map(data: MapData) -> Result<Self, DataplaneError> {
+        let array =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_error(COUNTERS_MAP))?;
+        Ok(Counters { array })
+    }
+
+    /// Counts per reason, summed over CPUs.
+    pub fn read(&self) -> Result<Vec<ReasonCounts>, DataplaneError> {
+        read_counters(&self.array)
+    }
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Counters")
     }
 }
 
@@ -364,24 +486,52 @@ impl KernelLogs {
     }
 }
 
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
+fn read_counters<T: Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+) -> Result<Vec<ReasonCounts>, DataplaneError> {
+    let sum = |slot: u32| -> Result<Counter, DataplaneError> {
+        let per_cpu = array.get(&slot, 0).map_err(map_error(COUNTERS_MAP))?;
+        Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        }))
+    };
+    Reason::ALL
+        .into_iter()
+        .map(|reason| {
+            Ok(ReasonCounts {
+                reason,
+                passed: sum(counter_slot(reason, false))?,
+                dropped: sum(counter_slot(reason, true))?,
+            })
+        })
+        .collect()
 }
 
-/// The address with the bits beyond the prefix cleared, as the trie stores keys.
-fn masked<const N: usize>(mut bytes: [u8; N], len: u8) -> [u8; N] {
-    let len = usize::from(len);
-    for (i, byte) in bytes.iter_mut().enumerate() {
-        let keep = len.saturating_sub(i * 8).min(8);
-        *byte &= if keep == 0 { 0 } else { 0xffu8 << (8 - keep) };
-    }
-    bytes
+fn write_mode<T: std::borrow::BorrowMut<MapData>>(
+    config: &mut Array<T, GuardConfig>,
+    mode: Mode,
+) -> Result<(), DataplaneError> {
+    config
+        .set(
+            0,
+            GuardConfig {
+                mode: mode as u32,
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(map_error(CONFIG_MAP))
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
 }
 
 fn replace_trie<const N: usize>(
     trie: &mut LpmTrie<&mut MapData, [u8; N], u8>,
     wanted: &[Key<[u8; N]>],
-) -> Result<(), aya::maps::MapError> {
+) -> Result<(), MapError> {
     for key in wanted {
         trie.insert(key, 1, 0)?;
     }
