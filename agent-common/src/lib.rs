@@ -177,7 +177,7 @@ pub struct DropEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
-    /// Start of the current one-second window (`bpf_ktime_get_ns`).
+    /// Start of the current one-second window (`bpf_ktime_get_coarse_ns`).
     pub window_start_ns: u64,
     pub sent: u32,
     pub suppressed: u32,

@@ -1,5 +1,6 @@
-//! `cargo xtask bench tunnel`: release builds of both binaries, measured against a direct TCP
-//! baseline in the same run. Results go in docs/benchmarks.md by hand, with this command.
+//! `cargo xtask bench tunnel|guard`: release builds, each measured against a baseline in the
+//! same run (direct TCP for the tunnel; no-op XDP programs and iptables for the guard).
+//! Results go in docs/benchmarks.md by hand, with the command.
 
 use std::process::Command;
 
@@ -21,36 +22,53 @@ pub struct Options {
 pub enum What {
     /// tether-server + tether-agent: throughput, round trips, dials, idle memory, head-of-line.
     Tunnel,
+    /// The XDP guard: cost per packet against a no-op floor, drop rate on a veth against a
+    /// no-op XDP_DROP and an iptables raw rule.
+    Guard,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
     setup::run()?;
     build_ebpf::run(&build_ebpf::Options { release: true })?;
     let root = workspace_root();
-    run_checked(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "tether-server",
-        "-p",
-        "tether-agent",
-        "-p",
-        "tether-tests",
-        "--bin",
-        "tether-server",
-        "--bin",
-        "tether-agent",
-        "--bin",
-        "tunnel_bench",
-    ]))?;
     match opts.what {
         What::Tunnel => {
+            release_build(&["tether-server", "tether-agent", "tunnel_bench"])?;
             let mut cmd = Command::new(root.join("target/release/tunnel_bench"));
             if opts.quick {
                 cmd.arg("--quick");
             }
             run_checked(&mut cmd)
         }
+        What::Guard => {
+            run_checked(Command::new("cargo").current_dir(&root).args([
+                "build",
+                "--release",
+                "--quiet",
+                "--package",
+                "tether-tests",
+                "--features",
+                "guard-bench",
+                "--bin",
+                "guard_bench",
+            ]))?;
+            let mut cmd = Command::new(root.join("target/release/guard_bench"));
+            cmd.arg("--bench-object")
+                .arg(root.join("target/ebpf/bpfel-unknown-none/release/tether-bench-ebpf"));
+            if opts.quick {
+                cmd.arg("--quick");
+            }
+            run_checked(&mut cmd)
+        }
     }
+}
+
+fn release_build(bins: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
+        .args(["build", "--release", "--quiet"]);
+    for bin in bins {
+        cmd.args(["--bin", bin]);
+    }
+    run_checked(&mut cmd)
 }

@@ -429,6 +429,24 @@ impl Dataplane {
         Ok(result.return_value)
     }
 
+    /// Runs the guard `repeat` times on `packet` in the kernel, for benchmarks; returns the
+    /// XDP action and the kernel's average time per run (whole nanoseconds).
+    pub fn time_packet(
+        &mut self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, std::time::Duration), DataplaneError> {
+        let program = self.guard_program()?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                repeat,
+                ..TestRunOptions::new()
+            })
+            .map_err(DataplaneError::TestRun)?;
+        Ok((result.return_value, result.duration))
+    }
+
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
         self.ebpf
             .map_mut(name)

@@ -1,0 +1,425 @@
+//! `cargo xtask bench guard`: what the XDP guard costs.
+//!
+//! 1. Per packet, with BPF_PROG_TEST_RUN: established traffic and the SYN-drop path against a
+//!    no-op XDP program (the floor), as CPU time of the calling thread per run (the kernel's
+//!    own average is in whole nanoseconds, too coarse for a few-nanosecond floor).
+//! 2. Drop rate on a veth pair between two namespaces: an in-kernel generator
+//!    (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on an `XDP_TX` program) pinned to CPU 0
+//!    sends control-plane SYNs; the receiver's threaded NAPI, pinned to CPU 1, runs the guard,
+//!    a no-op `XDP_DROP`, or a no-op `XDP_PASS` followed by one iptables raw rule. The three
+//!    are interleaved round by round and compared by median.
+//!
+//! Policy for both: 16 IPv4 and 8 IPv6 control-plane prefixes, 6 protected ports.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use aya::Ebpf;
+use aya::programs::xdp::XdpLinkId;
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use nix::sched::{CpuSet, sched_setaffinity};
+use nix::time::{ClockId, clock_gettime};
+use nix::unistd::Pid;
+use tether_agent::dataplane::{Cidr, Dataplane, Policy};
+use tether_agent_common::Mode;
+use tether_tests::netns::{Netns, veth};
+use tether_tests::packets::{ACK, ETH_IP, SYN, TCP, ethernet, frame, ipv4, tcp};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const CONTROL_PLANE: [u8; 4] = [10, 88, 0, 1];
+const NODE: [u8; 4] = [10, 88, 0, 2];
+/// `packets::ethernet` addresses frames to this MAC; the receiver takes it so the stack accepts
+/// them in the iptables case.
+const RECEIVER_MAC: &str = "02:00:00:00:00:01";
+
+struct Sizes {
+    rounds: usize,
+    test_run_repeat: u32,
+    live_frames: u32,
+}
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut quick = false;
+    let mut object = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--bench-object" => object = args.next().map(PathBuf::from),
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let object = object.context("--bench-object <path to tether-bench-ebpf> is required")?;
+    let sizes = if quick {
+        Sizes {
+            rounds: 2,
+            test_run_repeat: 1_000_000,
+            live_frames: 1_000_000,
+        }
+    } else {
+        Sizes {
+            rounds: 5,
+            test_run_repeat: 10_000_000,
+            live_frames: 5_000_000,
+        }
+    };
+    let mut bench = Ebpf::load_file(&object).with_context(|| {
+        format!(
+            "loading {} (cargo xtask build-ebpf --release)",
+            object.display()
+        )
+    })?;
+    for name in ["bench_pass", "bench_drop", "bench_tx"] {
+        xdp(&mut bench, name)?
+            .load()
+            .with_context(|| format!("loading {name}"))?;
+    }
+    per_packet(&mut bench, &sizes)?;
+    drop_rate(&mut bench, &sizes)
+}
+
+fn xdp<'a>(bench: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let program = bench
+        .program_mut(name)
+        .with_context(|| format!("no program {name}"))?;
+    Ok(program.try_into()?)
+}
+
+fn policy() -> Policy {
+    let mut control_plane: Vec<Cidr> = vec![Cidr {
+        addr: CONTROL_PLANE.into(),
+        len: 32,
+    }];
+    control_plane.extend((0..15u8).map(|i| Cidr {
+        addr: [172, 16 + i, 0, 0].into(),
+        len: 16,
+    }));
+    control_plane.extend((0..8u16).map(|i| Cidr {
+        addr: std::net::Ipv6Addr::new(0xfd00, i, 0, 0, 0, 0, 0, 0).into(),
+        len: 32,
+    }));
+    Policy {
+        control_plane,
+        protected_ports: vec![10250, 10255, 22, 2379, 2380, 4194],
+        allowed: Vec::new(),
+    }
+}
+
+fn guard() -> Result<Dataplane> {
+    let (mut dataplane, _logs) = Dataplane::load(None)?;
+    dataplane.set_policy(&policy())?;
+    dataplane.set_mode(Mode::Enforce)?;
+    Ok(dataplane)
+}
+
+/// A TCP segment from the control plane to the kubelet port with `flags`.
+fn segment(flags: u8) -> Vec<u8> {
+    frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CONTROL_PLANE, NODE, TCP, 20, 0, 0),
+        &tcp(10250, flags, 0),
+    ])
+}
+
+fn thread_cpu() -> Duration {
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::ZERO, Duration::from)
+}
+
+/// CPU nanoseconds per run of `run`, which makes `repeat` runs and returns the XDP action.
+fn cpu_per_run(repeat: u32, run: impl FnOnce() -> Result<u32>, want: u32) -> Result<f64> {
+    let start = thread_cpu();
+    let action = run()?;
+    let spent = thread_cpu() - start;
+    if action != want {
+        bail!("XDP action {action}, expected {want}");
+    }
+    Ok(spent.as_nanos() as f64 / f64::from(repeat))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn per_packet(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
+    pin_to_cpu(0)?;
+    let established = segment(ACK);
+    let syn = segment(SYN);
+    let mut dataplane = guard()?;
+    let repeat = sizes.test_run_repeat;
+    let (mut floor, mut pass, mut drop) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..sizes.rounds {
+        let noop = xdp(bench, "bench_pass")?;
+        floor.push(cpu_per_run(
+            repeat,
+            || {
+                let result = noop.test_run(TestRunOptions {
+                    data_in: Some(&established),
+                    repeat,
+                    ..TestRunOptions::new()
+                })?;
+                Ok(result.return_value)
+            },
+            XDP_PASS,
+        )?);
+        pass.push(cpu_per_run(
+            repeat,
+            || Ok(dataplane.time_packet(&established, repeat)?.0),
+            XDP_PASS,
+        )?);
+        drop.push(cpu_per_run(
+            repeat,
+            || Ok(dataplane.time_packet(&syn, repeat)?.0),
+            XDP_DROP,
+        )?);
+    }
+    let floor = median(&mut floor);
+    let pass = median(&mut pass);
+    let drop = median(&mut drop);
+    println!(
+        "\n== per packet: BPF_PROG_TEST_RUN x {repeat}, {} rounds interleaved, median CPU ns per run",
+        sizes.rounds
+    );
+    println!("   {:<36}{:>10}{:>12}", "program", "ns/packet", "x floor");
+    for (name, ns) in [
+        ("no-op XDP_PASS (floor)", floor),
+        ("guard, established TCP (pass)", pass),
+        ("guard, control-plane SYN (drop)", drop),
+    ] {
+        println!("   {name:<36}{ns:>10.1}{:>12.2}", ns / floor);
+    }
+    Ok(())
+}
+
+/// Two namespaces joined by a veth: `tgen0` (the control plane's side) and `trx0` (the node's).
+struct Link {
+    generator: Netns,
+    receiver: Netns,
+    generator_index: u32,
+}
+
+impl Link {
+    fn new() -> Result<Self> {
+        let generator = Netns::new("bench-gen")?;
+        let receiver = Netns::new("bench-rx")?;
+        veth(
+            &generator,
+            "tgen0",
+            "10.88.0.1/24",
+            &receiver,
+            "trx0",
+            "10.88.0.2/24",
+        )?;
+        receiver.ip(&["link", "set", "trx0", "address", RECEIVER_MAC])?;
+        let generator_index = link_json(&generator, "tgen0")?["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .context("no ifindex for tgen0")?;
+        Ok(Link {
+            generator,
+            receiver,
+            generator_index,
+        })
+    }
+
+    /// Packets the receiver's driver handed to XDP so far.
+    fn received(&self) -> Result<u64> {
+        link_json(&self.receiver, "trx0")?["stats64"]["rx"]["packets"]
+            .as_u64()
+            .context("no rx packet count for trx0")
+    }
+
+    /// Runs the receiver's NAPI in its own kernel thread on CPU 1 (the generator has CPU 0).
+    /// The thread is created with the NAPI instance, i.e. when an XDP program is attached.
+    fn pin_receiver(&self) -> Result<()> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", self.receiver.name(), "sh", "-c"])
+            .arg("echo 1 > /sys/class/net/trx0/threaded")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "enabling threaded NAPI on trx0: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut pinned = 0;
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            if comm.starts_with("napi/trx0-") {
+                let mut cpu = CpuSet::new();
+                cpu.set(1)?;
+                sched_setaffinity(Pid::from_raw(pid), &cpu)?;
+                pinned += 1;
+            }
+        }
+        if pinned == 0 {
+            bail!("no threaded NAPI kernel thread for trx0");
+        }
+        Ok(())
+    }
+
+    /// Sends `frames` copies of `packet` from the generator; returns (wall time, packets the
+    /// receiver got).
+    fn blast(&self, tx: &mut Xdp, packet: &[u8], frames: u32) -> Result<(Duration, u64)> {
+        let before = self.received()?;
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let len = u32::try_from(packet.len())?;
+        let md: Vec<u8> = [0, len, 0, self.generator_index, 0, 0]
+            .iter()
+            .flat_map(|v: &u32| v.to_ne_bytes())
+            .collect();
+        let elapsed = self.generator.run(|| -> Result<Duration> {
+            pin_to_cpu(0)?;
+            let start = Instant::now();
+            // Live-frame runs report no return value; the receiver's count shows they went.
+            tx.test_run(TestRunOptions {
+                data_in: Some(packet),
+                ctx_in: Some(&md),
+                repeat: frames,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..TestRunOptions::new()
+            })?;
+            Ok(start.elapsed())
+        })??;
+        // The receiver drains its ring after the generator returns.
+        std::thread::sleep(Duration::from_millis(100));
+        let received = self.received()? - before;
+        if received == 0 {
+            bail!("the receiver got none of the {frames} frames sent");
+        }
+        Ok((elapsed, received))
+    }
+}
+
+fn link_json(ns: &Netns, name: &str) -> Result<serde_json::Value> {
+    let out = ns.ip(&["-s", "-j", "link", "show", name])?;
+    let mut value: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(value[0].take())
+}
+
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    sched_setaffinity(Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+fn iptables(ns: &Netns, action: &str) -> Result<()> {
+    let status = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "iptables", "-t", "raw", action])
+        .args(["PREROUTING", "-i", "trx0", "-s", "10.88.0.1", "-p", "tcp"])
+        .args(["--syn", "-j", "DROP"])
+        .status()?;
+    if !status.success() {
+        bail!("iptables {action} failed: {status}");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    NoopDrop,
+    Guard,
+    Iptables,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::NoopDrop => "no-op XDP_DROP",
+            Variant::Guard => "guard (enforce)",
+            Variant::Iptables => "iptables raw rule",
+        }
+    }
+}
+
+/// What runs on the receiver for one measurement.
+enum Receiver {
+    Guard(Dataplane),
+    Program(&'static str, XdpLinkId),
+}
+
+fn attach(bench: &mut Ebpf, link: &Link, variant: Variant) -> Result<Receiver> {
+    let program = match variant {
+        Variant::Guard => {
+            let mut guard = guard()?;
+            link.receiver.run(|| guard.attach("trx0"))??;
+            return Ok(Receiver::Guard(guard));
+        }
+        Variant::NoopDrop => "bench_drop",
+        Variant::Iptables => {
+            iptables(&link.receiver, "-A")?;
+            // XDP_PASS only gives the veth a NAPI instance to receive XDP frames with; the
+            // rule does the dropping.
+            "bench_pass"
+        }
+    };
+    let xdp = xdp(bench, program)?;
+    let id = link
+        .receiver
+        .run(|| xdp.attach("trx0", XdpMode::Driver))??;
+    Ok(Receiver::Program(program, id))
+}
+
+fn drop_rate(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
+    let link = Link::new()?;
+    let syn = segment(SYN);
+    let variants = [Variant::NoopDrop, Variant::Guard, Variant::Iptables];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut sent = Vec::new();
+    for _ in 0..sizes.rounds {
+        for (variant, samples) in variants.iter().zip(&mut rates) {
+            let receiver = attach(bench, &link, *variant)?;
+            link.pin_receiver()?;
+            let (elapsed, received) =
+                link.blast(xdp(bench, "bench_tx")?, &syn, sizes.live_frames)?;
+            samples.push(received as f64 / elapsed.as_secs_f64() / 1e6);
+            sent.push(f64::from(sizes.live_frames) / elapsed.as_secs_f64() / 1e6);
+            match receiver {
+                Receiver::Guard(guard) => {
+                    let dropped: u64 = guard.counters()?.iter().map(|c| c.dropped.packets).sum();
+                    // The veth also carries the kernel's own few packets (IPv6 neighbour
+                    // discovery), which pass.
+                    if dropped < received - received / 100 {
+                        bail!("the guard dropped {dropped} of {received} packets");
+                    }
+                }
+                Receiver::Program(name, id) => {
+                    xdp(bench, name)?.detach(id)?;
+                    if *variant == Variant::Iptables {
+                        iptables(&link.receiver, "-D")?;
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "\n== drop rate: control-plane SYNs over veth, {} frames per run, {} rounds interleaved",
+        sizes.live_frames, sizes.rounds
+    );
+    println!(
+        "   generator (XDP_TX live frames, CPU 0) sent a median {:.2} Mpps",
+        median(&mut sent)
+    );
+    let medians: Vec<f64> = rates.iter_mut().map(|samples| median(samples)).collect();
+    let guard = medians[1];
+    println!(
+        "   {:<24}{:>14}{:>16}",
+        "receiver (CPU 1)", "median Mpps", "guard / this"
+    );
+    for (variant, mpps) in variants.iter().zip(&medians) {
+        println!(
+            "   {:<24}{mpps:>14.2}{:>16.2}",
+            variant.label(),
+            guard / mpps
+        );
+    }
+    Ok(())
+}
