@@ -39,6 +39,11 @@ pub const PINNED_MAPS: [&str; 7] = [
 /// Drop events each CPU may emit per second; beyond that they are only counted in the next
 /// event's `suppressed`. Enough to see who is knocking, too few to flood the logs.
 pub const EVENTS_PER_SECOND: u32 = 8;
+/// Once a CPU's budget is spent, it reads the clock (to see whether a new one-second window
+/// began) for each of the first this many suppressed drops, then only for every this-many-th:
+/// a flood pays for the clock on one packet in this many, and its next event comes at most
+/// this many packets late.
+pub const EVENT_CLOCK_EVERY: u32 = 32;
 /// Size of the events ring in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 64 * 1024;
 

@@ -16,8 +16,8 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
-    COUNTER_SLOTS, Counter, DropEvent, EVENTS_PER_SECOND, EVENTS_RING_BYTES, EventBudget,
-    GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
+    COUNTER_SLOTS, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND, EVENTS_RING_BYTES,
+    EventBudget, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
 };
 
 #[map(name = "COUNTERS")]
@@ -59,11 +59,12 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
     if mode == Mode::Off as u32 {
         return xdp_action::XDP_PASS;
     }
-    let verdict = classify(&ctx);
+    let mut transport = Transport::default();
+    let verdict = classify(&ctx, &mut transport);
     let drop = verdict.drop && mode == Mode::Enforce as u32;
     count(&ctx, verdict.reason, drop);
     if verdict.drop {
-        report(&ctx, &verdict, drop);
+        report(&ctx, verdict.reason, &transport, drop);
     }
     if drop {
         xdp_action::XDP_DROP
@@ -75,53 +76,66 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
 struct Verdict {
     reason: Reason,
     drop: bool,
-    /// For drop events: the transport protocol and header offset, when they were parsed.
-    protocol: u8,
-    l4: u16,
 }
 
 const PASS: Verdict = Verdict::new(Reason::Pass, false);
 
 impl Verdict {
     const fn new(reason: Reason, drop: bool) -> Self {
-        Verdict {
-            reason,
-            drop,
-            protocol: 0,
-            l4: 0,
-        }
+        Verdict { reason, drop }
     }
+}
+
+/// For drop events: where the transport header of a dropped packet is. Written only on the
+/// paths that drop after parsing it, so the verdict the fast path returns stays small.
+#[derive(Default)]
+struct Transport {
+    protocol: u8,
+    l4: u16,
 }
 
 const fn malformed(from_control_plane: bool) -> Verdict {
     Verdict::new(Reason::Malformed, from_control_plane)
 }
 
-/// The source address, once known.
+/// Where the source address sits in the packet. It is read only when a verdict needs it:
+/// established traffic, the bulk of what passes, never does.
 #[derive(Clone, Copy)]
 enum Source {
-    V4([u8; 4]),
-    V6([u8; 16]),
+    V4(usize),
+    V6(usize),
 }
 
 impl Source {
-    fn in_control_plane(self) -> bool {
+    /// Whether the control plane sent the packet; an unreadable address is not the control
+    /// plane's.
+    #[inline(always)]
+    fn in_control_plane(self, ctx: &XdpContext) -> bool {
         match self {
-            Source::V4(a) => CP_V4.get(&Key::new(32, a)).is_some(),
-            Source::V6(a) => CP_V6.get(&Key::new(128, a)).is_some(),
+            Source::V4(at) => {
+                array::<4>(ctx, at).is_some_and(|a| CP_V4.get(&Key::new(32, a)).is_some())
+            }
+            Source::V6(at) => {
+                array::<16>(ctx, at).is_some_and(|a| CP_V6.get(&Key::new(128, a)).is_some())
+            }
         }
     }
 
-    /// Unparsable past the source address: dropped only when the control plane sent it. The
-    /// lookup happens here, off the fast path, rather than for every packet.
-    fn malformed(self) -> Verdict {
-        malformed(self.in_control_plane())
+    /// Unparsable past the IP version: dropped only when the control plane sent it.
+    #[inline(always)]
+    fn malformed(self, ctx: &XdpContext) -> Verdict {
+        malformed(self.in_control_plane(ctx))
     }
 
-    fn allowed_on_protected_ports(self) -> bool {
+    #[inline(always)]
+    fn allowed_on_protected_ports(self, ctx: &XdpContext) -> bool {
         match self {
-            Source::V4(a) => ALLOW_V4.get(&Key::new(32, a)).is_some(),
-            Source::V6(a) => ALLOW_V6.get(&Key::new(128, a)).is_some(),
+            Source::V4(at) => {
+                array::<4>(ctx, at).is_some_and(|a| ALLOW_V4.get(&Key::new(32, a)).is_some())
+            }
+            Source::V6(at) => {
+                array::<16>(ctx, at).is_some_and(|a| ALLOW_V6.get(&Key::new(128, a)).is_some())
+            }
         }
     }
 }
@@ -145,11 +159,28 @@ fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
 }
 
+/// The N bytes at `offset`, in place, or `None` past the end: one bounds check for a whole
+/// header (N is at least two, for the reason `array` gives).
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Verdict {
+fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: all N bytes lie inside the packet (checked above), which outlives the program
+    // run; [u8; N] has no alignment requirement.
+    Some(unsafe { &*((start + offset) as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext, found: &mut Transport) -> Verdict {
     let Some(mut ethertype) = be16(ctx, 12) else {
         return malformed(false);
     };
+    // Untagged IPv4 first: it is most of what a node receives.
+    if ethertype == ETH_P_IP {
+        return ipv4(ctx, ETH_HLEN, found);
+    }
     let mut offset = ETH_HLEN;
     // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
     for _ in 0..2 {
@@ -163,8 +194,8 @@ fn classify(ctx: &XdpContext) -> Verdict {
         offset += 4;
     }
     match ethertype {
-        ETH_P_IP => ipv4(ctx, offset),
-        ETH_P_IPV6 => ipv6(ctx, offset),
+        ETH_P_IP => ipv4(ctx, offset, found),
+        ETH_P_IPV6 => ipv6(ctx, offset, found),
         // A third tag is nothing the node's stack would deliver as IP.
         ETH_P_8021Q | ETH_P_8021AD => malformed(false),
         // ARP and everything else is not ours to judge.
@@ -173,48 +204,39 @@ fn classify(ctx: &XdpContext) -> Verdict {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Verdict {
-    // One binding per read: LLVM may spill the undefined half of a tuple of Options from a
-    // register holding a packet pointer, which the verifier rejects.
-    let Some([version_ihl, _]) = array::<2>(ctx, l3) else {
-        return malformed(false);
+fn ipv4(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
+    let source = Source::V4(l3 + 12);
+    let Some(header) = window::<20>(ctx, l3) else {
+        return source.malformed(ctx);
     };
-    let Some(source) = array::<4>(ctx, l3 + 12) else {
-        return malformed(false);
-    };
-    let source = Source::V4(source);
+    let version_ihl = header[0];
     let header_len = usize::from(version_ihl & 0x0f) * 4;
     if version_ihl >> 4 != 4 || header_len < 20 {
-        return source.malformed();
+        return source.malformed(ctx);
     }
-    let Some([frag_hi, frag_lo, _ttl, protocol]) = array::<4>(ctx, l3 + 6) else {
-        return source.malformed();
-    };
     // More-fragments set or a non-zero offset: any piece of a fragmented datagram.
-    if u16::from_be_bytes([frag_hi, frag_lo]) & 0x3fff != 0 {
-        return fragment_verdict(source);
+    if header[6] & 0x3f != 0 || header[7] != 0 {
+        return fragment_verdict(ctx, source);
     }
+    let protocol = header[9];
     let l4 = l3 + header_len;
-    // Options must be present in full.
-    if array::<2>(ctx, l4 - 2).is_none() {
-        return source.malformed();
+    // Options must be present in full; a TCP or UDP header read past them proves it anyway.
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && array::<2>(ctx, l4 - 2).is_none() {
+        return source.malformed(ctx);
     }
-    transport(ctx, protocol, l4, source)
+    transport(ctx, protocol, l4, source, found)
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
-    let Some([version, _, _, _, _, _, first_next, _]) = array::<8>(ctx, l3) else {
-        return malformed(false);
+fn ipv6(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
+    let source = Source::V6(l3 + 8);
+    let Some(header) = window::<40>(ctx, l3) else {
+        return source.malformed(ctx);
     };
-    let Some(source) = array::<16>(ctx, l3 + 8) else {
-        return malformed(false);
-    };
-    let source = Source::V6(source);
-    if version >> 4 != 6 || array::<2>(ctx, l3 + 38).is_none() {
-        return source.malformed();
+    if header[0] >> 4 != 6 {
+        return source.malformed(ctx);
     }
-    let mut next = first_next;
+    let mut next = header[6];
     let mut offset = l3 + 40;
     let mut fragmented = false;
     for _ in 0..MAX_EXTENSION_HEADERS {
@@ -222,7 +244,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
             // Hop-by-hop, routing, destination options: length in 8-octet units after the first.
             0 | 43 | 60 => {
                 let Some([following, len]) = array::<2>(ctx, offset) else {
-                    return source.malformed();
+                    return source.malformed(ctx);
                 };
                 next = following;
                 (usize::from(len) + 1) * 8
@@ -230,7 +252,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
             // Fragment header: fixed 8 octets.
             44 => {
                 let Some([following, _]) = array::<2>(ctx, offset) else {
-                    return source.malformed();
+                    return source.malformed(ctx);
                 };
                 fragmented = true;
                 next = following;
@@ -240,22 +262,22 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Verdict {
         };
         offset += step;
         if offset > MAX_L4_OFFSET {
-            return source.malformed();
+            return source.malformed(ctx);
         }
     }
     if matches!(next, 0 | 43 | 44 | 60) {
         // The chain is longer than we follow.
-        return source.malformed();
+        return source.malformed(ctx);
     }
     if fragmented {
-        return fragment_verdict(source);
+        return fragment_verdict(ctx, source);
     }
-    transport(ctx, next, offset, source)
+    transport(ctx, next, offset, source, found)
 }
 
 #[inline(always)]
-fn fragment_verdict(source: Source) -> Verdict {
-    if source.in_control_plane() {
+fn fragment_verdict(ctx: &XdpContext, source: Source) -> Verdict {
+    if source.in_control_plane(ctx) {
         Verdict::new(Reason::Fragment, true)
     } else {
         PASS
@@ -263,44 +285,45 @@ fn fragment_verdict(source: Source) -> Verdict {
 }
 
 #[inline(always)]
-fn transport(ctx: &XdpContext, protocol: u8, l4: usize, source: Source) -> Verdict {
+fn transport(
+    ctx: &XdpContext,
+    protocol: u8,
+    l4: usize,
+    source: Source,
+    found: &mut Transport,
+) -> Verdict {
     if l4 > MAX_L4_OFFSET {
-        return source.malformed();
+        return source.malformed(ctx);
     }
     match protocol {
         IPPROTO_TCP => {
-            let Some(port) = be16(ctx, l4 + 2) else {
-                return source.malformed();
+            let Some(header) = window::<20>(ctx, l4) else {
+                return source.malformed(ctx);
             };
-            let Some([data_offset, flags]) = array::<2>(ctx, l4 + 12) else {
-                return source.malformed();
-            };
-            let header_len = usize::from(data_offset >> 4) * 4;
-            if header_len < 20 || array::<2>(ctx, l4 + 18).is_none() {
-                return source.malformed();
+            if header[12] >> 4 < 5 {
+                return source.malformed(ctx);
             }
-            let syn = flags & TCP_SYN != 0 && flags & TCP_ACK == 0;
-            if !syn {
+            let flags = header[13];
+            if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
                 // Established traffic, including replies to the node's own connections.
                 return PASS;
             }
-            if source.in_control_plane() {
-                return Verdict {
+            if source.in_control_plane(ctx) {
+                *found = Transport {
                     protocol,
                     l4: l4 as u16,
-                    ..Verdict::new(Reason::ControlPlaneSyn, true)
                 };
+                return Verdict::new(Reason::ControlPlaneSyn, true);
             }
-            protected_port(port, source, protocol, l4)
+            let port = u16::from_be_bytes([header[2], header[3]]);
+            protected_port(ctx, port, source, protocol, l4, found)
         }
         IPPROTO_UDP => {
-            let Some(port) = be16(ctx, l4 + 2) else {
-                return source.malformed();
+            let Some(header) = window::<8>(ctx, l4) else {
+                return source.malformed(ctx);
             };
-            if array::<2>(ctx, l4 + 6).is_none() {
-                return source.malformed();
-            }
-            protected_port(port, source, protocol, l4)
+            let port = u16::from_be_bytes([header[2], header[3]]);
+            protected_port(ctx, port, source, protocol, l4, found)
         }
         // ICMP (path-MTU errors included) and everything else passes.
         _ => PASS,
@@ -308,15 +331,22 @@ fn transport(ctx: &XdpContext, protocol: u8, l4: usize, source: Source) -> Verdi
 }
 
 #[inline(always)]
-fn protected_port(port: u16, source: Source, protocol: u8, l4: usize) -> Verdict {
+fn protected_port(
+    ctx: &XdpContext,
+    port: u16,
+    source: Source,
+    protocol: u8,
+    l4: usize,
+    found: &mut Transport,
+) -> Verdict {
     // SAFETY: a hash-map lookup; the value is only tested for presence.
     let protected = unsafe { PORTS.get(&port) }.is_some();
-    if protected && !source.allowed_on_protected_ports() {
-        Verdict {
+    if protected && !source.allowed_on_protected_ports(ctx) {
+        *found = Transport {
             protocol,
             l4: l4 as u16,
-            ..Verdict::new(Reason::ProtectedPort, true)
-        }
+        };
+        Verdict::new(Reason::ProtectedPort, true)
     } else {
         PASS
     }
@@ -347,22 +377,34 @@ fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
 /// Runs only on the drop path, so it re-reads the addresses instead of carrying them through
 /// the fast path's parse.
 #[inline(always)]
-fn report(ctx: &XdpContext, verdict: &Verdict, dropped: bool) {
+fn report(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
     let budget = unsafe { &mut *budget };
-    // The coarse clock (tick resolution) is plenty for a one-second window and spares every
-    // drop a clock-source read. SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if now.wrapping_sub(budget.window_start_ns) >= 1_000_000_000 {
-        budget.window_start_ns = now;
-        budget.sent = 0;
-    }
+    const SECOND_NS: u64 = 1_000_000_000;
     if budget.sent >= EVENTS_PER_SECOND {
         budget.suppressed += 1;
-        return;
+        // Reading the clock costs about as much as the rest of the drop path, so in a flood
+        // only every EVENT_CLOCK_EVERY-th suppressed packet looks whether a new window began.
+        if budget.suppressed > EVENT_CLOCK_EVERY && budget.suppressed % EVENT_CLOCK_EVERY != 0 {
+            return;
+        }
+        // SAFETY: a helper without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        if now.wrapping_sub(budget.window_start_ns) < SECOND_NS {
+            return;
+        }
+        // This packet gets the event.
+        budget.suppressed -= 1;
+    }
+    // The coarse clock (tick resolution) is plenty for a one-second window.
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if now.wrapping_sub(budget.window_start_ns) >= SECOND_NS {
+        budget.window_start_ns = now;
+        budget.sent = 0;
     }
     let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
         budget.suppressed += 1;
@@ -370,16 +412,16 @@ fn report(ctx: &XdpContext, verdict: &Verdict, dropped: bool) {
     };
     budget.sent += 1;
     let mut event = DropEvent {
-        reason: verdict.reason as u32,
-        protocol: verdict.protocol,
+        reason: reason as u32,
+        protocol: transport.protocol,
         dropped: dropped as u8,
         suppressed: budget.suppressed,
         ..DropEvent::default()
     };
     budget.suppressed = 0;
     addresses(ctx, &mut event);
-    let l4 = usize::from(verdict.l4);
-    if verdict.protocol != 0 && l4 <= MAX_L4_OFFSET {
+    let l4 = usize::from(transport.l4);
+    if transport.protocol != 0 && l4 <= MAX_L4_OFFSET {
         if let Some(port) = be16(ctx, l4) {
             event.source_port = port;
         }
