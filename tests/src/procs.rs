@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,11 +38,20 @@ pub fn built(name: &str) -> Result<PathBuf> {
 }
 
 #[derive(Clone, Default)]
-pub struct Logs(Arc<Mutex<Vec<String>>>);
+pub struct Logs {
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Set when the process's stderr reached EOF: every line it wrote is in `lines`.
+    ended: Arc<AtomicBool>,
+}
 
 impl Logs {
     pub fn lines(&self) -> Vec<String> {
-        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+        self.lines.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the process closed its stderr (it exited) and every line is collected.
+    pub fn wait_ended(&self, limit: Duration) -> bool {
+        crate::process::wait_until(limit, || self.ended.load(Ordering::Acquire))
     }
 
     pub fn contains(&self, needle: &str) -> bool {
@@ -79,10 +89,11 @@ pub fn spawn_logged(name: &str, cmd: &mut Command) -> Result<Logged> {
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[{label}] {line}");
-            if let Ok(mut lines) = sink.0.lock() {
+            if let Ok(mut lines) = sink.lines.lock() {
                 lines.push(line);
             }
         }
+        sink.ended.store(true, Ordering::Release);
     });
     Ok(Logged { process, logs })
 }
@@ -224,6 +235,8 @@ fn wait_started(logged: &mut Logged, message: &str) -> Result<String> {
             return Ok(line);
         }
         if logged.process.exited() {
+            // Its last lines may still be in the pipe.
+            logged.logs.wait_ended(Duration::from_secs(2));
             bail!(
                 "process exited before starting:\n{}",
                 logged.logs.lines().join("\n")

@@ -19,7 +19,7 @@ fn fails(binary: &str, args: &[String]) -> (i32, String) {
         .process
         .wait_timeout(Duration::from_secs(10))
         .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(logged.logs.wait_ended(Duration::from_secs(5)));
     let errors: Vec<String> = logged
         .logs
         .lines()

@@ -21,7 +21,7 @@ use nix::sys::signal::Signal;
 use tether_tests::bpffs::Bpffs;
 use tether_tests::netns::{Netns, veth};
 use tether_tests::pki::Pki;
-use tether_tests::procs::{Agent, Server, built, http_get};
+use tether_tests::procs::{Agent, Server, built, http_get, spawn_logged};
 use tether_tests::require_root;
 
 const CP: &str = "10.77.0.1";
@@ -482,5 +482,34 @@ fn bad_guard_setups_fail_with_the_fix() {
         err.contains(r#"network interface \"nosuch0\" does not exist"#)
             || err.contains(r#"network interface "nosuch0" does not exist"#),
         "{err}"
+    );
+
+    // Root without capabilities, like a pod that was not granted CAP_BPF.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", ns.path()))
+        .args(["setpriv", "--bounding-set=-all", "--inh-caps=-all"])
+        .arg(built("tether-agent").unwrap())
+        .args([
+            "--log-format=json",
+            "--health-server-port=0",
+            "--admin-server-port=0",
+            "--guard-interface=lo",
+        ])
+        .arg(format!("--proxy-server-host={CP}"))
+        .arg(format!("--ca-cert={}", pki.ca().display()))
+        .arg(format!("--bpffs-root={}", bpffs.root().display()));
+    let mut agent = spawn_logged("agent", &mut cmd).unwrap();
+    let status = agent.process.wait_timeout(Duration::from_secs(10)).unwrap();
+    assert!(!status.success(), "started without capabilities");
+    assert!(
+        agent
+            .logs
+            .wait_for(
+                "loading eBPF is not permitted: the agent needs CAP_BPF",
+                Duration::from_secs(2)
+            )
+            .is_some(),
+        "{:#?}",
+        agent.logs.lines()
     );
 }
