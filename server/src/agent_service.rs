@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::backends::{Backend, Backends, Identifiers};
 use crate::metrics::Metrics;
+use crate::token_auth::TokenAuth;
 
 pub struct Agents {
     pub backends: Arc<Backends>,
@@ -25,6 +26,8 @@ pub struct Agents {
     pub server_count: u32,
     pub queue_packets: usize,
     pub dial_timeout: Option<std::time::Duration>,
+    /// Set when agents authenticate with service-account tokens.
+    pub token_auth: Option<Arc<TokenAuth>>,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -41,6 +44,17 @@ impl AgentService for Agents {
             self.metrics.reject("agent_metadata");
             tracing::warn!(peer = ?request.remote_addr(), error = status.message(), "rejected agent stream");
         })?;
+        // Before any response header: an agent learns nothing about the server until it is in.
+        if let Some(auth) = &self.token_auth {
+            match auth.authenticate(request.metadata()).await {
+                Ok(user) => tracing::debug!(agent = %agent_id, user, "agent token authenticated"),
+                Err(err) => {
+                    self.metrics.reject("agent_auth");
+                    tracing::warn!(peer = ?request.remote_addr(), agent = %agent_id, error = %tether_runtime::error_chain(&err), "rejected agent stream");
+                    return Err(Status::unauthenticated(err.to_string()));
+                }
+            }
+        }
         let (tx, rx) = mpsc::channel(self.queue_packets);
         let flow_control = request
             .metadata()

@@ -23,6 +23,7 @@ use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
 use crate::listen::{bind_uds, tls_incoming};
 use crate::metrics::Metrics;
+use crate::token_auth::TokenAuth;
 use tether_runtime::net::bind_tcp;
 
 /// Largest gRPC message accepted (upstream peers send at most 4 MiB).
@@ -41,6 +42,8 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("agent token authentication")]
+    TokenAuth(#[from] crate::token_auth::SetupError),
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +64,10 @@ pub struct Server {
 }
 
 pub async fn start(config: Config) -> Result<Server, StartError> {
+    let token_auth = match &config.token_auth {
+        Some(settings) => Some(Arc::new(TokenAuth::new(settings).await?)),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let backends = Arc::new(Backends::new(config.strategies.clone(), metrics.clone()));
     let (stop_frontends, stop_rx) = watch::channel(false);
@@ -101,6 +108,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         server_count: config.server_count,
         queue_packets: config.agent_queue_packets,
         dial_timeout: config.backend_dial_timeout,
+        token_auth,
     };
     let incoming = tls_incoming(
         agent_listener,

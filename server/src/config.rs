@@ -127,30 +127,50 @@ pub struct Args {
     pub warn_on_channel_limit: Option<bool>,
 
     #[command(flatten)]
+    pub token_auth: TokenAuthArgs,
+
+    #[command(flatten)]
     pub process: Process,
 
     #[command(flatten)]
     pub unsupported: Unsupported,
 }
 
+/// Agents authenticated by their service-account token: each Connect's bearer token is checked
+/// with a TokenReview against kube-apiserver. The alternative to --cluster-ca-cert.
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Agent token authentication")]
+pub struct TokenAuthArgs {
+    /// Namespace of the agents' service account; setting it turns token authentication on
+    /// (with --agent-service-account and --authentication-audience).
+    #[arg(long, default_value = "")]
+    pub agent_namespace: String,
+    /// Name of the agents' service account.
+    #[arg(long, default_value = "")]
+    pub agent_service_account: String,
+    /// Audience the agents' projected tokens are issued for (e.g. system:konnectivity-server).
+    #[arg(long, default_value = "")]
+    pub authentication_audience: String,
+    /// kubeconfig for kube-apiserver (needs TokenReview create, e.g. system:auth-delegator);
+    /// empty = the pod's in-cluster service account.
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+    /// TokenReviews per second (0 = client-go's default, 5).
+    #[arg(long, default_value_t = 0.0)]
+    pub kubeconfig_qps: f32,
+    /// TokenReviews allowed in a burst (0 = client-go's default, 10).
+    #[arg(long, default_value_t = 0)]
+    pub kubeconfig_burst: u32,
+    /// Accepted for compatibility; tether's client always sends JSON, which every
+    /// kube-apiserver accepts.
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+}
+
 /// Upstream flags whose features tether-server does not have. Setting one is an error that
 /// names it; they exist so the error is precise rather than "unknown flag".
 #[derive(clap::Args, Debug, Default)]
 pub struct Unsupported {
-    #[arg(long, hide = true)]
-    pub agent_namespace: Option<String>,
-    #[arg(long, hide = true)]
-    pub agent_service_account: Option<String>,
-    #[arg(long, hide = true)]
-    pub authentication_audience: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubeconfig: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubeconfig_qps: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubeconfig_burst: Option<String>,
-    #[arg(long, hide = true)]
-    pub kube_api_content_type: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub enable_lease_controller: Option<String>,
     #[arg(long, hide = true)]
@@ -168,41 +188,6 @@ pub struct Unsupported {
 impl Unsupported {
     fn check(&self) -> Result<(), ConfigError> {
         let set = [
-            (
-                "agent-namespace",
-                &self.agent_namespace,
-                "token authentication (TokenReview) is not implemented; authenticate agents with --cluster-ca-cert (mTLS)",
-            ),
-            (
-                "agent-service-account",
-                &self.agent_service_account,
-                "token authentication (TokenReview) is not implemented; authenticate agents with --cluster-ca-cert (mTLS)",
-            ),
-            (
-                "authentication-audience",
-                &self.authentication_audience,
-                "token authentication (TokenReview) is not implemented; authenticate agents with --cluster-ca-cert (mTLS)",
-            ),
-            (
-                "kubeconfig",
-                &self.kubeconfig,
-                "tether-server does not talk to the Kubernetes API",
-            ),
-            (
-                "kubeconfig-qps",
-                &self.kubeconfig_qps,
-                "tether-server does not talk to the Kubernetes API",
-            ),
-            (
-                "kubeconfig-burst",
-                &self.kubeconfig_burst,
-                "tether-server does not talk to the Kubernetes API",
-            ),
-            (
-                "kube-api-content-type",
-                &self.kube_api_content_type,
-                "tether-server does not talk to the Kubernetes API",
-            ),
             (
                 "enable-lease-controller",
                 &self.enable_lease_controller,
@@ -277,6 +262,19 @@ pub struct Config {
     pub admin_host: String,
     pub admin_port: u16,
     pub graceful_shutdown_timeout: Duration,
+    pub token_auth: Option<TokenAuthSettings>,
+}
+
+/// Token authentication of agents, validated.
+#[derive(Clone, Debug)]
+pub struct TokenAuthSettings {
+    pub namespace: String,
+    pub service_account: String,
+    pub audience: String,
+    /// `None`: in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
+    pub qps: f64,
+    pub burst: u32,
 }
 
 impl Config {
@@ -340,6 +338,14 @@ impl Config {
         )?;
         let cluster_ca = (!args.cluster_ca_cert.is_empty())
             .then(|| PemFile::new("cluster-ca-cert", &args.cluster_ca_cert));
+        let token_auth = args.token_auth.settings()?;
+        if token_auth.is_some() && cluster_ca.is_some() {
+            return Err(ConfigError::Invalid {
+                flag: "agent-namespace",
+                value: args.token_auth.agent_namespace.clone(),
+                why: "token authentication and --cluster-ca-cert (client certificates) exclude each other; choose one".into(),
+            });
+        }
         let agent_tls =
             tls::server_config(&agent_identity, cluster_ca.as_ref(), alpn_h2, tls13_only)?;
 
@@ -442,7 +448,77 @@ impl Config {
             admin_host: args.admin_bind_address.clone(),
             admin_port: args.admin_port,
             graceful_shutdown_timeout: args.graceful_shutdown_timeout,
+            token_auth,
         })
+    }
+}
+
+impl TokenAuthArgs {
+    fn settings(&self) -> Result<Option<TokenAuthSettings>, ConfigError> {
+        if self.agent_namespace.is_empty() {
+            if !self.agent_service_account.is_empty() || !self.authentication_audience.is_empty() {
+                return Err(ConfigError::Required {
+                    flag: "agent-namespace",
+                    why: " with --agent-service-account and --authentication-audience (token authentication)",
+                });
+            }
+            return Ok(None);
+        }
+        for (flag, value) in [
+            ("agent-service-account", &self.agent_service_account),
+            ("authentication-audience", &self.authentication_audience),
+        ] {
+            if value.is_empty() {
+                return Err(ConfigError::Required {
+                    flag,
+                    why: " with --agent-namespace (token authentication)",
+                });
+            }
+        }
+        let kubeconfig = (!self.kubeconfig.is_empty()).then(|| PathBuf::from(&self.kubeconfig));
+        if let Some(path) = &kubeconfig
+            && !path.is_file()
+        {
+            return Err(ConfigError::Invalid {
+                flag: "kubeconfig",
+                value: self.kubeconfig.clone(),
+                why: "no such file".into(),
+            });
+        }
+        if !(self.kubeconfig_qps >= 0.0 && self.kubeconfig_qps.is_finite()) {
+            return Err(ConfigError::Invalid {
+                flag: "kubeconfig-qps",
+                value: self.kubeconfig_qps.to_string(),
+                why: "must be a non-negative number".into(),
+            });
+        }
+        match self.kube_api_content_type.as_str() {
+            "application/vnd.kubernetes.protobuf" | "application/json" => {}
+            other => {
+                return Err(ConfigError::Invalid {
+                    flag: "kube-api-content-type",
+                    value: other.to_owned(),
+                    why: "expected application/vnd.kubernetes.protobuf or application/json".into(),
+                });
+            }
+        }
+        // client-go's defaults when the flags are 0, as upstream's client gets them.
+        Ok(Some(TokenAuthSettings {
+            namespace: self.agent_namespace.clone(),
+            service_account: self.agent_service_account.clone(),
+            audience: self.authentication_audience.clone(),
+            kubeconfig,
+            qps: if self.kubeconfig_qps > 0.0 {
+                f64::from(self.kubeconfig_qps)
+            } else {
+                5.0
+            },
+            burst: if self.kubeconfig_burst > 0 {
+                self.kubeconfig_burst
+            } else {
+                10
+            },
+        }))
     }
 }
 

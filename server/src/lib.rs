@@ -7,3 +7,4 @@ pub mod config;
 pub mod frontend;
 pub mod listen;
 pub mod metrics;
+pub mod token_auth;

@@ -173,3 +173,51 @@ fn klog_flags_from_upstream_manifests_are_accepted() {
     let server = tether_tests::procs::Server::start(&refs).unwrap();
     assert!(server.health_port > 0);
 }
+
+#[test]
+fn token_authentication_flags_are_checked_together() {
+    let pki = Pki::new(&[]).unwrap();
+    let token = [
+        "--agent-namespace=kube-system",
+        "--agent-service-account=konnectivity-agent",
+    ];
+    let (code, line) = fails("tether-server", &server_args(&pki, &token));
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--authentication-audience is required with --agent-namespace"),
+        "{line}"
+    );
+
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(
+            &pki,
+            &["--authentication-audience=system:konnectivity-server"],
+        ),
+    );
+    assert_eq!(code, 2);
+    assert!(line.contains("--agent-namespace is required"), "{line}");
+
+    let mut all = token.to_vec();
+    all.push("--authentication-audience=system:konnectivity-server");
+    let ca = format!("--cluster-ca-cert={}", pki.ca().display());
+    let mut with_ca = all.clone();
+    with_ca.push(&ca);
+    let (code, line) = fails("tether-server", &server_args(&pki, &with_ca));
+    assert_eq!(code, 2);
+    assert!(line.contains("exclude each other"), "{line}");
+
+    let mut missing = all.clone();
+    missing.push("--kubeconfig=/nonexistent/kubeconfig");
+    let (code, line) = fails("tether-server", &server_args(&pki, &missing));
+    assert_eq!(code, 2);
+    assert!(
+        line.contains(r#"--kubeconfig="/nonexistent/kubeconfig": no such file"#),
+        "{line}"
+    );
+
+    // Outside a pod, without --kubeconfig, there is no way to reach kube-apiserver.
+    let (code, line) = fails("tether-server", &server_args(&pki, &all));
+    assert_ne!(code, 0);
+    assert!(line.contains("set --kubeconfig"), "{line}");
+}
