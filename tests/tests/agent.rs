@@ -570,3 +570,41 @@ async fn malformed_protobuf_from_the_server_drops_that_stream_only() {
             .is_some_and(|n| n >= 1.0)
     );
 }
+
+/// The CA bundle (like the client certificate and key) is read at every connection attempt: an
+/// agent that cannot verify the server recovers as soon as the file on disk is fixed, without a
+/// restart — how rotated certificates reach a running agent.
+#[test]
+fn a_replaced_ca_bundle_is_used_by_the_next_connection() {
+    let cluster = Cluster::server_only(Mode::HttpConnect, Transport::Uds, &[]).unwrap();
+    let stranger = Pki::new(&[]).unwrap();
+    let bundle = stranger.dir().join("bundle.pem");
+    std::fs::copy(stranger.ca(), &bundle).unwrap();
+    let ca = format!("--ca-cert={}", bundle.display());
+    let args = [
+        format!("--proxy-server-port={}", cluster.server.agent_port),
+        "--sync-interval=100ms".into(),
+        "--sync-interval-cap=500ms".into(),
+        ca,
+    ];
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = Agent::start(&refs).unwrap();
+    assert!(
+        agent
+            .logged
+            .logs
+            .wait_for("cannot connect to the proxy server", Duration::from_secs(5))
+            .is_some(),
+        "the agent did not report the failed verification"
+    );
+    assert!(!wait_ready(
+        cluster.server.health_port,
+        Duration::from_millis(500)
+    ));
+
+    std::fs::copy(cluster.pki.ca(), &bundle).unwrap();
+    assert!(
+        wait_ready(cluster.server.health_port, Duration::from_secs(5)),
+        "the agent kept the old CA bundle"
+    );
+}
