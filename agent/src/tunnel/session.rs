@@ -351,7 +351,7 @@ impl Session {
                     break String::new();
                 }
                 Ok(n) => {
-                    // Small reads are copied so they do not pin a 64 KiB allocation.
+                    // Small reads are copied so they do not pin a CHUNK-sized allocation.
                     let data = if n < CHUNK / 8 {
                         Bytes::copy_from_slice(&buf)
                     } else {
