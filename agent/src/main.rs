@@ -1,4 +1,5 @@
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tether_agent::app;
@@ -47,6 +48,7 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
             if left > 0 {
                 tracing::warn!(closed = left, "drain deadline reached; closing the remaining connections");
             }
+            agent.clients.leave(Duration::from_secs(1)).await;
             ExitCode::SUCCESS
         }
         _ = signals.next() => {

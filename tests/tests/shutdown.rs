@@ -64,6 +64,14 @@ async fn agent_drain_keeps_open_tunnels_refuses_new_ones_and_exits_when_they_end
         .wait_timeout(Duration::from_secs(5))
         .unwrap();
     assert!(status.success(), "agent exited with {status}");
+    // It ended its stream before leaving, instead of dropping the connection under it.
+    let gone = cluster
+        .server
+        .logged
+        .logs
+        .wait_for("agent disconnected", Duration::from_secs(5))
+        .expect("server never saw the agent leave");
+    assert!(gone.contains("agent closed the stream"), "{gone}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

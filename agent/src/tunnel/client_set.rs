@@ -141,12 +141,16 @@ impl ClientSet {
                     }
                 }
             };
-            tracing::warn!(
-                server = session.server_id,
-                reason,
-                open = session.open_connections(),
-                "lost proxy server stream; its connections are closed"
-            );
+            if set.draining.load(Ordering::Relaxed) && session.open_connections() == 0 {
+                tracing::info!(server = session.server_id, reason, "server stream closed");
+            } else {
+                tracing::warn!(
+                    server = session.server_id,
+                    reason,
+                    open = session.open_connections(),
+                    "lost proxy server stream; its connections are closed"
+                );
+            }
             set.servers().remove(&session.server_id);
             session.shut_down();
             set.metrics.open_server_connections.dec();
@@ -167,6 +171,18 @@ impl ClientSet {
         }
         for session in self.servers().values() {
             session.send_drain();
+        }
+    }
+
+    /// After a drain: ends every server stream cleanly and waits, at most `limit`, for the
+    /// servers to close theirs.
+    pub async fn leave(&self, limit: Duration) {
+        for session in self.servers().values() {
+            session.finish();
+        }
+        let start = tokio::time::Instant::now();
+        while !self.servers().is_empty() && start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

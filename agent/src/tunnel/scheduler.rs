@@ -27,6 +27,8 @@ struct Lanes {
     /// Connections with something queued, in service order.
     ready: VecDeque<i64>,
     closed: bool,
+    /// End the stream once everything queued is sent.
+    finishing: bool,
 }
 
 #[derive(Default)]
@@ -99,9 +101,18 @@ impl Scheduler {
                     }
                     return Some(item.packet);
                 }
+                if lanes.finishing {
+                    return None;
+                }
             }
             self.wake.notified().await;
         }
+    }
+
+    /// Ends the stream after what is queued: `next` returns `None` once the queue is empty.
+    pub fn finish(&self) {
+        self.lock().finishing = true;
+        self.wake.notify_one();
     }
 
     /// Ends the stream: `next` returns `None` and queued packets are dropped.
@@ -175,6 +186,18 @@ mod tests {
         assert_eq!(credits.available_permits(), 0);
         scheduler.next().await.unwrap();
         assert_eq!(credits.available_permits(), 10);
+    }
+
+    #[tokio::test]
+    async fn finish_ends_the_stream_after_what_is_queued() {
+        let scheduler = Scheduler::new();
+        scheduler.push(1, Packet::close_response(1, ""), None);
+        scheduler.finish();
+        assert!(matches!(
+            scheduler.next().await.unwrap().into_message(),
+            Message::CloseResponse(_)
+        ));
+        assert!(scheduler.next().await.is_none());
     }
 
     #[tokio::test]

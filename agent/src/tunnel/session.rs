@@ -454,6 +454,12 @@ impl Session {
         self.send_control(Packet::drain());
     }
 
+    /// Ends this agent's side of the stream once its queued packets are out, so the server
+    /// sees the stream close cleanly rather than the connection drop.
+    pub fn finish(&self) {
+        self.scheduler.finish();
+    }
+
     /// The stream is gone: every connection and dial of this session ends now.
     pub fn shut_down(&self) {
         for (_, dial) in self.dials().drain() {
