@@ -593,7 +593,10 @@ fn a_replaced_ca_bundle_is_used_by_the_next_connection() {
         agent
             .logged
             .logs
-            .wait_for("cannot connect to the proxy server", Duration::from_secs(5))
+            .wait_for(
+                "the proxy server's certificate is not signed by a CA in --ca-cert",
+                Duration::from_secs(5)
+            )
             .is_some(),
         "the agent did not report the failed verification"
     );

@@ -110,7 +110,7 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls.connect(name, tcp).await?;
+                let stream = tls.connect(name, tcp).await.map_err(explain_tls)?;
                 Ok::<_, io::Error>(TokioIo::new(stream))
             }
         })
@@ -182,4 +182,26 @@ pub async fn connect(
         flow_control,
         inbound: response.into_inner(),
     })
+}
+
+/// Puts the usual fix beside a certificate the agent could not verify; rustls' own text
+/// ("invalid peer certificate: BadSignature") names the symptom only.
+fn explain_tls(err: io::Error) -> io::Error {
+    let hint = match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+        | Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForNameContext { .. },
+        )) => "the proxy server's certificate does not name --proxy-server-host",
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) => "the proxy server's certificate has expired",
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            "the proxy server's certificate is not signed by a CA in --ca-cert"
+        }
+        _ => return err,
+    };
+    io::Error::new(err.kind(), format!("{hint} ({err})"))
 }
