@@ -78,11 +78,10 @@ pub async fn start(
 ) -> Result<Option<Guard>, GuardError> {
     let pins = Pins::new(&settings.bpffs_root);
     if settings.mode == Mode::Off {
-        if !pins.exist() {
+        let Some(pinned) = PinnedGuard::find(pins) else {
             tracing::info!("guard off: nothing attached");
             return Ok(None);
-        }
-        let pinned = PinnedGuard::open(pins)?;
+        };
         pinned.set_mode(Mode::Off)?;
         tracing::warn!(
             bpffs_root = %settings.bpffs_root.display(),

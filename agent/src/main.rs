@@ -66,15 +66,14 @@ fn guard_command(command: GuardCommand) -> anyhow::Result<()> {
             print!("{}", status_text(&args.bpffs_root, &status));
         }
         GuardCommand::Detach(args) => {
-            let pins = Pins::new(&args.bpffs_root);
-            if !pins.exist() {
+            let Some(pinned) = PinnedGuard::find(Pins::new(&args.bpffs_root)) else {
                 println!(
                     "nothing pinned under {}: no guard to detach",
                     args.bpffs_root.display()
                 );
                 return Ok(());
-            }
-            let interfaces = PinnedGuard::open(pins)?.detach()?;
+            };
+            let interfaces = pinned.detach()?;
             println!(
                 "guard detached from {} and its pins under {} removed",
                 if interfaces.is_empty() {

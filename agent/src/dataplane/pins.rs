@@ -114,11 +114,15 @@ pub struct Status {
 }
 
 impl PinnedGuard {
+    /// The guard pinned under `pins`, if an agent left one there.
+    pub fn find(pins: Pins) -> Option<Self> {
+        pins.exist().then_some(PinnedGuard { pins })
+    }
+
+    /// As [`PinnedGuard::find`], with nothing pinned an error.
     pub fn open(pins: Pins) -> Result<Self, DataplaneError> {
-        if !pins.exist() {
-            return Err(DataplaneError::NothingPinned(pins.root.clone()));
-        }
-        Ok(PinnedGuard { pins })
+        let root = pins.root.clone();
+        Self::find(pins).ok_or(DataplaneError::NothingPinned(root))
     }
 
     fn open_map(&self, name: &'static str) -> Result<Map, DataplaneError> {
@@ -190,13 +194,12 @@ impl PinnedGuard {
         let mut prefixes: Vec<Cidr> = trie4
             .keys()
             .map(|k| k.map(|k| to_cidr(IpAddr::from(k.data()), k.prefix_len())))
-            .chain(
-                trie6
-                    .keys()
-                    .map(|k| k.map(|k| to_cidr(IpAddr::from(k.data()), k.prefix_len()))),
-            )
             .collect::<Result<_, MapError>>()
             .map_err(map_error(v4))?;
+        for key in trie6.keys() {
+            let key = key.map_err(map_error(v6))?;
+            prefixes.push(to_cidr(IpAddr::from(key.data()), key.prefix_len()));
+        }
         prefixes.sort_by_key(|c| (c.addr, c.len));
         Ok(prefixes)
     }
