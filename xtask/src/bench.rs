@@ -16,6 +16,11 @@ pub struct Options {
     /// Smaller sizes, for a smoke run.
     #[arg(long)]
     pub quick: bool,
+    /// Tunnel: how often each CPU measure is repeated (the median is reported).
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Tunnel: only these phases (download, upload, rtt, dial, idle, hol).
+    pub phases: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -38,6 +43,10 @@ pub fn run(opts: &Options) -> Result<()> {
             if opts.quick {
                 cmd.arg("--quick");
             }
+            if let Some(rounds) = opts.rounds {
+                cmd.arg("--rounds").arg(rounds.to_string());
+            }
+            cmd.args(&opts.phases);
             run_checked(&mut cmd)
         }
         What::Guard => {

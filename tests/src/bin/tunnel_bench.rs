@@ -2,6 +2,7 @@
 //! TCP baseline measured in the same run. Wall-clock figures on shared 2-core machines swing a
 //! lot; CPU time per unit of work (utime+stime from /proc) and ratios are what to compare.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -14,18 +15,31 @@ use tokio::net::{TcpListener, TcpStream};
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 256 * 1024;
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+/// CPU time each thread of `pid` has used, in nanoseconds (the first field of
+/// `/proc/<pid>/task/<tid>/schedstat`: utime+stime as the scheduler counts it, without
+/// `/proc/<pid>/stat`'s 10 ms ticks, which are too coarse for a few thousand round trips).
+fn thread_cpu(pid: u32) -> HashMap<u32, u64> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
     };
-    (ticks(11) + ticks(12)) / 100.0
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((tid, stat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// CPU seconds `pid` used between two [`thread_cpu`] readings. Per thread, so a thread that
+/// starts or ends in between counts only for the time it ran in between.
+fn cpu_between(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> f64 {
+    after
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum::<u64>() as f64
+        / 1e9
 }
 
 fn rss_kib(pid: u32) -> f64 {
@@ -109,9 +123,27 @@ struct Pids {
     server: u32,
 }
 
+/// CPU readings of both processes at one moment.
+struct Cpu {
+    agent: HashMap<u32, u64>,
+    server: HashMap<u32, u64>,
+}
+
 impl Pids {
-    fn cpu(&self) -> (f64, f64) {
-        (cpu_seconds(self.agent), cpu_seconds(self.server))
+    fn cpu(&self) -> Cpu {
+        Cpu {
+            agent: thread_cpu(self.agent),
+            server: thread_cpu(self.server),
+        }
+    }
+
+    /// Agent and server CPU seconds since `before`.
+    fn since(&self, before: &Cpu) -> (f64, f64) {
+        let now = self.cpu();
+        (
+            cpu_between(&before.agent, &now.agent),
+            cpu_between(&before.server, &now.server),
+        )
     }
 }
 
@@ -182,11 +214,130 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Command line: `[--quick] [--rounds N] [PHASE...]`; phases are download, upload, rtt, dial,
+/// idle and hol, all of them when none is named.
+struct Args {
+    quick: bool,
+    rounds: usize,
+    phases: Vec<String>,
+}
+
+impl Args {
+    fn parse() -> Result<Self> {
+        let mut args = Args {
+            quick: false,
+            rounds: 3,
+            phases: Vec::new(),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            match arg.as_str() {
+                "--quick" => args.quick = true,
+                "--rounds" => {
+                    args.rounds = it
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .filter(|&n| n > 0)
+                        .context("--rounds takes a whole number above 0")?;
+                }
+                "download" | "upload" | "rtt" | "dial" | "idle" | "hol" => args.phases.push(arg),
+                other => anyhow::bail!(
+                    "unknown argument {other:?}; usage: tunnel_bench [--quick] [--rounds N] [download|upload|rtt|dial|idle|hol ...]"
+                ),
+            }
+        }
+        Ok(args)
+    }
+
+    fn runs(&self, phase: &str) -> bool {
+        self.phases.is_empty() || self.phases.iter().any(|p| p == phase)
+    }
+}
+
+/// One row's CPU cost per unit over several rounds: the median, and the range.
+#[derive(Default)]
+struct Spread(Vec<f64>);
+
+impl Spread {
+    fn push(&mut self, value: f64) {
+        self.0.push(value);
+    }
+
+    fn show(&self, decimals: usize) -> String {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        let (Some(low), Some(high)) = (v.first(), v.last()) else {
+            return "—".into();
+        };
+        let median = v[v.len() / 2];
+        if v.len() == 1 {
+            format!("{median:.decimals$}")
+        } else {
+            format!("{median:.decimals$} ({low:.decimals$}–{high:.decimals$})")
+        }
+    }
+}
+
+/// Agent and server cost per unit of one measure, over the rounds.
+#[derive(Default)]
+struct Costs {
+    agent: Spread,
+    server: Spread,
+}
+
+impl Costs {
+    fn push(&mut self, (agent, server): (f64, f64), per: f64) {
+        self.agent.push(agent / per);
+        self.server.push(server / per);
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Times `transfer` over the direct path and the tunnel, `rounds` times each, and prints the
+/// row: median throughput of each and the tunnel's CPU per GiB.
+async fn bulk_row<F, Fut>(
+    label: &str,
+    args: &Args,
+    bytes: u64,
+    pids: &Pids,
+    direct: &'static Side,
+    tunnel: &'static Side,
+    transfer: F,
+) -> Result<()>
+where
+    F: Fn(&'static Side) -> Fut,
+    Fut: std::future::Future<Output = Result<Duration>>,
+{
+    let mibs = |d: Duration| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
+    for _ in 0..args.rounds {
+        base.push(mibs(transfer(direct).await?));
+        let before = pids.cpu();
+        through.push(mibs(transfer(tunnel).await?));
+        // Let the last bytes drain through before reading CPU.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        costs.push(pids.since(&before), bytes as f64 / GIB as f64);
+    }
+    let (base, through) = (median(base), median(through));
+    println!(
+        "| {label} {} MiB (MiB/s) | {base:.0} | {through:.0} | {:.2} | {} CPU-s/GiB | {} CPU-s/GiB |",
+        bytes >> 20,
+        through / base,
+        costs.agent.show(2),
+        costs.server.show(2)
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let bulk = if quick { GIB / 8 } else { GIB };
-    let (rtt_n, idle_n, dial_n) = if quick {
+    let args = Args::parse()?;
+    let bulk = if args.quick { GIB / 8 } else { GIB };
+    let (rtt_n, idle_n, dial_n) = if args.quick {
         (500, 500, 300)
     } else {
         (2000, 2000, 2000)
@@ -202,133 +353,150 @@ async fn main() -> Result<()> {
             .unwrap_or(0),
         server: cluster.server.logged.process.pid(),
     };
-    let direct = Side {
+    let direct: &'static Side = Box::leak(Box::new(Side {
         name: "direct TCP",
         target: None,
-    };
-    let tunnel = Side {
+    }));
+    let tunnel: &'static Side = Box::leak(Box::new(Side {
         name: "tether tunnel",
         target: Some(cluster.target.clone()),
-    };
+    }));
     let (src, dst) = (source().await, sink().await);
     let echo = tether_tests::backend::echo().await;
 
+    println!(
+        "{} round(s) per measure; CPU columns: median (lowest–highest) over the rounds",
+        args.rounds
+    );
     println!("| measure | direct TCP | tether tunnel | ratio | agent CPU | server CPU |");
     println!("|---|---|---|---|---|---|");
 
     // Warm up both paths.
-    download(&direct, src, 16 << 20).await?;
-    download(&tunnel, src, 16 << 20).await?;
+    download(direct, src, 16 << 20).await?;
+    download(tunnel, src, 16 << 20).await?;
 
-    let base = download(&direct, src, bulk).await?;
-    let (a0, s0) = pids.cpu();
-    let through = download(&tunnel, src, bulk).await?;
-    let (a1, s1) = pids.cpu();
-    let gib = bulk as f64 / GIB as f64;
-    let mibs = |d: Duration| bulk as f64 / (1 << 20) as f64 / d.as_secs_f64();
-    println!(
-        "| download {} MiB (MiB/s) | {:.0} | {:.0} | {:.2} | {:.2} CPU-s/GiB | {:.2} CPU-s/GiB |",
-        bulk >> 20,
-        mibs(base),
-        mibs(through),
-        mibs(through) / mibs(base),
-        (a1 - a0) / gib,
-        (s1 - s0) / gib
-    );
+    if args.runs("download") {
+        bulk_row("download", &args, bulk, &pids, direct, tunnel, |side| {
+            download(side, src, bulk)
+        })
+        .await?;
+    }
+    if args.runs("upload") {
+        bulk_row("upload", &args, bulk, &pids, direct, tunnel, |side| {
+            upload(side, dst, bulk)
+        })
+        .await?;
+    }
 
-    let base = upload(&direct, dst, bulk).await?;
-    let (a0, s0) = pids.cpu();
-    let through = upload(&tunnel, dst, bulk).await?;
-    // Let the last bytes drain through before reading CPU.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (a1, s1) = pids.cpu();
-    println!(
-        "| upload {} MiB (MiB/s) | {:.0} | {:.0} | {:.2} | {:.2} CPU-s/GiB | {:.2} CPU-s/GiB |",
-        bulk >> 20,
-        mibs(base),
-        mibs(through),
-        mibs(through) / mibs(base),
-        (a1 - a0) / gib,
-        (s1 - s0) / gib
-    );
+    if args.runs("rtt") {
+        for concurrency in [1usize, 64] {
+            let per = if concurrency == 1 { rtt_n } else { rtt_n / 16 };
+            let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
+            for _ in 0..args.rounds {
+                base.extend(rtts(direct, echo, per, concurrency).await?);
+                let before = pids.cpu();
+                let round = rtts(tunnel, echo, per, concurrency).await?;
+                costs.push(pids.since(&before), round.len() as f64 / 1e6);
+                through.extend(round);
+            }
+            base.sort();
+            through.sort();
+            println!(
+                "| 64 B round trip x{concurrency} p50 / p99 (µs) | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {} CPU-µs/rtt | {} CPU-µs/rtt |",
+                us(pct(&base, 0.5)),
+                us(pct(&base, 0.99)),
+                us(pct(&through, 0.5)),
+                us(pct(&through, 0.99)),
+                us(pct(&through, 0.5)) / us(pct(&base, 0.5)).max(1.0),
+                costs.agent.show(1),
+                costs.server.show(1)
+            );
+        }
+    }
 
-    for concurrency in [1usize, 64] {
-        let per = if concurrency == 1 { rtt_n } else { rtt_n / 16 };
-        let base = rtts(&direct, echo, per, concurrency).await?;
-        let (a0, s0) = pids.cpu();
-        let through = rtts(&tunnel, echo, per, concurrency).await?;
-        let (a1, s1) = pids.cpu();
-        let count = through.len() as f64;
+    if args.runs("dial") {
+        // Dials one after another, then 16 at a time (as kube-apiserver's log and exec
+        // requests arrive): a rate is the batch's dials over its wall time.
+        for parallel in [1usize, 16] {
+            let dial_rate = |side: &'static Side| async move {
+                let start = Instant::now();
+                let mut tasks = Vec::with_capacity(parallel);
+                for _ in 0..parallel {
+                    tasks.push(tokio::spawn(async move {
+                        for _ in 0..dial_n / parallel {
+                            drop(side.open(echo).await?);
+                        }
+                        anyhow::Ok(())
+                    }));
+                }
+                for task in tasks {
+                    task.await??;
+                }
+                let done = dial_n / parallel * parallel;
+                anyhow::Ok((done, done as f64 / start.elapsed().as_secs_f64()))
+            };
+            let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
+            for _ in 0..args.rounds {
+                base.push(dial_rate(direct).await?.1);
+                let before = pids.cpu();
+                let (done, rate) = dial_rate(tunnel).await?;
+                costs.push(pids.since(&before), done as f64 / 1e6);
+                through.push(rate);
+            }
+            let (base, through) = (median(base), median(through));
+            let label = if parallel == 1 {
+                "dials per second, one at a time".to_owned()
+            } else {
+                format!("dials per second, {parallel} at a time")
+            };
+            println!(
+                "| {label} | {base:.0} | {through:.0} | {:.2} | {} CPU-µs/dial | {} CPU-µs/dial |",
+                through / base,
+                costs.agent.show(0),
+                costs.server.show(0)
+            );
+        }
+    }
+
+    if args.runs("idle") {
+        // Idle connections: memory per connection, and memory given back after they close.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ra0, rs0) = (rss_kib(pids.agent), rss_kib(pids.server));
+        let mut held = Vec::with_capacity(idle_n);
+        for _ in 0..idle_n {
+            held.push(tunnel.open(echo).await?);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ra1, rs1) = (rss_kib(pids.agent), rss_kib(pids.server));
+        drop(held);
+        // Both processes trim freed heap within a second of connection counts falling.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (ra2, rs2) = (rss_kib(pids.agent), rss_kib(pids.server));
         println!(
-            "| 64 B round trip x{concurrency} p50 / p99 (µs) | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {:.1} CPU-µs/rtt | {:.1} CPU-µs/rtt |",
-            us(pct(&base, 0.5)),
-            us(pct(&base, 0.99)),
-            us(pct(&through, 0.5)),
-            us(pct(&through, 0.99)),
-            us(pct(&through, 0.5)) / us(pct(&base, 0.5)).max(1.0),
-            (a1 - a0) / count * 1e6,
-            (s1 - s0) / count * 1e6
+            "| RSS per idle connection ({idle_n} held) | — | — | — | {:.2} KiB (after close: {:+.0} KiB vs before) | {:.2} KiB (after close: {:+.0} KiB) |",
+            (ra1 - ra0) / idle_n as f64,
+            ra2 - ra0,
+            (rs1 - rs0) / idle_n as f64,
+            rs2 - rs0
         );
     }
 
-    let dial_rate = |side: &'static Side| async move {
-        let start = Instant::now();
-        for _ in 0..dial_n {
-            let s = side.open(echo).await?;
-            drop(s);
-        }
-        anyhow::Ok(dial_n as f64 / start.elapsed().as_secs_f64())
-    };
-    let direct_ref: &'static Side = Box::leak(Box::new(direct));
-    let tunnel_ref: &'static Side = Box::leak(Box::new(tunnel));
-    let base = dial_rate(direct_ref).await?;
-    let (a0, s0) = pids.cpu();
-    let through = dial_rate(tunnel_ref).await?;
-    let (a1, s1) = pids.cpu();
-    println!(
-        "| dials per second | {:.0} | {:.0} | {:.2} | {:.0} CPU-µs/dial | {:.0} CPU-µs/dial |",
-        base,
-        through,
-        through / base,
-        (a1 - a0) / dial_n as f64 * 1e6,
-        (s1 - s0) / dial_n as f64 * 1e6
-    );
-
-    // Idle connections: memory per connection, and memory given back after they close.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (ra0, rs0) = (rss_kib(pids.agent), rss_kib(pids.server));
-    let mut held = Vec::with_capacity(idle_n);
-    for _ in 0..idle_n {
-        held.push(tunnel_ref.open(echo).await?);
+    if args.runs("hol") {
+        // Head-of-line: interactive round trips while a bulk download runs on the same tunnel.
+        let quiet = rtts(tunnel, echo, 200, 1).await?;
+        let bulk_task = tokio::spawn(async move { download(tunnel, src, bulk).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let busy = rtts(tunnel, echo, 200, 1).await?;
+        bulk_task.abort();
+        println!(
+            "| round trip p50 / p99 during a bulk download (µs) | — | {:.0} / {:.0} quiet | {:.0} / {:.0} busy | {:+.0} µs p50 | — |",
+            us(pct(&quiet, 0.5)),
+            us(pct(&quiet, 0.99)),
+            us(pct(&busy, 0.5)),
+            us(pct(&busy, 0.99)),
+            us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
+        );
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (ra1, rs1) = (rss_kib(pids.agent), rss_kib(pids.server));
-    drop(held);
-    // Both processes trim freed heap within a second of connection counts falling.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (ra2, rs2) = (rss_kib(pids.agent), rss_kib(pids.server));
-    println!(
-        "| RSS per idle connection ({idle_n} held) | — | — | — | {:.2} KiB (after close: {:+.0} KiB vs before) | {:.2} KiB (after close: {:+.0} KiB) |",
-        (ra1 - ra0) / idle_n as f64,
-        ra2 - ra0,
-        (rs1 - rs0) / idle_n as f64,
-        rs2 - rs0
-    );
-
-    // Head-of-line: interactive round trips while a bulk download runs on the same tunnel.
-    let quiet = rtts(tunnel_ref, echo, 200, 1).await?;
-    let bulk_task = tokio::spawn(async move { download(tunnel_ref, src, bulk).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let busy = rtts(tunnel_ref, echo, 200, 1).await?;
-    bulk_task.abort();
-    println!(
-        "| round trip p50 / p99 during a bulk download (µs) | — | {:.0} / {:.0} quiet | {:.0} / {:.0} busy | {:+.0} µs p50 | — |",
-        us(pct(&quiet, 0.5)),
-        us(pct(&quiet, 0.99)),
-        us(pct(&busy, 0.5)),
-        us(pct(&busy, 0.99)),
-        us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
-    );
-    println!("\nside labels: {} vs {}", direct_ref.name, tunnel_ref.name);
+    println!("\nside labels: {} vs {}", direct.name, tunnel.name);
     Ok(())
 }
