@@ -33,6 +33,13 @@ pub mod metadata {
 /// when flow control was negotiated.
 pub const INITIAL_WINDOW: usize = 512 * 1024;
 
+/// The largest HTTP/2 frame a tunnel stream accepts (advertised in SETTINGS; peers send
+/// frames up to the size the receiver advertises). HTTP/2's 16 KiB default splits a 256 KiB
+/// DATA packet into 16 frames, each its own write on the sending side; at 256 KiB it leaves
+/// in one. Interleaving is unaffected: every tunnelled connection shares one gRPC stream, so
+/// frames never interleave across tunnels anyway.
+pub const MAX_HTTP2_FRAME: u32 = 256 * 1024;
+
 /// `AgentService` (agent → server, `/AgentService/Connect`).
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/.AgentService.rs"));

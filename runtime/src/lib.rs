@@ -5,6 +5,7 @@ pub mod admin;
 pub mod flags;
 pub mod mailbox;
 pub mod net;
+pub mod read_ahead;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;

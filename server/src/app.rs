@@ -120,6 +120,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         .http2_keepalive_interval(Some(config.keepalive))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW)
+        .max_frame_size(Some(tether_proto::MAX_HTTP2_FRAME))
         .max_concurrent_streams(Some(u32::MAX))
         .add_service(
             AgentServiceServer::new(agents)

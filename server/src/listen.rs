@@ -17,6 +17,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use tether_runtime::read_ahead::ReadAhead;
+
 use crate::metrics::Metrics;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,7 +40,7 @@ pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> 
 
 /// A TLS connection accepted on one of our ports.
 pub struct TlsConn {
-    stream: TlsStream<TcpStream>,
+    stream: TlsStream<ReadAhead<TcpStream>>,
     peer: SocketAddr,
 }
 
@@ -73,7 +75,9 @@ pub fn tls_incoming(
             let conn_tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp)))
+                    .await
+                {
                     Ok(Ok(stream)) => {
                         let _ = conn_tx.send(Ok(TlsConn { stream, peer })).await;
                     }

@@ -13,6 +13,7 @@ use rustls::pki_types::ServerName;
 use tether_proto::Packet;
 use tether_proto::agent::agent_service_client::AgentServiceClient;
 use tether_proto::metadata;
+use tether_runtime::read_ahead::ReadAhead;
 use tether_runtime::tls::{self, Identity, TlsError};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -93,6 +94,7 @@ pub async fn connect(
         // WINDOW_UPDATE round trips. Per-tunnel limits come from the tunnel's own window.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW)
+        .max_frame_size(tether_proto::MAX_HTTP2_FRAME)
         .tcp_nodelay(true);
     let connector = {
         let address = address.clone();
@@ -110,7 +112,10 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls.connect(name, tcp).await.map_err(explain_tls)?;
+                let stream = tls
+                    .connect(name, ReadAhead::new(tcp))
+                    .await
+                    .map_err(explain_tls)?;
                 Ok::<_, io::Error>(TokioIo::new(stream))
             }
         })
