@@ -53,10 +53,18 @@ where
     F: FnOnce(shutdown::Signals) -> Fut,
     Fut: std::future::Future<Output = std::process::ExitCode>,
 {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(process.worker_threads.max(1))
-        .enable_all()
-        .build();
+    // One worker is the main thread itself: the multi-threaded scheduler would add a thread
+    // hand-off and work-stealing bookkeeping to every wakeup for no parallelism.
+    let runtime = if process.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(process.worker_threads)
+            .enable_all()
+            .build()
+    };
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
