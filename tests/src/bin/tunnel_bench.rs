@@ -15,6 +15,23 @@ use tokio::net::{TcpListener, TcpStream};
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 256 * 1024;
 
+/// The machine's (all CPUs') time so far and the part of it the hypervisor took for other
+/// guests ("steal", /proc/stat), in ticks. Steal marks a run whose CPU figures are inflated.
+fn machine_steal() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let total = fields.iter().take(8).sum();
+    (total, fields.get(7).copied().unwrap_or(0))
+}
+
 /// CPU time each thread of `pid` has used, in nanoseconds (the first field of
 /// `/proc/<pid>/task/<tid>/schedstat`: utime+stime as the scheduler counts it, without
 /// `/proc/<pid>/stat`'s 10 ms ticks, which are too coarse for a few thousand round trips).
@@ -371,6 +388,7 @@ async fn main() -> Result<()> {
     println!("| measure | direct TCP | tether tunnel | ratio | agent CPU | server CPU |");
     println!("|---|---|---|---|---|---|");
 
+    let (total0, steal0) = machine_steal();
     // Warm up both paths.
     download(direct, src, 16 << 20).await?;
     download(tunnel, src, 16 << 20).await?;
@@ -497,6 +515,12 @@ async fn main() -> Result<()> {
             us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
         );
     }
-    println!("\nside labels: {} vs {}", direct.name, tunnel.name);
+    let (total, steal) = machine_steal();
+    println!(
+        "\nside labels: {} vs {}; hypervisor steal during the run: {:.1}% of CPU time",
+        direct.name,
+        tunnel.name,
+        (steal - steal0) as f64 * 100.0 / (total - total0).max(1) as f64
+    );
     Ok(())
 }
