@@ -281,13 +281,13 @@ impl Spread {
     }
 
     fn show(&self, decimals: usize) -> String {
-        let mut v = self.0.clone();
-        v.sort_by(f64::total_cmp);
-        let (Some(low), Some(high)) = (v.first(), v.last()) else {
+        let low = self.0.iter().copied().reduce(f64::min);
+        let high = self.0.iter().copied().reduce(f64::max);
+        let (Some(low), Some(high)) = (low, high) else {
             return "—".into();
         };
-        let median = v[v.len() / 2];
-        if v.len() == 1 {
+        let median = median(self.0.clone());
+        if self.0.len() == 1 {
             format!("{median:.decimals$}")
         } else {
             format!("{median:.decimals$} ({low:.decimals$}–{high:.decimals$})")
@@ -314,6 +314,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Runs `measure` over the direct path, then over the tunnel, `--rounds` times, and returns
+/// each side's results with the tunnel's CPU per unit (`units` says how many units a result
+/// holds). CPU is read `settle` after each tunnel round, so its last packets count too.
+async fn rounds<T, F, Fut>(
+    args: &Args,
+    pids: &Pids,
+    direct: &'static Side,
+    tunnel: &'static Side,
+    measure: F,
+    units: impl Fn(&T) -> f64,
+    settle: Duration,
+) -> Result<(Vec<T>, Vec<T>, Costs)>
+where
+    F: Fn(&'static Side) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let (mut base, mut through, mut costs) = (vec![], vec![], Costs::default());
+    for _ in 0..args.rounds {
+        base.push(measure(direct).await?);
+        let before = pids.cpu();
+        let result = measure(tunnel).await?;
+        tokio::time::sleep(settle).await;
+        costs.push(pids.since(&before), units(&result));
+        through.push(result);
+    }
+    Ok((base, through, costs))
+}
+
+/// p50 / p99 of sorted round-trip times, in µs.
+fn p50_p99(sorted: &[Duration]) -> String {
+    format!("{:.0} / {:.0}", us(pct(sorted, 0.5)), us(pct(sorted, 0.99)))
+}
+
 /// Times `transfer` over the direct path and the tunnel, `rounds` times each, and prints the
 /// row: median throughput of each and the tunnel's CPU per GiB.
 async fn bulk_row<F, Fut>(
@@ -329,17 +362,16 @@ where
     F: Fn(&'static Side) -> Fut,
     Fut: std::future::Future<Output = Result<Duration>>,
 {
-    let mibs = |d: Duration| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
-    let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
-    for _ in 0..args.rounds {
-        base.push(mibs(transfer(direct).await?));
-        let before = pids.cpu();
-        through.push(mibs(transfer(tunnel).await?));
-        // Let the last bytes drain through before reading CPU.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        costs.push(pids.since(&before), bytes as f64 / GIB as f64);
-    }
-    let (base, through) = (median(base), median(through));
+    let mibs = |d: &Duration| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    // The pause lets the last bytes drain through before CPU is read.
+    let per_round = |_: &Duration| bytes as f64 / GIB as f64;
+    let settle = Duration::from_millis(300);
+    let (base, through, costs) =
+        rounds(args, pids, direct, tunnel, transfer, per_round, settle).await?;
+    let (base, through) = (
+        median(base.iter().map(mibs).collect()),
+        median(through.iter().map(mibs).collect()),
+    );
     println!(
         "| {label} {} MiB (MiB/s) | {base:.0} | {through:.0} | {:.2} | {} CPU-s/GiB | {} CPU-s/GiB |",
         bytes >> 20,
@@ -409,22 +441,24 @@ async fn main() -> Result<()> {
     if args.runs("rtt") {
         for concurrency in [1usize, 64] {
             let per = if concurrency == 1 { rtt_n } else { rtt_n / 16 };
-            let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
-            for _ in 0..args.rounds {
-                base.extend(rtts(direct, echo, per, concurrency).await?);
-                let before = pids.cpu();
-                let round = rtts(tunnel, echo, per, concurrency).await?;
-                costs.push(pids.since(&before), round.len() as f64 / 1e6);
-                through.extend(round);
-            }
+            let (base, through, costs) = rounds(
+                &args,
+                &pids,
+                direct,
+                tunnel,
+                |side| rtts(side, echo, per, concurrency),
+                |round| round.len() as f64 / 1e6,
+                Duration::ZERO,
+            )
+            .await?;
+            let mut base: Vec<Duration> = base.concat();
+            let mut through: Vec<Duration> = through.concat();
             base.sort();
             through.sort();
             println!(
-                "| 64 B round trip x{concurrency} p50 / p99 (µs) | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} | {} CPU-µs/rtt | {} CPU-µs/rtt |",
-                us(pct(&base, 0.5)),
-                us(pct(&base, 0.99)),
-                us(pct(&through, 0.5)),
-                us(pct(&through, 0.99)),
+                "| 64 B round trip x{concurrency} p50 / p99 (µs) | {} | {} | {:.1} | {} CPU-µs/rtt | {} CPU-µs/rtt |",
+                p50_p99(&base),
+                p50_p99(&through),
                 us(pct(&through, 0.5)) / us(pct(&base, 0.5)).max(1.0),
                 costs.agent.show(1),
                 costs.server.show(1)
@@ -453,15 +487,19 @@ async fn main() -> Result<()> {
                 let done = dial_n / parallel * parallel;
                 anyhow::Ok((done, done as f64 / start.elapsed().as_secs_f64()))
             };
-            let (mut costs, mut base, mut through) = (Costs::default(), vec![], vec![]);
-            for _ in 0..args.rounds {
-                base.push(dial_rate(direct).await?.1);
-                let before = pids.cpu();
-                let (done, rate) = dial_rate(tunnel).await?;
-                costs.push(pids.since(&before), done as f64 / 1e6);
-                through.push(rate);
-            }
-            let (base, through) = (median(base), median(through));
+            let per_round = |r: &(usize, f64)| r.0 as f64 / 1e6;
+            let (base, through, costs) = rounds(
+                &args,
+                &pids,
+                direct,
+                tunnel,
+                dial_rate,
+                per_round,
+                Duration::ZERO,
+            )
+            .await?;
+            let rate = |v: Vec<(usize, f64)>| median(v.into_iter().map(|r| r.1).collect());
+            let (base, through) = (rate(base), rate(through));
             let label = if parallel == 1 {
                 "dials per second, one at a time".to_owned()
             } else {
@@ -507,11 +545,9 @@ async fn main() -> Result<()> {
         let busy = rtts(tunnel, echo, 200, 1).await?;
         bulk_task.abort();
         println!(
-            "| round trip p50 / p99 during a bulk download (µs) | — | {:.0} / {:.0} quiet | {:.0} / {:.0} busy | {:+.0} µs p50 | — |",
-            us(pct(&quiet, 0.5)),
-            us(pct(&quiet, 0.99)),
-            us(pct(&busy, 0.5)),
-            us(pct(&busy, 0.99)),
+            "| round trip p50 / p99 during a bulk download (µs) | — | {} quiet | {} busy | {:+.0} µs p50 | — |",
+            p50_p99(&quiet),
+            p50_p99(&busy),
             us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
         );
     }
