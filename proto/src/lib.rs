@@ -11,6 +11,8 @@
 
 use bytes::Bytes;
 
+pub mod framing;
+
 /// gRPC metadata keys (HTTP/2 lowercases them on the wire).
 pub mod metadata {
     /// Agent → server: the agent's ID (exactly one value).

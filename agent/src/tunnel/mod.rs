@@ -1,5 +1,6 @@
 //! The tunnel: streams to the proxy server replicas and the connections they carry.
 
+mod body;
 pub mod client_set;
 pub mod scheduler;
 pub mod session;

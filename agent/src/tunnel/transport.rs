@@ -8,26 +8,31 @@
 use std::io;
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tether_proto::Packet;
-use tether_proto::agent::agent_service_client::AgentServiceClient;
 use tether_proto::metadata;
 use tether_runtime::read_ahead::ReadAhead;
 use tether_runtime::tls::{self, Identity, TlsError};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_stream::Stream;
-use tonic::metadata::MetadataValue;
+use tonic::codec::{Codec, Streaming};
 use tonic::transport::{Endpoint, Uri};
-use tonic::{Request, Streaming};
+use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
+use tower::{Service, ServiceExt};
 
+use super::body::PacketBody;
 use crate::config::{Config, read_token};
 
 /// Upstream agents wait forever for the server's headers; we do not.
 const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 16 << 20;
+/// Upstream's proto declares no package.
+const CONNECT_PATH: &str = "/AgentService/Connect";
 const STREAM_WINDOW: u32 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,8 @@ pub enum ConnectError {
     },
     #[error("the proxy server refused the stream: {status}")]
     Refused { status: tonic::Status },
+    #[error("cannot build the Connect request: {0}")]
+    BadRequest(String),
     #[error("the proxy server sent no response headers within {0:?}")]
     HeadersTimeout(Duration),
     #[error("the proxy server's response headers are unusable: {0}")]
@@ -124,45 +131,56 @@ pub async fn connect(
         .connect_with_connector(connector)
         .await
         .map_err(transport_error)?;
-    let mut client = AgentServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-
-    let mut request = Request::new(outbound);
-    let headers = request.metadata_mut();
-    headers.insert(
-        metadata::AGENT_ID,
-        MetadataValue::try_from(config.agent_id.as_str())
-            .map_err(|_| ConnectError::Header { what: "--agent-id" })?,
-    );
-    headers.insert(
-        metadata::AGENT_IDENTIFIERS,
-        MetadataValue::try_from(config.agent_identifiers.as_str()).map_err(|_| {
-            ConnectError::Header {
-                what: "--agent-identifiers",
-            }
-        })?,
-    );
+    let mut request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(CONNECT_PATH)
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers");
+    let value = |what: &'static str, text: &str| {
+        HeaderValue::from_str(text).map_err(|_| ConnectError::Header { what })
+    };
+    request = request
+        .header(metadata::AGENT_ID, value("--agent-id", &config.agent_id)?)
+        .header(
+            metadata::AGENT_IDENTIFIERS,
+            value("--agent-identifiers", &config.agent_identifiers)?,
+        );
     if config.flow_control {
-        headers.insert(metadata::FLOW_CONTROL, MetadataValue::from_static("1"));
+        request = request.header(metadata::FLOW_CONTROL, "1");
     }
     if let Some(path) = &config.token_path {
         let token = read_token(path).map_err(|why| ConnectError::Token {
             path: path.display().to_string(),
             why,
         })?;
-        headers.insert(
+        request = request.header(
             metadata::AUTHORIZATION,
-            MetadataValue::try_from(format!("Bearer {token}"))
-                .map_err(|_| ConnectError::Header { what: "the token" })?,
+            value("the token", &format!("Bearer {token}"))?,
         );
     }
+    let request = request
+        .body(tonic::body::Body::new(PacketBody::new(outbound)))
+        .map_err(|err| ConnectError::BadRequest(err.to_string()))?;
 
-    let response = tokio::time::timeout(HEADERS_TIMEOUT, client.connect(request))
+    let mut channel = channel;
+    let call = async {
+        channel.ready().await?;
+        channel.call(request).await
+    };
+    let response = tokio::time::timeout(HEADERS_TIMEOUT, call)
         .await
         .map_err(|_| ConnectError::HeadersTimeout(HEADERS_TIMEOUT))?
-        .map_err(|status| ConnectError::Refused { status })?;
-    let md = response.metadata();
+        .map_err(transport_error)?;
+    let (parts, body) = response.into_parts();
+    let decoder = ProstCodec::<Packet, Packet>::default().decoder();
+    // A grpc-status in the headers is a trailers-only answer: a refusal unless it says OK.
+    let inbound = match Status::from_header_map(&parts.headers) {
+        Some(status) if status.code() != Code::Ok => return Err(ConnectError::Refused { status }),
+        Some(_) => Streaming::new_empty(decoder, body),
+        None => Streaming::new_response(decoder, body, parts.status, None, Some(MAX_MESSAGE)),
+    };
+    let md = &parts.headers;
     let one = |key: &str| -> Result<String, ConnectError> {
         let values: Vec<_> = md.get_all(key).iter().collect();
         match values.as_slice() {
@@ -185,7 +203,7 @@ pub async fn connect(
         server_id,
         server_count,
         flow_control,
-        inbound: response.into_inner(),
+        inbound,
     })
 }
 
