@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use tether_proto::{Message, Packet};
 use tether_runtime::mailbox::{Mailbox, PushError, Weigh};
 use tether_runtime::window::{Grants, SendWindow};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
@@ -324,7 +324,7 @@ impl Session {
     async fn read_endpoint(
         self: Arc<Self>,
         connect_id: i64,
-        read: OwnedReadHalf,
+        mut read: OwnedReadHalf,
         flow: Option<Arc<Flow>>,
     ) {
         let credit = Arc::new(Semaphore::new(OUTBOUND_CREDIT));
@@ -334,7 +334,10 @@ impl Session {
             }
             // Allocated only when data is ready: an idle connection holds no read buffer.
             let mut buf = BytesMut::with_capacity(CHUNK);
-            match read.try_read_buf(&mut buf) {
+            // Through AsyncRead rather than try_read: a read that comes back short has drained
+            // the socket, and tokio then forgets the readiness instead of making the next loop
+            // spend a recvfrom to learn it.
+            match read.read_buf(&mut buf).await {
                 Ok(0) => {
                     // With a tether server, pass the destination's EOF on as a half-close and
                     // keep the other direction open.
@@ -377,7 +380,6 @@ impl Session {
                     self.scheduler
                         .push(connect_id, Packet::data(connect_id, data), permit);
                 }
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(err) => break format!("read from destination failed: {err}"),
             }
         };
