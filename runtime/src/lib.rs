@@ -7,6 +7,7 @@ pub mod mailbox;
 pub mod net;
 pub mod read_ahead;
 pub mod shutdown;
+pub mod sparse;
 pub mod telemetry;
 pub mod tls;
 pub mod window;

@@ -13,6 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use tether_proto::Packet;
+use tether_runtime::sparse::ShrinkWhenSparse;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 struct Item {
@@ -29,6 +30,15 @@ struct Lanes {
     closed: bool,
     /// End the stream once everything queued is sent.
     finishing: bool,
+}
+
+impl Lanes {
+    /// Drops an emptied lane; after a burst of closes the tables give their peak size back.
+    fn remove(&mut self, id: i64) {
+        self.lanes.remove(&id);
+        self.lanes.shrink_when_sparse();
+        self.ready.shrink_when_sparse();
+    }
 }
 
 #[derive(Default)]
@@ -84,6 +94,7 @@ impl Scheduler {
                     return None;
                 }
                 if let Some(packet) = lanes.control.pop_front() {
+                    lanes.control.shrink_when_sparse();
                     return Some(packet);
                 }
                 while let Some(id) = lanes.ready.pop_front() {
@@ -91,11 +102,11 @@ impl Scheduler {
                         continue;
                     };
                     let Some(item) = lane.pop_front() else {
-                        lanes.lanes.remove(&id);
+                        lanes.remove(id);
                         continue;
                     };
                     if lane.is_empty() {
-                        lanes.lanes.remove(&id);
+                        lanes.remove(id);
                     } else {
                         lanes.ready.push_back(id);
                     }

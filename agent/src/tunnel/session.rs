@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use tether_proto::{Message, Packet};
 use tether_runtime::mailbox::{Mailbox, PushError, Weigh};
+use tether_runtime::sparse::ShrinkWhenSparse;
 use tether_runtime::window::{Grants, SendWindow};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -126,7 +127,7 @@ impl Session {
         match message {
             Message::DialRequest(req) => self.on_dial(req.protocol, req.address, req.random),
             Message::CloseDial(cls) => {
-                if let Some(dial) = self.dials().remove(&cls.random) {
+                if let Some(dial) = self.take_dial(cls.random) {
                     dial.abort();
                     tracing::info!(
                         server = self.server_id,
@@ -250,7 +251,7 @@ impl Session {
             let started = Instant::now();
             let result = dialer::dial(&address, session.limits.dial_timeout).await;
             drop(slot);
-            session.dials().remove(&random);
+            session.take_dial(random);
             match result {
                 Ok(stream) => {
                     session
@@ -423,7 +424,13 @@ impl Session {
     /// Its CLOSE_RSP goes into its lane behind its queued DATA. Returns false when it was
     /// already gone.
     fn close(&self, connect_id: i64, error: String, server_asked: bool) -> bool {
-        let Some(conn) = self.conns().remove(&connect_id) else {
+        let conn = {
+            let mut conns = self.conns();
+            let conn = conns.remove(&connect_id);
+            conns.shrink_when_sparse();
+            conn
+        };
+        let Some(conn) = conn else {
             return false;
         };
         self.metrics.open_endpoint_connections.dec();
@@ -484,6 +491,13 @@ impl Session {
 
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Conn>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn take_dial(&self, random: i64) -> Option<AbortHandle> {
+        let mut dials = self.dials();
+        let dial = dials.remove(&random);
+        dials.shrink_when_sparse();
+        dial
     }
 
     fn dials(&self) -> std::sync::MutexGuard<'_, HashMap<i64, AbortHandle>> {
