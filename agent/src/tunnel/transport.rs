@@ -119,10 +119,16 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls
+                let mut stream = tls
                     .connect(name, ReadAhead::new(tcp))
                     .await
                     .map_err(explain_tls)?;
+                // rustls stops taking plaintext at 64 KiB of unsent records by default, so a
+                // 256 KiB DATA frame left in four writes, each waking the server.
+                stream
+                    .get_mut()
+                    .1
+                    .set_buffer_limit(Some(tether_proto::MAX_HTTP2_FRAME as usize));
                 Ok::<_, io::Error>(TokioIo::new(stream))
             }
         })
