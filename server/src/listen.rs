@@ -78,7 +78,14 @@ pub fn tls_incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp)))
                     .await
                 {
-                    Ok(Ok(stream)) => {
+                    Ok(Ok(mut stream)) => {
+                        // rustls stops taking plaintext at 64 KiB of unsent records by
+                        // default: a 256 KiB DATA frame would leave in four writes, each
+                        // waking the reader. Memory stays bounded by the tunnels' windows.
+                        stream
+                            .get_mut()
+                            .1
+                            .set_buffer_limit(Some(tether_proto::MAX_HTTP2_FRAME as usize));
                         let _ = conn_tx.send(Ok(TlsConn { stream, peer })).await;
                     }
                     Ok(Err(err)) => {
