@@ -52,10 +52,45 @@ pub struct Metrics {
     packets: Family<PacketLabels, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
+    hot: HotSeries,
+}
+
+/// The series every DATA packet touches, looked up once: a family lookup hashes its labels and
+/// takes a lock, about 1.5% of a round trip's CPU.
+struct HotSeries {
+    data_to_agent: Counter,
+    data_from_agent: Counter,
+    bytes_to_endpoint: Counter,
+    bytes_from_endpoint: Counter,
+}
+
+impl HotSeries {
+    fn new(
+        packets: &Family<PacketLabels, Counter>,
+        bytes: &Family<DirectionLabel, Counter>,
+    ) -> Self {
+        let data = |segment| {
+            packets
+                .get_or_create(&PacketLabels {
+                    segment,
+                    packet_type: "DATA",
+                })
+                .clone()
+        };
+        let direction = |direction| bytes.get_or_create(&DirectionLabel { direction }).clone();
+        HotSeries {
+            data_to_agent: data("to_agent"),
+            data_from_agent: data("from_agent"),
+            bytes_to_endpoint: direction("to_endpoint"),
+            bytes_from_endpoint: direction("from_endpoint"),
+        }
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
+        let packets = Family::default();
+        let bytes = Family::default();
         let metrics = Metrics {
             registry: Registry::default(),
             dial_duration: Histogram::new([0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0]),
@@ -66,9 +101,10 @@ impl Metrics {
             dial_failures: Family::default(),
             dial_refused: Family::default(),
             server_failures: Family::default(),
-            packets: Family::default(),
-            bytes: Family::default(),
             rejected: Family::default(),
+            hot: HotSeries::new(&packets, &bytes),
+            packets,
+            bytes,
         };
         // Registered clones share their values with the fields.
         let mut registry = Registry::default();
@@ -164,17 +200,30 @@ impl Metrics {
     }
 
     pub fn packet(&self, segment: &'static str, packet_type: &'static str) {
-        self.packets
-            .get_or_create(&PacketLabels {
-                segment,
-                packet_type,
-            })
-            .inc();
+        match (segment, packet_type) {
+            ("to_agent", "DATA") => self.hot.data_to_agent.inc(),
+            ("from_agent", "DATA") => self.hot.data_from_agent.inc(),
+            _ => self
+                .packets
+                .get_or_create(&PacketLabels {
+                    segment,
+                    packet_type,
+                })
+                .inc(),
+        };
     }
 
-    pub fn bytes(&self, direction: &'static str, n: usize) {
-        self.bytes
-            .get_or_create(&DirectionLabel { direction })
+    /// Bytes the agent wrote to destinations.
+    pub fn bytes_to_endpoint(&self, n: usize) {
+        self.hot
+            .bytes_to_endpoint
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    /// Bytes the agent read from destinations.
+    pub fn bytes_from_endpoint(&self, n: usize) {
+        self.hot
+            .bytes_from_endpoint
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 

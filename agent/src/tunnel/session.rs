@@ -162,7 +162,7 @@ impl Session {
                 };
                 let len = data.data.len();
                 match inbound.push(Chunk(data.data)) {
-                    Ok(()) => self.metrics.bytes("to_endpoint", len),
+                    Ok(()) => self.metrics.bytes_to_endpoint(len),
                     Err(PushError::Full { limit }) => {
                         self.metrics.queue_full.inc();
                         tracing::warn!(
@@ -376,7 +376,7 @@ impl Session {
                             Some(permit)
                         }
                     };
-                    self.metrics.bytes("from_endpoint", n);
+                    self.metrics.bytes_from_endpoint(n);
                     self.metrics.packet("from_agent", "DATA");
                     self.scheduler
                         .push(connect_id, Packet::data(connect_id, data), permit);
