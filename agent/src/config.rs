@@ -158,7 +158,9 @@ pub struct RunArgs {
     /// Longest reconnect delay.
     #[arg(long, value_parser = go_duration, default_value = "10s", help_heading = "Server set")]
     pub sync_interval_cap: Duration,
-    /// How often each server stream's health is checked.
+    /// How often each server stream's peer is checked: an idle stream sends a TCP keepalive
+    /// probe every interval, and a stream whose server acknowledges nothing for four intervals
+    /// is closed and dialled again (at least 1s).
     #[arg(long, value_parser = go_duration, default_value = "1s", help_heading = "Server set")]
     pub probe_interval: Duration,
     /// Keep dialling after reaching the server count, to discover new replicas.

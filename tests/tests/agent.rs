@@ -611,3 +611,76 @@ fn a_replaced_ca_bundle_is_used_by_the_next_connection() {
         "the agent kept the old CA bundle"
     );
 }
+
+/// A server that vanishes without a FIN or RST (its host died, a partition) is noticed by the
+/// probe within four `--probe-interval`s; without it the stream would wait for an HTTP/2
+/// keepalive ping (`--keepalive-time`, one hour by default). Both processes live in a namespace
+/// of their own, whose firewall swallows everything the server sends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_stops_answering_is_given_up_within_four_probe_intervals() {
+    use std::process::Command;
+    use tether_tests::netns::Netns;
+    use tether_tests::procs::AGENT_WITHOUT_GUARD;
+
+    let ns = Netns::new("probe").unwrap();
+    let pki = Pki::new(&[]).unwrap();
+    let pair = pki.pair("server");
+    let uds = pki.dir().join("probe.sock");
+    let server_args = [
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        format!("--uds-name={}", uds.display()),
+        "--server-port=0".into(),
+        "--mode=http-connect".into(),
+    ];
+    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let server = Server::start_in(&ns, &server_args).unwrap();
+    let port = server.agent_port.to_string();
+    let mut agent_args = AGENT_WITHOUT_GUARD.to_vec();
+    let proxy_port = format!("--proxy-server-port={port}");
+    let ca = format!("--ca-cert={}", pki.ca().display());
+    agent_args.extend([
+        proxy_port.as_str(),
+        ca.as_str(),
+        "--probe-interval=1s",
+        "--sync-interval=100ms",
+        "--sync-interval-cap=1s",
+    ]);
+    let agent = Agent::start_in(&ns, &agent_args).unwrap();
+    let health = server.health_port;
+    assert!(
+        ns.run(|| wait_ready(health, Duration::from_secs(10)))
+            .unwrap(),
+        "agent never connected"
+    );
+
+    let status = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "iptables",
+            "-I",
+            "INPUT",
+            "-p",
+            "tcp",
+        ])
+        .args(["--sport", &port, "-j", "DROP"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "iptables: {status}");
+    let cut = Instant::now();
+    let lost = agent
+        .logged
+        .logs
+        .wait_for("lost proxy server stream", Duration::from_secs(15));
+    let took = cut.elapsed();
+    assert!(
+        lost.is_some(),
+        "the agent still holds a stream to a silent server"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "gave up after {took:?}; four probe intervals are 4s"
+    );
+}

@@ -31,6 +31,8 @@ use crate::config::{Config, read_token};
 const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 16 << 20;
+/// Unanswered probe intervals after which a server stream is given up.
+const PROBE_MISSES: u32 = 3;
 /// Upstream's proto declares no package.
 const CONNECT_PATH: &str = "/AgentService/Connect";
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -106,6 +108,7 @@ pub async fn connect(
     let connector = {
         let address = address.clone();
         let host = host.clone();
+        let probe_interval = config.probe_interval;
         tower::service_fn(move |_: Uri| {
             let tls = TlsConnector::from(tls.clone());
             let address = address.clone();
@@ -119,6 +122,7 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
+                probe_peer(&tcp, probe_interval)?;
                 let mut stream = tls
                     .connect(name, ReadAhead::new(tcp))
                     .await
@@ -211,6 +215,25 @@ pub async fn connect(
         flow_control,
         inbound,
     })
+}
+
+/// `--probe-interval`, done by the kernel: an idle stream sends a TCP keepalive probe every
+/// interval, and a peer that acknowledges nothing, data or probe, for PROBE_MISSES + 1 intervals
+/// fails the socket, which ends the stream and sends the agent back to its sync loop. Upstream
+/// checks its gRPC channel's state instead, which only changes once an HTTP/2 ping times out,
+/// and pings cannot come often: gRPC servers drop clients that ping more than every few
+/// minutes. Keepalive probes are answered by the peer's kernel and cost one empty segment.
+fn probe_peer(tcp: &TcpStream, interval: Duration) -> io::Result<()> {
+    // The kernel counts keepalive time in whole seconds.
+    let interval = interval.max(Duration::from_secs(1));
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(interval)
+            .with_interval(interval)
+            .with_retries(PROBE_MISSES),
+    )?;
+    socket.set_tcp_user_timeout(Some(interval * (PROBE_MISSES + 1)))
 }
 
 /// Puts the usual fix beside a certificate the agent could not verify; rustls' own text
