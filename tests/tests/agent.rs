@@ -207,21 +207,30 @@ async fn without_flow_control_a_stalled_destination_is_closed_alone() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reconnects_after_the_server_restarts() {
-    let pki = Pki::new(&[]).unwrap();
+/// An HTTP CONNECT server on the Unix socket `uds`, with `pki`'s server pair, plus `extra`.
+fn connect_server_args(pki: &Pki, uds: &std::path::Path, extra: &[&str]) -> Vec<&'static str> {
     let pair = pki.pair("server");
-    let port = backend::closed_port().port();
-    let uds = pki.dir().join("s.sock");
-    let args = [
+    let mut args = vec![
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
         format!("--uds-name={}", uds.display()),
         "--server-port=0".into(),
-        format!("--agent-port={port}"),
         "--mode=http-connect".into(),
     ];
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    // Leaked: the arguments live as long as the test process.
+    args.into_iter()
+        .map(|a| &*Box::leak(a.into_boxed_str()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reconnects_after_the_server_restarts() {
+    let pki = Pki::new(&[]).unwrap();
+    let port = backend::closed_port().port();
+    let uds = pki.dir().join("s.sock");
+    let agent_port = format!("--agent-port={port}");
+    let args = connect_server_args(&pki, &uds, &[&agent_port]);
     let server = Server::start(&args).unwrap();
     let _agent = Agent::start(&[
         &format!("--proxy-server-port={port}"),
@@ -624,16 +633,8 @@ async fn a_server_that_stops_answering_is_given_up_within_four_probe_intervals()
 
     let ns = Netns::new("probe").unwrap();
     let pki = Pki::new(&[]).unwrap();
-    let pair = pki.pair("server");
     let uds = pki.dir().join("probe.sock");
-    let server_args = [
-        format!("--cluster-cert={}", pair.cert.display()),
-        format!("--cluster-key={}", pair.key.display()),
-        format!("--uds-name={}", uds.display()),
-        "--server-port=0".into(),
-        "--mode=http-connect".into(),
-    ];
-    let server_args: Vec<&str> = server_args.iter().map(String::as_str).collect();
+    let server_args = connect_server_args(&pki, &uds, &[]);
     let server = Server::start_in(&ns, &server_args).unwrap();
     let port = server.agent_port.to_string();
     let mut agent_args = AGENT_WITHOUT_GUARD.to_vec();
