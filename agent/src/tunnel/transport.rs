@@ -137,7 +137,7 @@ pub async fn connect(
             }
         })
     };
-    let channel = endpoint
+    let mut channel = endpoint
         .connect_with_connector(connector)
         .await
         .map_err(transport_error)?;
@@ -173,7 +173,6 @@ pub async fn connect(
         .body(tonic::body::Body::new(PacketBody::new(outbound)))
         .map_err(|err| ConnectError::BadRequest(err.to_string()))?;
 
-    let mut channel = channel;
     let call = async {
         channel.ready().await?;
         channel.call(request).await
