@@ -212,14 +212,15 @@ impl Session {
                 }
             }
         }
-        // The frontend's stream is gone: release whatever it still held on the agent (unless
-        // its CLOSE_REQ is already on the way, whose CLOSE_RSP will clear the entry).
+        // The frontend sends nothing more: release whatever it still held on the agent. After
+        // a CLOSE_REQ the stream stays open for the agent's CLOSE_RSP, which ends it.
         let connect_id = self.conn.connect_id();
         if connect_id == 0 {
             self.backend.cancel_dial(dial_id, "frontend_close");
+            self.conn.close();
         } else if !closing {
             self.backend.forget(connect_id);
+            self.conn.close();
         }
-        self.conn.close();
     }
 }
