@@ -19,6 +19,7 @@ use tonic::transport::Server as GrpcServer;
 use crate::agent_service::Agents;
 use crate::backends::Backends;
 use crate::config::{Config, FrontendTransport, Mode};
+use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
 use crate::listen::{bind_uds, tls_incoming};
@@ -153,7 +154,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             })?;
             match mode {
                 Mode::Grpc => {
-                    let incoming = UnixListenerStream::new(listener);
+                    let incoming = UnixListenerStream::new(listener)
+                        .map(|conn| conn.map(AuthorityFilter::new));
                     let server = grpc_frontend(&config, &backends, &metrics);
                     tokio::spawn(async move {
                         if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
@@ -186,6 +188,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             match mode {
                 Mode::Grpc => {
                     let server = grpc_frontend(&config, &backends, &metrics);
+                    let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
                     tokio::spawn(async move {
                         if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
                         {

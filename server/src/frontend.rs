@@ -11,6 +11,7 @@ use tether_runtime::window::{Grants, SendWindow, WindowClosed};
 
 use crate::backends::Backend;
 
+pub mod authority;
 pub mod connect;
 pub mod grpc;
 

@@ -206,8 +206,17 @@ impl GrpcTunnel {
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// Opens a raw connection to the frontend (no request sent yet).
+/// Opens a raw connection to the frontend for HTTP/1.1 (no request sent yet).
 pub async fn raw(target: &Target) -> Result<Box<dyn Io>> {
+    open(target, b"http/1.1").await
+}
+
+/// Opens a raw connection for HTTP/2 (prior knowledge on a Unix socket, ALPN `h2` over TLS).
+pub async fn raw_h2(target: &Target) -> Result<Box<dyn Io>> {
+    open(target, b"h2").await
+}
+
+async fn open(target: &Target, alpn: &[u8]) -> Result<Box<dyn Io>> {
     Ok(match target {
         Target::Uds(path) => Box::new(UnixStream::connect(path).await?),
         Target::Tls {
@@ -215,7 +224,7 @@ pub async fn raw(target: &Target) -> Result<Box<dyn Io>> {
             ca,
             cert,
             key,
-        } => Box::new(tls_stream(*port, ca, cert, key, b"http/1.1").await?),
+        } => Box::new(tls_stream(*port, ca, cert, key, alpn).await?),
     })
 }
 

@@ -12,6 +12,7 @@ pub mod packets;
 pub mod pki;
 pub mod process;
 pub mod procs;
+pub mod raw_h2;
 pub mod rtt;
 
 /// Fails the calling test loudly unless it runs as root: privileged tests never pass by
@@ -21,4 +22,16 @@ pub fn require_root() {
         nix::unistd::Uid::effective().is_root(),
         "this test needs root (network namespaces, eBPF); run it through `cargo xtask test` as root"
     );
+}
+
+/// The Python interpreter that has grpcio, installed by `cargo xtask setup`.
+pub fn python() -> anyhow::Result<std::path::PathBuf> {
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    anyhow::ensure!(
+        python.exists(),
+        "{} is missing; run `cargo xtask setup` (cargo xtask test does)",
+        python.display()
+    );
+    Ok(python)
 }

@@ -21,10 +21,45 @@ const APT_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// grpcio (gRPC's C core) drives the gRPC frontend in the tests as a peer tether did not write.
+const GRPCIO: &str = "grpcio==1.85.3";
+
 pub fn run() -> Result<()> {
     apt_packages()?;
     bpf_linker()?;
     nextest()?;
+    python_peer()?;
+    Ok(())
+}
+
+/// The Python environment with grpcio; `tether_tests::python` looks for it here too.
+fn python_env() -> std::path::PathBuf {
+    crate::workspace_root().join("target/interop-venv")
+}
+
+fn python_peer() -> Result<()> {
+    let env = python_env();
+    let python = env.join("bin/python");
+    let has_grpcio = Command::new(&python)
+        .args([
+            "-c",
+            "import grpc, sys; sys.exit(grpc.__version__ != sys.argv[1])",
+        ])
+        .arg(GRPCIO.trim_start_matches("grpcio=="))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_grpcio {
+        println!("setup: skipped {GRPCIO} (present in {})", env.display());
+        return Ok(());
+    }
+    println!("setup: installing {GRPCIO} into {}", env.display());
+    install(Command::new("python3").arg("-m").arg("venv").arg(&env))
+        .context("python3 -m venv failed; is Python 3 with venv installed?")?;
+    install(Command::new(env.join("bin/pip")).args(["install", "-q", GRPCIO]))
+        .with_context(|| format!("pip install {GRPCIO} failed; is PyPI reachable?"))?;
+    println!("setup: installed {GRPCIO}");
     Ok(())
 }
 
@@ -92,7 +127,7 @@ fn bpf_linker() -> Result<()> {
     println!(
         "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)"
     );
-    cargo_install(
+    install(
         Command::new("cargo")
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"])
@@ -120,13 +155,14 @@ fn nextest() -> Result<()> {
         return Ok(());
     }
     println!("setup: installing cargo-nextest");
-    cargo_install(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))
+    install(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))
         .context("cargo install cargo-nextest failed; is crates.io reachable?")?;
     println!("setup: installed cargo-nextest");
     Ok(())
 }
 
-fn cargo_install(cmd: &mut Command) -> Result<()> {
+/// Runs an installer, failing with its last error line.
+fn install(cmd: &mut Command) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
