@@ -168,12 +168,25 @@ pub struct RunArgs {
     pub sync_forever: bool,
 
     /// Offer tether's per-connection flow control to tether servers (upstream servers ignore
-    /// the offer). Without it, a destination that stops reading is closed at its queue limit.
+    /// the offer). With it, each connection's sender waits for its own destination; without
+    /// it (or with an upstream server), a slow destination makes the whole server stream wait
+    /// (see --conn-queue-bytes and --stall-timeout).
     #[arg(long, env = "TETHER_FLOW_CONTROL", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true", help_heading = "Limits")]
     pub flow_control: bool,
-    /// Bytes queued toward one local destination before that connection alone is closed.
+    /// Bytes queued toward one local destination. Past it, a server without flow control
+    /// (upstream) is not read again until that destination catches up; a flow-controlled
+    /// server has broken its window, and that connection alone is closed.
     #[arg(long, env = "TETHER_CONN_QUEUE_BYTES", default_value_t = 4 << 20, help_heading = "Limits")]
     pub conn_queue_bytes: usize,
+    /// Bytes queued toward all local destinations of one server stream; past it the stream
+    /// is not read until they drain. Bounds memory when a server without flow control sends
+    /// faster than destinations read.
+    #[arg(long, env = "TETHER_STREAM_BUFFER_BYTES", default_value_t = 64 << 20, help_heading = "Limits")]
+    pub stream_buffer_bytes: usize,
+    /// While a server stream waits for destinations to catch up, one that reads nothing at all
+    /// for this long is closed, so the others can move again. A slow reader is never closed.
+    #[arg(long, env = "TETHER_STALL_TIMEOUT", value_parser = go_duration, default_value = "5s", help_heading = "Limits")]
+    pub stall_timeout: Duration,
     /// Per-connection queue length in upstream's units (150 chunks); sets --conn-queue-bytes to
     /// that many 4 KiB chunks when given.
     #[arg(long, help_heading = "Limits")]
@@ -300,6 +313,8 @@ pub struct Config {
     pub sync_forever: bool,
     pub flow_control: bool,
     pub conn_queue_bytes: usize,
+    pub stream_buffer_bytes: usize,
+    pub stall_timeout: Duration,
     pub dial_timeout: Duration,
     pub max_pending_dials: usize,
     pub max_connections: usize,
@@ -427,6 +442,20 @@ impl Config {
                 "must be at least 65536".into(),
             ));
         }
+        if args.stream_buffer_bytes < conn_queue_bytes {
+            return Err(invalid(
+                "stream-buffer-bytes",
+                args.stream_buffer_bytes.to_string(),
+                format!("must be at least --conn-queue-bytes ({conn_queue_bytes})"),
+            ));
+        }
+        if args.stall_timeout < Duration::from_millis(100) {
+            return Err(invalid(
+                "stall-timeout",
+                format!("{:?}", args.stall_timeout),
+                "must be at least 100ms".into(),
+            ));
+        }
         for (flag, value) in [
             ("max-pending-dials", args.max_pending_dials),
             ("max-connections", args.max_connections),
@@ -468,6 +497,8 @@ impl Config {
             sync_forever: args.sync_forever,
             flow_control: args.flow_control,
             conn_queue_bytes,
+            stream_buffer_bytes: args.stream_buffer_bytes,
+            stall_timeout: args.stall_timeout,
             dial_timeout: args.dial_timeout,
             max_pending_dials: args.max_pending_dials,
             max_connections: args.max_connections,

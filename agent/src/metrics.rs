@@ -4,6 +4,8 @@
 //! Upstream counters whose names do not end in `_total` are exported as gauges that only go up,
 //! since OpenMetrics would otherwise append `_total` to a counter's name.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -46,6 +48,9 @@ pub struct Metrics {
     pub known_server_count: Gauge,
     pub open_endpoint_connections: Gauge,
     pub queue_full: Counter,
+    pub stream_pauses: Counter,
+    pub stream_paused_seconds: Counter<f64, AtomicU64>,
+    pub stalled_closes: Counter,
     dial_failures: Family<ReasonLabel, Counter>,
     dial_refused: Family<ReasonLabel, Counter>,
     server_failures: Family<DirectionLabel, Gauge>,
@@ -98,6 +103,9 @@ impl Metrics {
             known_server_count: Gauge::default(),
             open_endpoint_connections: Gauge::default(),
             queue_full: Counter::default(),
+            stream_pauses: Counter::default(),
+            stream_paused_seconds: Counter::default(),
+            stalled_closes: Counter::default(),
             dial_failures: Family::default(),
             dial_refused: Family::default(),
             server_failures: Family::default(),
@@ -150,8 +158,23 @@ impl Metrics {
             let ours = registry.sub_registry_with_prefix("tether_agent");
             ours.register(
                 "queue_full",
-                "Connections closed because their destination stopped reading and its queue filled",
+                "Connections closed because a flow-controlled server sent past their window",
                 metrics.queue_full.clone(),
+            );
+            ours.register(
+                "stream_pauses",
+                "Times a server stream without flow control was held because destinations fell behind",
+                metrics.stream_pauses.clone(),
+            );
+            ours.register(
+                "stream_paused_seconds",
+                "Time server streams without flow control spent held for slow destinations",
+                metrics.stream_paused_seconds.clone(),
+            );
+            ours.register(
+                "stalled_closes",
+                "Connections closed because their destination read nothing for --stall-timeout while its stream was held",
+                metrics.stalled_closes.clone(),
             );
             ours.register(
                 "dial_refused",

@@ -2,6 +2,7 @@
 //! Konnectivity protocol or about eBPF.
 
 pub mod admin;
+pub mod backpressure;
 pub mod flags;
 pub mod mailbox;
 pub mod net;

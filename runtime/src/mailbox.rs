@@ -7,9 +7,11 @@
 //! heap buffer, and the buffer a burst grew is released once the burst has drained.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
+
+use crate::backpressure::{Budget, Pressure};
 
 /// How many bytes an item counts for against the mailbox's limit.
 pub trait Weigh {
@@ -28,6 +30,8 @@ pub struct Mailbox<T> {
     state: Mutex<State<T>>,
     ready: Notify,
     limit: usize,
+    /// The tunnel stream's total, charged with everything queued here.
+    budget: Option<Arc<Budget>>,
 }
 
 struct State<T> {
@@ -41,6 +45,15 @@ const KEEP_CAPACITY: usize = 4;
 
 impl<T: Weigh> Mailbox<T> {
     pub fn new(limit: usize) -> Self {
+        Self::build(limit, None)
+    }
+
+    /// A mailbox whose queued bytes also count against `budget`.
+    pub fn with_budget(limit: usize, budget: Arc<Budget>) -> Self {
+        Self::build(limit, Some(budget))
+    }
+
+    fn build(limit: usize, budget: Option<Arc<Budget>>) -> Self {
         Mailbox {
             state: Mutex::new(State {
                 items: VecDeque::new(),
@@ -49,6 +62,7 @@ impl<T: Weigh> Mailbox<T> {
             }),
             ready: Notify::new(),
             limit,
+            budget,
         }
     }
 
@@ -59,9 +73,26 @@ impl<T: Weigh> Mailbox<T> {
     }
 
     /// Queues `item` regardless of the limit: for the few control messages per connection
-    /// (dial result, close) that must never be lost.
+    /// (dial result, close) that must never be lost, and for data from a peer without flow
+    /// control, whose stream then waits out [`Mailbox::pressure`].
     pub fn push_control(&self, item: T) -> Result<(), PushError> {
         self.push_inner(item, true)
+    }
+
+    /// Why the stream feeding connection `id` must wait after a push, if it must: this queue
+    /// is past its limit, or the stream's queues together are past their budget.
+    pub fn pressure(&self, id: i64) -> Option<Pressure> {
+        if self.queued_bytes() > self.limit {
+            Some(Pressure::Conn(id))
+        } else if self.budget.as_ref().is_some_and(|b| b.exhausted()) {
+            Some(Pressure::Budget)
+        } else {
+            None
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     fn push_inner(&self, item: T, control: bool) -> Result<(), PushError> {
@@ -77,6 +108,9 @@ impl<T: Weigh> Mailbox<T> {
             state.bytes += weight;
             state.items.push_back(item);
         }
+        if let Some(budget) = &self.budget {
+            budget.charge(weight);
+        }
         self.ready.notify_one();
         Ok(())
     }
@@ -87,9 +121,14 @@ impl<T: Weigh> Mailbox<T> {
             {
                 let mut state = self.lock();
                 if let Some(item) = state.items.pop_front() {
-                    state.bytes -= item.weight();
+                    let weight = item.weight();
+                    state.bytes -= weight;
                     if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
                         state.items = VecDeque::new();
+                    }
+                    drop(state);
+                    if let Some(budget) = &self.budget {
+                        budget.release(weight);
                     }
                     return Some(item);
                 }
@@ -98,6 +137,19 @@ impl<T: Weigh> Mailbox<T> {
                 }
             }
             self.ready.notified().await;
+        }
+    }
+
+    /// Drops everything queued (a connection given up on: its bytes leave the budget now, not
+    /// when its stalled consumer lets go).
+    pub fn discard(&self) {
+        let dropped = {
+            let mut state = self.lock();
+            state.bytes = 0;
+            std::mem::take(&mut state.items)
+        };
+        if let Some(budget) = &self.budget {
+            budget.release(dropped.iter().map(Weigh::weight).sum());
         }
     }
 
@@ -122,6 +174,16 @@ impl<T: Weigh> Mailbox<T> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<T> Drop for Mailbox<T> {
+    /// What was never taken leaves the stream's total with the connection.
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+            budget.release(state.bytes);
+        }
     }
 }
 
@@ -175,6 +237,23 @@ mod tests {
         tokio::task::yield_now().await;
         mailbox.push(vec![7]).unwrap();
         assert_eq!(consumer.await.unwrap(), Some(vec![7]));
+    }
+
+    #[tokio::test]
+    async fn charges_the_budget_until_taken_or_dropped() {
+        let budget = Arc::new(Budget::new(10));
+        let a = Mailbox::with_budget(100, budget.clone());
+        let b = Mailbox::with_budget(100, budget.clone());
+        a.push(vec![0; 6]).unwrap();
+        b.push_control(vec![0; 8]).unwrap();
+        assert!(budget.exhausted());
+        a.pop().await.unwrap();
+        assert_eq!(budget.used(), 8);
+        a.push(vec![0; 5]).unwrap();
+        a.discard();
+        assert_eq!((a.queued_bytes(), budget.used()), (0, 8));
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[tokio::test]

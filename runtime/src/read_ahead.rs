@@ -32,6 +32,12 @@ impl<S> ReadAhead<S> {
     }
 }
 
+impl<S: std::os::fd::AsRawFd> std::os::fd::AsRawFd for ReadAhead<S> {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
     fn poll_read(
         self: Pin<&mut Self>,

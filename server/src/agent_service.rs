@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::backends::{Backend, Backends, Identifiers};
+use crate::backends::{Backend, Backends, Identifiers, StreamLimits};
 use crate::metrics::Metrics;
 use crate::token_auth::TokenAuth;
 
@@ -26,6 +26,7 @@ pub struct Agents {
     pub server_count: u32,
     pub queue_packets: usize,
     pub dial_timeout: Option<std::time::Duration>,
+    pub stream_limits: StreamLimits,
     /// Set when agents authenticate with service-account tokens.
     pub token_auth: Option<Arc<TokenAuth>>,
 }
@@ -66,6 +67,7 @@ impl AgentService for Agents {
             tx,
             self.dial_timeout,
             flow_control,
+            self.stream_limits,
             self.metrics.clone(),
         );
         tracing::info!(
@@ -86,7 +88,11 @@ impl AgentService for Agents {
         tokio::spawn(async move {
             let end = loop {
                 match inbound.message().await {
-                    Ok(Some(packet)) => receiver.handle(packet),
+                    Ok(Some(packet)) => {
+                        if let Some(pressure) = receiver.handle(packet) {
+                            receiver.relieve(pressure).await;
+                        }
+                    }
                     Ok(None) => break "agent closed the stream".to_owned(),
                     Err(status) => {
                         metrics.reject("agent_stream_error");

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server as GrpcServer;
 
 use crate::agent_service::Agents;
-use crate::backends::Backends;
+use crate::backends::{Backends, StreamLimits};
 use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
@@ -109,6 +109,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         server_count: config.server_count,
         queue_packets: config.agent_queue_packets,
         dial_timeout: config.backend_dial_timeout,
+        stream_limits: StreamLimits {
+            buffer_bytes: config.stream_buffer_bytes,
+            stall_timeout: config.stall_timeout,
+        },
         token_auth,
     };
     let incoming = tls_incoming(

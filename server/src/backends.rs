@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tether_proto::{Message, Packet};
+use tether_runtime::backpressure::{self, Budget, Pressure, Queues};
 use tether_runtime::mailbox::PushError;
 use tokio::sync::{Notify, mpsc};
 
@@ -158,6 +159,13 @@ pub fn dial_host(address: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
+/// Limits on what one agent stream may queue toward its frontends.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamLimits {
+    pub buffer_bytes: usize,
+    pub stall_timeout: Duration,
+}
+
 /// One agent stream.
 pub struct Backend {
     pub id: u64,
@@ -172,6 +180,9 @@ pub struct Backend {
     dial_timeout: Option<Duration>,
     /// The agent speaks tether's WINDOW extension.
     flow_control: bool,
+    /// Every byte queued toward this stream's frontends.
+    budget: Arc<Budget>,
+    stall_timeout: Duration,
     me: std::sync::Weak<Backend>,
     metrics: Arc<Metrics>,
 }
@@ -206,6 +217,7 @@ impl Backend {
         to_agent: mpsc::Sender<Packet>,
         dial_timeout: Option<Duration>,
         flow_control: bool,
+        limits: StreamLimits,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Backend {
@@ -220,6 +232,8 @@ impl Backend {
             is_closed: AtomicBool::new(false),
             dial_timeout,
             flow_control,
+            budget: Arc::new(Budget::new(limits.buffer_bytes)),
+            stall_timeout: limits.stall_timeout,
             me: me.clone(),
             metrics,
         })
@@ -227,6 +241,11 @@ impl Backend {
 
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What a frontend of this stream charges its queued bytes to.
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
     }
 
     /// Asks the agent to dial `address` for `frontend`; returns our dial ID. With
@@ -340,8 +359,10 @@ impl Backend {
         }
     }
 
-    /// Handles one packet from the agent. Never waits on a frontend.
-    pub fn handle(&self, packet: Packet) {
+    /// Handles one packet from the agent. Never waits on a frontend; returns why the stream
+    /// must wait (see [`Backend::relieve`]) before its next packet, if it must.
+    #[must_use]
+    pub fn handle(&self, packet: Packet) -> Option<Pressure> {
         let message = packet.into_message();
         self.metrics.packet("from_agent", message.type_name());
         match message {
@@ -352,12 +373,16 @@ impl Backend {
                 if data.connect_id == 0 {
                     self.metrics.reject("data_connect_id_zero");
                     tracing::warn!(backend = self.id, agent = %self.agent_id, "agent sent DATA with connectID 0; ignored");
-                    return;
+                    return None;
                 }
                 let frontend = self.tables().established.get(&data.connect_id).cloned();
                 match frontend {
                     Some(frontend) => {
-                        self.deliver(data.connect_id, &frontend, ToFrontend::Data(data.data))
+                        return self.deliver(
+                            data.connect_id,
+                            &frontend,
+                            ToFrontend::Data(data.data),
+                        );
                     }
                     None => {
                         self.metrics.reject("data_unknown_connect_id");
@@ -421,6 +446,21 @@ impl Backend {
                 tracing::warn!(backend = self.id, agent = %self.agent_id, packet_type = other.type_name(), "agent sent a packet type agents never send; ignored");
             }
         }
+        None
+    }
+
+    /// Holds this stream (its reader calls this instead of taking the next packet) until the
+    /// frontends behind `pressure` catch up; see [`backpressure::hold`].
+    pub async fn relieve(&self, pressure: Pressure) {
+        self.metrics.stream_pauses.inc();
+        let blocked = self.metrics.full_receive_channels("Connect");
+        blocked.inc();
+        let started = Instant::now();
+        backpressure::hold(&self.budget, self.stall_timeout, pressure, self).await;
+        blocked.dec();
+        self.metrics
+            .stream_paused_seconds
+            .inc_by(started.elapsed().as_secs_f64());
     }
 
     fn on_dial_response(&self, dial_id: i64, connect_id: i64, error: String) {
@@ -469,9 +509,22 @@ impl Backend {
         self.metrics.established.inc();
     }
 
-    /// Hands an event to a frontend without waiting. A frontend whose queue is full is closed
-    /// (it alone), so the agent stream keeps flowing for everyone else.
-    fn deliver(&self, connect_id: i64, frontend: &Arc<FrontendConn>, event: ToFrontend) {
+    /// Hands an event to a frontend without waiting. With a flow-controlled agent a frontend
+    /// whose queue is full is closed (the agent broke its window); without, the bytes are
+    /// queued and the stream is told to wait.
+    fn deliver(
+        &self,
+        connect_id: i64,
+        frontend: &Arc<FrontendConn>,
+        event: ToFrontend,
+    ) -> Option<Pressure> {
+        if !self.flow_control {
+            if frontend.mailbox.push_control(event).is_err() {
+                self.forget(connect_id);
+                return None;
+            }
+            return frontend.mailbox.pressure(connect_id);
+        }
         match frontend.mailbox.push(event) {
             Ok(()) => {}
             Err(PushError::Full { limit }) => {
@@ -481,19 +534,19 @@ impl Backend {
                     frontend = frontend.id,
                     connect_id,
                     limit,
-                    "frontend stopped reading and its queue is full; closing that connection"
+                    "agent sent past the connection's window; closing that connection"
                 );
                 if self.tables().established.remove(&connect_id).is_some() {
                     self.metrics.established.dec();
                 }
-                let _ = frontend.mailbox.push_control(ToFrontend::Closed {
-                    error: format!("tether-server: frontend queue limit of {limit} bytes reached"),
-                });
-                frontend.close();
+                frontend.abandon(format!(
+                    "tether-server: frontend queue limit of {limit} bytes reached"
+                ));
                 self.send_control(Packet::close_request(connect_id));
             }
             Err(PushError::Closed) => self.forget(connect_id),
         }
+        None
     }
 
     /// The agent stream ended: every connection and pending dial on it ends now, with a reason.
@@ -558,6 +611,54 @@ impl Backend {
 
     fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What [`backpressure::hold`] needs to see of this stream's connections.
+impl Queues for Backend {
+    fn queued(&self, id: i64) -> Option<(usize, usize)> {
+        self.tables()
+            .established
+            .get(&id)
+            .map(|f| (f.mailbox.queued_bytes(), f.mailbox.limit()))
+    }
+
+    fn marks(&self, only: Option<i64>) -> Vec<(i64, u64)> {
+        let tables = self.tables();
+        match only {
+            Some(id) => tables
+                .established
+                .get(&id)
+                .map(|f| (id, f.progress.mark()))
+                .into_iter()
+                .collect(),
+            None => tables
+                .established
+                .iter()
+                .filter(|(_, f)| f.mailbox.queued_bytes() > 0)
+                .map(|(id, f)| (*id, f.progress.mark()))
+                .collect(),
+        }
+    }
+
+    fn close_stalled(&self, id: i64) {
+        let Some(frontend) = self.tables().established.remove(&id) else {
+            return;
+        };
+        self.metrics.established.dec();
+        self.metrics.stalled_closes.inc();
+        tracing::warn!(
+            backend = self.id,
+            frontend = frontend.id,
+            connect_id = id,
+            stall_timeout = ?self.stall_timeout,
+            "frontend read nothing while the agent stream waited for it; closing that connection"
+        );
+        frontend.abandon(format!(
+            "tether-server: frontend read nothing for {:?}",
+            self.stall_timeout
+        ));
+        self.send_control(Packet::close_request(id));
     }
 }
 
@@ -711,6 +812,10 @@ mod tests {
             tx,
             None,
             false,
+            StreamLimits {
+                buffer_bytes: 1 << 20,
+                stall_timeout: Duration::from_secs(5),
+            },
             metrics.clone(),
         )
     }

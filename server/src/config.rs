@@ -103,9 +103,20 @@ pub struct Args {
     #[arg(long, default_value_t = 10, help_heading = "Agents")]
     pub xfr_channel_size: usize,
 
-    /// Bytes queued toward one frontend connection before that connection alone is closed.
+    /// Bytes queued toward one frontend connection. Past it, an agent without flow control
+    /// (upstream) is not read again until that frontend catches up; a flow-controlled (tether)
+    /// agent has broken its window, and that connection alone is closed.
     #[arg(long, env = "TETHER_FRONTEND_QUEUE_BYTES", default_value_t = 1 << 20, help_heading = "Limits (tether)")]
     pub frontend_queue_bytes: usize,
+    /// Bytes queued toward all frontends of one agent stream; past it the stream is not read
+    /// until they drain. Bounds memory when an agent without flow control sends faster than
+    /// frontends read.
+    #[arg(long, env = "TETHER_STREAM_BUFFER_BYTES", default_value_t = 16 << 20, help_heading = "Limits (tether)")]
+    pub stream_buffer_bytes: usize,
+    /// While an agent stream waits for frontends to catch up, one that reads nothing at all
+    /// for this long is closed, so the others can move again. A slow reader is never closed.
+    #[arg(long, env = "TETHER_STALL_TIMEOUT", value_parser = go_duration, default_value = "5s", help_heading = "Limits (tether)")]
+    pub stall_timeout: Duration,
 
     /// Health port: /healthz, /readyz, /metrics.
     #[arg(long, default_value_t = 8092, help_heading = "Operations")]
@@ -257,6 +268,8 @@ pub struct Config {
     pub backend_dial_timeout: Option<Duration>,
     pub agent_queue_packets: usize,
     pub frontend_queue_bytes: usize,
+    pub stream_buffer_bytes: usize,
+    pub stall_timeout: Duration,
     pub health_host: String,
     pub health_port: u16,
     pub admin_host: String,
@@ -423,6 +436,23 @@ impl Config {
                 why: "must be at least 65536 (one full DATA packet)".into(),
             });
         }
+        if args.stream_buffer_bytes < args.frontend_queue_bytes {
+            return Err(ConfigError::Invalid {
+                flag: "stream-buffer-bytes",
+                value: args.stream_buffer_bytes.to_string(),
+                why: format!(
+                    "must be at least --frontend-queue-bytes ({})",
+                    args.frontend_queue_bytes
+                ),
+            });
+        }
+        if args.stall_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid {
+                flag: "stall-timeout",
+                value: format!("{:?}", args.stall_timeout),
+                why: "must be at least 100ms".into(),
+            });
+        }
         let server_id = if args.server_id.is_empty() {
             random_id()
         } else {
@@ -443,6 +473,8 @@ impl Config {
                 .then_some(args.backend_dial_timeout),
             agent_queue_packets: args.xfr_channel_size,
             frontend_queue_bytes: args.frontend_queue_bytes,
+            stream_buffer_bytes: args.stream_buffer_bytes,
+            stall_timeout: args.stall_timeout,
             health_host: args.health_bind_address.clone(),
             health_port: args.health_port,
             admin_host: args.admin_bind_address.clone(),

@@ -3,11 +3,13 @@
 //! slow kube-apiserver reader never blocks the agent stream.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{OnceLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use bytes::Bytes;
+use tether_runtime::backpressure::{Budget, Progress};
 use tether_runtime::mailbox::{Mailbox, Weigh};
 use tether_runtime::window::{Grants, SendWindow, WindowClosed};
+use tokio_util::sync::CancellationToken;
 
 use crate::backends::Backend;
 
@@ -67,6 +69,10 @@ pub struct FrontendConn {
     /// The dial ID the frontend chose (echoed back to it; never sent to agents).
     pub random: i64,
     pub mailbox: Mailbox<ToFrontend>,
+    /// How much the frontend has taken, for telling a slow reader from a stalled one.
+    pub progress: Progress,
+    /// Fired when the connection is given up on while its frontend may be blocked.
+    abandoned: CancellationToken,
     connect_id: AtomicI64,
     flow: OnceLock<Flow>,
 }
@@ -83,14 +89,34 @@ struct Flow {
 static NEXT_FRONTEND: AtomicU64 = AtomicU64::new(1);
 
 impl FrontendConn {
-    pub fn new(random: i64, queue_bytes: usize) -> Self {
+    /// `budget` is the agent stream's, when there is one to charge.
+    pub fn new(random: i64, queue_bytes: usize, budget: Option<Arc<Budget>>) -> Self {
         FrontendConn {
             id: NEXT_FRONTEND.fetch_add(1, Ordering::Relaxed),
             random,
-            mailbox: Mailbox::new(queue_bytes),
+            mailbox: match budget {
+                Some(budget) => Mailbox::with_budget(queue_bytes, budget),
+                None => Mailbox::new(queue_bytes),
+            },
+            progress: Progress::default(),
+            abandoned: CancellationToken::new(),
             connect_id: AtomicI64::new(0),
             flow: OnceLock::new(),
         }
+    }
+
+    /// Gives up on a frontend that stopped reading: drops what it has not taken, tells it why
+    /// (should it ever read again) and wakes whatever writes to it.
+    pub(crate) fn abandon(&self, error: String) {
+        self.mailbox.discard();
+        let _ = self.mailbox.push_control(ToFrontend::Closed { error });
+        self.close();
+        self.abandoned.cancel();
+    }
+
+    /// Resolves once the connection was abandoned.
+    pub async fn abandoned(&self) {
+        self.abandoned.cancelled().await;
     }
 
     /// Turns on per-connection credit once the dial succeeded on a flow-controlled agent.

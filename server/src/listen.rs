@@ -50,6 +50,12 @@ impl TlsConn {
     }
 }
 
+impl std::os::fd::AsRawFd for TlsConn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.get_ref().0.as_raw_fd()
+    }
+}
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow or hostile
 /// client cannot hold up the others.
 pub fn tls_incoming(

@@ -4,6 +4,8 @@
 //! Upstream counters whose names do not end in `_total` (e.g. `dial_failure_count`) are exported
 //! as gauges that only go up: OpenMetrics would otherwise rename them with a `_total` suffix.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +42,10 @@ pub struct Metrics {
     pub http_connections: Gauge,
     pub ready_backend_connections: Gauge,
     pub frontend_queue_full: Counter,
+    pub stream_pauses: Counter,
+    pub stream_paused_seconds: Counter<f64, AtomicU64>,
+    pub stalled_closes: Counter,
+    full_receive_channels: Family<MethodLabel, Gauge>,
     grpc_connections: Family<MethodLabel, Gauge>,
     ready_backends: Family<StrategyLabel, Gauge>,
     dial_failures: Family<ReasonLabel, Gauge>,
@@ -58,6 +64,10 @@ impl Metrics {
             http_connections: Gauge::default(),
             ready_backend_connections: Gauge::default(),
             frontend_queue_full: Counter::default(),
+            stream_pauses: Counter::default(),
+            stream_paused_seconds: Counter::default(),
+            stalled_closes: Counter::default(),
+            full_receive_channels: Family::default(),
             grpc_connections: Family::default(),
             ready_backends: Family::default(),
             dial_failures: Family::default(),
@@ -109,6 +119,11 @@ impl Metrics {
                 metrics.dial_failures.clone(),
             );
             upstream.register(
+                "full_receive_channels",
+                "Agent streams not being read because a frontend queue is full",
+                metrics.full_receive_channels.clone(),
+            );
+            upstream.register(
                 "stream_packets",
                 "Packets by direction and type",
                 metrics.packets.clone(),
@@ -118,8 +133,23 @@ impl Metrics {
             let ours = registry.sub_registry_with_prefix("tether_server");
             ours.register(
                 "frontend_queue_full",
-                "Connections closed because their frontend stopped reading and its queue filled",
+                "Connections closed because a flow-controlled agent sent past their window",
                 metrics.frontend_queue_full.clone(),
+            );
+            ours.register(
+                "stream_pauses",
+                "Times an agent stream without flow control was held because frontends fell behind",
+                metrics.stream_pauses.clone(),
+            );
+            ours.register(
+                "stream_paused_seconds",
+                "Time agent streams without flow control spent held for slow frontends",
+                metrics.stream_paused_seconds.clone(),
+            );
+            ours.register(
+                "stalled_closes",
+                "Connections closed because their frontend read nothing for --stall-timeout while its agent stream was held",
+                metrics.stalled_closes.clone(),
             );
             ours.register(
                 "rejected",
@@ -150,6 +180,14 @@ impl Metrics {
                 packet_type,
             })
             .inc();
+    }
+
+    /// Streams of one gRPC method held because a queue they feed is full (clones share the
+    /// value).
+    pub fn full_receive_channels(&self, service_method: &'static str) -> Gauge {
+        self.full_receive_channels
+            .get_or_create(&MethodLabel { service_method })
+            .clone()
     }
 
     /// The open-streams gauge for one gRPC method (clones share the same value).

@@ -130,3 +130,98 @@ pub async fn reply_after_eof() -> SocketAddr {
     });
     addr
 }
+
+/// Byte `offset + k` of the test pattern into `buf[k]`. Its period (251 × 253 bytes) matches
+/// no buffer size, so a lost, repeated or reordered chunk shows.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (k, byte) in buf.iter_mut().enumerate() {
+        let i = offset + k as u64;
+        *byte = ((i % 251) ^ ((i / 251) % 253)) as u8;
+    }
+}
+
+/// What a reader of the test pattern saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub bytes: u64,
+    /// Every byte was the pattern's byte at its position.
+    pub intact: bool,
+}
+
+/// Reads to EOF at no more than `bytes_per_sec`, checking the pattern.
+pub async fn read_pattern_throttled<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    bytes_per_sec: u64,
+) -> std::io::Result<Received> {
+    let start = tokio::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut expected = vec![0u8; buf.len()];
+    let mut received = Received {
+        bytes: 0,
+        intact: true,
+    };
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(received);
+        }
+        pattern(received.bytes, &mut expected[..n]);
+        received.intact &= buf[..n] == expected[..n];
+        received.bytes += n as u64;
+        let due = std::time::Duration::from_secs_f64(received.bytes as f64 / bytes_per_sec as f64);
+        tokio::time::sleep_until(start + due).await;
+    }
+}
+
+/// Writes `len` bytes of the test pattern.
+pub async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0;
+    while sent < len {
+        let n = buf
+            .len()
+            .min(usize::try_from(len - sent).unwrap_or(usize::MAX));
+        pattern(sent, &mut buf[..n]);
+        writer.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// A destination on 127.0.0.1 that reads one connection at `bytes_per_sec` to EOF and reports
+/// what it got.
+pub async fn slow_sink(
+    bytes_per_sec: u64,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Ok((mut stream, _)) = listener.accept().await
+            && let Ok(received) = read_pattern_throttled(&mut stream, bytes_per_sec).await
+        {
+            let _ = tx.send(received);
+        }
+    });
+    (addr, rx)
+}
+
+/// A server on 127.0.0.1 that sends each connection `len` bytes of the test pattern, then
+/// closes it.
+pub async fn pattern_source(len: u64) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if write_pattern(&mut stream, len).await.is_ok() {
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}

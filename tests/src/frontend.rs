@@ -165,6 +165,11 @@ impl GrpcTunnel {
         }
     }
 
+    /// A sender for this tunnel's stream, to write from another task while this one reads.
+    pub fn sender(&self) -> mpsc::Sender<Packet> {
+        self.tx.clone()
+    }
+
     pub async fn send(&self, data: &[u8]) -> Result<()> {
         self.tx
             .send(Packet::data(self.connect_id, Bytes::copy_from_slice(data)))

@@ -193,20 +193,6 @@ async fn a_stalled_destination_pushes_back_on_its_own_connection_only() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn without_flow_control_a_stalled_destination_is_closed_alone() {
-    // As against an upstream server, which has no WINDOW extension.
-    let (outcome, cluster) =
-        stalled_destination_case(&["--flow-control=false", "--conn-queue-bytes=65536"]).await;
-    let error = outcome.expect("the stalled connection should have been closed");
-    assert!(error.contains("destination queue limit"), "{error}");
-    let agent_port = cluster.agent.as_ref().unwrap().health_port;
-    assert_eq!(
-        metric(agent_port, "tether_agent_queue_full_total "),
-        Some(1.0)
-    );
-}
-
 /// An HTTP CONNECT server on the Unix socket `uds`, with `pki`'s server pair, plus `extra`.
 fn connect_server_args(pki: &Pki, uds: &std::path::Path, extra: &[&str]) -> Vec<&'static str> {
     let pair = pki.pair("server");

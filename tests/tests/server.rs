@@ -177,54 +177,6 @@ async fn garbage_and_bad_targets_are_refused_precisely_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_frontend_that_stops_reading_does_not_delay_other_connections() {
-    // An agent without flow control (as upstream's) sends regardless of the frontend, so the
-    // server's per-connection queue limit is what protects everyone else.
-    let cluster = Cluster::start(
-        Mode::HttpConnect,
-        Transport::Uds,
-        &["--frontend-queue-bytes=65536"],
-        &["--flow-control=false"],
-    )
-    .unwrap();
-    let echo = backend::echo().await.to_string();
-    let flood = backend::flood().await.to_string();
-
-    let mut interactive = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
-    let baseline = tether_tests::rtt::connect_rtt(&mut interactive, 20)
-        .await
-        .unwrap();
-
-    // This client never reads: the agent keeps sending it data until its queue fills.
-    let _stalled = http_connect(&cluster.target, &flood)
-        .await
-        .unwrap()
-        .unwrap();
-    let closed = tether_tests::process::wait_until(Duration::from_secs(10), || {
-        http_get(cluster.server.health_port, "/metrics")
-            .is_ok_and(|(_, m)| m.contains("tether_server_frontend_queue_full_total 1"))
-    });
-    assert!(
-        closed,
-        "the stalled connection was not closed at its queue limit"
-    );
-    let during = tether_tests::rtt::connect_rtt(&mut interactive, 20)
-        .await
-        .unwrap();
-    assert!(
-        during <= baseline + Duration::from_millis(100),
-        "round trip went from {baseline:?} to {during:?} while another frontend stalled"
-    );
-    assert!(
-        cluster
-            .server
-            .logged
-            .logs
-            .contains("frontend stopped reading and its queue is full")
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_mid_dial_cancels_the_dial_at_the_agent() {
     let (stuck, _fillers, _listener) = backend::stuck().await;
     let cluster = Cluster::start(

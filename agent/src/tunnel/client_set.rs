@@ -36,6 +36,8 @@ impl ClientSet {
         let limits = Arc::new(Limits {
             dial_timeout: config.dial_timeout,
             conn_queue_bytes: config.conn_queue_bytes,
+            stream_buffer_bytes: config.stream_buffer_bytes,
+            stall_timeout: config.stall_timeout,
             max_pending_dials: config.max_pending_dials,
             max_connections: config.max_connections,
         });
@@ -133,7 +135,11 @@ impl ClientSet {
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
-                    Ok(Some(packet)) => session.handle(packet),
+                    Ok(Some(packet)) => {
+                        if let Some(pressure) = session.handle(packet) {
+                            session.relieve(pressure).await;
+                        }
+                    }
                     Ok(None) => break "server closed the stream".to_owned(),
                     Err(status) => {
                         set.metrics.server_failure("from_server");

@@ -2,9 +2,12 @@
 //! destination, and closes connections exactly once whichever side ends them.
 //!
 //! Nothing here waits on a destination while handling a packet: DATA goes into the connection's
-//! bounded mailbox, drained by that connection's own writer task; a connection whose
-//! destination stops reading until the mailbox is full is closed on its own, with an error and a
-//! metric, and every other connection keeps flowing.
+//! mailbox, drained by that connection's own writer task. With a flow-controlled (tether)
+//! server a connection's queue never passes its window, and one that does is closed on its own.
+//! A server without flow control (upstream) cannot be told to slow down one connection, so when
+//! a destination falls behind, [`Session::relieve`] holds the whole stream until it catches up,
+//! closing only a destination that reads nothing for the stall timeout (see
+//! `tether_runtime::backpressure`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering};
@@ -12,10 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use std::os::fd::AsRawFd;
 use tether_proto::{Message, Packet};
+use tether_runtime::backpressure::{self, Budget, Pressure, Progress, Queues};
 use tether_runtime::mailbox::{Mailbox, PushError, Weigh};
 use tether_runtime::sparse::ShrinkWhenSparse;
 use tether_runtime::window::{Grants, SendWindow};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
@@ -35,6 +41,8 @@ const OUTBOUND_CREDIT: usize = 256 * 1024;
 pub struct Limits {
     pub dial_timeout: Duration,
     pub conn_queue_bytes: usize,
+    pub stream_buffer_bytes: usize,
+    pub stall_timeout: Duration,
     pub max_pending_dials: usize,
     pub max_connections: usize,
 }
@@ -49,6 +57,8 @@ impl Weigh for Chunk {
 
 struct Conn {
     inbound: Arc<Mailbox<Chunk>>,
+    /// How much the destination has taken, for telling a slow reader from a stalled one.
+    progress: Arc<Progress>,
     flow: Option<Arc<Flow>>,
     reader: Option<AbortHandle>,
     writer: Option<AbortHandle>,
@@ -82,6 +92,8 @@ pub struct Session {
     pub server_id: String,
     /// Whether the server speaks tether's WINDOW extension.
     flow_control: bool,
+    /// Every byte queued toward this stream's destinations.
+    budget: Arc<Budget>,
     scheduler: Arc<Scheduler>,
     conns: Mutex<HashMap<i64, Conn>>,
     dials: Mutex<HashMap<i64, AbortHandle>>,
@@ -104,6 +116,7 @@ impl Session {
         Arc::new(Session {
             server_id,
             flow_control,
+            budget: Arc::new(Budget::new(limits.stream_buffer_bytes)),
             scheduler,
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
@@ -120,8 +133,10 @@ impl Session {
         self.conns().len()
     }
 
-    /// Handles one packet from the server without waiting on any destination.
-    pub fn handle(self: &Arc<Self>, packet: Packet) {
+    /// Handles one packet from the server without waiting on any destination. Returns why
+    /// the stream must wait (see [`Session::relieve`]) before its next packet, if it must.
+    #[must_use]
+    pub fn handle(self: &Arc<Self>, packet: Packet) -> Option<Pressure> {
         let message = packet.into_message();
         self.metrics.packet("to_agent", message.type_name());
         match message {
@@ -139,7 +154,7 @@ impl Session {
             Message::Data(data) => {
                 if data.connect_id == 0 {
                     self.metrics.reject("data_connect_id_zero");
-                    return;
+                    return None;
                 }
                 let inbound = self
                     .conns()
@@ -151,16 +166,23 @@ impl Session {
                     // late DATA would race that CLOSE_RSP with a misleading error.
                     if data.connect_id <= self.next_connect_id.load(Ordering::Relaxed) {
                         self.metrics.reject("data_for_closed_connection");
-                        return;
+                        return None;
                     }
                     self.metrics.reject("data_unknown_connect_id");
                     self.send_control(Packet::close_response(
                         data.connect_id,
                         "unrecognized connectID",
                     ));
-                    return;
+                    return None;
                 };
                 let len = data.data.len();
+                if !self.flow_control {
+                    // Nothing can be refused: the bytes are queued, and the stream waits.
+                    if inbound.push_control(Chunk(data.data)).is_ok() {
+                        self.metrics.bytes_to_endpoint(len);
+                    }
+                    return inbound.pressure(data.connect_id);
+                }
                 match inbound.push(Chunk(data.data)) {
                     Ok(()) => self.metrics.bytes_to_endpoint(len),
                     Err(PushError::Full { limit }) => {
@@ -169,7 +191,7 @@ impl Session {
                             server = self.server_id,
                             connect_id = data.connect_id,
                             limit,
-                            "destination stopped reading and its queue is full; closing that connection"
+                            "server sent past the connection's window; closing that connection"
                         );
                         self.close(
                             data.connect_id,
@@ -205,6 +227,18 @@ impl Session {
                 );
             }
         }
+        None
+    }
+
+    /// Holds this stream (its reader calls this instead of taking the next packet) until the
+    /// destinations behind `pressure` catch up; see [`backpressure::hold`].
+    pub async fn relieve(&self, pressure: Pressure) {
+        self.metrics.stream_pauses.inc();
+        let started = Instant::now();
+        backpressure::hold(&self.budget, self.limits.stall_timeout, pressure, self).await;
+        self.metrics
+            .stream_paused_seconds
+            .inc_by(started.elapsed().as_secs_f64());
     }
 
     fn on_dial(self: &Arc<Self>, protocol: String, address: String, random: i64) {
@@ -277,8 +311,14 @@ impl Session {
 
     /// Registers a dialled connection, answers the dial, then starts moving bytes.
     fn start(self: &Arc<Self>, connect_id: i64, random: i64, stream: tokio::net::TcpStream) {
+        let progress = Arc::new(Progress::default());
+        // The socket stays open while the connection is in the table, where `progress` is read.
+        progress.watch_socket(stream.as_raw_fd());
         let (read, write) = stream.into_split();
-        let inbound = Arc::new(Mailbox::new(self.limits.conn_queue_bytes));
+        let inbound = Arc::new(Mailbox::with_budget(
+            self.limits.conn_queue_bytes,
+            self.budget.clone(),
+        ));
         let flow = self.flow_control.then(|| {
             Arc::new(Flow {
                 window: SendWindow::new(tether_proto::INITIAL_WINDOW),
@@ -290,6 +330,7 @@ impl Session {
             connect_id,
             Conn {
                 inbound: inbound.clone(),
+                progress: progress.clone(),
                 flow: flow.clone(),
                 reader: None,
                 writer: None,
@@ -303,7 +344,7 @@ impl Session {
             tokio::spawn(self.clone().read_endpoint(connect_id, read, flow.clone())).abort_handle();
         let writer = tokio::spawn(
             self.clone()
-                .write_endpoint(connect_id, write, inbound, flow),
+                .write_endpoint(connect_id, write, inbound, progress, flow),
         )
         .abort_handle();
         let mut conns = self.conns();
@@ -394,6 +435,7 @@ impl Session {
         connect_id: i64,
         mut write: OwnedWriteHalf,
         inbound: Arc<Mailbox<Chunk>>,
+        progress: Arc<Progress>,
         flow: Option<Arc<Flow>>,
     ) {
         while let Some(Chunk(bytes)) = inbound.pop().await {
@@ -405,7 +447,7 @@ impl Session {
                 }
                 return;
             }
-            if let Err(err) = write.write_all(&bytes).await {
+            if let Err(err) = write_counted(&mut write, &bytes, &progress).await {
                 self.close(
                     connect_id,
                     format!("write to destination failed: {err}"),
@@ -421,6 +463,7 @@ impl Session {
     }
 
     /// Closes a connection once: the caller that removes it from the table does the work.
+    /// (Its queued bytes leave the stream's budget when its writer lets go of the mailbox.)
     /// Its CLOSE_RSP goes into its lane behind its queued DATA. Returns false when it was
     /// already gone.
     fn close(&self, connect_id: i64, error: String, server_asked: bool) -> bool {
@@ -503,4 +546,65 @@ impl Session {
     fn dials(&self) -> std::sync::MutexGuard<'_, HashMap<i64, AbortHandle>> {
         self.dials.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// What [`backpressure::hold`] needs to see of this stream's connections.
+impl Queues for Session {
+    fn queued(&self, id: i64) -> Option<(usize, usize)> {
+        self.conns()
+            .get(&id)
+            .map(|c| (c.inbound.queued_bytes(), c.inbound.limit()))
+    }
+
+    fn marks(&self, only: Option<i64>) -> Vec<(i64, u64)> {
+        let conns = self.conns();
+        match only {
+            Some(id) => conns
+                .get(&id)
+                .map(|c| (id, c.progress.mark()))
+                .into_iter()
+                .collect(),
+            None => conns
+                .iter()
+                .filter(|(_, c)| c.inbound.queued_bytes() > 0)
+                .map(|(id, c)| (*id, c.progress.mark()))
+                .collect(),
+        }
+    }
+
+    fn close_stalled(&self, id: i64) {
+        self.metrics.stalled_closes.inc();
+        tracing::warn!(
+            server = self.server_id,
+            connect_id = id,
+            stall_timeout = ?self.limits.stall_timeout,
+            "destination read nothing while the server stream waited for it; closing that connection"
+        );
+        self.close(
+            id,
+            format!(
+                "tether-agent: destination read nothing for {:?}",
+                self.limits.stall_timeout
+            ),
+            false,
+        );
+    }
+}
+
+/// `write_all` that records each piece the socket took, so a stall can be told from a slow
+/// reader while the write is still blocked.
+async fn write_counted(
+    write: &mut OwnedWriteHalf,
+    mut bytes: &[u8],
+    progress: &Progress,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        let n = write.write(bytes).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        progress.wrote(n);
+        bytes = &bytes[n..];
+    }
+    Ok(())
 }

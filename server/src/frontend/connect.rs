@@ -4,6 +4,7 @@
 //! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before tunnel data (it rejects
 //! a 200 followed by buffered bytes), and upstream's status lines for each failure.
 
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +34,7 @@ impl ConnectFrontend {
     /// Serves one client connection to its end.
     pub async fn serve<S>(self: Arc<Self>, mut stream: S, peer: String)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
         self.metrics.http_connections.inc();
         let result = self.serve_inner(&mut stream, &peer).await;
@@ -41,12 +42,13 @@ impl ConnectFrontend {
         if let Err(reason) = result {
             tracing::info!(%peer, reason, "CONNECT request ended");
         }
-        let _ = stream.shutdown().await;
+        // A client that stopped reading cannot take a TLS close_notify either.
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     }
 
     async fn serve_inner<S>(&self, stream: &mut S, peer: &str) -> Result<(), String>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
         let (target, mut leftover) = match tokio::time::timeout(HEADER_TIMEOUT, read_head(stream))
             .await
@@ -81,7 +83,13 @@ impl ConnectFrontend {
             return Err("no agent available".into());
         };
         let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
-        let conn = Arc::new(FrontendConn::new(random, self.queue_bytes));
+        let conn = Arc::new(FrontendConn::new(
+            random,
+            self.queue_bytes,
+            Some(backend.budget()),
+        ));
+        // The socket outlives the connection's entry in its backend, where progress is read.
+        conn.progress.watch_socket(stream.as_raw_fd());
         let Ok(dial_id) = backend.dial(&target, &conn).await else {
             let _ = write(stream, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nFailed to tunnel dial request: agent stream closed\r\n").await;
             return Err("agent stream closed before the dial was sent".into());
@@ -186,8 +194,15 @@ where
                     let _ = writer.shutdown().await;
                 }
                 ToFrontend::Data(data) => {
-                    if writer.write_all(&data).await.is_err() {
-                        return true;
+                    let mut rest = &data[..];
+                    while !rest.is_empty() {
+                        match writer.write(rest).await {
+                            Ok(0) | Err(_) => return true,
+                            Ok(n) => {
+                                conn.progress.wrote(n);
+                                rest = &rest[n..];
+                            }
+                        }
                     }
                     conn.delivered(data.len());
                 }
@@ -199,6 +214,8 @@ where
     };
     tokio::pin!(upstream, downstream);
     let client_gone = tokio::select! {
+        // Given up on (its backend closed it while blocked writing to a stalled client).
+        () = conn.abandoned() => false,
         up = &mut upstream => match up {
             Up::Eof if conn.half_close() => {
                 if backend.send_fin(conn).await.is_err() {

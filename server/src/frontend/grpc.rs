@@ -44,7 +44,17 @@ impl ProxyService for Frontends {
                 "the first packet on a Proxy stream must be DIAL_REQ",
             ));
         };
-        let conn = Arc::new(FrontendConn::new(dial.random, self.queue_bytes));
+        let tcp = dial.protocol.is_empty() || dial.protocol == "tcp";
+        let backend = if tcp {
+            self.backends.pick(&dial.address)
+        } else {
+            None
+        };
+        let conn = Arc::new(FrontendConn::new(
+            dial.random,
+            self.queue_bytes,
+            backend.as_ref().map(|b| b.budget()),
+        ));
         let refuse = |error: String| {
             let _ = conn.mailbox.push_control(ToFrontend::DialFailed {
                 error,
@@ -52,14 +62,14 @@ impl ProxyService for Frontends {
             });
             conn.close();
         };
-        if !(dial.protocol.is_empty() || dial.protocol == "tcp") {
+        if !tcp {
             self.metrics.reject("dial_protocol");
             refuse(format!(
                 "unsupported protocol {:?}: only tcp is tunnelled",
                 dial.protocol
             ));
             tokio::spawn(discard(inbound));
-        } else if let Some(backend) = self.backends.pick(&dial.address) {
+        } else if let Some(backend) = backend {
             let session = Session {
                 backend,
                 conn: conn.clone(),
@@ -112,6 +122,8 @@ fn outbound(
                     Packet::dial_response(conn.random, 0, error)
                 }
                 ToFrontend::Data(data) => {
+                    // h2 asks for the next packet only when the client's window has room.
+                    conn.progress.wrote(data.len());
                     conn.delivered(data.len());
                     Packet::data(conn.connect_id(), data)
                 }
