@@ -41,6 +41,13 @@ struct PacketLabels {
     packet_type: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamErrorLabels {
+    segment: &'static str,
+    code: &'static str,
+    packet_type: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub dial_duration: Histogram,
@@ -55,6 +62,7 @@ pub struct Metrics {
     dial_refused: Family<ReasonLabel, Counter>,
     server_failures: Family<DirectionLabel, Gauge>,
     packets: Family<PacketLabels, Counter>,
+    stream_errors: Family<StreamErrorLabels, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     hot: HotSeries,
@@ -110,6 +118,7 @@ impl Metrics {
             dial_refused: Family::default(),
             server_failures: Family::default(),
             rejected: Family::default(),
+            stream_errors: Family::default(),
             hot: HotSeries::new(&packets, &bytes),
             packets,
             bytes,
@@ -153,6 +162,11 @@ impl Metrics {
                 "Packets by direction and type",
                 metrics.packets.clone(),
             );
+            upstream.register(
+                "stream_errors",
+                "gRPC stream errors by segment, status code and packet type",
+                metrics.stream_errors.clone(),
+            );
         }
         {
             let ours = registry.sub_registry_with_prefix("tether_agent");
@@ -192,6 +206,7 @@ impl Metrics {
                 metrics.rejected.clone(),
             );
         }
+        registry.register_collector(Box::new(tether_runtime::process_metrics::ProcessCollector));
         Metrics {
             registry,
             ..metrics
@@ -219,6 +234,17 @@ impl Metrics {
     pub fn server_failure(&self, direction: &'static str) {
         self.server_failures
             .get_or_create(&DirectionLabel { direction })
+            .inc();
+    }
+
+    /// The server stream failed while receiving (`packet_type` is `Unknown`, as upstream's).
+    pub fn stream_error(&self, segment: &'static str, code: tonic::Code) {
+        self.stream_errors
+            .get_or_create(&StreamErrorLabels {
+                segment,
+                code: tether_proto::grpc_code_name(code),
+                packet_type: "Unknown",
+            })
             .inc();
     }
 

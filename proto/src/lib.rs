@@ -42,6 +42,31 @@ pub const INITIAL_WINDOW: usize = 512 * 1024;
 /// frames never interleave across tunnels anyway.
 pub const MAX_HTTP2_FRAME: u32 = 256 * 1024;
 
+/// A gRPC status code as grpc-go names it (`Canceled`, `Unavailable`, …): the `code` label of
+/// upstream's `stream_errors_total` metrics.
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 /// `AgentService` (agent → server, `/AgentService/Connect`).
 pub mod agent {
     include!(concat!(env!("OUT_DIR"), "/.AgentService.rs"));

@@ -6,6 +6,7 @@ pub mod backpressure;
 pub mod flags;
 pub mod mailbox;
 pub mod net;
+pub mod process_metrics;
 pub mod read_ahead;
 pub mod shutdown;
 pub mod sparse;

@@ -96,6 +96,7 @@ impl AgentService for Agents {
                     Ok(None) => break "agent closed the stream".to_owned(),
                     Err(status) => {
                         metrics.reject("agent_stream_error");
+                        metrics.stream_error("from_agent", status.code());
                         break format!("{} ({:?})", status.message(), status.code());
                     }
                 }

@@ -353,8 +353,8 @@ impl Backend {
 
     /// The frontend is gone: forget its connection and have the agent close the endpoint.
     pub fn forget(&self, connect_id: i64) {
-        if self.tables().established.remove(&connect_id).is_some() {
-            self.metrics.established.dec();
+        if let Some(frontend) = self.tables().established.remove(&connect_id) {
+            self.metrics.connection_ended(frontend.established_at());
             self.send_control(Packet::close_request(connect_id));
         }
     }
@@ -399,7 +399,7 @@ impl Backend {
                 let frontend = self.tables().established.remove(&rsp.connect_id);
                 match frontend {
                     Some(frontend) => {
-                        self.metrics.established.dec();
+                        self.metrics.connection_ended(frontend.established_at());
                         let _ = frontend
                             .mailbox
                             .push_control(ToFrontend::Closed { error: rsp.error });
@@ -493,6 +493,7 @@ impl Backend {
             .dial_duration
             .observe(pending.started.elapsed().as_secs_f64());
         frontend.set_connect_id(connect_id);
+        frontend.mark_established();
         if self.flow_control {
             frontend.enable_flow(self.me.clone());
         }
@@ -537,7 +538,7 @@ impl Backend {
                     "agent sent past the connection's window; closing that connection"
                 );
                 if self.tables().established.remove(&connect_id).is_some() {
-                    self.metrics.established.dec();
+                    self.metrics.connection_ended(frontend.established_at());
                 }
                 frontend.abandon(format!(
                     "tether-server: frontend queue limit of {limit} bytes reached"
@@ -555,7 +556,7 @@ impl Backend {
         self.closed.notify_waiters();
         let tables = std::mem::take(&mut *self.tables());
         for (_, frontend) in tables.established {
-            self.metrics.established.dec();
+            self.metrics.connection_ended(frontend.established_at());
             let _ = frontend.mailbox.push_control(ToFrontend::Closed {
                 error: String::new(),
             });
@@ -645,7 +646,7 @@ impl Queues for Backend {
         let Some(frontend) = self.tables().established.remove(&id) else {
             return;
         };
-        self.metrics.established.dec();
+        self.metrics.connection_ended(frontend.established_at());
         self.metrics.stalled_closes.inc();
         tracing::warn!(
             backend = self.id,

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tether_runtime::backpressure::{Budget, Progress};
@@ -74,6 +75,7 @@ pub struct FrontendConn {
     /// Fired when the connection is given up on while its frontend may be blocked.
     abandoned: CancellationToken,
     connect_id: AtomicI64,
+    established_at: OnceLock<Instant>,
     flow: OnceLock<Flow>,
 }
 
@@ -101,6 +103,7 @@ impl FrontendConn {
             progress: Progress::default(),
             abandoned: CancellationToken::new(),
             connect_id: AtomicI64::new(0),
+            established_at: OnceLock::new(),
             flow: OnceLock::new(),
         }
     }
@@ -184,5 +187,14 @@ impl FrontendConn {
 
     pub(crate) fn set_connect_id(&self, id: i64) {
         self.connect_id.store(id, Ordering::Release);
+    }
+
+    pub(crate) fn mark_established(&self) {
+        let _ = self.established_at.set(Instant::now());
+    }
+
+    /// When the agent's dial succeeded, for the connection-duration histogram.
+    pub(crate) fn established_at(&self) -> Option<Instant> {
+        self.established_at.get().copied()
     }
 }

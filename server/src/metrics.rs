@@ -34,9 +34,19 @@ struct PacketLabels {
     packet_type: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamErrorLabels {
+    segment: &'static str,
+    code: &'static str,
+    packet_type: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub dial_duration: Histogram,
+    pub frontend_write_duration: Histogram,
+    connection_duration: Histogram,
+    stream_errors: Family<StreamErrorLabels, Counter>,
     pub pending_dials: Gauge,
     pub established: Gauge,
     pub http_connections: Gauge,
@@ -56,9 +66,14 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let dial_duration = Histogram::new([1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5]);
+        let latency = [1e-6, 1e-5, 1e-4, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
         let metrics = Metrics {
-            dial_duration,
+            dial_duration: Histogram::new(latency),
+            frontend_write_duration: Histogram::new(latency),
+            connection_duration: Histogram::new([
+                1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 43200.0, 86400.0,
+            ]),
+            stream_errors: Family::default(),
             pending_dials: Gauge::default(),
             established: Gauge::default(),
             http_connections: Gauge::default(),
@@ -82,6 +97,21 @@ impl Metrics {
                 "dial_duration_seconds",
                 "Latency of successful dials (DIAL_REQ to DIAL_RSP)",
                 metrics.dial_duration.clone(),
+            );
+            upstream.register(
+                "frontend_write_duration_seconds",
+                "Time to hand one packet to a frontend",
+                metrics.frontend_write_duration.clone(),
+            );
+            upstream.register(
+                "connection_duration_seconds",
+                "Lifetime of tunnelled connections, from the agent's dial to the close",
+                metrics.connection_duration.clone(),
+            );
+            upstream.register(
+                "stream_errors",
+                "gRPC stream errors by segment, status code and packet type",
+                metrics.stream_errors.clone(),
             );
             upstream.register(
                 "pending_backend_dials",
@@ -157,6 +187,9 @@ impl Metrics {
                 metrics.rejected.clone(),
             );
         }
+        registry.register_collector(Box::new(tether_runtime::process_metrics::ProcessCollector));
+        // Present from the start, so a dashboard sees 0 rather than nothing.
+        metrics.full_receive_channels("Connect");
         Metrics {
             registry,
             ..metrics
@@ -166,6 +199,25 @@ impl Metrics {
     pub fn dial_failure(&self, reason: &'static str) {
         self.dial_failures
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A tunnelled connection left the established table.
+    pub fn connection_ended(&self, established_at: Option<std::time::Instant>) {
+        self.established.dec();
+        if let Some(at) = established_at {
+            self.connection_duration.observe(at.elapsed().as_secs_f64());
+        }
+    }
+
+    /// A gRPC stream failed while receiving (`packet_type` is `Unknown`, as upstream's).
+    pub fn stream_error(&self, segment: &'static str, code: tonic::Code) {
+        self.stream_errors
+            .get_or_create(&StreamErrorLabels {
+                segment,
+                code: tether_proto::grpc_code_name(code),
+                packet_type: "Unknown",
+            })
             .inc();
     }
 

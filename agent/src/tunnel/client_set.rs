@@ -143,6 +143,7 @@ impl ClientSet {
                     Ok(None) => break "server closed the stream".to_owned(),
                     Err(status) => {
                         set.metrics.server_failure("from_server");
+                        set.metrics.stream_error("to_agent", status.code());
                         break format!("{} ({:?})", status.message(), status.code());
                     }
                 }

@@ -142,7 +142,7 @@ impl ConnectFrontend {
         {
             return Err("agent stream closed".into());
         }
-        pump(stream, &backend, &conn, connect_id).await;
+        pump(stream, &backend, &conn, connect_id, &self.metrics).await;
         Ok(())
     }
 }
@@ -150,8 +150,13 @@ impl ConnectFrontend {
 /// Moves bytes both ways until the connection ends. With a tether agent (flow control
 /// negotiated) a client's EOF is a half-close: the agent gets a FIN and the reply still flows
 /// back until the agent closes. Toward upstream agents, EOF closes both directions, as upstream.
-async fn pump<S>(stream: &mut S, backend: &Arc<Backend>, conn: &Arc<FrontendConn>, connect_id: i64)
-where
+async fn pump<S>(
+    stream: &mut S,
+    backend: &Arc<Backend>,
+    conn: &Arc<FrontendConn>,
+    connect_id: i64,
+    metrics: &Metrics,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     enum Up {
@@ -194,6 +199,7 @@ where
                     let _ = writer.shutdown().await;
                 }
                 ToFrontend::Data(data) => {
+                    let started = std::time::Instant::now();
                     let mut rest = &data[..];
                     while !rest.is_empty() {
                         match writer.write(rest).await {
@@ -204,6 +210,9 @@ where
                             }
                         }
                     }
+                    metrics
+                        .frontend_write_duration
+                        .observe(started.elapsed().as_secs_f64());
                     conn.delivered(data.len());
                 }
                 ToFrontend::Closed { .. } => return false,

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tether_proto::proxy::proxy_service_server::ProxyService;
@@ -35,7 +36,10 @@ impl ProxyService for Frontends {
         let first = match inbound.message().await {
             Ok(Some(packet)) => packet.into_message(),
             Ok(None) => return Err(Status::cancelled("stream ended before a DIAL_REQ")),
-            Err(status) => return Err(status),
+            Err(status) => {
+                self.metrics.stream_error("from_client", status.code());
+                return Err(status);
+            }
         };
         self.metrics.packet("from_client", first.type_name());
         let Message::DialRequest(dial) = first else {
@@ -68,7 +72,7 @@ impl ProxyService for Frontends {
                 "unsupported protocol {:?}: only tcp is tunnelled",
                 dial.protocol
             ));
-            tokio::spawn(discard(inbound));
+            tokio::spawn(discard(inbound, self.metrics.clone()));
         } else if let Some(backend) = backend {
             let session = Session {
                 backend,
@@ -80,7 +84,7 @@ impl ProxyService for Frontends {
             self.metrics.dial_failure("no_agent");
             tracing::info!(address = dial.address, "no agent available for dial");
             refuse("No agent available".into());
-            tokio::spawn(discard(inbound));
+            tokio::spawn(discard(inbound, self.metrics.clone()));
         }
         Ok(Response::new(Box::pin(outbound(
             conn,
@@ -105,9 +109,16 @@ fn outbound(
 ) -> impl Stream<Item = Result<Packet, Status>> + Send {
     let open = metrics.grpc_connections("Proxy");
     open.inc();
+    // h2 asks for the next packet once it has taken the last one and the client's window has
+    // room: the time between is how long writing a packet to this frontend took.
     futures_util::stream::unfold(
-        (conn, metrics, Open(open)),
-        |(conn, metrics, open)| async move {
+        (conn, metrics, Open(open), None::<Instant>),
+        |(conn, metrics, open, handed)| async move {
+            if let Some(handed) = handed {
+                metrics
+                    .frontend_write_duration
+                    .observe(handed.elapsed().as_secs_f64());
+            }
             let mut event = conn.mailbox.pop().await?;
             // A gRPC frontend has no half-close: the agent's FIN (empty DATA) becomes a close.
             while matches!(&event, ToFrontend::Data(data) if data.is_empty()) {
@@ -131,14 +142,25 @@ fn outbound(
                 ToFrontend::DialClosed => Packet::close_dial(conn.random),
             };
             metrics.packet("to_client", packet.type_name());
-            Some((Ok(packet), (conn, metrics, open)))
+            Some((Ok(packet), (conn, metrics, open, Some(Instant::now()))))
         },
     )
 }
 
 /// Reads the rest of a stream and drops it, so the client sees our answer and closes.
-async fn discard(mut inbound: Streaming<Packet>) {
-    while let Ok(Some(_)) = inbound.message().await {}
+async fn discard(mut inbound: Streaming<Packet>, metrics: Arc<Metrics>) {
+    while next_packet(&mut inbound, &metrics).await.is_some() {}
+}
+
+/// The client's next packet; `None` at the end of its stream or on an error (counted).
+async fn next_packet(inbound: &mut Streaming<Packet>, metrics: &Metrics) -> Option<Packet> {
+    match inbound.message().await {
+        Ok(packet) => packet,
+        Err(status) => {
+            metrics.stream_error("from_client", status.code());
+            None
+        }
+    }
 }
 
 /// One dialled connection: forwards the frontend's packets to the agent.
@@ -156,10 +178,10 @@ impl Session {
                 cause: DialCause::Backend,
             });
             self.conn.close();
-            return discard(inbound).await;
+            return discard(inbound, self.metrics.clone()).await;
         };
         let mut closing = false;
-        while let Ok(Some(packet)) = inbound.message().await {
+        while let Some(packet) = next_packet(&mut inbound, &self.metrics).await {
             let message = packet.into_message();
             self.metrics.packet("from_client", message.type_name());
             if closing {
