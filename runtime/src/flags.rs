@@ -112,23 +112,31 @@ pub struct Process {
     pub klog: Klog,
 }
 
-/// klog's flags. Manifests written for upstream pass them, so they are accepted; only `--v`
-/// changes anything (the log level). Output always goes to stderr, as `--logtostderr` asks.
+/// klog's flags. Manifests written for upstream pass them, so they are accepted and do what
+/// klog does with them: `--v`, and where logs go (`--logtostderr`, `--log-file`,
+/// `--log-file-max-size`, `--alsologtostderr`, `--stderrthreshold`). The rest only shape klog's
+/// own line format and are accepted without effect.
 #[derive(clap::Args, Debug, Clone, Default)]
-#[command(next_help_heading = "klog compatibility (accepted; only --v has an effect)")]
+#[command(next_help_heading = "klog compatibility")]
 pub struct Klog {
-    /// Log verbosity: 0-1 info, 2-4 debug, 5+ trace (RUST_LOG overrides).
-    #[arg(long = "v", value_name = "LEVEL")]
+    /// Log verbosity: 0-1 info, 2-4 debug, 5+ trace (RUST_LOG overrides). `-v=4` works too,
+    /// as pflag gives one-letter klog flags a short form.
+    #[arg(short = 'v', long = "v", value_name = "LEVEL")]
     pub v: Option<u8>,
-    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// Log to stderr (the default) instead of --log-file.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub logtostderr: Option<bool>,
-    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
+    /// With --logtostderr=false: also copy every line to stderr.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub alsologtostderr: Option<bool>,
+    /// Not supported (klog's per-severity file names); use --log-file.
     #[arg(long, hide = true)]
     pub log_dir: Option<String>,
-    #[arg(long, hide = true)]
+    /// With --logtostderr=false: append logs to this file (no effect otherwise, as in klog).
+    #[arg(long, value_name = "PATH")]
     pub log_file: Option<String>,
-    #[arg(long, hide = true)]
+    /// Megabytes --log-file may grow to before it is started afresh; 0 = unlimited.
+    #[arg(long, value_name = "MB")]
     pub log_file_max_size: Option<u64>,
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub skip_headers: Option<bool>,
@@ -138,7 +146,9 @@ pub struct Klog {
     pub add_dir_header: Option<bool>,
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", hide = true)]
     pub one_output: Option<bool>,
-    #[arg(long, hide = true)]
+    /// With --logtostderr=false: lines at or above this severity (INFO, WARNING, ERROR, FATAL
+    /// or 0-3) also go to stderr; default ERROR.
+    #[arg(long, value_name = "SEVERITY")]
     pub stderrthreshold: Option<String>,
     #[arg(long, hide = true)]
     pub alsologtostderrthreshold: Option<String>,
@@ -150,12 +160,73 @@ pub struct Klog {
     pub log_backtrace_at: Option<String>,
 }
 
+/// Where log lines go, as klog's flags ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogOutput {
+    /// Everything to stderr. `ignored_file` is a --log-file that klog, too, would not use.
+    Stderr { ignored_file: Option<String> },
+    /// Appended to `path`; lines at `stderr_from` or more severe are copied to stderr.
+    File {
+        path: String,
+        /// Bytes the file may hold before it is started afresh (klog's rotation of a named
+        /// file); `None` = unlimited.
+        max_bytes: Option<u64>,
+        stderr_from: tracing::Level,
+    },
+}
+
+/// klog's default --log-file-max-size, in megabytes.
+const KLOG_MAX_SIZE_MB: u64 = 1800;
+
 impl Klog {
     /// The tracing filter `--v` asks for, or `fallback`.
     pub fn filter(&self, fallback: &'static str) -> &'static str {
         self.v
             .map(crate::telemetry::level_for_verbosity)
             .unwrap_or(fallback)
+    }
+
+    /// Where logs go. Combinations klog would act on that tether cannot honour are refused.
+    pub fn output(&self) -> Result<LogOutput, ConfigError> {
+        if self.logtostderr.unwrap_or(true) {
+            return Ok(LogOutput::Stderr {
+                ignored_file: self.log_file.clone().filter(|f| !f.is_empty()),
+            });
+        }
+        if self.log_dir.as_deref().is_some_and(|d| !d.is_empty()) {
+            return Err(ConfigError::Unsupported {
+                flag: "log-dir",
+                why: "klog's per-severity files are not written; use --log-file",
+            });
+        }
+        let Some(path) = self.log_file.clone().filter(|f| !f.is_empty()) else {
+            return Err(ConfigError::Required {
+                flag: "log-file",
+                why: " with --logtostderr=false (or leave --logtostderr at true)",
+            });
+        };
+        let stderr_from = if self.alsologtostderr.unwrap_or(false) {
+            tracing::Level::TRACE
+        } else {
+            match self.stderrthreshold.as_deref().unwrap_or("ERROR") {
+                "INFO" | "info" | "0" => tracing::Level::INFO,
+                "WARNING" | "warning" | "1" => tracing::Level::WARN,
+                "ERROR" | "error" | "2" | "FATAL" | "fatal" | "3" => tracing::Level::ERROR,
+                other => {
+                    return Err(ConfigError::Invalid {
+                        flag: "stderrthreshold",
+                        value: other.to_owned(),
+                        why: "use INFO, WARNING, ERROR or FATAL (or 0-3)".into(),
+                    });
+                }
+            }
+        };
+        let megabytes = self.log_file_max_size.unwrap_or(KLOG_MAX_SIZE_MB);
+        Ok(LogOutput::File {
+            path,
+            max_bytes: (megabytes > 0).then(|| megabytes.saturating_mul(1 << 20)),
+            stderr_from,
+        })
     }
 }
 
@@ -173,6 +244,67 @@ mod tests {
         assert!(go_duration("5").is_err());
         assert!(go_duration("5x").is_err());
         assert!(go_duration("").is_err());
+    }
+
+    fn klog(args: &[&str]) -> Klog {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            klog: Klog,
+        }
+        let mut argv = vec!["test"];
+        argv.extend_from_slice(args);
+        <Cli as clap::Parser>::parse_from(argv).klog
+    }
+
+    #[test]
+    fn klog_flags_choose_the_output_as_klog_does() {
+        assert_eq!(klog(&["-v=4"]).v, Some(4));
+        assert_eq!(klog(&["-v", "2"]).v, Some(2));
+        assert_eq!(
+            klog(&["--log-file=/var/log/x.log"]).output().unwrap(),
+            LogOutput::Stderr {
+                ignored_file: Some("/var/log/x.log".into())
+            }
+        );
+        assert_eq!(
+            klog(&[
+                "--logtostderr=false",
+                "--log-file=/l",
+                "--log-file-max-size=0"
+            ])
+            .output()
+            .unwrap(),
+            LogOutput::File {
+                path: "/l".into(),
+                max_bytes: None,
+                stderr_from: tracing::Level::ERROR
+            }
+        );
+        assert_eq!(
+            klog(&["--logtostderr=false", "--log-file=/l", "--alsologtostderr"])
+                .output()
+                .unwrap(),
+            LogOutput::File {
+                path: "/l".into(),
+                max_bytes: Some(1800 << 20),
+                stderr_from: tracing::Level::TRACE
+            }
+        );
+        assert!(matches!(
+            klog(&["--logtostderr=false"]).output(),
+            Err(ConfigError::Required {
+                flag: "log-file",
+                ..
+            })
+        ));
+        assert!(matches!(
+            klog(&["--logtostderr=false", "--log-dir=/var/log"]).output(),
+            Err(ConfigError::Unsupported {
+                flag: "log-dir",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -90,7 +90,10 @@ where
         }
     };
     runtime.block_on(async {
-        telemetry::init(process.log_format, process.klog.filter("info"));
+        if let Err(err) = telemetry::init(process) {
+            eprintln!("invalid configuration: {}", error_chain(&err));
+            return std::process::ExitCode::from(2);
+        }
         raise_fd_limit();
         match shutdown::Signals::install() {
             Ok(signals) => body(signals).await,

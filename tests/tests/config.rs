@@ -221,3 +221,38 @@ fn token_authentication_flags_are_checked_together() {
     assert_ne!(code, 0);
     assert!(line.contains("set --kubeconfig"), "{line}");
 }
+
+/// Upstream's own server manifest logs with `--logtostderr=false --log-file=…`: lines are
+/// appended to the file (an earlier run's stay), not written to stderr. `-v=4` is accepted as
+/// pflag accepts it.
+#[test]
+fn log_file_is_appended_to_as_klog_does() {
+    let pki = Pki::new(&[]).unwrap();
+    let log = pki.dir().join("server.log");
+    std::fs::write(&log, "line from an earlier run\n").unwrap();
+    let mut args = server_args(&pki, &["--logtostderr=false", "-v=4", "--log-format=json"]);
+    args.push(format!("--log-file={}", log.display()));
+    let mut cmd = Command::new(bin("tether-server"));
+    cmd.args(&args);
+    let mut logged = spawn_logged("tether-server", &mut cmd).unwrap();
+    let started = tether_tests::process::wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("tether-server listening"))
+    });
+    assert!(started, "no startup line in {}", log.display());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.starts_with("line from an earlier run\n"), "{text}");
+    logged
+        .process
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(logged.logs.wait_ended(Duration::from_secs(5)));
+    assert_eq!(
+        logged.logs.lines(),
+        Vec::<String>::new(),
+        "stderr got log lines"
+    );
+}
