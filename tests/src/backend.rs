@@ -153,6 +153,25 @@ pub async fn read_pattern_throttled<R: tokio::io::AsyncRead + Unpin>(
     reader: &mut R,
     bytes_per_sec: u64,
 ) -> std::io::Result<Received> {
+    read_pattern_until(reader, bytes_per_sec, u64::MAX).await
+}
+
+/// [`read_pattern_throttled`] for a sender that keeps the connection open: stops once `len`
+/// bytes are in.
+pub async fn read_pattern_exactly<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    bytes_per_sec: u64,
+    len: u64,
+) -> std::io::Result<Received> {
+    read_pattern_until(reader, bytes_per_sec, len).await
+}
+
+/// [`read_pattern_throttled`], stopping early once `stop_at` bytes are in.
+async fn read_pattern_until<R: tokio::io::AsyncRead + Unpin>(
+    reader: &mut R,
+    bytes_per_sec: u64,
+    stop_at: u64,
+) -> std::io::Result<Received> {
     let start = tokio::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     let mut expected = vec![0u8; buf.len()];
@@ -161,6 +180,9 @@ pub async fn read_pattern_throttled<R: tokio::io::AsyncRead + Unpin>(
         intact: true,
     };
     loop {
+        if received.bytes >= stop_at {
+            return Ok(received);
+        }
         let n = reader.read(&mut buf).await?;
         if n == 0 {
             return Ok(received);
@@ -191,17 +213,19 @@ pub async fn write_pattern<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// A destination on 127.0.0.1 that reads one connection at `bytes_per_sec` to EOF and reports
-/// what it got.
+/// A destination on 127.0.0.1 that reads one connection at `bytes_per_sec` to EOF (or until
+/// `expected` bytes are in) and reports what it got.
 pub async fn slow_sink(
     bytes_per_sec: u64,
+    expected: Option<u64>,
 ) -> (SocketAddr, tokio::sync::oneshot::Receiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         if let Ok((mut stream, _)) = listener.accept().await
-            && let Ok(received) = read_pattern_throttled(&mut stream, bytes_per_sec).await
+            && let Ok(received) =
+                read_pattern_until(&mut stream, bytes_per_sec, expected.unwrap_or(u64::MAX)).await
         {
             let _ = tx.send(received);
         }
@@ -219,6 +243,23 @@ pub async fn pattern_source(len: u64) -> SocketAddr {
             tokio::spawn(async move {
                 if write_pattern(&mut stream, len).await.is_ok() {
                     let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// [`pattern_source`] that keeps each connection open after sending, until the client closes.
+pub async fn pattern_source_then_hold(len: u64) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if write_pattern(&mut stream, len).await.is_ok() {
+                    let mut rest = Vec::new();
+                    let _ = stream.read_to_end(&mut rest).await;
                 }
             });
         }

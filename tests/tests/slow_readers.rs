@@ -19,8 +19,9 @@ use tether_tests::process::{rss_kib, wait_until};
 use tether_tests::procs::http_get;
 use tokio::io::AsyncWriteExt;
 
-const TOTAL: u64 = 64 << 20;
-const RATE: u64 = 10 << 20;
+const MIB: u64 = 1 << 20;
+const TOTAL: u64 = 64 * MIB;
+const RATE: u64 = 10 * MIB;
 const BUDGET: usize = 8 << 20;
 /// What HTTP/2 lets a peer send on a tunnel stream that is not being read (both ends advertise
 /// 8 MiB), on top of the budget.
@@ -105,7 +106,7 @@ fn assert_slow_reader_served(received: Received, port: u16, prefix: &str, grew_k
 async fn upload_to_a_slow_destination_arrives_whole() {
     let cluster = cluster();
     let agent = cluster.agent.as_ref().unwrap();
-    let (sink, report) = backend::slow_sink(RATE).await;
+    let (sink, report) = backend::slow_sink(RATE, None).await;
     let mut stream = http_connect(&cluster.target, &sink.to_string())
         .await
         .unwrap()
@@ -238,4 +239,34 @@ async fn a_frontend_that_reads_nothing_is_closed_after_the_stall_timeout() {
         after <= baseline + Duration::from_millis(100),
         "round trip went from {baseline:?} to {after:?} after the stalled frontend closed"
     );
+}
+
+/// rustls takes what the socket cannot and holds it until the next write or a flush. Bytes a
+/// slow client has not read yet must still reach it when the destination then goes quiet with
+/// the tunnel open (found with upstream's agent, whose 4 KiB packets made it likely).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_tls_client_gets_the_last_bytes_while_the_tunnel_stays_open() {
+    let cluster = Cluster::start(Mode::HttpConnect, Transport::Mtls, &[], &[]).unwrap();
+    // Past what the sockets buffer, so writes find the socket full.
+    for len in [12 * MIB + 4321, 16 * MIB + 17] {
+        let source = backend::pattern_source_then_hold(len).await;
+        let mut stream = http_connect(&cluster.target, &source.to_string())
+            .await
+            .unwrap()
+            .unwrap();
+        let received = tokio::time::timeout(
+            Duration::from_secs(20),
+            backend::read_pattern_exactly(&mut stream, 16 * MIB, len),
+        )
+        .await
+        .expect("the last bytes never came")
+        .unwrap();
+        assert_eq!(
+            received,
+            Received {
+                bytes: len,
+                intact: true
+            }
+        );
+    }
 }

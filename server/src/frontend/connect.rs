@@ -210,6 +210,12 @@ async fn pump<S>(
                             }
                         }
                     }
+                    // TLS takes what the socket cannot yet and holds it until the next write
+                    // or a flush: without this, the tail of a download can sit in rustls
+                    // for good.
+                    if writer.flush().await.is_err() {
+                        return true;
+                    }
                     metrics
                         .frontend_write_duration
                         .observe(started.elapsed().as_secs_f64());
