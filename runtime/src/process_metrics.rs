@@ -1,6 +1,7 @@
 //! The `process_*` metrics every Prometheus client library exports (Go's registry does for
 //! upstream's binaries, and node dashboards chart them): CPU seconds, resident and virtual
-//! memory, open and maximum file descriptors, start time. Read from `/proc` at scrape time.
+//! memory and its limit, open and maximum file descriptors, start time, and the bytes the
+//! process's network namespace moved. Read from `/proc` at scrape time.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -20,6 +21,9 @@ struct Sample {
     start_time_seconds: f64,
     open_fds: f64,
     max_fds: f64,
+    max_virtual_bytes: f64,
+    network_receive_bytes: f64,
+    network_transmit_bytes: f64,
 }
 
 /// Fields of `/proc/<pid>/stat` after the command name, numbered from 3 as in proc(5).
@@ -38,6 +42,21 @@ fn parse(stat: &str, boot_time: f64, ticks: f64, page: f64) -> Option<Sample> {
         resident_bytes: stat_field(&fields, 24)? * page,
         ..Sample::default()
     })
+}
+
+/// Bytes received and sent by every interface of `/proc/<pid>/net/dev` (the process's network
+/// namespace), as Go's collector sums them.
+fn parse_net_dev(text: &str) -> (f64, f64) {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_once(':')?.1.split_whitespace().collect();
+            Some((
+                fields.first()?.parse::<f64>().ok()?,
+                fields.get(8)?.parse::<f64>().ok()?,
+            ))
+        })
+        .fold((0.0, 0.0), |(rx, tx), (r, t)| (rx + r, tx + t))
 }
 
 fn boot_time() -> Option<f64> {
@@ -61,9 +80,12 @@ fn sample() -> Option<Sample> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let mut sample = parse(&stat, boot_time()?, ticks as f64, page as f64)?;
     sample.open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as f64;
-    sample.max_fds = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .ok()?
-        .0 as f64;
+    use nix::sys::resource::{Resource, getrlimit};
+    sample.max_fds = getrlimit(Resource::RLIMIT_NOFILE).ok()?.0 as f64;
+    // Unlimited reads as the largest u64, as Go's collector reports it.
+    sample.max_virtual_bytes = getrlimit(Resource::RLIMIT_AS).ok()?.0 as f64;
+    (sample.network_receive_bytes, sample.network_transmit_bytes) =
+        parse_net_dev(&std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default());
     Some(sample)
 }
 
@@ -72,12 +94,31 @@ impl Collector for ProcessCollector {
         let Some(sample) = sample() else {
             return Ok(());
         };
-        ConstCounter::new(sample.cpu_seconds).encode(encoder.encode_descriptor(
-            "process_cpu_seconds",
-            "Total user and system CPU time spent in seconds",
-            None,
-            MetricType::Counter,
-        )?)?;
+        let counters = [
+            (
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                sample.cpu_seconds,
+            ),
+            (
+                "process_network_receive_bytes",
+                "Number of bytes received by the process over the network",
+                sample.network_receive_bytes,
+            ),
+            (
+                "process_network_transmit_bytes",
+                "Number of bytes sent by the process over the network",
+                sample.network_transmit_bytes,
+            ),
+        ];
+        for (name, help, value) in counters {
+            ConstCounter::new(value).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
         let gauges = [
             (
                 "process_resident_memory_bytes",
@@ -88,6 +129,11 @@ impl Collector for ProcessCollector {
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes",
                 sample.virtual_bytes,
+            ),
+            (
+                "process_virtual_memory_max_bytes",
+                "Maximum amount of virtual memory available in bytes",
+                sample.max_virtual_bytes,
             ),
             (
                 "process_start_time_seconds",
@@ -130,6 +176,16 @@ mod tests {
         assert_eq!(sample.start_time_seconds, 1_700_000_010.0);
         assert_eq!(sample.virtual_bytes, 1_048_576.0);
         assert_eq!(sample.resident_bytes, 300.0 * 4096.0);
+    }
+
+    #[test]
+    fn sums_every_interface_of_net_dev() {
+        let text = "Inter-|   Receive                            |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:    1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
+  eth0:     500       5    0    0    0     0          0         0      200       2    0    0    0     0       0          0
+";
+        assert_eq!(parse_net_dev(text), (1500.0, 1200.0));
     }
 
     #[test]

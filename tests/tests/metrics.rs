@@ -10,13 +10,16 @@ use tether_tests::cluster::{Cluster, Mode, Transport};
 use tether_tests::frontend::{GrpcTunnel, grpc_client};
 use tether_tests::procs::http_get;
 
-const PROCESS: [&str; 6] = [
+const PROCESS: [&str; 9] = [
     "process_cpu_seconds_total ",
     "process_resident_memory_bytes ",
     "process_virtual_memory_bytes ",
     "process_start_time_seconds ",
     "process_open_fds ",
     "process_max_fds ",
+    "process_virtual_memory_max_bytes ",
+    "process_network_receive_bytes_total ",
+    "process_network_transmit_bytes_total ",
 ];
 
 /// Every name in `samples` starts a sample line. (Labelled families with no series yet, such as
