@@ -9,6 +9,7 @@ pub mod frontend;
 pub mod lb;
 pub mod netns;
 pub mod packets;
+pub mod peers;
 pub mod pki;
 pub mod process;
 pub mod procs;

@@ -78,6 +78,11 @@ pub struct Logged {
 }
 
 pub fn spawn_logged(name: &str, cmd: &mut Command) -> Result<Logged> {
+    spawn_collected(name, cmd, true)
+}
+
+/// [`spawn_logged`], echoing the lines to stderr only when `echo` is set.
+pub fn spawn_collected(name: &str, cmd: &mut Command, echo: bool) -> Result<Logged> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -88,7 +93,9 @@ pub fn spawn_logged(name: &str, cmd: &mut Command) -> Result<Logged> {
     let label = name.to_owned();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[{label}] {line}");
+            if echo {
+                eprintln!("[{label}] {line}");
+            }
             if let Ok(mut lines) = sink.lines.lock() {
                 lines.push(line);
             }

@@ -84,10 +84,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawH2<S> {
 
     /// Sends one gRPC message on `stream`.
     pub async fn send(&mut self, stream: u32, packet: &Packet, end_stream: bool) -> Result<()> {
-        let body = packet.encode_to_vec();
+        self.send_message(stream, &packet.encode_to_vec(), end_stream)
+            .await
+    }
+
+    /// Sends `body` as one gRPC message, whatever it holds (a malformed one, say).
+    pub async fn send_message(&mut self, stream: u32, body: &[u8], end_stream: bool) -> Result<()> {
         let mut message = vec![0];
         message.extend_from_slice(&u32::try_from(body.len())?.to_be_bytes());
-        message.extend_from_slice(&body);
+        message.extend_from_slice(body);
         let flags = if end_stream { END_STREAM } else { 0 };
         self.io
             .write_all(&frame(DATA, flags, stream, &message))

@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod interop;
 mod setup;
 mod test;
 
@@ -32,6 +33,8 @@ enum Task {
     Demo,
     /// Measure against a baseline taken in the same run (release builds).
     Bench(bench::Options),
+    /// Run tether against upstream Konnectivity's own binaries, both ways round.
+    Interop(interop::Options),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Task::Test(opts) => test::run(&opts),
         Task::Demo => demo::run(),
         Task::Bench(opts) => bench::run(&opts),
+        Task::Interop(opts) => interop::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

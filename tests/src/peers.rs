@@ -1,0 +1,211 @@
+//! tether's binaries or upstream Konnectivity's (proxy-server, proxy-agent), started the same
+//! way: both take the same flags, which is the point. Used by `cargo xtask interop` and by the
+//! tunnel benchmark's upstream rows; the upstream binaries are built outside this repository.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use crate::cluster::{Mode, Transport};
+use crate::frontend::Target;
+use crate::pki::Pki;
+use crate::procs::{AGENT_WITHOUT_GUARD, Logged, built, http_get, spawn_collected};
+
+/// Whose binary.
+#[derive(Clone, Debug)]
+pub enum Impl {
+    Tether,
+    /// The directory holding upstream's `server` and `agent` (as `go build ./cmd/...` names
+    /// them).
+    Upstream(PathBuf),
+}
+
+impl Impl {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Impl::Tether => "tether",
+            Impl::Upstream(_) => "upstream",
+        }
+    }
+
+    fn binary(&self, role: &str) -> Result<PathBuf> {
+        match self {
+            Impl::Tether => built(&format!("tether-{role}")),
+            Impl::Upstream(dir) => {
+                let path = dir.join(role);
+                if !path.exists() {
+                    bail!(
+                        "{} is missing: build upstream's binaries into {} (go build -o DIR ./cmd/...)",
+                        path.display(),
+                        dir.display()
+                    );
+                }
+                Ok(path)
+            }
+        }
+    }
+}
+
+/// A running server or agent and the ports it was given.
+pub struct Peer {
+    pub logged: Logged,
+    pub health_port: u16,
+    /// Server only: the port agents dial.
+    pub agent_port: u16,
+    /// Server only: where frontends connect.
+    pub target: Option<Target>,
+    pub pid: u32,
+}
+
+/// A port on 127.0.0.1 that was free a moment ago (upstream's binaries cannot bind port 0 and
+/// report what they got).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_healthy(peer: &mut Peer, what: &str) -> Result<()> {
+    let healthy = crate::process::wait_until(Duration::from_secs(20), || {
+        http_get(peer.health_port, "/healthz").is_ok_and(|(s, _)| s == 200)
+    });
+    if !healthy {
+        peer.logged.logs.wait_ended(Duration::from_millis(200));
+        bail!(
+            "{what} never answered /healthz:\n{}",
+            peer.logged.logs.lines().join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The ports a server listens on, fixed so a restarted server comes back where its agents
+/// and clients look for it.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerPorts {
+    pub agent: u16,
+    pub health: u16,
+    pub admin: u16,
+    /// The mTLS frontend (unused over a Unix socket).
+    pub frontend: u16,
+}
+
+impl ServerPorts {
+    pub fn free() -> Result<Self> {
+        Ok(ServerPorts {
+            agent: free_port()?,
+            health: free_port()?,
+            admin: free_port()?,
+            frontend: free_port()?,
+        })
+    }
+}
+
+/// Starts a server; `uds` is used in UDS mode (removed first).
+pub fn server(
+    imp: &Impl,
+    pki: &Pki,
+    mode: Mode,
+    transport: Transport,
+    uds: &Path,
+    ports: ServerPorts,
+    extra: &[String],
+) -> Result<Peer> {
+    let pair = pki.pair("server");
+    let (agent_port, health_port) = (ports.agent, ports.health);
+    let mut args = vec![
+        format!(
+            "--mode={}",
+            match mode {
+                Mode::Grpc => "grpc",
+                Mode::HttpConnect => "http-connect",
+            }
+        ),
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        format!("--agent-port={agent_port}"),
+        format!("--health-port={health_port}"),
+        format!("--admin-port={}", ports.admin),
+    ];
+    let target = match transport {
+        Transport::Uds => {
+            args.push(format!("--uds-name={}", uds.display()));
+            args.push("--server-port=0".into());
+            Target::Uds(uds.to_path_buf())
+        }
+        Transport::Mtls => {
+            let port = ports.frontend;
+            args.push(format!("--server-port={port}"));
+            args.push(format!("--server-cert={}", pair.cert.display()));
+            args.push(format!("--server-key={}", pair.key.display()));
+            args.push(format!("--server-ca-cert={}", pki.ca().display()));
+            Target::tls(port, pki, "apiserver")
+        }
+    };
+    args.extend(extra.iter().cloned());
+    let mut cmd = Command::new(imp.binary("server")?);
+    cmd.args(&args);
+    let logged = spawn_collected(&format!("{}-server", imp.name()), &mut cmd, false)?;
+    let pid = logged.process.pid();
+    let mut peer = Peer {
+        logged,
+        health_port,
+        agent_port,
+        target: Some(target),
+        pid,
+    };
+    wait_healthy(&mut peer, "the server")?;
+    Ok(peer)
+}
+
+/// Starts an agent that dials `server_port` on 127.0.0.1.
+pub fn agent(imp: &Impl, pki: &Pki, server_port: u16, extra: &[String]) -> Result<Peer> {
+    let health_port = free_port()?;
+    let mut cmd = Command::new(imp.binary("agent")?);
+    if matches!(imp, Impl::Tether) {
+        cmd.args(AGENT_WITHOUT_GUARD);
+    }
+    cmd.arg(format!("--ca-cert={}", pki.ca().display()))
+        .arg("--proxy-server-host=127.0.0.1")
+        .arg(format!("--proxy-server-port={server_port}"))
+        .arg(format!("--health-server-port={health_port}"))
+        .arg(format!("--admin-server-port={}", free_port()?))
+        .args(["--sync-interval=200ms", "--sync-interval-cap=1s"])
+        .args(extra);
+    let logged = spawn_collected(&format!("{}-agent", imp.name()), &mut cmd, false)?;
+    let pid = logged.process.pid();
+    let mut peer = Peer {
+        logged,
+        health_port,
+        agent_port: 0,
+        target: None,
+        pid,
+    };
+    wait_healthy(&mut peer, "the agent")?;
+    Ok(peer)
+}
+
+/// `/metrics` on `port` over HTTP/1.0, so Go's server sends it unchunked.
+pub fn metrics_page(port: u16) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default())
+}
+
+/// The value of the first sample line of `/metrics` on `port` that starts with `prefix`.
+pub fn metric(port: u16, prefix: &str) -> Option<f64> {
+    let text = metrics_page(port).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
