@@ -19,6 +19,10 @@ pub struct Options {
     /// Tunnel: how often each CPU measure is repeated (the median is reported).
     #[arg(long)]
     pub rounds: Option<usize>,
+    /// Tunnel: also measure tether-agent and upstream's agent behind upstream's server, from
+    /// upstream's binaries in this directory (see `cargo xtask interop`).
+    #[arg(long, value_name = "DIR")]
+    pub upstream_bin: Option<std::path::PathBuf>,
     /// Tunnel: only these phases (download, upload, rtt, dial, idle, hol).
     pub phases: Vec<String>,
 }
@@ -45,6 +49,9 @@ pub fn run(opts: &Options) -> Result<()> {
             }
             if let Some(rounds) = opts.rounds {
                 cmd.arg("--rounds").arg(rounds.to_string());
+            }
+            if let Some(dir) = &opts.upstream_bin {
+                cmd.arg("--upstream-bin").arg(dir);
             }
             cmd.args(&opts.phases);
             run_checked(&mut cmd)

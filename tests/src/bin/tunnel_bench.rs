@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tether_tests::cluster::{Cluster, Mode, Transport};
 use tether_tests::frontend::{Io, Target, http_connect};
+use tether_tests::peers::{self, Impl};
+use tether_tests::pki::Pki;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -217,6 +219,31 @@ async fn rtts(
     Ok(all)
 }
 
+/// Opens and closes `n` tunnels to `echo`, `parallel` at a time; returns how many and the
+/// rate (dials over the batch's wall time).
+async fn dials(
+    side: &'static Side,
+    echo: SocketAddr,
+    n: usize,
+    parallel: usize,
+) -> Result<(usize, f64)> {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(parallel);
+    for _ in 0..parallel {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..n / parallel {
+                drop(side.open(echo).await?);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let done = n / parallel * parallel;
+    Ok((done, done as f64 / start.elapsed().as_secs_f64()))
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(i).copied().unwrap_or_default()
@@ -226,12 +253,14 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Command line: `[--quick] [--rounds N] [PHASE...]`; phases are download, upload, rtt, dial,
-/// idle and hol, all of them when none is named.
+/// Command line: `[--quick] [--rounds N] [--upstream-bin DIR] [PHASE...]`; phases are
+/// download, upload, rtt, dial, idle and hol, all of them when none is named.
 struct Args {
     quick: bool,
     rounds: usize,
     phases: Vec<String>,
+    /// Upstream's binaries, for the rows behind upstream's server.
+    upstream: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -240,6 +269,7 @@ impl Args {
             quick: false,
             rounds: 3,
             phases: Vec::new(),
+            upstream: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
@@ -252,9 +282,12 @@ impl Args {
                         .filter(|&n| n > 0)
                         .context("--rounds takes a whole number above 0")?;
                 }
+                "--upstream-bin" => {
+                    args.upstream = Some(it.next().context("--upstream-bin takes a directory")?.into());
+                }
                 "download" | "upload" | "rtt" | "dial" | "idle" | "hol" => args.phases.push(arg),
                 other => anyhow::bail!(
-                    "unknown argument {other:?}; usage: tunnel_bench [--quick] [--rounds N] [download|upload|rtt|dial|idle|hol ...]"
+                    "unknown argument {other:?}; usage: tunnel_bench [--quick] [--rounds N] [--upstream-bin DIR] [download|upload|rtt|dial|idle|hol ...]"
                 ),
             }
         }
@@ -267,7 +300,7 @@ impl Args {
 }
 
 /// One row's CPU cost per unit over several rounds: the median, and the range.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Spread(Vec<f64>);
 
 impl Spread {
@@ -291,7 +324,7 @@ impl Spread {
 }
 
 /// Agent and server cost per unit of one measure, over the rounds.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Costs {
     agent: Spread,
     server: Spread,
@@ -374,6 +407,197 @@ where
         costs.agent.show(2),
         costs.server.show(2)
     );
+    Ok(())
+}
+
+/// One agent behind upstream's server, for the rows that compare the two agents.
+struct Behind {
+    side: &'static Side,
+    pids: Pids,
+    _server: peers::Peer,
+    _agent: peers::Peer,
+}
+
+/// `measure` through each of `sides` in turn, `--rounds` times (interleaved, so a change in the
+/// machine's phase lands on both), with each side's CPU per unit.
+async fn interleaved<T, F, Fut>(
+    args: &Args,
+    sides: &[&Behind],
+    measure: F,
+    units: impl Fn(&T) -> f64,
+    settle: Duration,
+) -> Result<Vec<(Vec<T>, Costs)>>
+where
+    F: Fn(&'static Side) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut out: Vec<(Vec<T>, Costs)> = sides.iter().map(|_| (vec![], Costs::default())).collect();
+    for _ in 0..args.rounds {
+        for (behind, (results, costs)) in sides.iter().zip(out.iter_mut()) {
+            let before = behind.pids.cpu();
+            let result = measure(behind.side).await?;
+            tokio::time::sleep(settle).await;
+            costs.push(behind.pids.since(&before), units(&result));
+            results.push(result);
+        }
+    }
+    Ok(out)
+}
+
+/// tether-agent and upstream's agent, each behind upstream's server (HTTP CONNECT on a Unix
+/// socket), measured in the same run: the agent's CPU per unit side by side, and the ratio.
+async fn versus_upstream(
+    args: &Args,
+    dir: &std::path::Path,
+    bulk: u64,
+    (src, dst, echo): (SocketAddr, SocketAddr, SocketAddr),
+    (rtt_n, dial_n): (usize, usize),
+) -> Result<()> {
+    let pki = Pki::new(&[])?;
+    let upstream_server = Impl::Upstream(dir.to_path_buf());
+    let mut behind = Vec::new();
+    for (agent, name) in [
+        (Impl::Tether, "tether-agent"),
+        (Impl::Upstream(dir.to_path_buf()), "upstream agent"),
+    ] {
+        let uds = pki.dir().join(format!("{}.sock", agent.name()));
+        let server = peers::server(
+            &upstream_server,
+            &pki,
+            Mode::HttpConnect,
+            Transport::Uds,
+            &uds,
+            peers::ServerPorts::free()?,
+            &[],
+        )?;
+        let agent = peers::agent(&agent, &pki, server.agent_port, &[])?;
+        anyhow::ensure!(
+            tether_tests::procs::wait_ready(server.health_port, Duration::from_secs(15)),
+            "upstream's server never saw {name}"
+        );
+        behind.push(Behind {
+            side: Box::leak(Box::new(Side {
+                name,
+                target: server.target.clone(),
+            })),
+            pids: Pids {
+                agent: agent.pid,
+                server: server.pid,
+            },
+            _server: server,
+            _agent: agent,
+        });
+    }
+    let sides: Vec<&Behind> = behind.iter().collect();
+    for side in &sides {
+        download(side.side, src, 16 << 20).await?;
+    }
+    println!(
+        "\nBehind upstream's server (HTTP CONNECT, Unix socket), interleaved rounds; agent CPU: median (lowest–highest)"
+    );
+    println!("| measure | tether-agent | upstream agent | tether-agent CPU / upstream agent CPU | upstream server CPU with tether-agent / with upstream agent |");
+    println!("|---|---|---|---|---|");
+    let row = |label: &str, shown: [String; 2], costs: &[Costs], unit: &str, decimals: usize| {
+        let ratio = median(costs[0].agent.0.clone()) / median(costs[1].agent.0.clone());
+        let server = median(costs[0].server.0.clone()) / median(costs[1].server.0.clone());
+        println!(
+            "| {label} | {}, {} {unit} | {}, {} {unit} | {ratio:.2} | {server:.2} |",
+            shown[0],
+            costs[0].agent.show(decimals),
+            shown[1],
+            costs[1].agent.show(decimals)
+        );
+    };
+    let mibs = |bytes: u64, runs: &[Duration]| {
+        format!(
+            "{:.0} MiB/s",
+            median(
+                runs.iter()
+                    .map(|d| bytes as f64 / (1 << 20) as f64 / d.as_secs_f64())
+                    .collect()
+            )
+        )
+    };
+    let settle = Duration::from_millis(300);
+    let per_gib = |_: &Duration| bulk as f64 / GIB as f64;
+    if args.runs("download") {
+        let out = interleaved(args, &sides, |side| download(side, src, bulk), per_gib, settle).await?;
+        let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
+        row(
+            &format!("download {} MiB", bulk >> 20),
+            [mibs(bulk, &out[0].0), mibs(bulk, &out[1].0)],
+            &costs,
+            "CPU-s/GiB",
+            2,
+        );
+    }
+    if args.runs("upload") {
+        let out = interleaved(args, &sides, |side| upload(side, dst, bulk), per_gib, settle).await?;
+        let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
+        row(
+            &format!("upload {} MiB", bulk >> 20),
+            [mibs(bulk, &out[0].0), mibs(bulk, &out[1].0)],
+            &costs,
+            "CPU-s/GiB",
+            2,
+        );
+    }
+    if args.runs("rtt") {
+        let out = interleaved(
+            args,
+            &sides,
+            |side| rtts(side, echo, rtt_n, 1),
+            |round| round.len() as f64 / 1e6,
+            Duration::ZERO,
+        )
+        .await?;
+        let p50s: Vec<Duration> = out
+            .iter()
+            .map(|(runs, _)| {
+                let mut all = runs.concat();
+                all.sort();
+                pct(&all, 0.5)
+            })
+            .collect();
+        let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
+        row(
+            "64 B round trip x1",
+            [
+                format!("p50 {:.0} µs", us(p50s[0])),
+                format!("p50 {:.0} µs", us(p50s[1])),
+            ],
+            &costs,
+            "CPU-µs/rtt",
+            1,
+        );
+        println!(
+            "| 64 B round trip x1, p50 | | | {:.2} (latency) | |",
+            us(p50s[0]) / us(p50s[1]).max(1.0)
+        );
+    }
+    if args.runs("dial") {
+        for parallel in [1usize, 16] {
+            let out = interleaved(
+                args,
+                &sides,
+                |side| dials(side, echo, dial_n, parallel),
+                |r: &(usize, f64)| r.0 as f64 / 1e6,
+                Duration::ZERO,
+            )
+            .await?;
+            let rate = |runs: &[(usize, f64)]| {
+                format!("{:.0}/s", median(runs.iter().map(|r| r.1).collect()))
+            };
+            let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
+            row(
+                &format!("dials, {parallel} at a time"),
+                [rate(&out[0].0), rate(&out[1].0)],
+                &costs,
+                "CPU-µs/dial",
+                0,
+            );
+        }
+    }
     Ok(())
 }
 
@@ -465,23 +689,7 @@ async fn main() -> Result<()> {
         // Dials one after another, then 16 at a time (as kube-apiserver's log and exec
         // requests arrive): a rate is the batch's dials over its wall time.
         for parallel in [1usize, 16] {
-            let dial_rate = |side: &'static Side| async move {
-                let start = Instant::now();
-                let mut tasks = Vec::with_capacity(parallel);
-                for _ in 0..parallel {
-                    tasks.push(tokio::spawn(async move {
-                        for _ in 0..dial_n / parallel {
-                            drop(side.open(echo).await?);
-                        }
-                        anyhow::Ok(())
-                    }));
-                }
-                for task in tasks {
-                    task.await??;
-                }
-                let done = dial_n / parallel * parallel;
-                anyhow::Ok((done, done as f64 / start.elapsed().as_secs_f64()))
-            };
+            let dial_rate = |side: &'static Side| dials(side, echo, dial_n, parallel);
             let per_round = |r: &(usize, f64)| r.0 as f64 / 1e6;
             let (base, through, costs) = rounds(
                 &args,
@@ -545,6 +753,9 @@ async fn main() -> Result<()> {
             p50_p99(&busy),
             us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
         );
+    }
+    if let Some(dir) = &args.upstream {
+        versus_upstream(&args, dir, bulk, (src, dst, echo), (rtt_n, dial_n)).await?;
     }
     let (total, steal) = machine_steal();
     println!(
