@@ -283,7 +283,11 @@ impl Args {
                         .context("--rounds takes a whole number above 0")?;
                 }
                 "--upstream-bin" => {
-                    args.upstream = Some(it.next().context("--upstream-bin takes a directory")?.into());
+                    args.upstream = Some(
+                        it.next()
+                            .context("--upstream-bin takes a directory")?
+                            .into(),
+                    );
                 }
                 "download" | "upload" | "rtt" | "dial" | "idle" | "hol" => args.phases.push(arg),
                 other => anyhow::bail!(
@@ -495,7 +499,9 @@ async fn versus_upstream(
     println!(
         "\nBehind upstream's server (HTTP CONNECT, Unix socket), interleaved rounds; agent CPU: median (lowest–highest)"
     );
-    println!("| measure | tether-agent | upstream agent | tether-agent CPU / upstream agent CPU | upstream server CPU with tether-agent / with upstream agent |");
+    println!(
+        "| measure | tether-agent | upstream agent | tether-agent CPU / upstream agent CPU | upstream server CPU with tether-agent / with upstream agent |"
+    );
     println!("|---|---|---|---|---|");
     let row = |label: &str, shown: [String; 2], costs: &[Costs], unit: &str, decimals: usize| {
         let ratio = median(costs[0].agent.0.clone()) / median(costs[1].agent.0.clone());
@@ -521,7 +527,14 @@ async fn versus_upstream(
     let settle = Duration::from_millis(300);
     let per_gib = |_: &Duration| bulk as f64 / GIB as f64;
     if args.runs("download") {
-        let out = interleaved(args, &sides, |side| download(side, src, bulk), per_gib, settle).await?;
+        let out = interleaved(
+            args,
+            &sides,
+            |side| download(side, src, bulk),
+            per_gib,
+            settle,
+        )
+        .await?;
         let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
         row(
             &format!("download {} MiB", bulk >> 20),
@@ -532,7 +545,14 @@ async fn versus_upstream(
         );
     }
     if args.runs("upload") {
-        let out = interleaved(args, &sides, |side| upload(side, dst, bulk), per_gib, settle).await?;
+        let out = interleaved(
+            args,
+            &sides,
+            |side| upload(side, dst, bulk),
+            per_gib,
+            settle,
+        )
+        .await?;
         let costs: Vec<Costs> = out.iter().map(|(_, c)| c.clone()).collect();
         row(
             &format!("upload {} MiB", bulk >> 20),
@@ -754,9 +774,6 @@ async fn main() -> Result<()> {
             us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
         );
     }
-    if let Some(dir) = &args.upstream {
-        versus_upstream(&args, dir, bulk, (src, dst, echo), (rtt_n, dial_n)).await?;
-    }
     let (total, steal) = machine_steal();
     println!(
         "\nside labels: {} vs {}; hypervisor steal during the run: {:.1}% of CPU time",
@@ -764,5 +781,14 @@ async fn main() -> Result<()> {
         tunnel.name,
         (steal - steal0) as f64 * 100.0 / (total - total0).max(1) as f64
     );
+    if let Some(dir) = &args.upstream {
+        let (total0, steal0) = machine_steal();
+        versus_upstream(&args, dir, bulk, (src, dst, echo), (rtt_n, dial_n)).await?;
+        let (total, steal) = machine_steal();
+        println!(
+            "\nhypervisor steal during these rows: {:.1}% of CPU time",
+            (steal - steal0) as f64 * 100.0 / (total - total0).max(1) as f64
+        );
+    }
     Ok(())
 }
