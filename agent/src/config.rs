@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser, Subcommand};
+use tether_proto::identifiers::Identifiers;
 use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
 use tether_runtime::tls::{Identity, PemFile};
 
@@ -326,7 +327,6 @@ pub struct Config {
     pub guard: GuardSettings,
 }
 
-const IDENTIFIER_KEYS: [&str; 5] = ["ipv4", "ipv6", "cidr", "host", "default-route"];
 const MIN_KEEPALIVE: Duration = Duration::from_secs(30);
 
 impl Config {
@@ -395,23 +395,11 @@ impl Config {
                 "must be at least 30s: grpc-go servers answer faster pings with GOAWAY too_many_pings".into(),
             ));
         }
-        for (key, _) in form_urlencoded::parse(args.agent_identifiers.as_bytes()) {
-            if !IDENTIFIER_KEYS.contains(&key.as_ref()) {
-                return Err(invalid(
-                    "agent-identifiers",
-                    args.agent_identifiers.clone(),
-                    format!(
-                        "unknown key {key:?} (known: {})",
-                        IDENTIFIER_KEYS.join(", ")
-                    ),
-                ));
-            }
-        }
-        if args.agent_identifiers.contains(';') {
+        if let Err(err) = Identifiers::parse_strict(&args.agent_identifiers) {
             return Err(invalid(
                 "agent-identifiers",
                 args.agent_identifiers.clone(),
-                "separate pairs with '&', not ';'".into(),
+                err.to_string(),
             ));
         }
         if args.sync_interval > args.sync_interval_cap {

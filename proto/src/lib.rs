@@ -11,7 +11,9 @@
 
 use bytes::Bytes;
 
+pub mod cidr;
 pub mod framing;
+pub mod identifiers;
 
 /// gRPC metadata keys (HTTP/2 lowercases them on the wire).
 pub mod metadata {

@@ -8,25 +8,28 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use tether_proto::Packet;
 use tether_proto::agent::agent_service_server::AgentService;
+use tether_proto::identifiers::Identifiers;
 use tether_proto::metadata;
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::backends::{Backend, Backends, Identifiers, StreamLimits};
+use crate::backend::Backend;
 use crate::metrics::Metrics;
+use crate::outbox::{CONTROL_LIMIT, Outbox};
+use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
+use crate::tunnel::{Settings, Tunnels};
 
 pub struct Agents {
-    pub backends: Arc<Backends>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub server_id: String,
     pub server_count: u32,
+    /// DATA packets that may wait toward one agent.
     pub queue_packets: usize,
-    pub dial_timeout: Option<std::time::Duration>,
-    pub stream_limits: StreamLimits,
+    /// Every agent stream's tunnels work with these (flow control as each agent offers).
+    pub settings: Settings,
     /// Set when agents authenticate with service-account tokens.
     pub token_auth: Option<Arc<TokenAuth>>,
 }
@@ -56,20 +59,20 @@ impl AgentService for Agents {
                 }
             }
         }
-        let (tx, rx) = mpsc::channel(self.queue_packets);
         let flow_control = request
             .metadata()
             .get(metadata::FLOW_CONTROL)
             .is_some_and(|v| v == "1");
-        let backend = Backend::new(
-            agent_id,
-            identifiers,
-            tx,
-            self.dial_timeout,
-            flow_control,
-            self.stream_limits,
+        let (outbox, outbound) = Outbox::new(self.queue_packets, CONTROL_LIMIT);
+        let tunnels = Tunnels::new(
+            outbox.clone(),
+            Settings {
+                flow_control,
+                ..self.settings
+            },
             self.metrics.clone(),
         );
+        let backend = Backend::new(agent_id, identifiers, outbox, tunnels, self.metrics.clone());
         tracing::info!(
             backend = backend.id,
             agent = %backend.agent_id,
@@ -77,17 +80,23 @@ impl AgentService for Agents {
             identifiers = ?backend.identifiers,
             "agent connected"
         );
-        self.backends.add(backend.clone());
+        self.registry.add(backend.clone());
         let gauge = self.metrics.grpc_connections("Connect");
         gauge.inc();
 
         let mut inbound = request.into_inner();
-        let backends = self.backends.clone();
+        let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let receiver = backend.clone();
         tokio::spawn(async move {
             let end = loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    () = receiver.wait_closed() => {
+                        break "disconnected: it did not read what it was sent".to_owned();
+                    }
+                };
+                match message {
                     Ok(Some(packet)) => {
                         if let Some(pressure) = receiver.handle(packet) {
                             receiver.relieve(pressure).await;
@@ -102,18 +111,16 @@ impl AgentService for Agents {
                 }
             };
             tracing::info!(backend = receiver.id, agent = %receiver.agent_id, reason = end, "agent disconnected");
-            backends.remove(receiver.id);
+            registry.remove(receiver.id);
             receiver.shut_down();
             gauge.dec();
         });
 
-        // The response ends when the agent's side does, even while frontends still hold the
-        // backend (and so a sender).
-        let closed = {
-            let backend = backend.clone();
-            async move { backend.wait_closed().await }
-        };
-        let outbound = ReceiverStream::new(rx).map(Ok).take_until(closed);
+        let metrics = self.metrics.clone();
+        let outbound = outbound.map(move |packet: Packet| {
+            metrics.packet("to_agent", packet.type_name());
+            Ok(packet)
+        });
         let mut response = Response::new(Box::pin(outbound) as PacketStream);
         let headers = response.metadata_mut();
         headers.insert(

@@ -17,14 +17,15 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server as GrpcServer;
 
 use crate::agent_service::Agents;
-use crate::backends::{Backends, StreamLimits};
 use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
 use crate::listen::{bind_uds, tls_incoming};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
+use crate::tunnel::Settings;
 use tether_runtime::net::bind_tcp;
 
 /// Largest gRPC message accepted (upstream peers send at most 4 MiB).
@@ -59,7 +60,7 @@ pub struct Server {
     pub frontend_addr: FrontendAddr,
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub backends: Arc<Backends>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     stop_frontends: watch::Sender<bool>,
 }
@@ -70,7 +71,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
-    let backends = Arc::new(Backends::new(config.strategies.clone(), metrics.clone()));
+    let registry = Arc::new(Registry::new(config.strategies.clone(), metrics.clone()));
     let (stop_frontends, stop_rx) = watch::channel(false);
 
     let bind = |flag: &'static str, host: String, port: u16| async move {
@@ -103,15 +104,17 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 
     // Agents.
     let agents = Agents {
-        backends: backends.clone(),
+        registry: registry.clone(),
         metrics: metrics.clone(),
         server_id: config.server_id.clone(),
         server_count: config.server_count,
         queue_packets: config.agent_queue_packets,
-        dial_timeout: config.backend_dial_timeout,
-        stream_limits: StreamLimits {
+        settings: Settings {
+            queue_bytes: config.frontend_queue_bytes,
             buffer_bytes: config.stream_buffer_bytes,
             stall_timeout: config.stall_timeout,
+            dial_timeout: config.backend_dial_timeout,
+            flow_control: false,
         },
         token_auth,
     };
@@ -160,7 +163,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 Mode::Grpc => {
                     let incoming = UnixListenerStream::new(listener)
                         .map(|conn| conn.map(AuthorityFilter::new));
-                    let server = grpc_frontend(&config, &backends, &metrics);
+                    let server = grpc_frontend(&config, &registry, &metrics);
                     tokio::spawn(async move {
                         if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
                         {
@@ -169,7 +172,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&config, &backends, &metrics);
+                    let frontend = connect_frontend(&registry, &metrics);
                     let mut incoming = UnixListenerStream::new(listener).take_until(stop);
                     tokio::spawn(async move {
                         while let Some(conn) = incoming.next().await {
@@ -191,7 +194,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             let incoming = tls_incoming(listener, tls.clone(), "frontend", metrics.clone());
             match mode {
                 Mode::Grpc => {
-                    let server = grpc_frontend(&config, &backends, &metrics);
+                    let server = grpc_frontend(&config, &registry, &metrics);
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
                     tokio::spawn(async move {
                         if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
@@ -201,7 +204,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&config, &backends, &metrics);
+                    let frontend = connect_frontend(&registry, &metrics);
                     let mut incoming = incoming.take_until(stop);
                     tokio::spawn(async move {
                         while let Some(Ok(conn)) = incoming.next().await {
@@ -216,7 +219,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     };
 
     let health: Arc<dyn Routes> = Arc::new(HealthRoutes {
-        backends: backends.clone(),
+        registry: registry.clone(),
         metrics: metrics.clone(),
     });
     tokio::spawn(admin::serve(
@@ -252,7 +255,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         frontend_addr,
         health_addr,
         admin_addr,
-        backends,
+        registry,
         metrics,
         stop_frontends,
     })
@@ -260,7 +263,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
 
 fn grpc_frontend(
     config: &Config,
-    backends: &Arc<Backends>,
+    registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
 ) -> tonic::transport::server::Router {
     GrpcServer::builder()
@@ -271,24 +274,18 @@ fn grpc_frontend(
         .max_concurrent_streams(Some(u32::MAX))
         .add_service(
             ProxyServiceServer::new(Frontends {
-                backends: backends.clone(),
+                registry: registry.clone(),
                 metrics: metrics.clone(),
-                queue_bytes: config.frontend_queue_bytes,
             })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         )
 }
 
-fn connect_frontend(
-    config: &Config,
-    backends: &Arc<Backends>,
-    metrics: &Arc<Metrics>,
-) -> Arc<ConnectFrontend> {
+fn connect_frontend(registry: &Arc<Registry>, metrics: &Arc<Metrics>) -> Arc<ConnectFrontend> {
     Arc::new(ConnectFrontend {
-        backends: backends.clone(),
+        registry: registry.clone(),
         metrics: metrics.clone(),
-        queue_bytes: config.frontend_queue_bytes,
     })
 }
 
@@ -309,7 +306,7 @@ impl Server {
 }
 
 struct HealthRoutes {
-    backends: Arc<Backends>,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
 }
 
@@ -318,7 +315,7 @@ impl Routes for HealthRoutes {
         match request.path {
             "/healthz" => Reply::text(StatusCode::OK, "ok"),
             "/readyz" | "/ready" => {
-                if self.backends.ready() {
+                if self.registry.ready() {
                     Reply::text(StatusCode::OK, "ok")
                 } else {
                     Reply::text(

@@ -11,7 +11,7 @@ use rustls::ServerConfig;
 use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
 use tether_runtime::tls::{self, Identity, PemFile};
 
-use crate::backends::Strategy;
+use crate::strategy::Strategy;
 
 /// tether-server: the control-plane half of the Konnectivity tunnel. kube-apiserver dials
 /// through it (gRPC or HTTP CONNECT, over a Unix socket or mTLS TCP); node agents hold TLS

@@ -1,10 +1,36 @@
 //! tether-server: the control-plane half of the Konnectivity tunnel.
+//!
+//! A packet's way through, and the module that owns each step:
+//!
+//! ```text
+//! kube-apiserver ─▶ frontend::{grpc, connect}   one dial per gRPC stream or CONNECT socket
+//!                   (frontend::authority lets grpc-go's socket-path :authority through)
+//!                     │ registry: picks an agent stream by strategy
+//!                     ▼
+//!                   tunnel        one connection: its state, its queue toward the frontend,
+//!                     │           its single close path (Tunnels::end)
+//!                     ▼
+//!                   outbox        what goes to one agent: DATA waits, control never does
+//!                     ▼
+//! agents ◀──────── agent_service  the AgentService: checks, authenticates, registers the
+//!                     │           stream and runs its receive loop
+//!                     ▼
+//!                   backend       one agent stream: each packet it sends, to its tunnel
+//! ```
+//!
+//! Beside them: `app` wires everything and returns what it bound; `config` turns flags into a
+//! checked `Config`; `listen` accepts TCP/TLS and Unix-socket connections; `strategy` is
+//! `--proxy-strategies`; `token_auth` checks agents' service-account tokens; `metrics`.
 
 pub mod agent_service;
 pub mod app;
-pub mod backends;
+pub mod backend;
 pub mod config;
 pub mod frontend;
 pub mod listen;
 pub mod metrics;
+pub mod outbox;
+pub mod registry;
+pub mod strategy;
 pub mod token_auth;
+pub mod tunnel;

@@ -27,9 +27,9 @@ use tether_agent_common::{
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-pub use cidr::{BadCidr, Cidr};
 pub use events::{DropEvents, GuardEvent};
 pub use pins::{PinnedGuard, Pins, Status};
+pub use tether_proto::cidr::{BadCidr, Cidr};
 
 /// The eBPF object `cargo xtask build-ebpf` produced; `build.rs` refuses a missing or stale one.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_EBPF_OBJECT"));

@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{DialCause, FrontendConn, ToFrontend};
-use crate::backends::{Backend, Backends};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::tunnel::{DialCause, End, ToFrontend, Tunnel};
 
 /// Upstream's read-header timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -25,9 +25,8 @@ const CHUNK: usize = 256 * 1024;
 const MIN_READ: usize = 512;
 
 pub struct ConnectFrontend {
-    pub backends: Arc<Backends>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    pub queue_bytes: usize,
 }
 
 impl ConnectFrontend {
@@ -77,23 +76,19 @@ impl ConnectFrontend {
             let _ = write(stream, &format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ninvalid CONNECT target {target:?}: {why}\r\n")).await;
             return Err(format!("bad target {target:?}"));
         }
-        let Some(backend) = self.backends.pick(&target) else {
+        let Some(backend) = self.registry.pick(&target) else {
             self.metrics.dial_failure("no_agent");
             let _ = write(stream, "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: No agent available").await;
             return Err("no agent available".into());
         };
         let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
-        let conn = Arc::new(FrontendConn::new(
-            random,
-            self.queue_bytes,
-            Some(backend.budget()),
-        ));
-        // The socket outlives the connection's entry in its backend, where progress is read.
-        conn.progress.watch_socket(stream.as_raw_fd());
-        let Ok(dial_id) = backend.dial(&target, &conn).await else {
+        let tunnel = backend.open(random);
+        // The socket outlives the tunnel's entry in its agent stream, where progress is read.
+        tunnel.progress.watch_socket(stream.as_raw_fd());
+        if tunnel.dial(&target).await.is_err() {
             let _ = write(stream, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nFailed to tunnel dial request: agent stream closed\r\n").await;
             return Err("agent stream closed before the dial was sent".into());
-        };
+        }
 
         // Wait for the agent's answer, noticing a client that gives up meanwhile.
         let first = loop {
@@ -101,25 +96,25 @@ impl ConnectFrontend {
             // every waiting connection would otherwise keep.
             leftover.reserve(1024);
             tokio::select! {
-                event = conn.mailbox.pop() => break event,
+                event = tunnel.mailbox.pop() => break event,
                 read = stream.read_buf(&mut leftover) => match read {
                     Ok(0) | Err(_) => {
-                        backend.cancel_dial(dial_id, "frontend_close");
+                        tunnel.end_from_frontend(End::FrontendGone).await;
                         self.metrics.reject("connect_client_gone_mid_dial");
                         tracing::info!(%peer, target, "client went away while the dial was pending; cancelled it");
                         return Err("client disconnected mid-dial".into());
                     }
                     Ok(_) if leftover.len() <= MAX_HEAD => {}
                     Ok(_) => {
-                        backend.cancel_dial(dial_id, "frontend_close");
+                        tunnel.end_from_frontend(End::FrontendGone).await;
                         self.metrics.reject("connect_early_data");
                         return Err("client sent too much before the tunnel was up".into());
                     }
                 },
             }
         };
-        let connect_id = match first {
-            Some(ToFrontend::DialOk { connect_id }) => connect_id,
+        match first {
+            Some(ToFrontend::DialOk { .. }) => {}
             Some(ToFrontend::DialFailed { error, cause }) => {
                 let _ = write(stream, &failure_response(&error, cause)).await;
                 return Err(format!("dial to {target} failed: {error}"));
@@ -131,18 +126,13 @@ impl ConnectFrontend {
             .await
             .is_err()
         {
-            backend.forget(connect_id);
+            tunnel.end_from_frontend(End::FrontendGone).await;
             return Err("client went away before the 200".into());
         }
-        if !leftover.is_empty()
-            && backend
-                .send_data(&conn, leftover.split().freeze())
-                .await
-                .is_err()
-        {
+        if !leftover.is_empty() && tunnel.send_data(leftover.split().freeze()).await.is_err() {
             return Err("agent stream closed".into());
         }
-        pump(stream, &backend, &conn, connect_id, &self.metrics).await;
+        pump(stream, &tunnel, &self.metrics).await;
         Ok(())
     }
 }
@@ -150,13 +140,8 @@ impl ConnectFrontend {
 /// Moves bytes both ways until the connection ends. With a tether agent (flow control
 /// negotiated) a client's EOF is a half-close: the agent gets a FIN and the reply still flows
 /// back until the agent closes. Toward upstream agents, EOF closes both directions, as upstream.
-async fn pump<S>(
-    stream: &mut S,
-    backend: &Arc<Backend>,
-    conn: &Arc<FrontendConn>,
-    connect_id: i64,
-    metrics: &Metrics,
-) where
+async fn pump<S>(stream: &mut S, tunnel: &Arc<Tunnel>, metrics: &Metrics)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     enum Up {
@@ -183,7 +168,7 @@ async fn pump<S>(
                     } else {
                         want
                     };
-                    if backend.send_data(conn, buf.split().freeze()).await.is_err() {
+                    if tunnel.send_data(buf.split().freeze()).await.is_err() {
                         return Up::AgentGone;
                     }
                 }
@@ -192,7 +177,7 @@ async fn pump<S>(
     };
     // Returns whether the client went away (as opposed to the agent closing).
     let downstream = async {
-        while let Some(event) = conn.mailbox.pop().await {
+        while let Some(event) = tunnel.mailbox.pop().await {
             match event {
                 // The agent's FIN: the destination will send nothing more.
                 ToFrontend::Data(data) if data.is_empty() => {
@@ -205,7 +190,7 @@ async fn pump<S>(
                         match writer.write(rest).await {
                             Ok(0) | Err(_) => return true,
                             Ok(n) => {
-                                conn.progress.wrote(n);
+                                tunnel.progress.wrote(n);
                                 rest = &rest[n..];
                             }
                         }
@@ -219,7 +204,7 @@ async fn pump<S>(
                     metrics
                         .frontend_write_duration
                         .observe(started.elapsed().as_secs_f64());
-                    conn.delivered(data.len());
+                    tunnel.delivered(data.len());
                 }
                 ToFrontend::Closed { .. } => return false,
                 _ => {}
@@ -230,10 +215,10 @@ async fn pump<S>(
     tokio::pin!(upstream, downstream);
     let client_gone = tokio::select! {
         // Given up on (its backend closed it while blocked writing to a stalled client).
-        () = conn.abandoned() => false,
+        () = tunnel.abandoned() => false,
         up = &mut upstream => match up {
-            Up::Eof if conn.half_close() => {
-                if backend.send_fin(conn).await.is_err() {
+            Up::Eof if tunnel.half_close() => {
+                if tunnel.send_fin().await.is_err() {
                     true
                 } else {
                     (&mut downstream).await
@@ -245,9 +230,8 @@ async fn pump<S>(
         gone = &mut downstream => gone,
     };
     if client_gone {
-        backend.forget(connect_id);
+        tunnel.end_from_frontend(End::FrontendGone).await;
     }
-    conn.close();
 }
 
 /// Upstream's response to a failed agent dial, with the status chosen from the error text.
@@ -255,7 +239,7 @@ fn failure_response(error: &str, cause: DialCause) -> String {
     match cause {
         DialCause::Timeout => "HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend dial timeout: timed out waiting for backend dial\r\n".into(),
         DialCause::Backend => format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend context error: {error}\r\n"),
-        DialCause::Agent | DialCause::Refused => {
+        DialCause::Agent => {
             let status = status_for(error);
             format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{error}")
         }

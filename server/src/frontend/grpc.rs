@@ -11,14 +11,13 @@ use tether_proto::{Message, Packet};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{DialCause, FrontendConn, ToFrontend};
-use crate::backends::{Backend, Backends};
 use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::tunnel::{End, ToFrontend, Tunnel};
 
 pub struct Frontends {
-    pub backends: Arc<Backends>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    pub queue_bytes: usize,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -48,53 +47,52 @@ impl ProxyService for Frontends {
                 "the first packet on a Proxy stream must be DIAL_REQ",
             ));
         };
-        let tcp = dial.protocol.is_empty() || dial.protocol == "tcp";
-        let backend = if tcp {
-            self.backends.pick(&dial.address)
-        } else {
-            None
-        };
-        let conn = Arc::new(FrontendConn::new(
-            dial.random,
-            self.queue_bytes,
-            backend.as_ref().map(|b| b.budget()),
-        ));
-        let refuse = |error: String| {
-            let _ = conn.mailbox.push_control(ToFrontend::DialFailed {
-                error,
-                cause: DialCause::Refused,
-            });
-            conn.close();
-        };
-        if !tcp {
+        let open = Open::new(&self.metrics);
+        let refusal = if !(dial.protocol.is_empty() || dial.protocol == "tcp") {
             self.metrics.reject("dial_protocol");
-            refuse(format!(
+            format!(
                 "unsupported protocol {:?}: only tcp is tunnelled",
                 dial.protocol
-            ));
-            tokio::spawn(discard(inbound, self.metrics.clone()));
-        } else if let Some(backend) = backend {
+            )
+        } else if let Some(backend) = self.registry.pick(&dial.address) {
+            let tunnel = backend.open(dial.random);
             let session = Session {
-                backend,
-                conn: conn.clone(),
+                tunnel: tunnel.clone(),
                 metrics: self.metrics.clone(),
             };
             tokio::spawn(session.run(dial.address, inbound));
+            return Ok(Response::new(Box::pin(outbound(
+                tunnel,
+                self.metrics.clone(),
+                open,
+            ))));
         } else {
             self.metrics.dial_failure("no_agent");
             tracing::info!(address = dial.address, "no agent available for dial");
-            refuse("No agent available".into());
-            tokio::spawn(discard(inbound, self.metrics.clone()));
-        }
-        Ok(Response::new(Box::pin(outbound(
-            conn,
-            self.metrics.clone(),
-        ))))
+            "No agent available".into()
+        };
+        // Upstream answers a refused dial and then waits for the client to close the stream.
+        tokio::spawn(discard(inbound, self.metrics.clone()));
+        let answer = Packet::dial_response(dial.random, 0, refusal);
+        self.metrics.packet("to_client", answer.type_name());
+        let answered = futures_util::stream::once(async move {
+            let _open = open;
+            Ok(answer)
+        });
+        Ok(Response::new(Box::pin(answered)))
     }
 }
 
-/// Decrements the open-streams gauge when the response stream goes away.
+/// Counts an open `Proxy` stream until it is dropped.
 struct Open(Gauge);
+
+impl Open {
+    fn new(metrics: &Metrics) -> Self {
+        let gauge = metrics.grpc_connections("Proxy");
+        gauge.inc();
+        Open(gauge)
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
@@ -102,47 +100,46 @@ impl Drop for Open {
     }
 }
 
-/// The response stream: the connection's mailbox as packets, ending after the last event.
+/// The response stream: the tunnel's events as packets, ending after the last one.
 fn outbound(
-    conn: Arc<FrontendConn>,
+    tunnel: Arc<Tunnel>,
     metrics: Arc<Metrics>,
+    open: Open,
 ) -> impl Stream<Item = Result<Packet, Status>> + Send {
-    let open = metrics.grpc_connections("Proxy");
-    open.inc();
     // h2 asks for the next packet once it has taken the last one and the client's window has
     // room: the time between is how long writing a packet to this frontend took.
     futures_util::stream::unfold(
-        (conn, metrics, Open(open), None::<Instant>),
-        |(conn, metrics, open, handed)| async move {
+        (tunnel, metrics, open, None::<Instant>),
+        |(tunnel, metrics, open, handed)| async move {
             if let Some(handed) = handed {
                 metrics
                     .frontend_write_duration
                     .observe(handed.elapsed().as_secs_f64());
             }
-            let mut event = conn.mailbox.pop().await?;
-            // A gRPC frontend has no half-close: the agent's FIN (empty DATA) becomes a close.
+            let mut event = tunnel.mailbox.pop().await?;
+            // A gRPC frontend has no half-close: the agent's FIN (empty DATA) asks the agent to
+            // close, so its CLOSE_RSP ends the stream as upstream's EOF would.
             while matches!(&event, ToFrontend::Data(data) if data.is_empty()) {
-                conn.finish_without_half_close();
-                event = conn.mailbox.pop().await?;
+                tunnel.end_from_frontend(End::FrontendClose).await;
+                event = tunnel.mailbox.pop().await?;
             }
             let packet = match event {
                 ToFrontend::DialOk { connect_id } => {
-                    Packet::dial_response(conn.random, connect_id, "")
+                    Packet::dial_response(tunnel.random, connect_id, "")
                 }
                 ToFrontend::DialFailed { error, .. } => {
-                    Packet::dial_response(conn.random, 0, error)
+                    Packet::dial_response(tunnel.random, 0, error)
                 }
                 ToFrontend::Data(data) => {
-                    // h2 asks for the next packet only when the client's window has room.
-                    conn.progress.wrote(data.len());
-                    conn.delivered(data.len());
-                    Packet::data(conn.connect_id(), data)
+                    tunnel.progress.wrote(data.len());
+                    tunnel.delivered(data.len());
+                    Packet::data(tunnel.connect_id(), data)
                 }
-                ToFrontend::Closed { error } => Packet::close_response(conn.connect_id(), error),
-                ToFrontend::DialClosed => Packet::close_dial(conn.random),
+                ToFrontend::Closed { error } => Packet::close_response(tunnel.connect_id(), error),
+                ToFrontend::DialClosed => Packet::close_dial(tunnel.random),
             };
             metrics.packet("to_client", packet.type_name());
-            Some((Ok(packet), (conn, metrics, open, Some(Instant::now()))))
+            Some((Ok(packet), (tunnel, metrics, open, Some(Instant::now()))))
         },
     )
 }
@@ -165,96 +162,74 @@ async fn next_packet(inbound: &mut Streaming<Packet>, metrics: &Metrics) -> Opti
 
 /// One dialled connection: forwards the frontend's packets to the agent.
 struct Session {
-    backend: Arc<Backend>,
-    conn: Arc<FrontendConn>,
+    tunnel: Arc<Tunnel>,
     metrics: Arc<Metrics>,
 }
 
 impl Session {
     async fn run(self, address: String, mut inbound: Streaming<Packet>) {
-        let Ok(dial_id) = self.backend.dial(&address, &self.conn).await else {
-            let _ = self.conn.mailbox.push_control(ToFrontend::DialFailed {
-                error: "agent stream closed before the dial was sent".into(),
-                cause: DialCause::Backend,
-            });
-            self.conn.close();
-            return discard(inbound, self.metrics.clone()).await;
-        };
-        let mut closing = false;
+        if self.tunnel.dial(&address).await.is_err() {
+            return discard(inbound, self.metrics).await;
+        }
+        // Set once the tunnel was ended from this side; the rest of the stream is read and
+        // dropped.
+        let mut ended = false;
         while let Some(packet) = next_packet(&mut inbound, &self.metrics).await {
             let message = packet.into_message();
             self.metrics.packet("from_client", message.type_name());
-            if closing {
+            if ended {
                 continue;
             }
             match message {
+                Message::Data(data) if data.connect_id == 0 => {
+                    self.metrics.reject("frontend_data_connect_id_zero");
+                }
                 Message::Data(data) => {
-                    let connect_id = self.conn.connect_id();
-                    if data.connect_id == 0 {
-                        self.metrics.reject("frontend_data_connect_id_zero");
-                        continue;
-                    }
-                    if connect_id == 0 || data.connect_id != connect_id {
+                    let connect_id = self.tunnel.connect_id();
+                    if data.connect_id != connect_id {
                         self.metrics.reject("frontend_data_mismatched_connect_id");
                         tracing::warn!(
-                            frontend = self.conn.id,
+                            tunnel = self.tunnel.id,
                             expected = connect_id,
                             got = data.connect_id,
                             "frontend sent DATA for another connection; closing the stream"
                         );
-                        let _ = self.conn.mailbox.push_control(ToFrontend::Closed {
-                            error: "mismatched connection IDs".into(),
-                        });
-                        self.conn.close();
-                        closing = true;
+                        self.tunnel
+                            .end_from_frontend(End::FrontendError {
+                                error: "mismatched connection IDs".into(),
+                            })
+                            .await;
+                        ended = true;
                         continue;
                     }
                     // An empty DATA would read as FIN to a tether agent; from a frontend it
                     // carries nothing, so it is not forwarded.
-                    if data.data.is_empty() {
-                        continue;
-                    }
-                    if self.backend.send_data(&self.conn, data.data).await.is_err() {
+                    if !data.data.is_empty() && self.tunnel.send_data(data.data).await.is_err() {
                         break;
                     }
                 }
                 Message::CloseRequest(_) => {
-                    let connect_id = self.conn.connect_id();
-                    if connect_id == 0 {
-                        self.backend.cancel_dial(dial_id, "frontend_close");
-                        self.conn.close();
-                    } else if self.backend.close_request(connect_id).await.is_err() {
-                        let _ = self.conn.mailbox.push_control(ToFrontend::Closed {
-                            error: "CLOSE_REQ to backend failed".into(),
-                        });
-                        self.conn.close();
-                    }
-                    closing = true;
+                    self.tunnel.end_from_frontend(End::FrontendClose).await;
+                    ended = true;
                 }
                 Message::CloseDial(_) => {
-                    self.backend.cancel_dial(dial_id, "frontend_close");
-                    self.conn.close();
-                    closing = true;
+                    self.tunnel.end_from_frontend(End::FrontendGone).await;
+                    ended = true;
                 }
                 other => {
                     self.metrics.reject("frontend_unexpected_packet");
                     tracing::debug!(
-                        frontend = self.conn.id,
+                        tunnel = self.tunnel.id,
                         packet_type = other.type_name(),
                         "ignored packet from frontend"
                     );
                 }
             }
         }
-        // The frontend sends nothing more: release whatever it still held on the agent. After
-        // a CLOSE_REQ the stream stays open for the agent's CLOSE_RSP, which ends it.
-        let connect_id = self.conn.connect_id();
-        if connect_id == 0 {
-            self.backend.cancel_dial(dial_id, "frontend_close");
-            self.conn.close();
-        } else if !closing {
-            self.backend.forget(connect_id);
-            self.conn.close();
+        // The client sends nothing more. After its CLOSE_REQ the stream stays open for the
+        // agent's CLOSE_RSP; otherwise the tunnel is released.
+        if !ended {
+            self.tunnel.end_from_frontend(End::FrontendGone).await;
         }
     }
 }
