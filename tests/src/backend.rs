@@ -266,3 +266,22 @@ pub async fn pattern_source_then_hold(len: u64) -> SocketAddr {
     });
     addr
 }
+
+/// A destination on 127.0.0.1 that accepts, never writes, and reports when the other end of
+/// each connection closed it.
+pub async fn silent_until_closed() -> (SocketAddr, tokio::sync::mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink).await;
+                let _ = tx.send(()).await;
+            });
+        }
+    });
+    (addr, rx)
+}

@@ -1,0 +1,101 @@
+//! tether-server keeps nothing an agent or a client leaves behind, and no agent or client can
+//! make it grow without bound.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_proto::Packet;
+use tether_tests::backend;
+use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
+use tether_tests::peers::metric;
+use tether_tests::process::wait_until;
+
+const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections ";
+
+/// A gRPC client that breaks the protocol on an established connection must not leave the
+/// agent's connection (and the server's entry) open until the destination next speaks.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_grpc_client_releases_the_destination_at_once() {
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    let port = cluster.server.health_port;
+    let (silent, mut closed) = backend::silent_until_closed().await;
+    let mut client = grpc_client(&cluster.target).await.unwrap();
+
+    // DATA for a connection this stream does not own.
+    let mut tunnel = GrpcTunnel::dial(&mut client, &silent.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    tunnel
+        .sender()
+        .send(Packet::data(
+            tunnel.connect_id + 1,
+            Bytes::from_static(b"x"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        tunnel.next().await.unwrap(),
+        Some(Event::Closed("mismatched connection IDs".into()))
+    );
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the destination stayed open after a mismatched connectID");
+
+    // DIAL_CLS on a connection that is already established.
+    let tunnel = GrpcTunnel::dial(&mut client, &silent.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    tunnel.sender().send(Packet::close_dial(1)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the destination stayed open after DIAL_CLS on an open connection");
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(port, ESTABLISHED)
+            == Some(0.0)),
+        "the server still counts the connections"
+    );
+}
+
+/// A client that closes asks the agent to close; the agent's CLOSE_RSP is the expected answer,
+/// not an unknown one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_close_is_answered_not_rejected() {
+    let unknown = "tether_server_rejected_total{reason=\"close_unknown_connect_id\"}";
+    for mode in [Mode::HttpConnect, Mode::Grpc] {
+        let cluster = Cluster::start(mode, Transport::Uds, &[], &[]).unwrap();
+        let port = cluster.server.health_port;
+        let echo = backend::echo().await.to_string();
+        for _ in 0..5 {
+            match mode {
+                Mode::HttpConnect => {
+                    let stream = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
+                    drop(stream);
+                }
+                Mode::Grpc => {
+                    let mut client = grpc_client(&cluster.target).await.unwrap();
+                    let tunnel = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
+                    drop(tunnel);
+                }
+            }
+        }
+        assert!(
+            wait_until(Duration::from_secs(5), || metric(port, ESTABLISHED)
+                == Some(0.0)),
+            "{mode:?}: connections still counted"
+        );
+        // Every CLOSE_RSP has had time to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            metric(port, unknown),
+            None,
+            "{mode:?}: a close was counted as unknown"
+        );
+    }
+}
