@@ -1,7 +1,8 @@
 //! The `process_*` metrics every Prometheus client library exports (Go's registry does for
 //! upstream's binaries, and node dashboards chart them): CPU seconds, resident and virtual
 //! memory and its limit, open and maximum file descriptors, start time, and the bytes the
-//! process's network namespace moved. Read from `/proc` at scrape time.
+//! process's network namespace moved. Read from `/proc` at scrape time, with `tether_tasks`, the
+//! async runtime's live tasks, which is what a leak of connections shows first.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -151,6 +152,14 @@ impl Collector for ProcessCollector {
                 sample.max_fds,
             ),
         ];
+        let tasks = tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_alive_tasks() as f64)
+            .unwrap_or(0.0);
+        let gauges = gauges.into_iter().chain([(
+            "tether_tasks",
+            "Tasks alive in the process's async runtime",
+            tasks,
+        )]);
         for (name, help, value) in gauges {
             ConstGauge::new(value).encode(encoder.encode_descriptor(
                 name,

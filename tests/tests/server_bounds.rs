@@ -11,9 +11,11 @@ use bytes::Bytes;
 use tether_proto::Packet;
 use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::fake_agent::FakeAgent;
 use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
 use tether_tests::peers::metric;
-use tether_tests::process::wait_until;
+use tether_tests::process::{rss_kib, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections ";
 
@@ -98,4 +100,58 @@ async fn a_client_close_is_answered_not_rejected() {
             "{mode:?}: a close was counted as unknown"
         );
     }
+}
+
+/// One agent sends DATA for connections it does not have, up to a million times, and never
+/// reads the CLOSE_REQs that earns it. The server cuts it off instead of queueing (or spawning)
+/// without end; its memory and tasks stay bounded, and another agent keeps tunnelling.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_that_floods_and_never_reads_is_cut_off() {
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &["--proxy-strategies=destHost"],
+        &["--agent-identifiers=ipv4=127.0.0.1"],
+    )
+    .unwrap();
+    let port = cluster.server.health_port;
+    let pid = cluster.server.logged.process.pid();
+    let echo = backend::echo().await.to_string();
+    let rss_before = rss_kib(pid);
+    let tasks_before = metric(port, "tether_tasks ").unwrap_or(0.0);
+
+    let hostile = FakeAgent::connect(cluster.server.agent_port, &cluster.pki.ca(), "hostile")
+        .await
+        .unwrap();
+    let _never_read = hostile.from_server;
+    let tx = hostile.to_server;
+    let flood = tokio::spawn(async move {
+        for i in 0..1_000_000i64 {
+            let packet = Packet::data(1_000_000 + i, Bytes::from_static(b"x"));
+            if tx.send(packet).await.is_err() {
+                break;
+            }
+        }
+    });
+    let (mut peak_rss, mut peak_tasks) = (rss_before, tasks_before);
+    let cut = "tether_server_rejected_total{reason=\"agent_not_reading\"} ";
+    let cut_off = wait_until(Duration::from_secs(60), || {
+        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_tasks = peak_tasks.max(metric(port, "tether_tasks ").unwrap_or(0.0));
+        metric(port, cut).is_some_and(|n| n >= 1.0) || flood.is_finished()
+    });
+    flood.abort();
+    assert!(cut_off, "neither cut off nor done within 60 s");
+    assert_eq!(metric(port, cut), Some(1.0), "the agent was not cut off");
+    let mut stream = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
+    stream.write_all(b"still here").await.unwrap();
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply, b"still here");
+    let grew = peak_rss.saturating_sub(rss_before);
+    assert!(grew < 64 * 1024, "resident memory grew by {grew} KiB");
+    assert!(
+        peak_tasks < tasks_before + 50.0,
+        "tasks went from {tasks_before} to {peak_tasks}"
+    );
 }
