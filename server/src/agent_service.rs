@@ -11,10 +11,13 @@ use tether_proto::agent::agent_service_server::AgentService;
 use tether_proto::identifiers::Identifiers;
 use tether_proto::metadata;
 use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
+use crate::listen::ConnInfo;
 use crate::metrics::Metrics;
 use crate::outbox::{CONTROL_LIMIT, Outbox};
 use crate::registry::Registry;
@@ -32,6 +35,10 @@ pub struct Agents {
     pub settings: Settings,
     /// Set when agents authenticate with service-account tokens.
     pub token_auth: Option<Arc<TokenAuth>>,
+    /// Each agent stream's receive loop is tracked, so a drain can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the server stops: receive loops end and their tunnels close.
+    pub shutdown: CancellationToken,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -44,9 +51,11 @@ impl AgentService for Agents {
         &self,
         request: Request<Streaming<Packet>>,
     ) -> Result<Response<PacketStream>, Status> {
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let peer = conn.as_ref().map(|c| c.peer);
         let (agent_id, identifiers) = self.validate(&request).inspect_err(|status| {
             self.metrics.reject("agent_metadata");
-            tracing::warn!(peer = ?request.remote_addr(), error = status.message(), "rejected agent stream");
+            tracing::warn!(peer = ?peer, error = status.message(), "rejected agent stream");
         })?;
         // Before any response header: an agent learns nothing about the server until it is in.
         if let Some(auth) = &self.token_auth {
@@ -54,7 +63,7 @@ impl AgentService for Agents {
                 Ok(user) => tracing::debug!(agent = %agent_id, user, "agent token authenticated"),
                 Err(err) => {
                     self.metrics.reject("agent_auth");
-                    tracing::warn!(peer = ?request.remote_addr(), agent = %agent_id, error = %tether_runtime::error_chain(&err), "rejected agent stream");
+                    tracing::warn!(peer = ?peer, agent = %agent_id, error = %tether_runtime::error_chain(&err), "rejected agent stream");
                     return Err(Status::unauthenticated(err.to_string()));
                 }
             }
@@ -76,7 +85,7 @@ impl AgentService for Agents {
         tracing::info!(
             backend = backend.id,
             agent = %backend.agent_id,
-            peer = ?request.remote_addr(),
+            peer = ?peer,
             identifiers = ?backend.identifiers,
             "agent connected"
         );
@@ -88,13 +97,18 @@ impl AgentService for Agents {
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
         let receiver = backend.clone();
-        tokio::spawn(async move {
+        let shutdown = self.shutdown.clone();
+        // The connection counts as busy (not idle) while this stream lives.
+        let busy = conn.map(|c| c.stream());
+        self.tracker.spawn(async move {
+            let _busy = busy;
             let end = loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
                     () = receiver.wait_closed() => {
                         break "disconnected: it did not read what it was sent".to_owned();
                     }
+                    () = shutdown.cancelled() => break "the server is shutting down".to_owned(),
                 };
                 match message {
                     Ok(Some(packet)) => {

@@ -5,15 +5,15 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::StatusCode;
 use tether_proto::agent::agent_service_server::AgentServiceServer;
 use tether_proto::proxy::proxy_service_server::ProxyServiceServer;
 use tether_runtime::admin::{self, Query, Reply, Routes};
-use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::Server as GrpcServer;
 
 use crate::agent_service::Agents;
@@ -21,7 +21,7 @@ use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
-use crate::listen::{bind_uds, tls_incoming};
+use crate::listen::{TlsLimits, bind_uds, tls_incoming, uds_incoming};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
@@ -62,17 +62,30 @@ pub struct Server {
     pub admin_addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    stop_frontends: watch::Sender<bool>,
+    /// Cancelled to stop taking frontend connections.
+    stop_frontends: CancellationToken,
+    /// Cancelled to stop everything else: the agent port, the admin and health servers, and
+    /// whatever frontends are still open.
+    shutdown: CancellationToken,
+    /// One task per frontend connection (CONNECT socket or gRPC `Proxy` stream).
+    frontends: TaskTracker,
+    /// Every other long-lived task.
+    tasks: TaskTracker,
 }
 
+/// Agent streams one TLS connection may carry (an agent opens one per connection).
+const AGENT_STREAMS_PER_CONNECTION: u32 = 8;
+
 pub async fn start(config: Config) -> Result<Server, StartError> {
+    let shutdown = CancellationToken::new();
+    let stop_frontends = shutdown.child_token();
+    let (frontends, tasks) = (TaskTracker::new(), TaskTracker::new());
     let token_auth = match &config.token_auth {
         Some(settings) => Some(Arc::new(TokenAuth::new(settings).await?)),
         None => None,
     };
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(config.strategies.clone(), metrics.clone()));
-    let (stop_frontends, stop_rx) = watch::channel(false);
 
     let bind = |flag: &'static str, host: String, port: u16| async move {
         bind_tcp(&host, port)
@@ -117,35 +130,41 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             flow_control: false,
         },
         token_auth,
+        tracker: tasks.clone(),
+        shutdown: shutdown.clone(),
     };
     let incoming = tls_incoming(
         agent_listener,
         config.agent_tls.clone(),
         "agent",
+        TlsLimits {
+            idle_timeout: Some(config.agent_idle_timeout),
+        },
         metrics.clone(),
+        shutdown.clone(),
     );
     let agent_server = GrpcServer::builder()
         .http2_keepalive_interval(Some(config.keepalive))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(STREAM_WINDOW)
         .max_frame_size(Some(tether_proto::MAX_HTTP2_FRAME))
-        .max_concurrent_streams(Some(u32::MAX))
+        .max_concurrent_streams(Some(AGENT_STREAMS_PER_CONNECTION))
         .add_service(
             AgentServiceServer::new(agents)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         );
-    tokio::spawn(async move {
-        if let Err(err) = agent_server.serve_with_incoming(incoming).await {
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(err) = agent_server
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
             tracing::error!(error = %err, "agent gRPC server failed");
         }
     });
 
     // Frontends.
-    let stop = Box::pin(async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-    });
     let frontend_addr = match (&config.frontend, config.mode) {
         (
             FrontendTransport::Uds {
@@ -159,29 +178,33 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 address: path.display().to_string(),
                 source,
             })?;
+            let incoming = uds_incoming(
+                listener,
+                "frontend",
+                metrics.clone(),
+                stop_frontends.clone(),
+            );
             match mode {
                 Mode::Grpc => {
-                    let incoming = UnixListenerStream::new(listener)
-                        .map(|conn| conn.map(AuthorityFilter::new));
-                    let server = grpc_frontend(&config, &registry, &metrics);
-                    tokio::spawn(async move {
-                        if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
+                    let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
+                    let server = grpc_frontend(&config, &registry, &metrics, &frontends, &shutdown);
+                    let stop = stop_frontends.clone();
+                    tasks.spawn(async move {
+                        if let Err(err) = server
+                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                            .await
                         {
                             tracing::error!(error = %err, "frontend gRPC server failed");
                         }
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics);
-                    let mut incoming = UnixListenerStream::new(listener).take_until(stop);
-                    tokio::spawn(async move {
-                        while let Some(conn) = incoming.next().await {
-                            match conn {
-                                Ok(conn) => {
-                                    tokio::spawn(frontend.clone().serve(conn, "uds".into()));
-                                }
-                                Err(err) => tracing::warn!(error = %err, "frontend accept failed"),
-                            }
+                    let frontend = connect_frontend(&registry, &metrics, &shutdown);
+                    let mut incoming = incoming;
+                    let tracker = frontends.clone();
+                    tasks.spawn(async move {
+                        while let Some(Ok(conn)) = incoming.next().await {
+                            tracker.spawn(frontend.clone().serve(conn, "uds".into()));
                         }
                     });
                 }
@@ -191,25 +214,36 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         (FrontendTransport::Tcp { host, port, tls }, mode) => {
             let listener = bind("server-port", host.clone(), *port).await?;
             let addr = local("server-port", &listener)?;
-            let incoming = tls_incoming(listener, tls.clone(), "frontend", metrics.clone());
+            let incoming = tls_incoming(
+                listener,
+                tls.clone(),
+                "frontend",
+                TlsLimits { idle_timeout: None },
+                metrics.clone(),
+                stop_frontends.clone(),
+            );
             match mode {
                 Mode::Grpc => {
-                    let server = grpc_frontend(&config, &registry, &metrics);
+                    let server = grpc_frontend(&config, &registry, &metrics, &frontends, &shutdown);
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
-                    tokio::spawn(async move {
-                        if let Err(err) = server.serve_with_incoming_shutdown(incoming, stop).await
+                    let stop = stop_frontends.clone();
+                    tasks.spawn(async move {
+                        if let Err(err) = server
+                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                            .await
                         {
                             tracing::error!(error = %err, "frontend gRPC server failed");
                         }
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics);
-                    let mut incoming = incoming.take_until(stop);
-                    tokio::spawn(async move {
+                    let frontend = connect_frontend(&registry, &metrics, &shutdown);
+                    let mut incoming = incoming;
+                    let tracker = frontends.clone();
+                    tasks.spawn(async move {
                         while let Some(Ok(conn)) = incoming.next().await {
                             let peer = conn.peer().to_string();
-                            tokio::spawn(frontend.clone().serve(conn, peer));
+                            tracker.spawn(frontend.clone().serve(conn, peer));
                         }
                     });
                 }
@@ -222,24 +256,31 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         registry: registry.clone(),
         metrics: metrics.clone(),
     });
-    tokio::spawn(admin::serve(
+    tasks.spawn(admin::serve(
         health_listener,
         health,
-        std::future::pending(),
+        shutdown.clone().cancelled_owned(),
     ));
     let admin_routes: Arc<dyn Routes> = Arc::new(AdminRoutes {
         metrics: metrics.clone(),
     });
-    tokio::spawn(admin::serve(
+    tasks.spawn(admin::serve(
         admin_listener,
         admin_routes,
-        std::future::pending(),
+        shutdown.clone().cancelled_owned(),
     ));
 
     let gauge = metrics.established.clone();
-    tokio::spawn(tether_runtime::trim_memory_when_idle(move || {
-        usize::try_from(gauge.get()).unwrap_or(0)
-    }));
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let trim = tether_runtime::trim_memory_when_idle(move || {
+            usize::try_from(gauge.get()).unwrap_or(0)
+        });
+        tokio::select! {
+            () = trim => {}
+            () = stop.cancelled() => {}
+        }
+    });
     tracing::info!(
         agent = %agent_addr,
         frontend = ?frontend_addr,
@@ -258,6 +299,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         registry,
         metrics,
         stop_frontends,
+        shutdown,
+        frontends,
+        tasks,
     })
 }
 
@@ -265,6 +309,8 @@ fn grpc_frontend(
     config: &Config,
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router {
     GrpcServer::builder()
         .http2_keepalive_interval(Some(config.frontend_keepalive))
@@ -276,32 +322,44 @@ fn grpc_frontend(
             ProxyServiceServer::new(Frontends {
                 registry: registry.clone(),
                 metrics: metrics.clone(),
+                tracker: tracker.clone(),
+                shutdown: shutdown.clone(),
             })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         )
 }
 
-fn connect_frontend(registry: &Arc<Registry>, metrics: &Arc<Metrics>) -> Arc<ConnectFrontend> {
+fn connect_frontend(
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Arc<ConnectFrontend> {
     Arc::new(ConnectFrontend {
         registry: registry.clone(),
         metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
     })
 }
 
 impl Server {
-    /// Stops accepting frontend connections and waits, at most `deadline`, for open tunnels and
-    /// pending dials to finish. Returns how many were still open.
-    pub async fn drain(&self, deadline: Duration) -> i64 {
-        let _ = self.stop_frontends.send(true);
-        let start = Instant::now();
-        loop {
-            let open = self.metrics.established.get() + self.metrics.pending_dials.get();
-            if open <= 0 || start.elapsed() >= deadline {
-                return open.max(0);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Stops taking frontend connections and waits, at most `deadline`, for the open ones to
+    /// finish; then stops everything else, closing what is left. Returns how many frontend
+    /// connections were still open at the deadline.
+    pub async fn drain(&self, deadline: Duration) -> usize {
+        self.stop_frontends.cancel();
+        self.frontends.close();
+        let _ = tokio::time::timeout(deadline, self.frontends.wait()).await;
+        let left = self.frontends.len();
+        self.shutdown.cancel();
+        self.tasks.close();
+        // What is left ends its tunnels now; a moment for the agents to hear of it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            self.frontends.wait().await;
+            self.tasks.wait().await;
+        })
+        .await;
+        left
     }
 }
 

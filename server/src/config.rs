@@ -103,6 +103,10 @@ pub struct Args {
     #[arg(long, default_value_t = 10, help_heading = "Agents")]
     pub xfr_channel_size: usize,
 
+    /// Close an agent-port connection that has carried no agent stream for this long (an
+    /// agent opens its stream right after the TLS handshake).
+    #[arg(long, env = "TETHER_AGENT_IDLE_TIMEOUT", value_parser = go_duration, default_value = "60s", help_heading = "Limits (tether)")]
+    pub agent_idle_timeout: Duration,
     /// Bytes queued toward one frontend connection. Past it, an agent without flow control
     /// (upstream) is not read again until that frontend catches up; a flow-controlled (tether)
     /// agent has broken its window, and that connection alone is closed.
@@ -270,6 +274,7 @@ pub struct Config {
     pub frontend_queue_bytes: usize,
     pub stream_buffer_bytes: usize,
     pub stall_timeout: Duration,
+    pub agent_idle_timeout: Duration,
     pub health_host: String,
     pub health_port: u16,
     pub admin_host: String,
@@ -475,6 +480,7 @@ impl Config {
             frontend_queue_bytes: args.frontend_queue_bytes,
             stream_buffer_bytes: args.stream_buffer_bytes,
             stall_timeout: args.stall_timeout,
+            agent_idle_timeout: args.agent_idle_timeout,
             health_host: args.health_bind_address.clone(),
             health_port: args.health_port,
             admin_host: args.admin_bind_address.clone(),

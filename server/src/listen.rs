@@ -1,27 +1,36 @@
-//! Listening sockets: TCP (with the TLS handshake done off the accept loop) and Unix sockets.
+//! Listening sockets: TCP with TLS, and Unix sockets. Accepting never spins (an error such as
+//! running out of file descriptors backs off, and is counted), TLS handshakes run off the
+//! accept loop with a limit on how many are in flight, and a TLS connection that carries no
+//! stream for the idle timeout is closed.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
-
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 
 use tether_runtime::read_ahead::ReadAhead;
 
 use crate::metrics::Metrics;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in flight per listener; past it, connections wait in the kernel's backlog.
+pub const MAX_HANDSHAKES: usize = 128;
+/// First and longest pause after a failed accept.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
 /// Binds a Unix socket at `path` (mode 0770, as upstream's umask gives).
 pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> {
@@ -38,41 +47,101 @@ pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> 
     Ok(listener)
 }
 
-/// A TLS connection accepted on one of our ports.
-pub struct TlsConn {
-    stream: TlsStream<ReadAhead<TcpStream>>,
-    peer: SocketAddr,
-}
+/// Waits after accept errors: doubling from 5 ms to 1 s, back to the start after a success.
+struct Backoff(Duration);
 
-impl TlsConn {
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
+impl Backoff {
+    fn new() -> Self {
+        Backoff(ACCEPT_BACKOFF.0)
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(ACCEPT_BACKOFF.1);
+    }
+
+    fn reset(&mut self) {
+        self.0 = ACCEPT_BACKOFF.0;
     }
 }
 
-impl std::os::fd::AsRawFd for TlsConn {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.stream.get_ref().0.as_raw_fd()
-    }
+fn accept_failed(metrics: &Metrics, role: &'static str, err: &io::Error) {
+    metrics.accept_error(role);
+    tracing::warn!(role, error = %err, "accept failed; backing off");
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, so one slow or hostile
-/// client cannot hold up the others.
+/// Connections accepted on a Unix socket, until `stop`.
+pub fn uds_incoming(
+    listener: UnixListener,
+    role: &'static str,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> ReceiverStream<io::Result<UnixStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut backoff = Backoff::new();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    backoff.reset();
+                    if tx.send(Ok(stream)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    accept_failed(&metrics, role, &err);
+                    backoff.wait().await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// How a TLS listener treats its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct TlsLimits {
+    /// A connection that carries no stream this long is closed (`None`: never).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (at most
+/// [`MAX_HANDSHAKES`] at once), so one slow or hostile client cannot hold up the others.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     role: &'static str,
+    limits: TlsLimits,
     metrics: Arc<Metrics>,
+    stop: CancellationToken,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
+        let mut backoff = Backoff::new();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
+            let slot = tokio::select! {
+                slot = handshakes.clone().acquire_owned() => slot,
+                () = stop.cancelled() => return,
+            };
+            let Ok(slot) = slot else { return };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = stop.cancelled() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => {
+                    backoff.reset();
+                    accepted
+                }
                 Err(err) => {
-                    tracing::warn!(role, error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    accept_failed(&metrics, role, &err);
+                    backoff.wait().await;
                     continue;
                 }
             };
@@ -81,9 +150,10 @@ pub fn tls_incoming(
             let conn_tx = tx.clone();
             let metrics = metrics.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(ReadAhead::new(tcp)))
-                    .await
-                {
+                let handshake = acceptor.accept(ReadAhead::new(tcp));
+                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
+                drop(slot);
+                match result {
                     Ok(Ok(mut stream)) => {
                         // rustls stops taking plaintext at 64 KiB of unsent records by
                         // default: a 256 KiB DATA frame would leave in four writes, each
@@ -92,7 +162,8 @@ pub fn tls_incoming(
                             .get_mut()
                             .1
                             .set_buffer_limit(Some(tether_proto::MAX_HTTP2_FRAME as usize));
-                        let _ = conn_tx.send(Ok(TlsConn { stream, peer })).await;
+                        let conn = TlsConn::new(stream, peer, limits.idle_timeout);
+                        let _ = conn_tx.send(Ok(conn)).await;
                     }
                     Ok(Err(err)) => {
                         metrics.reject("tls_handshake_failed");
@@ -112,11 +183,106 @@ pub fn tls_incoming(
     ReceiverStream::new(rx)
 }
 
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = SocketAddr;
+/// Who is on the other end of a TLS connection, and how many streams it carries. gRPC
+/// services find it in their requests' extensions.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    streams: Arc<Streams>,
+}
 
-    fn connect_info(&self) -> SocketAddr {
-        self.peer
+#[derive(Debug, Default)]
+struct Streams {
+    open: AtomicUsize,
+    /// Bumped whenever the count reaches zero, so the connection restarts its idle clock.
+    idled: AtomicUsize,
+}
+
+impl ConnInfo {
+    /// Counts a stream on this connection until the returned guard is dropped.
+    pub fn stream(&self) -> StreamGuard {
+        self.streams.open.fetch_add(1, Ordering::AcqRel);
+        StreamGuard(self.streams.clone())
+    }
+}
+
+pub struct StreamGuard(Arc<Streams>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idled.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A TLS connection accepted on one of our ports.
+pub struct TlsConn {
+    stream: TlsStream<ReadAhead<TcpStream>>,
+    info: ConnInfo,
+    idle: Option<Idle>,
+}
+
+/// The clock of a connection that carries no stream.
+struct Idle {
+    timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// The `idled` count the deadline was set for.
+    seen: usize,
+}
+
+impl TlsConn {
+    fn new(
+        stream: TlsStream<ReadAhead<TcpStream>>,
+        peer: SocketAddr,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
+        TlsConn {
+            stream,
+            info: ConnInfo {
+                peer,
+                streams: Arc::default(),
+            },
+            idle: idle_timeout.map(|timeout| Idle {
+                timeout,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                seen: 0,
+            }),
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.info.peer
+    }
+
+    /// True once the connection has carried no stream for its idle timeout.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(idle) = &mut self.idle else {
+            return false;
+        };
+        if self.info.streams.open.load(Ordering::Acquire) > 0 {
+            return false;
+        }
+        let idled = self.info.streams.idled.load(Ordering::Acquire);
+        if idled != idle.seen {
+            idle.seen = idled;
+            idle.deadline.as_mut().reset(Instant::now() + idle.timeout);
+        }
+        idle.deadline.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl std::os::fd::AsRawFd for TlsConn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.get_ref().0.as_raw_fd()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 
@@ -126,6 +292,13 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // The connection's task always waits in a read: the idle clock wakes it here.
+        if self.idle_expired(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "connection carried no stream for the idle timeout",
+            )));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }

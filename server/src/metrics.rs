@@ -29,6 +29,11 @@ struct MethodLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     segment: &'static str,
     packet_type: &'static str,
@@ -56,6 +61,7 @@ pub struct Metrics {
     pub stream_paused_seconds: Counter<f64, AtomicU64>,
     pub stalled_closes: Counter,
     full_receive_channels: Family<MethodLabel, Gauge>,
+    accept_errors: Family<ListenerLabel, Counter>,
     grpc_connections: Family<MethodLabel, Gauge>,
     ready_backends: Family<StrategyLabel, Gauge>,
     dial_failures: Family<ReasonLabel, Gauge>,
@@ -83,6 +89,7 @@ impl Metrics {
             stream_paused_seconds: Counter::default(),
             stalled_closes: Counter::default(),
             full_receive_channels: Family::default(),
+            accept_errors: Family::default(),
             grpc_connections: Family::default(),
             ready_backends: Family::default(),
             dial_failures: Family::default(),
@@ -182,6 +189,11 @@ impl Metrics {
                 metrics.stalled_closes.clone(),
             );
             ours.register(
+                "accept_errors",
+                "Failed accepts (such as running out of file descriptors), by listener (agent, frontend); each backs off",
+                metrics.accept_errors.clone(),
+            );
+            ours.register(
                 "rejected",
                 "Bad input refused or ignored, by reason",
                 metrics.rejected.clone(),
@@ -218,6 +230,12 @@ impl Metrics {
                 code: tether_proto::grpc_code_name(code),
                 packet_type: "Unknown",
             })
+            .inc();
+    }
+
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors
+            .get_or_create(&ListenerLabel { listener })
             .inc();
     }
 

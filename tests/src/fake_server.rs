@@ -97,7 +97,14 @@ impl FakeServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let port = listener.local_addr()?.port();
         let metrics = Arc::new(tether_server::metrics::Metrics::new());
-        let incoming = tether_server::listen::tls_incoming(listener, tls, "fake", metrics);
+        let incoming = tether_server::listen::tls_incoming(
+            listener,
+            tls,
+            "fake",
+            tether_server::listen::TlsLimits { idle_timeout: None },
+            metrics,
+            Default::default(),
+        );
         let presented = Arc::new(Mutex::new(Vec::new()));
         let (streams_tx, streams) = mpsc::channel(16);
         let service = Service {

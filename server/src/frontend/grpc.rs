@@ -9,6 +9,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tether_proto::proxy::proxy_service_server::ProxyService;
 use tether_proto::{Message, Packet};
 use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
@@ -18,6 +20,10 @@ use crate::tunnel::{End, ToFrontend, Tunnel};
 pub struct Frontends {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Each stream's session is tracked, so a drain can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the server stops: open sessions end their tunnels.
+    pub shutdown: CancellationToken,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -60,7 +66,16 @@ impl ProxyService for Frontends {
                 tunnel: tunnel.clone(),
                 metrics: self.metrics.clone(),
             };
-            tokio::spawn(session.run(dial.address, inbound));
+            let stopping = tunnel.clone();
+            let shutdown = self.shutdown.clone();
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    () = session.run(dial.address, inbound) => {}
+                    () = shutdown.cancelled() => {
+                        stopping.end_from_frontend(End::FrontendGone).await;
+                    }
+                }
+            });
             return Ok(Response::new(Box::pin(outbound(
                 tunnel,
                 self.metrics.clone(),
