@@ -14,6 +14,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// What a route answers.
 pub struct Reply {
@@ -75,39 +78,77 @@ pub trait Routes: Send + Sync + 'static {
     fn route(&self, request: &Query<'_>) -> Reply;
 }
 
-/// Serves `routes` on `listener` until `shutdown` completes.
+/// Connections served at once; more wait in the kernel's backlog. Probes and scrapes need a
+/// handful.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A request head must arrive within this (probes send theirs at once).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read; hyper answers 431 past it.
+const MAX_BUFFER: usize = 16 << 10;
+/// A kept-alive connection is closed (between requests) after this, so none holds a slot for
+/// good.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// How long an open request may take to finish once the server stops.
+const FINISH: Duration = Duration::from_secs(1);
+
+/// Serves `routes` on `listener` until `shutdown` completes; then closes its connections.
 pub async fn serve(
     listener: TcpListener,
     routes: Arc<dyn Routes>,
     shutdown: impl Future<Output = ()>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
     tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
     loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
         let stream = tokio::select! {
-            _ = &mut shutdown => return,
+            () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(err) => {
-                    tracing::warn!(error = %err, "admin listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %err, "admin listener accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             },
         };
+        backoff = Duration::from_millis(5);
         let routes = routes.clone();
-        tokio::spawn(async move {
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
                 let routes = routes.clone();
                 async move { Ok::<_, Infallible>(respond(routes.as_ref(), &request)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(60))
-                .max_buf_size(1 << 20)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_BUFFER)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(FINISH, connection).await;
         });
     }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
 }
 
 fn respond(routes: &dyn Routes, request: &Request<Incoming>) -> Response<Full<Bytes>> {

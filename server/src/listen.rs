@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use tether_runtime::read_ahead::ReadAhead;
 
+use crate::identity::CertNames;
 use crate::metrics::Metrics;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -188,6 +190,8 @@ pub fn tls_incoming(
 #[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// What the client certificate names, when the peer presented one.
+    pub client: Option<Arc<CertNames>>,
     streams: Arc<Streams>,
 }
 
@@ -196,6 +200,9 @@ struct Streams {
     open: AtomicUsize,
     /// Bumped whenever the count reaches zero, so the connection restarts its idle clock.
     idled: AtomicUsize,
+    /// The connection's reader, woken to start that clock: otherwise it would sleep until
+    /// the peer next sends a byte.
+    reader: AtomicWaker,
 }
 
 impl ConnInfo {
@@ -212,6 +219,7 @@ impl Drop for StreamGuard {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idled.fetch_add(1, Ordering::AcqRel);
+            self.0.reader.wake();
         }
     }
 }
@@ -237,10 +245,18 @@ impl TlsConn {
         peer: SocketAddr,
         idle_timeout: Option<Duration>,
     ) -> Self {
+        let client = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| CertNames::from_der(cert))
+            .map(Arc::new);
         TlsConn {
             stream,
             info: ConnInfo {
                 peer,
+                client,
                 streams: Arc::default(),
             },
             idle: idle_timeout.map(|timeout| Idle {
@@ -260,6 +276,7 @@ impl TlsConn {
         let Some(idle) = &mut self.idle else {
             return false;
         };
+        self.info.streams.reader.register(cx.waker());
         if self.info.streams.open.load(Ordering::Acquire) > 0 {
             return false;
         }
