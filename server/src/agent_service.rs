@@ -17,12 +17,16 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backend::Backend;
+use crate::identity::{self, Binding, StreamLimit, Vouched};
 use crate::listen::ConnInfo;
 use crate::metrics::Metrics;
 use crate::outbox::{CONTROL_LIMIT, Outbox};
 use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
 use crate::tunnel::{Settings, Tunnels};
+
+/// How long a stopping server gives an agent stream to take its last packets.
+const FINISH: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct Agents {
     pub registry: Arc<Registry>,
@@ -35,6 +39,10 @@ pub struct Agents {
     pub settings: Settings,
     /// Set when agents authenticate with service-account tokens.
     pub token_auth: Option<Arc<TokenAuth>>,
+    /// What agents' claims are checked against.
+    pub binding: Binding,
+    /// Agent streams per identity.
+    pub streams: StreamLimit,
     /// Each agent stream's receive loop is tracked, so a drain can wait for them.
     pub tracker: TaskTracker,
     /// Cancelled when the server stops: receive loops end and their tunnels close.
@@ -58,9 +66,21 @@ impl AgentService for Agents {
             tracing::warn!(peer = ?peer, error = status.message(), "rejected agent stream");
         })?;
         // Before any response header: an agent learns nothing about the server until it is in.
+        let mut node = None;
         if let Some(auth) = &self.token_auth {
-            match auth.authenticate(request.metadata()).await {
-                Ok(user) => tracing::debug!(agent = %agent_id, user, "agent token authenticated"),
+            match auth
+                .authenticate(request.metadata(), peer.map(|p| p.ip()))
+                .await
+            {
+                Ok(who) => {
+                    tracing::debug!(agent = %agent_id, user = who.user, node = ?who.node, "agent token authenticated");
+                    node = who.node;
+                }
+                Err(err) if err.is_overload() => {
+                    self.metrics.reject("agent_auth_busy");
+                    tracing::warn!(peer = ?peer, agent = %agent_id, error = %err, "agent stream refused for now");
+                    return Err(Status::unavailable(err.to_string()));
+                }
                 Err(err) => {
                     self.metrics.reject("agent_auth");
                     tracing::warn!(peer = ?peer, agent = %agent_id, error = %tether_runtime::error_chain(&err), "rejected agent stream");
@@ -68,6 +88,21 @@ impl AgentService for Agents {
                 }
             }
         }
+        let identity = self
+            .bind(&agent_id, &identifiers, conn.as_ref(), node.as_deref())
+            .await
+            .inspect_err(|status| {
+                self.metrics.reject("agent_identity");
+                tracing::warn!(peer = ?peer, agent = %agent_id, error = status.message(), "rejected agent stream: its claims do not match its credential");
+            })?;
+        let Some(slot) = self.streams.take(&identity) else {
+            self.metrics.reject("agent_identity_streams");
+            tracing::warn!(peer = ?peer, agent = %agent_id, identity, limit = self.streams.max(), "rejected agent stream: its identity holds its limit of streams");
+            return Err(Status::resource_exhausted(format!(
+                "{identity} already holds {} agent streams (--max-agent-streams-per-identity)",
+                self.streams.max()
+            )));
+        };
         let flow_control = request
             .metadata()
             .get(metadata::FLOW_CONTROL)
@@ -101,14 +136,17 @@ impl AgentService for Agents {
         // The connection counts as busy (not idle) while this stream lives.
         let busy = conn.map(|c| c.stream());
         self.tracker.spawn(async move {
-            let _busy = busy;
+            let _held = (busy, slot);
             let end = loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
                     () = receiver.wait_closed() => {
                         break "disconnected: it did not read what it was sent".to_owned();
                     }
-                    () = shutdown.cancelled() => break "the server is shutting down".to_owned(),
+                    () = shutdown.cancelled() => {
+                        receiver.finish(FINISH).await;
+                        break "the server is shutting down".to_owned();
+                    }
                 };
                 match message {
                     Ok(Some(packet)) => {
@@ -155,6 +193,46 @@ impl AgentService for Agents {
 }
 
 impl Agents {
+    /// Checks the agent's claims against its credential; returns the identity its streams
+    /// count against.
+    async fn bind(
+        &self,
+        agent_id: &str,
+        identifiers: &Identifiers,
+        conn: Option<&ConnInfo>,
+        node: Option<&str>,
+    ) -> Result<String, Status> {
+        let vouched = match self.binding {
+            Binding::Off => return Ok(format!("agent {agent_id}")),
+            Binding::Certificate => {
+                let Some(names) = conn.and_then(|c| c.client.as_deref()) else {
+                    return Err(Status::permission_denied(
+                        "--bind-agent-identity=certificate: the agent presented no client certificate",
+                    ));
+                };
+                Vouched::certificate(names)
+            }
+            Binding::Token => {
+                let Some(node) = node else {
+                    return Err(Status::permission_denied(
+                        "--bind-agent-identity=token: the agent's token is not bound to a pod on a node (use a projected service-account token; Kubernetes 1.30+ names the node)",
+                    ));
+                };
+                let addresses = match (&self.token_auth, identifiers.addresses.is_empty()) {
+                    (Some(auth), false) => auth
+                        .node_addresses(node)
+                        .await
+                        .map_err(|err| Status::unavailable(err.to_string()))?,
+                    _ => Vec::new(),
+                };
+                Vouched::node(node, addresses)
+            }
+        };
+        identity::check(agent_id, identifiers, &vouched)
+            .map_err(|mismatch| Status::permission_denied(mismatch.to_string()))?;
+        Ok(vouched.label)
+    }
+
     fn validate(
         &self,
         request: &Request<Streaming<Packet>>,

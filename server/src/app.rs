@@ -21,6 +21,7 @@ use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
+use crate::identity::StreamLimit;
 use crate::listen::{TlsLimits, bind_uds, tls_incoming, uds_incoming};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -64,6 +65,9 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// Cancelled to stop taking frontend connections.
     stop_frontends: CancellationToken,
+    /// Cancelled to close the frontend connections still open (each ends its tunnel, which
+    /// asks its agent to close).
+    close_frontends: CancellationToken,
     /// Cancelled to stop everything else: the agent port, the admin and health servers, and
     /// whatever frontends are still open.
     shutdown: CancellationToken,
@@ -78,13 +82,19 @@ const AGENT_STREAMS_PER_CONNECTION: u32 = 8;
 
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let shutdown = CancellationToken::new();
-    let stop_frontends = shutdown.child_token();
+    let close_frontends = shutdown.child_token();
+    let stop_frontends = close_frontends.child_token();
     let (frontends, tasks) = (TaskTracker::new(), TaskTracker::new());
+    if config.agents_unauthenticated {
+        tracing::warn!(
+            "agents are not authenticated (--allow-unauthenticated-agents): anyone who reaches the agent port can register as an agent and receive tunnelled connections"
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
     let token_auth = match &config.token_auth {
-        Some(settings) => Some(Arc::new(TokenAuth::new(settings).await?)),
+        Some(settings) => Some(Arc::new(TokenAuth::new(settings, metrics.clone()).await?)),
         None => None,
     };
-    let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(Registry::new(config.strategies.clone(), metrics.clone()));
 
     let bind = |flag: &'static str, host: String, port: u16| async move {
@@ -130,6 +140,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             flow_control: false,
         },
         token_auth,
+        binding: config.binding,
+        streams: StreamLimit::new(config.max_agent_streams_per_identity),
         tracker: tasks.clone(),
         shutdown: shutdown.clone(),
     };
@@ -187,7 +199,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             match mode {
                 Mode::Grpc => {
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
-                    let server = grpc_frontend(&config, &registry, &metrics, &frontends, &shutdown);
+                    let server =
+                        grpc_frontend(&config, &registry, &metrics, &frontends, &close_frontends);
                     let stop = stop_frontends.clone();
                     tasks.spawn(async move {
                         if let Err(err) = server
@@ -199,7 +212,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, &shutdown);
+                    let frontend = connect_frontend(&registry, &metrics, &close_frontends);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -224,7 +237,8 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             );
             match mode {
                 Mode::Grpc => {
-                    let server = grpc_frontend(&config, &registry, &metrics, &frontends, &shutdown);
+                    let server =
+                        grpc_frontend(&config, &registry, &metrics, &frontends, &close_frontends);
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
                     let stop = stop_frontends.clone();
                     tasks.spawn(async move {
@@ -237,7 +251,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, &shutdown);
+                    let frontend = connect_frontend(&registry, &metrics, &close_frontends);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -299,6 +313,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         registry,
         metrics,
         stop_frontends,
+        close_frontends,
         shutdown,
         frontends,
         tasks,
@@ -351,14 +366,12 @@ impl Server {
         self.frontends.close();
         let _ = tokio::time::timeout(deadline, self.frontends.wait()).await;
         let left = self.frontends.len();
+        // What is left ends its tunnels; their CLOSE_REQs go out before the agent streams end.
+        self.close_frontends.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.frontends.wait()).await;
         self.shutdown.cancel();
         self.tasks.close();
-        // What is left ends its tunnels now; a moment for the agents to hear of it.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            self.frontends.wait().await;
-            self.tasks.wait().await;
-        })
-        .await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
         left
     }
 }

@@ -104,6 +104,12 @@ impl Backend {
         self.tunnels.agent_gone();
     }
 
+    /// The server is stopping: what is queued toward the agent goes out, then the stream ends.
+    pub async fn finish(&self, within: std::time::Duration) {
+        self.outbox.finish();
+        let _ = tokio::time::timeout(within, self.outbox.closed()).await;
+    }
+
     /// Resolves once the stream toward the agent is over (it left, or was cut off).
     pub async fn wait_closed(&self) {
         self.outbox.closed().await;

@@ -11,6 +11,7 @@ use rustls::ServerConfig;
 use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
 use tether_runtime::tls::{self, Identity, PemFile};
 
+use crate::identity::Binding;
 use crate::strategy::Strategy;
 
 /// tether-server: the control-plane half of the Konnectivity tunnel. kube-apiserver dials
@@ -102,6 +103,31 @@ pub struct Args {
     /// Packets queued toward one agent before frontends wait (backpressure).
     #[arg(long, default_value_t = 10, help_heading = "Agents")]
     pub xfr_channel_size: usize,
+
+    /// Check each agent's ID and identifiers against its credential: `certificate` (names and
+    /// IP addresses of its client certificate; needs --cluster-ca-cert) or `token` (the node its
+    /// service-account token is bound to; needs token authentication). A claim the credential
+    /// does not back is refused, so one node cannot attract another node's traffic.
+    #[arg(
+        long,
+        env = "TETHER_BIND_AGENT_IDENTITY",
+        value_enum,
+        default_value = "off",
+        help_heading = "Agent identity (tether)"
+    )]
+    pub bind_agent_identity: Binding,
+    /// Agent streams one identity may hold at once (its bound credential, or its agent ID).
+    /// An agent keeps one per server; a restart briefly overlaps.
+    #[arg(long, env = "TETHER_MAX_AGENT_STREAMS_PER_IDENTITY", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Agent identity (tether)")]
+    pub max_agent_streams_per_identity: u32,
+    /// Run with no agent authentication (neither --cluster-ca-cert nor token authentication):
+    /// anyone who reaches the agent port can register as an agent. For tests and demos only.
+    #[arg(
+        long,
+        env = "TETHER_ALLOW_UNAUTHENTICATED_AGENTS",
+        help_heading = "Agent identity (tether)"
+    )]
+    pub allow_unauthenticated_agents: bool,
 
     /// Close an agent-port connection that has carried no agent stream for this long (an
     /// agent opens its stream right after the TLS handshake).
@@ -281,6 +307,10 @@ pub struct Config {
     pub admin_port: u16,
     pub graceful_shutdown_timeout: Duration,
     pub token_auth: Option<TokenAuthSettings>,
+    pub binding: Binding,
+    pub max_agent_streams_per_identity: usize,
+    /// Set when agents authenticate neither way (--allow-unauthenticated-agents).
+    pub agents_unauthenticated: bool,
 }
 
 /// Token authentication of agents, validated.
@@ -362,6 +392,28 @@ impl Config {
                 flag: "agent-namespace",
                 value: args.token_auth.agent_namespace.clone(),
                 why: "token authentication and --cluster-ca-cert (client certificates) exclude each other; choose one".into(),
+            });
+        }
+        match args.bind_agent_identity {
+            Binding::Certificate if cluster_ca.is_none() => {
+                return Err(ConfigError::Required {
+                    flag: "cluster-ca-cert",
+                    why: " with --bind-agent-identity=certificate (agents must present certificates)",
+                });
+            }
+            Binding::Token if token_auth.is_none() => {
+                return Err(ConfigError::Required {
+                    flag: "agent-namespace",
+                    why: " with --bind-agent-identity=token (agents must present tokens)",
+                });
+            }
+            _ => {}
+        }
+        let agents_unauthenticated = cluster_ca.is_none() && token_auth.is_none();
+        if agents_unauthenticated && !args.allow_unauthenticated_agents {
+            return Err(ConfigError::Required {
+                flag: "cluster-ca-cert",
+                why: " to authenticate agents by client certificate; or authenticate them by token (--agent-namespace, --agent-service-account, --authentication-audience); or pass --allow-unauthenticated-agents to let anyone who reaches the agent port register as an agent (tests and demos only)",
             });
         }
         let agent_tls =
@@ -487,6 +539,9 @@ impl Config {
             admin_port: args.admin_port,
             graceful_shutdown_timeout: args.graceful_shutdown_timeout,
             token_auth,
+            binding: args.bind_agent_identity,
+            max_agent_streams_per_identity: args.max_agent_streams_per_identity as usize,
+            agents_unauthenticated,
         })
     }
 }

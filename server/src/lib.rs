@@ -12,7 +12,8 @@
 //!                     ▼
 //!                   outbox        what goes to one agent: DATA waits, control never does
 //!                     ▼
-//! agents ◀──────── agent_service  the AgentService: checks, authenticates, registers the
+//! agents ◀──────── agent_service  the AgentService: checks, authenticates (token_auth),
+//!                     │           binds claims to the credential (identity), registers the
 //!                     │           stream and runs its receive loop
 //!                     ▼
 //!                   backend       one agent stream: each packet it sends, to its tunnel
@@ -20,13 +21,16 @@
 //!
 //! Beside them: `app` wires everything and returns what it bound; `config` turns flags into a
 //! checked `Config`; `listen` accepts TCP/TLS and Unix-socket connections; `strategy` is
-//! `--proxy-strategies`; `token_auth` checks agents' service-account tokens; `metrics`.
+//! `--proxy-strategies`; `token_auth` checks agents' service-account tokens (rate-limited,
+//! cached); `identity` checks an agent's claims against its certificate or token and limits
+//! streams per identity; `metrics`.
 
 pub mod agent_service;
 pub mod app;
 pub mod backend;
 pub mod config;
 pub mod frontend;
+pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;

@@ -29,6 +29,11 @@ struct MethodLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabel {
     listener: &'static str,
 }
@@ -67,6 +72,7 @@ pub struct Metrics {
     dial_failures: Family<ReasonLabel, Gauge>,
     packets: Family<PacketLabels, Counter>,
     rejected: Family<ReasonLabel, Counter>,
+    token_reviews: Family<OutcomeLabel, Counter>,
 }
 
 impl Metrics {
@@ -95,6 +101,7 @@ impl Metrics {
             dial_failures: Family::default(),
             packets: Family::default(),
             rejected: Family::default(),
+            token_reviews: Family::default(),
             registry: Registry::default(),
         };
         // Registered clones share their values with the fields above.
@@ -194,6 +201,11 @@ impl Metrics {
                 metrics.accept_errors.clone(),
             );
             ours.register(
+                "token_reviews",
+                "Agent token checks, by outcome: reviewed (kube-apiserver asked), cached (a review reused until the token expires), refused_busy (over the review rate, deadline or per-address share), failed",
+                metrics.token_reviews.clone(),
+            );
+            ours.register(
                 "rejected",
                 "Bad input refused or ignored, by reason",
                 metrics.rejected.clone(),
@@ -236,6 +248,12 @@ impl Metrics {
     pub fn accept_error(&self, listener: &'static str) {
         self.accept_errors
             .get_or_create(&ListenerLabel { listener })
+            .inc();
+    }
+
+    pub fn token_review(&self, outcome: &'static str) {
+        self.token_reviews
+            .get_or_create(&OutcomeLabel { outcome })
             .inc();
     }
 

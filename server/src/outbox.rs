@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -38,6 +39,8 @@ struct Shared {
     waker: AtomicWaker,
     /// Cancelled when the stream is over: the agent left, or was cut off.
     over: CancellationToken,
+    /// Set when the server stops: the stream ends once what is queued has gone out.
+    finishing: AtomicBool,
     control_limit: usize,
 }
 
@@ -55,6 +58,7 @@ impl Outbox {
             control: Mutex::new(VecDeque::new()),
             waker: AtomicWaker::new(),
             over: CancellationToken::new(),
+            finishing: AtomicBool::new(false),
             control_limit,
         });
         (
@@ -102,6 +106,13 @@ impl Outbox {
         self.shared.waker.wake();
     }
 
+    /// Ends the stream once what is queued now has gone out (the server is stopping, and the
+    /// CLOSE_REQs of its last connections should reach the agent); `closed` then resolves.
+    pub fn finish(&self) {
+        self.shared.finishing.store(true, Ordering::Release);
+        self.shared.waker.wake();
+    }
+
     /// Resolves once the stream is over.
     pub async fn closed(&self) {
         self.shared.over.cancelled().await;
@@ -144,6 +155,10 @@ impl Stream for OutboxStream {
             Poll::Ready(Some(packet)) => Poll::Ready(Some(packet)),
             // Every sender is gone: so is every user of this stream.
             Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending if self.shared.finishing.load(Ordering::Acquire) => {
+                self.shared.over.cancel();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -2,23 +2,51 @@
 //! `Connect` carries goes to kube-apiserver as a TokenReview for the configured audience, and
 //! only the configured service account gets in.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use tokio::sync::Mutex;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
 use crate::config::TokenAuthSettings;
+use crate::metrics::Metrics;
+
+/// An agent whose review could not start within this is refused at once (and retries with
+/// its backoff) rather than waiting past its own 30 s timeout for an answer it would ignore.
+const REVIEW_DEADLINE: Duration = Duration::from_secs(10);
+/// Reviews one peer address may have queued or in flight: an agent needs one at a time.
+const PER_PEER: usize = 4;
+/// Reviews in flight toward kube-apiserver at once.
+const IN_FLIGHT: usize = 32;
+/// A successful review is reused until the token expires, and at most this long (so a
+/// deleted service account is noticed).
+const CACHE_TTL: Duration = Duration::from_secs(600);
+/// Tokens remembered at once; past it, reviews are not cached until entries expire.
+const CACHE_ENTRIES: usize = 16_384;
+
+/// The `extra` keys kube-apiserver sets for tokens bound to a pod.
+const EXTRA_NODE: &str = "authentication.kubernetes.io/node-name";
+const EXTRA_POD: &str = "authentication.kubernetes.io/pod-name";
 
 pub struct TokenAuth {
     reviews: Api<TokenReview>,
+    nodes: Api<Node>,
     namespace: String,
     service_account: String,
     audience: String,
     limiter: Limiter,
+    in_flight: Semaphore,
+    peers: PeerSlots,
+    cache: Mutex<Cache>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +74,18 @@ pub enum AuthError {
     NotBearer,
     #[error("TokenReview against kube-apiserver failed: {0}")]
     Api(#[source] kube::Error),
+    #[error("TokenReview against kube-apiserver took longer than {0:?}")]
+    Timeout(Duration),
+    #[error("too many TokenReviews waiting (the next free turn is {0:?} away); retry with backoff")]
+    Busy(Duration),
+    #[error("{0} TokenReviews from this address are already queued or in flight")]
+    PeerBusy(usize),
+    #[error("cannot read node {node:?} to check the agent's addresses: {source}")]
+    Node {
+        node: String,
+        #[source]
+        source: kube::Error,
+    },
     #[error("TokenReview says: {0}")]
     Review(String),
     #[error("kube-apiserver did not authenticate the token for audience {0:?}")]
@@ -58,8 +98,30 @@ pub enum AuthError {
     },
 }
 
+impl AuthError {
+    /// Refusals that say nothing about the token: the agent should retry.
+    pub fn is_overload(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Busy(_) | AuthError::PeerBusy(_) | AuthError::Timeout(_)
+        )
+    }
+}
+
+/// Who kube-apiserver says a token belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    pub user: String,
+    /// The node of the pod the token is bound to (projected tokens, Kubernetes 1.30+).
+    pub node: Option<String>,
+    pub pod: Option<String>,
+}
+
 impl TokenAuth {
-    pub async fn new(settings: &TokenAuthSettings) -> Result<Self, SetupError> {
+    pub async fn new(
+        settings: &TokenAuthSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SetupError> {
         let config = match &settings.kubeconfig {
             Some(path) => {
                 let kubeconfig = Kubeconfig::read_from(path).map_err(SetupError::Kubeconfig)?;
@@ -71,16 +133,25 @@ impl TokenAuth {
         };
         let client = kube::Client::try_from(config).map_err(SetupError::Client)?;
         Ok(TokenAuth {
-            reviews: Api::all(client),
+            reviews: Api::all(client.clone()),
+            nodes: Api::all(client),
             namespace: settings.namespace.clone(),
             service_account: settings.service_account.clone(),
             audience: settings.audience.clone(),
             limiter: Limiter::new(settings.qps, settings.burst),
+            in_flight: Semaphore::new(IN_FLIGHT),
+            peers: PeerSlots::default(),
+            cache: Mutex::new(Cache::default()),
+            metrics,
         })
     }
 
-    /// Checks the `authorization` metadata of a `Connect`; returns the authenticated user.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<String, AuthError> {
+    /// Checks the `authorization` metadata of a `Connect` from `peer`.
+    pub async fn authenticate(
+        &self,
+        metadata: &MetadataMap,
+        peer: Option<IpAddr>,
+    ) -> Result<Authenticated, AuthError> {
         let values: Vec<_> = metadata.get_all("authorization").iter().collect();
         let value = match values.as_slice() {
             [] => return Err(AuthError::Missing),
@@ -92,28 +163,30 @@ impl TokenAuth {
             .ok()
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or(AuthError::NotBearer)?;
-        self.limiter.wait().await;
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
+        let key = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+        let cached = self.cache_lock().get(key.as_ref(), Instant::now());
+        let who = match cached {
+            Some(who) => {
+                self.metrics.token_review("cached");
+                who
+            }
+            None => {
+                let who = self.review(token, peer).await.inspect_err(|err| {
+                    self.metrics.token_review(if err.is_overload() {
+                        "refused_busy"
+                    } else {
+                        "failed"
+                    });
+                })?;
+                self.metrics.token_review("reviewed");
+                let until =
+                    Instant::now() + token_lifetime(token).unwrap_or(CACHE_TTL).min(CACHE_TTL);
+                self.cache_lock()
+                    .insert(key.as_ref(), who.clone(), until, Instant::now());
+                who
+            }
         };
-        let reviewed = self
-            .reviews
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(AuthError::Api)?;
-        let status = reviewed.status.unwrap_or_default();
-        if let Some(error) = status.error.filter(|e| !e.is_empty()) {
-            return Err(AuthError::Review(error));
-        }
-        if status.authenticated != Some(true) {
-            return Err(AuthError::NotAuthenticated(self.audience.clone()));
-        }
-        let user = status.user.and_then(|u| u.username).unwrap_or_default();
-        let parts: Vec<&str> = user.split(':').collect();
+        let parts: Vec<&str> = who.user.split(':').collect();
         if parts
             != [
                 "system",
@@ -123,17 +196,182 @@ impl TokenAuth {
             ]
         {
             return Err(AuthError::WrongAccount {
-                user,
+                user: who.user,
                 namespace: self.namespace.clone(),
                 service_account: self.service_account.clone(),
             });
         }
-        Ok(user)
+        Ok(who)
+    }
+
+    /// The addresses kube-apiserver lists for `node` (needs `get` on nodes).
+    pub async fn node_addresses(&self, node: &str) -> Result<Vec<IpAddr>, AuthError> {
+        let read = tokio::time::timeout(REVIEW_DEADLINE, self.nodes.get(node))
+            .await
+            .map_err(|_| AuthError::Timeout(REVIEW_DEADLINE))?
+            .map_err(|source| AuthError::Node {
+                node: node.to_owned(),
+                source,
+            })?;
+        Ok(read
+            .status
+            .and_then(|status| status.addresses)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|address| address.address.parse().ok())
+            .collect())
+    }
+
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// One TokenReview, within this peer's share and the deadline.
+    async fn review(&self, token: &str, peer: Option<IpAddr>) -> Result<Authenticated, AuthError> {
+        let _slot = match peer {
+            Some(peer) => Some(self.peers.take(peer).ok_or(AuthError::PeerBusy(PER_PEER))?),
+            None => None,
+        };
+        let started = Instant::now();
+        let turn = async {
+            self.limiter.wait(REVIEW_DEADLINE).await?;
+            self.in_flight
+                .acquire()
+                .await
+                .map_err(|_| AuthError::Timeout(REVIEW_DEADLINE))
+        };
+        let _in_flight = tokio::time::timeout(REVIEW_DEADLINE, turn)
+            .await
+            .map_err(|_| AuthError::Timeout(REVIEW_DEADLINE))??;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let left = REVIEW_DEADLINE.saturating_sub(started.elapsed());
+        let reviewed =
+            tokio::time::timeout(left, self.reviews.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| AuthError::Timeout(REVIEW_DEADLINE))?
+                .map_err(AuthError::Api)?;
+        let status = reviewed.status.unwrap_or_default();
+        if let Some(error) = status.error.filter(|e| !e.is_empty()) {
+            return Err(AuthError::Review(error));
+        }
+        if status.authenticated != Some(true) {
+            return Err(AuthError::NotAuthenticated(self.audience.clone()));
+        }
+        let user = status.user.unwrap_or_default();
+        let extra = |key: &str| {
+            user.extra
+                .as_ref()
+                .and_then(|extra| extra.get(key))
+                .and_then(|values| values.first())
+                .cloned()
+        };
+        Ok(Authenticated {
+            node: extra(EXTRA_NODE),
+            pod: extra(EXTRA_POD),
+            user: user.username.unwrap_or_default(),
+        })
+    }
+}
+
+/// How long until a JWT's `exp`, read without checking the signature: kube-apiserver has just
+/// vouched for the token, this only bounds how long that answer is reused.
+fn token_lifetime(token: &str) -> Option<Duration> {
+    let payload = token.split('.').nth(1)?;
+    let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&claims).ok()?;
+    let exp = claims.get("exp")?.as_u64()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    Some(Duration::from_secs(exp.checked_sub(now)?))
+}
+
+/// Successful reviews by token digest.
+#[derive(Default)]
+struct Cache(HashMap<Vec<u8>, (Authenticated, Instant)>);
+
+impl Cache {
+    fn get(&mut self, key: &[u8], now: Instant) -> Option<Authenticated> {
+        match self.0.get(key) {
+            Some((who, until)) if *until > now => Some(who.clone()),
+            Some(_) => {
+                self.0.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, key: &[u8], who: Authenticated, until: Instant, now: Instant) {
+        if until <= now {
+            return;
+        }
+        if self.0.len() >= CACHE_ENTRIES {
+            self.0.retain(|_, (_, until)| *until > now);
+            if self.0.len() >= CACHE_ENTRIES {
+                return;
+            }
+        }
+        self.0.insert(key.to_vec(), (who, until));
+    }
+}
+
+/// Reviews queued or in flight per peer address.
+#[derive(Default)]
+struct PeerSlots(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl PeerSlots {
+    fn take(&self, peer: IpAddr) -> Option<PeerSlot> {
+        let mut peers = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let taken = peers.entry(peer).or_default();
+        if *taken >= PER_PEER {
+            return None;
+        }
+        *taken += 1;
+        Some(PeerSlot {
+            peers: self.0.clone(),
+            peer,
+        })
+    }
+}
+
+struct PeerSlot {
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peer: IpAddr,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self
+            .peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(taken) = peers.get_mut(&self.peer) {
+            *taken -= 1;
+            if *taken == 0 {
+                peers.remove(&self.peer);
+            }
+        }
     }
 }
 
 /// A token bucket, as client-go rate-limits its requests: `burst` at once, then `qps` per
-/// second. Callers past the bucket wait their turn instead of failing.
+/// second. A caller whose turn is further away than its deadline is refused without taking a
+/// turn, and one that gives up while waiting hands its turn back.
 struct Limiter {
     qps: f64,
     burst: f64,
@@ -150,24 +388,56 @@ impl Limiter {
         }
     }
 
-    async fn wait(&self) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (f64, Instant)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn wait(&self, deadline: Duration) -> Result<(), AuthError> {
         let delay = {
-            let mut state = self.state.lock().await;
+            let mut state = self.lock();
             let (tokens, last) = &mut *state;
             let now = Instant::now();
             *tokens =
                 (*tokens + now.duration_since(*last).as_secs_f64() * self.qps).min(self.burst);
             *last = now;
-            // Reserve the token now, even if it is owed: later callers queue behind.
-            *tokens -= 1.0;
-            if *tokens >= 0.0 {
+            let owed = 1.0 - *tokens;
+            let delay = if owed <= 0.0 {
                 Duration::ZERO
             } else {
-                Duration::from_secs_f64(-*tokens / self.qps)
+                Duration::from_secs_f64(owed / self.qps)
+            };
+            if delay > deadline {
+                return Err(AuthError::Busy(delay));
             }
+            // Reserve the turn now, even if it is owed: later callers queue behind.
+            *tokens -= 1.0;
+            delay
         };
         if !delay.is_zero() {
+            let mut reservation = Reservation {
+                limiter: self,
+                reached: false,
+            };
             tokio::time::sleep(delay).await;
+            reservation.reached = true;
+        }
+        Ok(())
+    }
+}
+
+/// A turn taken but not yet reached; dropped (the caller gave up), it is handed back.
+struct Reservation<'a> {
+    limiter: &'a Limiter,
+    reached: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.reached {
+            let mut state = self.limiter.lock();
+            state.0 = (state.0 + 1.0).min(self.limiter.burst);
         }
     }
 }
@@ -176,24 +446,111 @@ impl Limiter {
 mod tests {
     use super::*;
 
+    const LONG: Duration = Duration::from_secs(3600);
+
     #[tokio::test(start_paused = true)]
     async fn limiter_lets_a_burst_through_then_paces() {
         let limiter = Limiter::new(5.0, 2);
         let start = Instant::now();
-        limiter.wait().await;
-        limiter.wait().await;
+        limiter.wait(LONG).await.unwrap();
+        limiter.wait(LONG).await.unwrap();
         assert_eq!(start.elapsed(), Duration::ZERO);
-        limiter.wait().await;
+        limiter.wait(LONG).await.unwrap();
         let third = start.elapsed();
         assert!(
             third >= Duration::from_millis(199) && third <= Duration::from_millis(201),
             "{third:?}"
         );
-        limiter.wait().await;
+        limiter.wait(LONG).await.unwrap();
         let fourth = start.elapsed();
         assert!(
             fourth >= Duration::from_millis(399) && fourth <= Duration::from_millis(401),
             "{fourth:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn limiter_refuses_past_the_deadline_without_taking_a_turn() {
+        let limiter = Limiter::new(1.0, 1);
+        limiter.wait(LONG).await.unwrap();
+        // The next turn is 1 s away: past a 500 ms deadline.
+        assert!(matches!(
+            limiter.wait(Duration::from_millis(500)).await,
+            Err(AuthError::Busy(_))
+        ));
+        let start = Instant::now();
+        limiter.wait(LONG).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_hands_its_turn_back() {
+        let limiter = Limiter::new(1.0, 1);
+        limiter.wait(LONG).await.unwrap();
+        for _ in 0..10 {
+            let gave_up = tokio::time::timeout(Duration::from_millis(10), limiter.wait(LONG)).await;
+            assert!(gave_up.is_err());
+        }
+        // Ten abandoned turns do not push the next caller ten seconds back.
+        let start = Instant::now();
+        limiter.wait(LONG).await.unwrap();
+        assert!(
+            start.elapsed() <= Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_share_until_it_lets_go() {
+        let slots = PeerSlots::default();
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        let held: Vec<_> = (0..PER_PEER).map(|_| slots.take(peer).unwrap()).collect();
+        assert!(slots.take(peer).is_none());
+        assert!(slots.take(other).is_some());
+        drop(held);
+        assert!(slots.take(peer).is_some());
+    }
+
+    #[test]
+    fn cached_reviews_expire() {
+        let mut cache = Cache::default();
+        let now = Instant::now();
+        let who = Authenticated {
+            user: "u".into(),
+            node: None,
+            pod: None,
+        };
+        cache.insert(b"k", who.clone(), now + Duration::from_secs(5), now);
+        assert_eq!(cache.get(b"k", now + Duration::from_secs(4)), Some(who));
+        assert_eq!(cache.get(b"k", now + Duration::from_secs(5)), None);
+        cache.insert(
+            b"gone",
+            Authenticated {
+                user: "v".into(),
+                node: None,
+                pod: None,
+            },
+            now,
+            now,
+        );
+        assert_eq!(cache.get(b"gone", now), None);
+    }
+
+    #[test]
+    fn token_lifetime_reads_exp() {
+        let in_an_hour = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600;
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{{\"exp\":{in_an_hour}}}"));
+        let lifetime = token_lifetime(&format!("e30.{claims}.sig")).unwrap();
+        assert!(lifetime > Duration::from_secs(3590) && lifetime <= Duration::from_secs(3600));
+        let expired = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{\"exp\":1}");
+        assert_eq!(token_lifetime(&format!("e30.{expired}.sig")), None);
+        assert_eq!(token_lifetime("not-a-jwt"), None);
     }
 }

@@ -125,6 +125,7 @@ pub fn server(
         ),
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
         format!("--agent-port={agent_port}"),
         format!("--health-port={health_port}"),
         format!("--admin-port={}", ports.admin),

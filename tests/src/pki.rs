@@ -12,6 +12,7 @@ use rcgen::{
 
 pub struct Pki {
     dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 /// A certificate and its key on disk.
@@ -79,7 +80,21 @@ impl Pki {
             &["stranger".to_owned()],
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
-        Ok(Pki { dir })
+        Ok(Pki { dir, issuer })
+    }
+
+    /// A further client certificate, `name` (its common name) for `sans` (DNS names or IP
+    /// addresses), such as a node's agent certificate.
+    pub fn client(&self, name: &str, sans: &[&str]) -> Result<Pair> {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        leaf(
+            self.dir.path(),
+            name,
+            &self.issuer,
+            &sans,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        Ok(self.pair(name))
     }
 
     pub fn ca(&self) -> PathBuf {

@@ -199,6 +199,7 @@ fn connect_server_args(pki: &Pki, uds: &std::path::Path, extra: &[&str]) -> Vec<
     let mut args = vec![
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
         format!("--uds-name={}", uds.display()),
         "--server-port=0".into(),
         "--mode=http-connect".into(),
@@ -256,6 +257,7 @@ async fn holds_one_stream_per_server_when_server_count_is_two() {
         let args = [
             format!("--cluster-cert={}", pair.cert.display()),
             format!("--cluster-key={}", pair.key.display()),
+            "--allow-unauthenticated-agents".to_owned(),
             format!(
                 "--uds-name={}",
                 pki.dir().join(format!("{id}.sock")).display()

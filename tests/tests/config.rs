@@ -40,6 +40,7 @@ fn server_args(pki: &Pki, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
         format!("--uds-name={}", uds.display()),
         "--server-port=0".into(),
         "--agent-port=0".into(),

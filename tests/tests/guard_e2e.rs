@@ -83,6 +83,7 @@ impl Site {
             "--server-port=0".into(),
             format!("--cluster-cert={}", pair.cert.display()),
             format!("--cluster-key={}", pair.key.display()),
+            "--allow-unauthenticated-agents".into(),
             format!("--agent-bind-address={CP}"),
         ];
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -167,3 +167,108 @@ async fn server_graceful_shutdown_lets_open_tunnels_finish() {
         .unwrap();
     assert!(status.success(), "server exited with {status}");
 }
+
+/// tether-server in this process, HTTP CONNECT on a Unix socket, every port chosen by the
+/// kernel.
+async fn in_process_server(pki: &tether_tests::pki::Pki) -> tether_server::app::Server {
+    use clap::Parser;
+    let pair = pki.pair("server");
+    let args = tether_server::config::Args::try_parse_from([
+        "tether-server".to_owned(),
+        "--mode=http-connect".into(),
+        format!("--uds-name={}", pki.dir().join("s.sock").display()),
+        "--server-port=0".into(),
+        "--agent-port=0".into(),
+        "--health-port=0".into(),
+        "--admin-port=0".into(),
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
+    ])
+    .unwrap();
+    let config = tether_server::config::Config::from_args(&args).unwrap();
+    tether_server::app::start(config).await.unwrap()
+}
+
+/// A drain ends at its deadline with what is still open closed (client and agent both told),
+/// and every listener, the health and admin ports included, stops; with nothing open it
+/// returns at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_drain_closes_what_is_left_and_stops_every_listener() {
+    use tether_proto::{Message, Packet};
+    use tether_tests::fake_agent::FakeAgent;
+    use tether_tests::frontend::Target;
+
+    let pki = tether_tests::pki::Pki::new(&[]).unwrap();
+    let idle = in_process_server(&pki).await;
+    let started = Instant::now();
+    assert_eq!(idle.drain(Duration::from_secs(30)).await, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let pki = tether_tests::pki::Pki::new(&[]).unwrap();
+    let server = in_process_server(&pki).await;
+    let mut agent = FakeAgent::connect(server.agent_addr.port(), &pki.ca(), "a")
+        .await
+        .unwrap();
+    let target = Target::Uds(pki.dir().join("s.sock"));
+    let client = tokio::spawn(async move { http_connect(&target, "192.0.2.1:80").await });
+    let Some(Message::DialRequest(dial)) = agent
+        .from_server
+        .message()
+        .await
+        .unwrap()
+        .map(Packet::into_message)
+    else {
+        panic!("no DIAL_REQ")
+    };
+    agent
+        .to_server
+        .send(Packet::dial_response(dial.random, 7, ""))
+        .await
+        .unwrap();
+    let mut open = client.await.unwrap().unwrap().unwrap();
+
+    let started = Instant::now();
+    assert_eq!(server.drain(Duration::from_millis(500)).await, 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), open.read_to_end(&mut rest))
+        .await
+        .expect("the client's connection stayed open")
+        .unwrap();
+    let mut told = false;
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(Some(packet)) = agent.from_server.message().await {
+            told |= matches!(packet.into_message(), Message::CloseRequest(c) if c.connect_id == 7);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the agent stream stayed open");
+    assert!(told, "the agent was not asked to close the connection");
+    for (what, port) in [
+        ("health", server.health_addr.port()),
+        ("admin", server.admin_addr.port()),
+        ("agent", server.agent_addr.port()),
+    ] {
+        assert!(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err(),
+            "the {what} port still accepts"
+        );
+    }
+    assert!(
+        tokio::net::UnixStream::connect(pki.dir().join("s.sock"))
+            .await
+            .is_err(),
+        "the frontend socket still accepts"
+    );
+}

@@ -17,6 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::fake_agent::{self, FakeAgent};
 use tether_tests::frontend::http_connect;
 use tether_tests::procs::{Agent, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,8 +79,25 @@ fn review_status(token: &str, audiences: &Value) -> Value {
         .as_array()
         .is_some_and(|a| a.iter().any(|v| v == AUDIENCE));
     let user = |name: &str| json!({"authenticated": true, "user": {"username": name}, "audiences": [AUDIENCE]});
+    let agent = "system:serviceaccount:kube-system:konnectivity-agent";
     match token {
-        "agent-token" if for_us => user("system:serviceaccount:kube-system:konnectivity-agent"),
+        "agent-token" if for_us => user(agent),
+        // A projected token bound to a pod on node-a, as Kubernetes 1.30+ describes it.
+        "node-a-token" if for_us => {
+            json!({"authenticated": true, "audiences": [AUDIENCE], "user": {
+                "username": agent,
+                "extra": {
+                    "authentication.kubernetes.io/node-name": ["node-a"],
+                    "authentication.kubernetes.io/pod-name": ["konnectivity-agent-x1"],
+                },
+            }})
+        }
+        // JWT-shaped tokens carry their expiry.
+        jwt if for_us && jwt.starts_with("e30.") => user(agent),
+        "slow-token" => {
+            std::thread::sleep(Duration::from_secs(3));
+            json!({"authenticated": false})
+        }
         "default-token" if for_us => user("system:serviceaccount:kube-system:default"),
         "expired-token" => json!({"authenticated": false, "error": "token has expired"}),
         _ => json!({"authenticated": false}),
@@ -90,6 +108,10 @@ fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut length = 0;
     let mut authorization = String::new();
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return;
+    }
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -109,6 +131,21 @@ fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
+    if request_line.starts_with("GET /api/v1/nodes/node-a ") {
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": "10.0.0.5"},
+            {"type": "Hostname", "address": "node-a"},
+        ]}})
+        .to_string();
+        let mut stream = stream;
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{node}",
+            node.len()
+        );
+        return;
+    }
     let mut review: Value = serde_json::from_slice(&body).unwrap();
     asked.lock().unwrap().push(Asked {
         review: review.clone(),
@@ -220,4 +257,211 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
             .all(|t| ["default-token", "expired-token", "unknown-token"].contains(&t.as_str())),
         "{tokens:?}"
     );
+}
+
+/// An agent stream with `token` on its own connection.
+async fn connect_with(
+    cluster: &Cluster,
+    agent_id: &str,
+    token: &str,
+    identifiers: &str,
+) -> anyhow::Result<FakeAgent> {
+    let channel = fake_agent::channel(cluster.server.agent_port, &cluster.pki.ca()).await?;
+    let bearer = format!("Bearer {token}");
+    let mut metadata = vec![("authorization", bearer.as_str())];
+    if !identifiers.is_empty() {
+        metadata.push(("agentidentifiers", identifiers));
+    }
+    FakeAgent::open_with(channel, agent_id, &metadata).await
+}
+
+fn token_server(api: &ApiServer, extra: &[&str]) -> Cluster {
+    let mut args = api.server_args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Cluster::server_only(Mode::HttpConnect, Transport::Uds, &refs).unwrap()
+}
+
+fn times_asked(api: &ApiServer, token: &str) -> usize {
+    api.asked()
+        .iter()
+        .filter(|a| a.review["spec"]["token"] == token)
+        .count()
+}
+
+/// A JWT-shaped token that expires `seconds` from now.
+fn jwt(seconds: u64) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + seconds;
+    let claims = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        format!("{{\"exp\":{exp}}}"),
+    );
+    format!("e30.{claims}.c2ln")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_review_is_reused_until_the_token_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let cluster = token_server(&api, &[]);
+    for _ in 0..3 {
+        drop(
+            connect_with(&cluster, "a", "agent-token", "")
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        times_asked(&api, "agent-token"),
+        1,
+        "reviews were not reused"
+    );
+
+    let short = jwt(2);
+    drop(connect_with(&cluster, "b", &short, "").await.unwrap());
+    drop(connect_with(&cluster, "b", &short, "").await.unwrap());
+    assert_eq!(times_asked(&api, &short), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(connect_with(&cluster, "b", &short, "").await.unwrap());
+    assert_eq!(
+        times_asked(&api, &short),
+        2,
+        "a review was reused past the token's expiry"
+    );
+    let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("tether_server_token_reviews_total{outcome=\"cached\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_review_whose_turn_is_past_the_deadline_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    // One review per 20 s after the first.
+    let cluster = token_server(&api, &["--kubeconfig-qps=0.05", "--kubeconfig-burst=1"]);
+    let first = connect_with(&cluster, "a", "unknown-1", "").await;
+    assert!(format!("{:#}", first.err().unwrap()).contains("did not authenticate"));
+    let started = std::time::Instant::now();
+    let second = connect_with(&cluster, "a", "unknown-2", "").await;
+    let err = format!("{:#}", second.err().unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused only after {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("too many TokenReviews waiting"), "{err}");
+    assert_eq!(times_asked(&api, "unknown-2"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn callers_that_give_up_hand_their_turn_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    // A turn every 2 s after the first.
+    let cluster = token_server(&api, &["--kubeconfig-qps=0.5", "--kubeconfig-burst=1"]);
+    let _ = connect_with(&cluster, "a", "unknown-0", "").await;
+    for round in 0..3 {
+        let mut impatient = Vec::new();
+        for i in 0..3 {
+            let token = format!("unknown-{round}-{i}");
+            impatient.push(tokio::time::timeout(
+                Duration::from_millis(300),
+                connect_with(&cluster, "a", leak(token), ""),
+            ));
+        }
+        for attempt in impatient {
+            assert!(attempt.await.is_err(), "a queued review answered early");
+        }
+    }
+    // Nine abandoned turns do not stand in the way: one turn's wait, not ten.
+    let started = std::time::Instant::now();
+    let agent = connect_with(&cluster, "a", "agent-token", "").await;
+    assert!(agent.is_ok(), "{:#}", agent.err().unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the agent waited {:?} behind callers that had gone",
+        started.elapsed()
+    );
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_has_a_bounded_share_of_reviews() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let cluster = token_server(&api, &[]);
+    let started = std::time::Instant::now();
+    let (port, ca) = (cluster.server.agent_port, cluster.pki.ca());
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let ca = ca.clone();
+        attempts.spawn(async move {
+            let channel = fake_agent::channel(port, &ca).await.unwrap();
+            let result =
+                FakeAgent::open_with(channel, "a", &[("authorization", "Bearer slow-token")]).await;
+            (result.err().map(|e| format!("{e:#}")), started.elapsed())
+        });
+    }
+    let mut refused_at_once = 0;
+    while let Some(joined) = attempts.join_next().await {
+        let (err, after) = joined.unwrap();
+        let err = err.expect("a slow-token agent got in");
+        if err.contains("TokenReviews from this address are already queued or in flight") {
+            assert!(after < Duration::from_secs(2), "refused after {after:?}");
+            refused_at_once += 1;
+        }
+    }
+    assert_eq!(refused_at_once, 4);
+    assert_eq!(times_asked(&api, "slow-token"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_bound_agent_may_claim_only_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let cluster = token_server(&api, &["--bind-agent-identity=token"]);
+    let refused = [
+        (
+            "node-b",
+            "node-a-token",
+            "",
+            "is not a name of the agent's node node-a",
+        ),
+        (
+            "node-a",
+            "node-a-token",
+            "ipv4=10.0.0.9",
+            "identifier 10.0.0.9 is not an address of the agent's node node-a",
+        ),
+        (
+            "node-a",
+            "agent-token",
+            "",
+            "the agent's token is not bound to a pod on a node",
+        ),
+    ];
+    for (id, token, identifiers, why) in refused {
+        let err = connect_with(&cluster, id, token, identifiers)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{id} with {token} claiming {identifiers:?} got in"));
+        assert!(format!("{err:#}").contains(why), "{err:#}");
+    }
+    let agent = connect_with(
+        &cluster,
+        "node-a",
+        "node-a-token",
+        "host=node-a&ipv4=10.0.0.5",
+    )
+    .await;
+    assert!(agent.is_ok(), "{:#}", agent.err().unwrap());
 }

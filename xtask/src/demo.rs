@@ -59,10 +59,14 @@ pub fn run() -> Result<()> {
     std::thread::spawn(move || serve_kubelet(kubelet));
 
     println!(
-        "== control plane: tether-server (HTTP CONNECT on {}, agents on {CP}:8091)",
+        "== control plane: tether-server (HTTP CONNECT on {}, agents on {CP}:8091 with client \
+         certificates; the agent may claim only its certificate's names and addresses)",
         socket.display()
     );
     let server_pair = pki.pair("server");
+    // The agent's certificate names its node: the server holds the agent to that name and
+    // address (--bind-agent-identity), so no other node could claim them.
+    let agent_pair = pki.client("demo-node", &["demo-node", NODE])?;
     let _server = Process::spawn(
         "tether-server",
         nsenter(&cp, &bin("tether-server")).args([
@@ -71,6 +75,8 @@ pub fn run() -> Result<()> {
             "--server-port=0",
             &format!("--cluster-cert={}", server_pair.cert.display()),
             &format!("--cluster-key={}", server_pair.key.display()),
+            &format!("--cluster-ca-cert={}", pki.ca().display()),
+            "--bind-agent-identity=certificate",
             &format!("--agent-bind-address={CP}"),
         ]),
     )?;
@@ -85,6 +91,8 @@ pub fn run() -> Result<()> {
         nsenter(&node, &bin("tether-agent")).args([
             &format!("--proxy-server-host={CP}"),
             &format!("--ca-cert={}", pki.ca().display()),
+            &format!("--agent-cert={}", agent_pair.cert.display()),
+            &format!("--agent-key={}", agent_pair.key.display()),
             &format!("--agent-identifiers=ipv4={NODE}"),
             "--agent-id=demo-node",
             &bpffs_root,

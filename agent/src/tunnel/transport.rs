@@ -51,7 +51,11 @@ pub enum ConnectError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("the proxy server refused the stream: {status}")]
+    #[error(
+        "the proxy server refused the stream ({}): {}",
+        tether_proto::grpc_code_name(status.code()),
+        status.message()
+    )]
     Refused { status: tonic::Status },
     #[error("cannot build the Connect request: {0}")]
     BadRequest(String),

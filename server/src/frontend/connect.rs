@@ -150,7 +150,7 @@ impl ConnectFrontend {
         if !leftover.is_empty() && tunnel.send_data(leftover.split().freeze()).await.is_err() {
             return Err("agent stream closed".into());
         }
-        pump(stream, &tunnel, &self.metrics).await;
+        pump(stream, tunnel, &self.metrics).await;
         Ok(())
     }
 }
