@@ -137,13 +137,19 @@ impl AgentService for Agents {
         let busy = conn.map(|c| c.stream());
         self.tracker.spawn(async move {
             let _held = (busy, slot);
+            // Made once, not per packet: each registers a waiter, and re-making them would
+            // lock and unlock twice for every packet.
+            let closed = receiver.wait_closed();
+            let stopping = shutdown.cancelled();
+            tokio::pin!(closed, stopping);
             let end = loop {
                 let message = tokio::select! {
+                    biased;
                     message = inbound.message() => message,
-                    () = receiver.wait_closed() => {
+                    () = &mut closed => {
                         break "disconnected: it did not read what it was sent".to_owned();
                     }
-                    () = shutdown.cancelled() => {
+                    () = &mut stopping => {
                         receiver.finish(FINISH).await;
                         break "the server is shutting down".to_owned();
                     }

@@ -65,9 +65,6 @@ pub struct Server {
     pub metrics: Arc<Metrics>,
     /// Cancelled to stop taking frontend connections.
     stop_frontends: CancellationToken,
-    /// Cancelled to close the frontend connections still open (each ends its tunnel, which
-    /// asks its agent to close).
-    close_frontends: CancellationToken,
     /// Cancelled to stop everything else: the agent port, the admin and health servers, and
     /// whatever frontends are still open.
     shutdown: CancellationToken,
@@ -82,8 +79,7 @@ const AGENT_STREAMS_PER_CONNECTION: u32 = 8;
 
 pub async fn start(config: Config) -> Result<Server, StartError> {
     let shutdown = CancellationToken::new();
-    let close_frontends = shutdown.child_token();
-    let stop_frontends = close_frontends.child_token();
+    let stop_frontends = shutdown.child_token();
     let (frontends, tasks) = (TaskTracker::new(), TaskTracker::new());
     if config.agents_unauthenticated {
         tracing::warn!(
@@ -199,8 +195,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             match mode {
                 Mode::Grpc => {
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
-                    let server =
-                        grpc_frontend(&config, &registry, &metrics, &frontends, &close_frontends);
+                    let server = grpc_frontend(&config, &registry, &metrics, &frontends);
                     let stop = stop_frontends.clone();
                     tasks.spawn(async move {
                         if let Err(err) = server
@@ -212,7 +207,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, &close_frontends);
+                    let frontend = connect_frontend(&registry, &metrics);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -237,8 +232,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             );
             match mode {
                 Mode::Grpc => {
-                    let server =
-                        grpc_frontend(&config, &registry, &metrics, &frontends, &close_frontends);
+                    let server = grpc_frontend(&config, &registry, &metrics, &frontends);
                     let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
                     let stop = stop_frontends.clone();
                     tasks.spawn(async move {
@@ -251,7 +245,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, &close_frontends);
+                    let frontend = connect_frontend(&registry, &metrics);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -313,7 +307,6 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         registry,
         metrics,
         stop_frontends,
-        close_frontends,
         shutdown,
         frontends,
         tasks,
@@ -325,7 +318,6 @@ fn grpc_frontend(
     registry: &Arc<Registry>,
     metrics: &Arc<Metrics>,
     tracker: &TaskTracker,
-    shutdown: &CancellationToken,
 ) -> tonic::transport::server::Router {
     GrpcServer::builder()
         .http2_keepalive_interval(Some(config.frontend_keepalive))
@@ -338,22 +330,16 @@ fn grpc_frontend(
                 registry: registry.clone(),
                 metrics: metrics.clone(),
                 tracker: tracker.clone(),
-                shutdown: shutdown.clone(),
             })
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
         )
 }
 
-fn connect_frontend(
-    registry: &Arc<Registry>,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
-) -> Arc<ConnectFrontend> {
+fn connect_frontend(registry: &Arc<Registry>, metrics: &Arc<Metrics>) -> Arc<ConnectFrontend> {
     Arc::new(ConnectFrontend {
         registry: registry.clone(),
         metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
     })
 }
 
@@ -366,8 +352,9 @@ impl Server {
         self.frontends.close();
         let _ = tokio::time::timeout(deadline, self.frontends.wait()).await;
         let left = self.frontends.len();
-        // What is left ends its tunnels; their CLOSE_REQs go out before the agent streams end.
-        self.close_frontends.cancel();
+        // What is left is closed through its tunnel: the frontend is told, the agent asked to
+        // close, and those CLOSE_REQs go out before the agent streams end.
+        self.registry.end_tunnels();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.frontends.wait()).await;
         self.shutdown.cancel();
         self.tasks.close();

@@ -10,7 +10,7 @@ use tether_runtime::backpressure::Pressure;
 
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::tunnel::{Tunnel, Tunnels};
+use crate::tunnel::{End, Tunnel, Tunnels};
 
 pub struct Backend {
     /// Server-unique, for logs.
@@ -102,6 +102,11 @@ impl Backend {
     pub fn shut_down(&self) {
         self.outbox.close();
         self.tunnels.agent_gone();
+    }
+
+    /// The server is stopping: each tunnel's frontend is told, and the agent asked to close.
+    pub fn end_tunnels(&self) {
+        self.tunnels.end_all(|| End::ServerStopping);
     }
 
     /// The server is stopping: what is queued toward the agent goes out, then the stream ends.

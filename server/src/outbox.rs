@@ -75,10 +75,14 @@ impl Outbox {
         if self.shared.over.is_cancelled() {
             return Err(AgentGone);
         }
-        tokio::select! {
-            sent = self.data.send(packet) => sent.map_err(|_| AgentGone),
-            () = self.shared.over.cancelled() => Err(AgentGone),
-        }
+        // Room first, then the packet: a pending `send` would hold the packet inside the
+        // channel's future, and this future lives in every frontend connection's task.
+        let permit = tokio::select! {
+            permit = self.data.reserve() => permit.map_err(|_| AgentGone)?,
+            () = self.shared.over.cancelled() => return Err(AgentGone),
+        };
+        permit.send(packet);
+        Ok(())
     }
 
     /// Queues a control packet ahead of DATA without waiting. Past the limit the agent is

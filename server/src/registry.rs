@@ -35,6 +35,14 @@ impl Registry {
         self.publish();
     }
 
+    /// The server is stopping: every tunnel on every agent stream ends.
+    pub fn end_tunnels(&self) {
+        let list = self.read().clone();
+        for backend in list {
+            backend.end_tunnels();
+        }
+    }
+
     /// Agent streams held right now.
     pub fn len(&self) -> usize {
         self.read().len()

@@ -98,7 +98,12 @@ pub enum End {
     /// The frontend stopped taking bytes (stalled, or past a window it was given); what it
     /// has not taken is dropped.
     Abandoned { error: String },
+    /// The server is stopping: the frontend is told, the agent asked to close.
+    ServerStopping,
 }
+
+/// What a frontend is told when the server stops under it.
+const STOPPING: &str = "the proxy server is shutting down";
 
 /// One tunnelled connection, as its frontend holds it.
 pub struct Tunnel {
@@ -383,6 +388,14 @@ impl Tunnels {
                 tunnel.abandon(error);
                 Some(Packet::close_request(connect_id))
             }
+            End::ServerStopping => {
+                entry.closing = Some(Instant::now());
+                drop(tables);
+                tunnel.finish(ToFrontend::Closed {
+                    error: STOPPING.into(),
+                });
+                Some(Packet::close_request(connect_id))
+            }
             End::DialFailed { .. } | End::DialTimeout | End::DialCancelled => None,
         }
     }
@@ -421,6 +434,26 @@ impl Tunnels {
                 tunnel.close();
                 self.control(Packet::close_dial(tunnel.dial_id));
             }
+            End::ServerStopping => {
+                tunnel.finish(failed(STOPPING.into(), DialCause::Backend));
+                self.control(Packet::close_dial(tunnel.dial_id));
+            }
+        }
+    }
+
+    /// Ends every tunnel of this agent stream with `end`.
+    pub fn end_all(&self, end: impl Fn() -> End) {
+        let open: Vec<Arc<Tunnel>> = {
+            let tables = self.tables();
+            tables
+                .pending
+                .values()
+                .cloned()
+                .chain(tables.established.values().map(|e| e.tunnel.clone()))
+                .collect()
+        };
+        for tunnel in &open {
+            self.end(tunnel, end());
         }
     }
 

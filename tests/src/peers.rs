@@ -125,7 +125,8 @@ pub fn server(
         ),
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
-        "--allow-unauthenticated-agents".into(),
+        // Agents authenticate with client certificates, the same way for both implementations.
+        format!("--cluster-ca-cert={}", pki.ca().display()),
         format!("--agent-port={agent_port}"),
         format!("--health-port={health_port}"),
         format!("--admin-port={}", ports.admin),
@@ -168,7 +169,10 @@ pub fn agent(imp: &Impl, pki: &Pki, server_port: u16, extra: &[String]) -> Resul
     if matches!(imp, Impl::Tether) {
         cmd.args(AGENT_WITHOUT_GUARD);
     }
+    let client = pki.pair("agent");
     cmd.arg(format!("--ca-cert={}", pki.ca().display()))
+        .arg(format!("--agent-cert={}", client.cert.display()))
+        .arg(format!("--agent-key={}", client.key.display()))
         .arg("--proxy-server-host=127.0.0.1")
         .arg(format!("--proxy-server-port={server_port}"))
         .arg(format!("--health-server-port={health_port}"))

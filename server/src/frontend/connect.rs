@@ -5,12 +5,11 @@
 //! a 200 followed by buffered bytes), and upstream's status lines for each failure.
 
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -28,8 +27,6 @@ const MIN_READ: usize = 512;
 pub struct ConnectFrontend {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Cancelled when the server stops: open connections end their tunnels and close.
-    pub shutdown: CancellationToken,
 }
 
 impl ConnectFrontend {
@@ -39,16 +36,7 @@ impl ConnectFrontend {
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
         self.metrics.http_connections.inc();
-        let opened = OnceLock::new();
-        let result = tokio::select! {
-            result = self.serve_inner(&mut stream, &peer, &opened) => result,
-            () = self.shutdown.cancelled() => {
-                if let Some(tunnel) = opened.get() {
-                    tunnel.end_from_frontend(End::FrontendGone).await;
-                }
-                Err("the server is shutting down".into())
-            }
-        };
+        let result = self.serve_inner(&mut stream, &peer).await;
         self.metrics.http_connections.dec();
         if let Err(reason) = result {
             tracing::info!(%peer, reason, "CONNECT request ended");
@@ -57,13 +45,7 @@ impl ConnectFrontend {
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     }
 
-    /// Leaves the tunnel it opens in `opened`, for `serve` to end if the server stops.
-    async fn serve_inner<S>(
-        &self,
-        stream: &mut S,
-        peer: &str,
-        opened: &OnceLock<Arc<Tunnel>>,
-    ) -> Result<(), String>
+    async fn serve_inner<S>(&self, stream: &mut S, peer: &str) -> Result<(), String>
     where
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
@@ -100,7 +82,7 @@ impl ConnectFrontend {
             return Err("no agent available".into());
         };
         let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
-        let tunnel = opened.get_or_init(|| backend.open(random));
+        let tunnel = backend.open(random);
         // The socket outlives the tunnel's entry in its agent stream, where progress is read.
         tunnel.progress.watch_socket(stream.as_raw_fd());
         if tunnel.dial(&target).await.is_err() {
@@ -150,7 +132,7 @@ impl ConnectFrontend {
         if !leftover.is_empty() && tunnel.send_data(leftover.split().freeze()).await.is_err() {
             return Err("agent stream closed".into());
         }
-        pump(stream, tunnel, &self.metrics).await;
+        pump(stream, &tunnel, &self.metrics).await;
         Ok(())
     }
 }

@@ -9,7 +9,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use tether_proto::proxy::proxy_service_server::ProxyService;
 use tether_proto::{Message, Packet};
 use tokio_stream::Stream;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -22,8 +21,6 @@ pub struct Frontends {
     pub metrics: Arc<Metrics>,
     /// Each stream's session is tracked, so a drain can wait for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the server stops: open sessions end their tunnels.
-    pub shutdown: CancellationToken,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -66,16 +63,7 @@ impl ProxyService for Frontends {
                 tunnel: tunnel.clone(),
                 metrics: self.metrics.clone(),
             };
-            let stopping = tunnel.clone();
-            let shutdown = self.shutdown.clone();
-            self.tracker.spawn(async move {
-                tokio::select! {
-                    () = session.run(dial.address, inbound) => {}
-                    () = shutdown.cancelled() => {
-                        stopping.end_from_frontend(End::FrontendGone).await;
-                    }
-                }
-            });
+            self.tracker.spawn(session.run(dial.address, inbound));
             return Ok(Response::new(Box::pin(outbound(
                 tunnel,
                 self.metrics.clone(),

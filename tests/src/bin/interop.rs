@@ -432,6 +432,54 @@ async fn restarts(pair: &Pair, report: &mut Report) {
         .await;
 }
 
+/// tether-server's `--bind-agent-identity=certificate` with an agent it did not write: the
+/// upstream agent's certificate (CN and DNS name `agent`) backs `--agent-id=agent`, and
+/// nothing else.
+async fn identity_binding(pair: &Pair, report: &mut Report) {
+    let echo = backend::echo().await.to_string();
+    let name = format!(
+        "{}: --bind-agent-identity=certificate lets in the certificate's name and refuses another",
+        pair.label()
+    );
+    report
+        .check(name, async {
+            let mut setup = Setup::start(
+                pair,
+                Mode::HttpConnect,
+                Transport::Uds,
+                &["--bind-agent-identity=certificate"],
+            )?;
+            let extra = [
+                "--agent-id=agent".to_owned(),
+                "--agent-identifiers=host=agent".to_owned(),
+            ];
+            setup.agents.push(peers::agent(
+                &pair.agent,
+                &setup.pki,
+                setup.server.agent_port,
+                &extra,
+            )?);
+            let ready = wait_ready(setup.server.health_port, Duration::from_secs(15));
+            with_logs(&setup, ensure_ok(ready, "the honest agent was not let in"))?;
+            with_logs(&setup, connect_echo(setup.target()?, &echo, 1 << 16).await)?;
+            let extra = ["--agent-id=node-b".to_owned()];
+            setup.agents.push(peers::agent(
+                &pair.agent,
+                &setup.pki,
+                setup.server.agent_port,
+                &extra,
+            )?);
+            let refused = wait_until(Duration::from_secs(15), || {
+                setup.server.logged.logs.lines().iter().any(|l| {
+                    l.contains("node-b")
+                        && l.contains("is not a name of the agent's certificate agent")
+                })
+            });
+            with_logs(&setup, ensure_ok(refused, "node-b was not refused"))
+        })
+        .await;
+}
+
 fn ensure_ok(ok: bool, why: &str) -> Result<()> {
     if ok { Ok(()) } else { bail!("{why}") }
 }
@@ -683,6 +731,9 @@ async fn main() -> std::process::ExitCode {
         server_count_two(pair, &mut report).await;
         dest_host(pair, &mut report).await;
         slow_readers(pair, &mut report).await;
+        if matches!(pair.server, Impl::Tether) {
+            identity_binding(pair, &mut report).await;
+        }
     }
     metric_names(&upstream, "agent", &mut report).await;
     metric_names(&upstream, "server", &mut report).await;
