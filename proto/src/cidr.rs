@@ -12,8 +12,14 @@ pub struct Cidr {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{0:?} is not an IP prefix (examples: 10.0.0.0/8, fd00::/8, 192.0.2.7)")]
-pub struct BadCidr(pub String);
+pub enum BadCidr {
+    #[error("{0:?} is not an IP prefix (examples: 10.0.0.0/8, fd00::/8, 192.0.2.7)")]
+    Syntax(String),
+    #[error(
+        "{0:?} is an IPv4-mapped IPv6 prefix shorter than /96: it reaches beyond the mapped range; write the IPv4 prefix instead"
+    )]
+    MappedTooShort(String),
+}
 
 impl Cidr {
     /// Whether `ip` falls inside this prefix (never across address families).
@@ -37,7 +43,7 @@ impl FromStr for Cidr {
     type Err = BadCidr;
 
     fn from_str(text: &str) -> Result<Self, BadCidr> {
-        let bad = || BadCidr(text.to_owned());
+        let bad = || BadCidr::Syntax(text.to_owned());
         let (addr, len) = match text.split_once('/') {
             Some((addr, len)) => (addr, Some(len)),
             None => (text, None),
@@ -52,6 +58,19 @@ impl FromStr for Cidr {
                 .ok_or_else(bad)?,
             None => max,
         };
+        // IPv4 arrives as IPv4 on the wire, never in its mapped IPv6 form: a mapped prefix
+        // would match nothing, so it means the IPv4 prefix it maps.
+        if let IpAddr::V6(v6) = addr
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            let len = len
+                .checked_sub(96)
+                .ok_or_else(|| BadCidr::MappedTooShort(text.to_owned()))?;
+            return Ok(Cidr {
+                addr: IpAddr::V4(v4),
+                len,
+            });
+        }
         Ok(Cidr { addr, len })
     }
 }
@@ -87,5 +106,24 @@ mod tests {
         for bad in ["10.0.0.0/33", "fd00::/129", "nope/8", "10.0.0.0/x", ""] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_prefixes_mean_their_ipv4_prefix() {
+        let mapped: Cidr = "::ffff:10.1.0.0/112".parse().unwrap();
+        assert_eq!(mapped, "10.1.0.0/16".parse().unwrap());
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        let host: Cidr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(host, "192.0.2.7/32".parse().unwrap());
+        assert_eq!(
+            "::ffff:0:0/96".parse::<Cidr>().unwrap(),
+            "0.0.0.0/0".parse().unwrap()
+        );
+        assert!(matches!(
+            "::ffff:10.0.0.0/64".parse::<Cidr>(),
+            Err(BadCidr::MappedTooShort(_))
+        ));
+        // Not mapped: IPv4-compatible and NAT64 prefixes stay IPv6.
+        assert!("64:ff9b::/96".parse::<Cidr>().unwrap().addr.is_ipv6());
     }
 }

@@ -461,6 +461,27 @@ fn monitor_counts_what_it_would_drop_and_off_counts_nothing() {
     );
 }
 
+/// A control-plane prefix written in its IPv4-mapped IPv6 form guards the IPv4 addresses it
+/// maps (it used to be stored as IPv6, which no IPv4 packet ever matches).
+#[test]
+fn ipv4_mapped_prefixes_guard_ipv4_sources() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    g.set_policy(&Policy {
+        control_plane: vec!["::ffff:172.16.0.0/108".parse().unwrap()],
+        protected_ports: vec![10250],
+        allowed: vec![],
+    })
+    .unwrap();
+    expect(
+        &mut g,
+        "SYN from a source in the mapped prefix",
+        &syn4(OTHER4, 443),
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
+    );
+}
+
 #[test]
 fn policy_changes_apply_at_runtime() {
     let (mut g, _logs) = guard(Mode::Enforce);
