@@ -197,6 +197,19 @@ impl Agent {
         Self::spawn(in_netns(netns, "tether-agent")?, args)
     }
 
+    /// [`Agent::start_in`] with only the capabilities `caps` (setpriv names, e.g. `bpf`):
+    /// as root, a process keeps only what its bounding set allows across exec.
+    pub fn start_in_with_caps(netns: &Netns, caps: &[&str], args: &[&str]) -> Result<Self> {
+        let keep: String = caps.iter().map(|c| format!(",+{c}")).collect();
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", netns.path()))
+            .arg("setpriv")
+            .arg(format!("--bounding-set=-all{keep}"))
+            .arg(format!("--inh-caps=-all{keep}"))
+            .arg(built("tether-agent")?);
+        Self::spawn(cmd, args)
+    }
+
     fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args([
             "--log-format",

@@ -100,6 +100,11 @@ impl Site {
 
     /// An agent in the node namespace pinning under this site's bpffs, plus `guard` flags.
     fn agent(&self, guard: &[&str]) -> Agent {
+        self.agent_with(None, guard)
+    }
+
+    /// [`Site::agent`], holding only `caps` when given.
+    fn agent_with(&self, caps: Option<&[&str]>, guard: &[&str]) -> Agent {
         let mut args = vec![
             format!("--proxy-server-host={CP}"),
             format!("--proxy-server-port={}", self.server.agent_port),
@@ -109,7 +114,10 @@ impl Site {
         ];
         args.extend(guard.iter().map(|a| (*a).to_owned()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in(&self.node, &refs).unwrap();
+        let agent = match caps {
+            Some(caps) => Agent::start_in_with_caps(&self.node, caps, &refs).unwrap(),
+            None => Agent::start_in(&self.node, &refs).unwrap(),
+        };
         assert!(
             self.node
                 .run(|| tether_tests::procs::wait_ready(agent.health_port, Duration::from_secs(10)))
@@ -272,6 +280,39 @@ fn enforce_drops_the_direct_path_keeps_the_tunnel_and_detaches_cleanly() {
     );
     let (code, out) = site.guard_cli("status");
     assert_ne!(code, 0, "status after detach: {out}");
+}
+
+/// The DaemonSet grants CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON and nothing else: with exactly
+/// those the agent attaches, stays up, drops the direct path and reports its counters (it
+/// once exited here: it reopened the counters map by ID, which needs CAP_SYS_ADMIN).
+#[test]
+fn the_guard_runs_with_only_the_daemonsets_capabilities() {
+    let site = Site::new("cap");
+    let agent = site.agent_with(
+        Some(&["bpf", "net_admin", "perfmon"]),
+        &[
+            "--guard-interface=eth0",
+            &format!("--control-plane-cidr={CP}/32"),
+        ],
+    );
+    assert!(
+        agent
+            .logged
+            .logs
+            .wait_for("XDP guard attached", Duration::from_secs(5))
+            .is_some(),
+        "{:?}",
+        agent.logged.logs.lines()
+    );
+    assert!(site.through_tunnel().ends_with("hello"));
+    assert!(site.direct(Duration::from_secs(1)).is_err());
+    let dropped = site.guard_packets(&agent, "control_plane_syn", "drop");
+    assert!(dropped.is_some_and(|n| n >= 1), "{dropped:?}");
+    assert!(
+        !agent.logged.logs.contains("Operation not permitted"),
+        "{:?}",
+        agent.logged.logs.lines()
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@ use std::borrow::Borrow;
 use std::ffi::CString;
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -98,6 +99,12 @@ pub enum DataplaneError {
     },
     #[error("nothing is pinned under {0}: no guard to inspect")]
     NothingPinned(PathBuf),
+    #[error("cannot duplicate the descriptor of eBPF map {name}")]
+    Duplicate {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What the guard drops (see `agent-common`'s `Reason` for the verdicts).
@@ -315,8 +322,15 @@ impl Dataplane {
             kind: "map",
             name: COUNTERS_MAP,
         })?;
-        let id = match map {
-            Map::PerCpuArray(data) => data.info().map_err(map_error(COUNTERS_MAP))?.id(),
+        // A second descriptor for the same map. Looking the map up by ID instead
+        // (bpf_map_get_fd_by_id) needs CAP_SYS_ADMIN, which the agent does not have.
+        let fd = match map {
+            Map::PerCpuArray(data) => data.fd().as_fd().try_clone_to_owned().map_err(|source| {
+                DataplaneError::Duplicate {
+                    name: COUNTERS_MAP,
+                    source,
+                }
+            })?,
             _ => {
                 return Err(DataplaneError::Missing {
                     kind: "per-CPU array",
@@ -324,7 +338,7 @@ impl Dataplane {
                 });
             }
         };
-        let data = MapData::from_id(id).map_err(map_error(COUNTERS_MAP))?;
+        let data = MapData::from_fd(fd).map_err(map_error(COUNTERS_MAP))?;
         Counters::from_map(data)
     }
 
