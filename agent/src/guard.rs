@@ -110,19 +110,20 @@ pub async fn start(
         protected_ports: settings.protected_ports.clone(),
         allowed: settings.allowed.clone(),
     };
+    let mode = refuse_enforce_on_control_plane(settings.mode, &policy.control_plane);
     let adopting = pins.exist();
     let (mut dataplane, logs) = Dataplane::load(Some(pins))?;
     // Policy before mode: a fresh program starts inert (mode 0 = off) and must never enforce
     // a half-written policy.
     dataplane.set_policy(&policy)?;
-    dataplane.set_mode(settings.mode)?;
+    dataplane.set_mode(mode)?;
     let texts = |cidrs: &[Cidr]| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
     for interface in &interfaces {
         let attached = dataplane.attach(interface)?;
         tracing::info!(
             interface,
             attach = attached.label(),
-            mode = settings.mode.label(),
+            mode = mode.label(),
             control_plane = ?texts(&policy.control_plane),
             protected_ports = ?policy.protected_ports,
             allowed = ?texts(&policy.allowed),
@@ -182,6 +183,51 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<Cidr>, GuardError> {
             len: if addr.is_ipv4() { 32 } else { 128 },
         })
         .collect())
+}
+
+/// A node that is itself inside the control plane (a control-plane node) must not enforce:
+/// its etcd peers and the other apiservers would be dropped as control-plane connections.
+/// It runs in monitor mode instead, and says so at every start.
+fn refuse_enforce_on_control_plane(mode: Mode, control_plane: &[Cidr]) -> Mode {
+    if mode != Mode::Enforce {
+        return mode;
+    }
+    let inside: Vec<String> = node_addresses()
+        .into_iter()
+        .filter_map(|address| {
+            let cidr = control_plane.iter().find(|c| c.contains(address))?;
+            Some(format!("{address} in {cidr}"))
+        })
+        .collect();
+    if inside.is_empty() {
+        return mode;
+    }
+    tracing::error!(
+        addresses = ?inside,
+        "this node is inside --control-plane-cidr, so it is a control-plane node: enforcing \
+         would drop its etcd peers and the other control-plane members. The guard runs in \
+         MONITOR mode here (counts and logs, drops nothing). Keep tether-agent off \
+         control-plane nodes, or narrow --control-plane-cidr to the apiservers' source addresses"
+    );
+    Mode::Monitor
+}
+
+/// Every address on an interface of this network namespace, loopback aside.
+fn node_addresses() -> Vec<IpAddr> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addresses
+        .filter_map(|a| {
+            let address = a.address?;
+            let ip = if let Some(v4) = address.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(address.as_sockaddr_in6()?.ip())
+            };
+            (!ip.is_loopback()).then_some(ip)
+        })
+        .collect()
 }
 
 /// Interfaces of the default routes in this network namespace, v4 and v6, sorted.

@@ -347,6 +347,40 @@ fn monitor_passes_the_direct_path_and_counts_it() {
     assert_eq!(log_field(&event, "action"), "would drop (monitor)");
 }
 
+/// On a node whose own address is inside the control-plane range (a control-plane node),
+/// enforcing would cut it off from its peers: the agent refuses, says so, and monitors.
+#[test]
+fn a_control_plane_node_is_monitored_not_enforced() {
+    let site = Site::new("cpn");
+    let agent = site.agent(&[
+        "--guard-interface=eth0",
+        "--control-plane-cidr=10.77.0.0/24",
+    ]);
+    let refusal = agent
+        .logged
+        .logs
+        .wait_for("so it is a control-plane node", Duration::from_secs(5))
+        .expect("no refusal logged");
+    assert!(
+        refusal.contains(r#"\"10.77.0.2 in 10.77.0.0/24\""#),
+        "{refusal}"
+    );
+    let attached = agent
+        .logged
+        .logs
+        .wait_for("XDP guard attached", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(log_field(&attached, "mode"), "monitor");
+    assert!(
+        site.direct(Duration::from_secs(2)).is_ok(),
+        "a control-plane peer was dropped"
+    );
+    assert_eq!(
+        site.guard_packets(&agent, "control_plane_syn", "drop"),
+        Some(0)
+    );
+}
+
 /// The guard stays after a graceful exit; a later agent with `--guard-mode=off` switches the
 /// pinned program off through its map (no reload): everything passes, nothing is counted.
 #[test]
