@@ -187,7 +187,7 @@ impl Metrics {
             );
             ours.register(
                 "stalled_closes",
-                "Connections closed because their destination read nothing for --stall-timeout while its stream was held",
+                "Connections closed because their destination read nothing for --stall-timeout while its stream was held, or after the server had closed them",
                 metrics.stalled_closes.clone(),
             );
             ours.register(

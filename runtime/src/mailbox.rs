@@ -159,6 +159,14 @@ impl<T: Weigh> Mailbox<T> {
         self.ready.notify_one();
     }
 
+    /// Resolves once the mailbox is closed. It shares the consumer's wakeups, so only the one
+    /// consumer may wait here, and only while it is not in `pop`.
+    pub async fn closed(&self) {
+        while !self.is_closed() {
+            self.ready.notified().await;
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.lock().closed
     }

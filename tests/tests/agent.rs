@@ -673,3 +673,89 @@ async fn a_server_that_stops_answering_is_given_up_within_four_probe_intervals()
         "gave up after {took:?}; four probe intervals are 4s"
     );
 }
+
+/// The server asks the agent to close a connection whose destination stopped reading: the
+/// agent's writer, blocked on that destination with what the server sent before its CLOSE_REQ,
+/// gives up once the socket has taken nothing for --stall-timeout, instead of holding the
+/// socket and that queue for good, outside --max-connections. (A stand-in server that sends
+/// DATA without flow control, as upstream's does; the queues are large enough that the stream
+/// is never held, so the stall handling of a held stream does not apply.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
+    let pki = Pki::new(&[]).unwrap();
+    let mut fake = FakeServer::start(&pki, "closer").await.unwrap();
+    let agent = Agent::start(&[
+        &format!("--proxy-server-port={}", fake.port),
+        &format!("--ca-cert={}", pki.ca().display()),
+        "--stall-timeout=1s",
+        "--conn-queue-bytes=67108864",
+        "--stream-buffer-bytes=134217728",
+    ])
+    .unwrap();
+    let pid = agent.logged.process.pid();
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let hole = backend::black_hole().await.to_string();
+    let base = tether_tests::process::open_fds(pid);
+    stream
+        .to_agent
+        .send(Packet::dial_request(hole, 1))
+        .await
+        .unwrap();
+    let connect_id = loop {
+        match stream
+            .from_agent
+            .message()
+            .await
+            .unwrap()
+            .map(Packet::into_message)
+        {
+            Some(Message::DialResponse(dial)) => break dial.connect_id,
+            Some(_) => {}
+            None => panic!("the agent ended the stream"),
+        }
+    };
+    // More than the kernel's socket buffers take: the rest waits in the agent.
+    let chunk = bytes::Bytes::from(vec![0u8; 256 * 1024]);
+    for _ in 0..64 {
+        stream
+            .to_agent
+            .send(Packet::data(connect_id, chunk.clone()))
+            .await
+            .unwrap();
+    }
+    stream
+        .to_agent
+        .send(Packet::close_request(connect_id))
+        .await
+        .unwrap();
+    let closed = loop {
+        match stream
+            .from_agent
+            .message()
+            .await
+            .unwrap()
+            .map(Packet::into_message)
+        {
+            Some(Message::CloseResponse(close)) => break close,
+            Some(_) => {}
+            None => panic!("the agent ended the stream"),
+        }
+    };
+    assert_eq!(closed.connect_id, connect_id);
+    assert!(
+        tether_tests::process::open_fds(pid) > base,
+        "the destination was let go before it could stall"
+    );
+    assert!(
+        wait_until(Duration::from_secs(6), || {
+            tether_tests::process::open_fds(pid) <= base
+        }),
+        "the agent still holds the stalled destination's socket"
+    );
+    assert!(
+        metric(agent.health_port, "tether_agent_stalled_closes_total ").is_some_and(|n| n >= 1.0)
+    );
+}

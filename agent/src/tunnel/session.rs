@@ -447,7 +447,20 @@ impl Session {
                 }
                 return;
             }
-            if let Err(err) = write_counted(&mut write, &bytes, &progress).await {
+            // Once the server has closed the connection, nothing else watches this writer: a
+            // destination that stops reading would hold it, its socket and its queue for good.
+            // From then on a write that the socket takes nothing of for --stall-timeout ends it.
+            let stall = self.limits.stall_timeout;
+            if let Err(err) = write_counted(&mut write, &bytes, &progress, &inbound, stall).await {
+                if err.kind() == std::io::ErrorKind::TimedOut {
+                    self.metrics.stalled_closes.inc();
+                    tracing::info!(
+                        server = self.server_id,
+                        connect_id,
+                        error = %err,
+                        "dropped what a closed connection's destination did not read"
+                    );
+                }
                 self.close(
                     connect_id,
                     format!("write to destination failed: {err}"),
@@ -592,14 +605,30 @@ impl Queues for Session {
 }
 
 /// `write_all` that records each piece the socket took, so a stall can be told from a slow
-/// reader while the write is still blocked.
+/// reader while the write is still blocked. Once `inbound` is closed (the server closed the
+/// connection), a write the socket takes nothing of for `stall` fails with `TimedOut`.
 async fn write_counted(
     write: &mut OwnedWriteHalf,
     mut bytes: &[u8],
     progress: &Progress,
+    inbound: &Mailbox<Chunk>,
+    stall: Duration,
 ) -> std::io::Result<()> {
     while !bytes.is_empty() {
-        let n = write.write(bytes).await?;
+        // Write first: a socket with room answers at once and the watch is never made.
+        let n = tokio::select! {
+            biased;
+            written = write.write(bytes) => written?,
+            () = async {
+                inbound.closed().await;
+                tokio::time::sleep(stall).await;
+            } => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the destination read nothing for {stall:?} after the close"),
+                ));
+            }
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
