@@ -359,19 +359,32 @@ async fn presents_upstream_metadata_and_a_rotated_token_on_reconnect() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn survives_a_hostile_server() {
+/// An agent with `extra` flags connected to a stand-in server, and its stream there.
+async fn against_stand_in(
+    extra: &[&str],
+) -> (
+    Pki,
+    FakeServer,
+    Agent,
+    tether_tests::fake_server::FakeStream,
+) {
     let pki = Pki::new(&[]).unwrap();
-    let mut fake = FakeServer::start(&pki, "hostile").await.unwrap();
-    let agent = Agent::start(&[
-        &format!("--proxy-server-port={}", fake.port),
-        &format!("--ca-cert={}", pki.ca().display()),
-    ])
-    .unwrap();
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
+    let mut fake = FakeServer::start(&pki, "stand-in").await.unwrap();
+    let port = format!("--proxy-server-port={}", fake.port);
+    let ca = format!("--ca-cert={}", pki.ca().display());
+    let mut args = vec![port.as_str(), ca.as_str()];
+    args.extend_from_slice(extra);
+    let agent = Agent::start(&args).unwrap();
+    let stream = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
         .await
         .unwrap()
         .unwrap();
+    (pki, fake, agent, stream)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn survives_a_hostile_server() {
+    let (_pki, _fake, agent, mut stream) = against_stand_in(&[]).await;
 
     let unknown_type = Packet {
         r#type: 99,
@@ -682,21 +695,13 @@ async fn a_server_that_stops_answering_is_given_up_within_four_probe_intervals()
 /// is never held, so the stall handling of a held stream does not apply.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
-    let pki = Pki::new(&[]).unwrap();
-    let mut fake = FakeServer::start(&pki, "closer").await.unwrap();
-    let agent = Agent::start(&[
-        &format!("--proxy-server-port={}", fake.port),
-        &format!("--ca-cert={}", pki.ca().display()),
+    let (_pki, _fake, agent, mut stream) = against_stand_in(&[
         "--stall-timeout=1s",
         "--conn-queue-bytes=67108864",
         "--stream-buffer-bytes=134217728",
     ])
-    .unwrap();
+    .await;
     let pid = agent.logged.process.pid();
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv())
-        .await
-        .unwrap()
-        .unwrap();
     let hole = backend::black_hole().await.to_string();
     let base = tether_tests::process::open_fds(pid);
     stream
