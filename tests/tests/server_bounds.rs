@@ -155,3 +155,50 @@ async fn an_agent_that_floods_and_never_reads_is_cut_off() {
         "tasks went from {tasks_before} to {peak_tasks}"
     );
 }
+
+/// A gRPC client that goes away while its connection waits for the agent's window (the
+/// destination stopped reading, so nothing more of the client's stream is read) releases the
+/// connection at once: the session notices the response stream dropped instead of waiting for
+/// a window that will not open. The client is written frame by frame, so that leaving means
+/// its connection closing with data still unread, as when kube-apiserver's client gives up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_client_that_leaves_while_blocked_releases_its_connection() {
+    use tether_tests::raw_h2::{Event as H2Event, RawH2};
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    let port = cluster.server.health_port;
+    let hole = backend::black_hole().await.to_string();
+    let io = tether_tests::frontend::raw_h2(&cluster.target)
+        .await
+        .unwrap();
+    let mut h2 = RawH2::handshake(io, b"localhost").await.unwrap();
+    let stream = h2.open_proxy().await.unwrap();
+    h2.send(stream, &Packet::dial_request(&hole, 5), false)
+        .await
+        .unwrap();
+    let connect_id = loop {
+        match h2.next().await.unwrap().1 {
+            H2Event::Packet(packet) => match packet.into_message() {
+                tether_proto::Message::DialResponse(rsp) => break rsp.connect_id,
+                other => panic!("expected DIAL_RSP, got {other:?}"),
+            },
+            H2Event::Headers(_) => {}
+            H2Event::Trailers(trailers) => panic!("stream ended: {trailers:?}"),
+        }
+    };
+    // 7.6 MB: far past the agent's window and the destination's socket buffers, within the
+    // HTTP/2 windows the server grants.
+    let piece = Bytes::from(vec![0u8; 16_000]);
+    for _ in 0..480 {
+        h2.send(stream, &Packet::data(connect_id, piece.clone()), false)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(metric(port, ESTABLISHED), Some(1.0));
+    drop(h2);
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(port, ESTABLISHED)
+            == Some(0.0)),
+        "the server still holds the connection of a client that left"
+    );
+}

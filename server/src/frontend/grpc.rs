@@ -9,6 +9,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tether_proto::proxy::proxy_service_server::ProxyService;
 use tether_proto::{Message, Packet};
 use tokio_stream::Stream;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -50,7 +51,9 @@ impl ProxyService for Frontends {
                 "the first packet on a Proxy stream must be DIAL_REQ",
             ));
         };
-        let open = Open::new(&self.metrics);
+        // Cancelled when the response stream is dropped: the client reset the stream or left.
+        let gone = CancellationToken::new();
+        let open = Open::new(&self.metrics, &gone);
         let refusal = if !(dial.protocol.is_empty() || dial.protocol == "tcp") {
             self.metrics.reject("dial_protocol");
             format!(
@@ -62,6 +65,7 @@ impl ProxyService for Frontends {
             let session = Session {
                 tunnel: tunnel.clone(),
                 metrics: self.metrics.clone(),
+                gone,
             };
             self.tracker.spawn(session.run(dial.address, inbound));
             return Ok(Response::new(Box::pin(outbound(
@@ -86,20 +90,26 @@ impl ProxyService for Frontends {
     }
 }
 
-/// Counts an open `Proxy` stream until it is dropped.
-struct Open(Gauge);
+/// Counts an open `Proxy` stream until it is dropped, and then tells its session.
+struct Open {
+    gauge: Gauge,
+    _gone: DropGuard,
+}
 
 impl Open {
-    fn new(metrics: &Metrics) -> Self {
+    fn new(metrics: &Metrics, gone: &CancellationToken) -> Self {
         let gauge = metrics.grpc_connections("Proxy");
         gauge.inc();
-        Open(gauge)
+        Open {
+            gauge,
+            _gone: gone.clone().drop_guard(),
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 
@@ -167,6 +177,8 @@ async fn next_packet(inbound: &mut Streaming<Packet>, metrics: &Metrics) -> Opti
 struct Session {
     tunnel: Arc<Tunnel>,
     metrics: Arc<Metrics>,
+    /// Cancelled once the response stream is gone.
+    gone: CancellationToken,
 }
 
 impl Session {
@@ -207,7 +219,17 @@ impl Session {
                     }
                     // An empty DATA would read as FIN to a tether agent; from a frontend it
                     // carries nothing, so it is not forwarded.
-                    if !data.data.is_empty() && self.tunnel.send_data(data.data).await.is_err() {
+                    if data.data.is_empty() {
+                        continue;
+                    }
+                    // Waiting for the agent's window (its destination may have stopped
+                    // reading), this reads nothing from the client: its reset is seen here.
+                    let sent = tokio::select! {
+                        biased;
+                        sent = self.tunnel.send_data(data.data) => sent,
+                        () = self.gone.cancelled() => break,
+                    };
+                    if sent.is_err() {
                         break;
                     }
                 }
