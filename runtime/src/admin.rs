@@ -18,6 +18,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::net::AcceptBackoff;
+
 /// What a route answers.
 pub struct Reply {
     pub status: StatusCode,
@@ -101,7 +103,7 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = AcceptBackoff::new();
     loop {
         let slot = tokio::select! {
             () = &mut shutdown => break,
@@ -115,13 +117,12 @@ pub async fn serve(
                 Err(err) => {
                     // Out of file descriptors, say: back off rather than spin.
                     tracing::warn!(error = %err, "admin listener accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    backoff.wait().await;
                     continue;
                 }
             },
         };
-        backoff = Duration::from_millis(5);
+        backoff.reset();
         let routes = routes.clone();
         let stop = stop.clone();
         connections.spawn(async move {

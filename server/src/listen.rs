@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use tether_runtime::net::AcceptBackoff;
 use tether_runtime::read_ahead::ReadAhead;
 
 use crate::identity::CertNames;
@@ -31,8 +32,6 @@ use crate::metrics::Metrics;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in flight per listener; past it, connections wait in the kernel's backlog.
 pub const MAX_HANDSHAKES: usize = 128;
-/// First and longest pause after a failed accept.
-const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
 
 /// Binds a Unix socket at `path` (mode 0770, as upstream's umask gives).
 pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> {
@@ -49,24 +48,6 @@ pub fn bind_uds(path: &Path, delete_existing: bool) -> io::Result<UnixListener> 
     Ok(listener)
 }
 
-/// Waits after accept errors: doubling from 5 ms to 1 s, back to the start after a success.
-struct Backoff(Duration);
-
-impl Backoff {
-    fn new() -> Self {
-        Backoff(ACCEPT_BACKOFF.0)
-    }
-
-    async fn wait(&mut self) {
-        tokio::time::sleep(self.0).await;
-        self.0 = (self.0 * 2).min(ACCEPT_BACKOFF.1);
-    }
-
-    fn reset(&mut self) {
-        self.0 = ACCEPT_BACKOFF.0;
-    }
-}
-
 fn accept_failed(metrics: &Metrics, role: &'static str, err: &io::Error) {
     metrics.accept_error(role);
     tracing::warn!(role, error = %err, "accept failed; backing off");
@@ -81,7 +62,7 @@ pub fn uds_incoming(
 ) -> ReceiverStream<io::Result<UnixStream>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut backoff = Backoff::new();
+        let mut backoff = AcceptBackoff::new();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -125,7 +106,7 @@ pub fn tls_incoming(
     let acceptor = TlsAcceptor::from(config);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
-        let mut backoff = Backoff::new();
+        let mut backoff = AcceptBackoff::new();
         loop {
             let slot = tokio::select! {
                 slot = handshakes.clone().acquire_owned() => slot,

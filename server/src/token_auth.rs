@@ -179,10 +179,10 @@ impl TokenAuth {
                     });
                 })?;
                 self.metrics.token_review("reviewed");
-                let until =
-                    Instant::now() + token_lifetime(token).unwrap_or(CACHE_TTL).min(CACHE_TTL);
+                let now = Instant::now();
+                let until = now + token_lifetime(token).unwrap_or(CACHE_TTL).min(CACHE_TTL);
                 self.cache_lock()
-                    .insert(key.as_ref(), who.clone(), until, Instant::now());
+                    .insert(key.as_ref(), who.clone(), until, now);
                 who
             }
         };

@@ -613,18 +613,7 @@ impl Tunnels {
 
     /// The agent stream ended: every tunnel on it ends now.
     pub fn agent_gone(&self) {
-        let tunnels: Vec<Arc<Tunnel>> = {
-            let tables = self.tables();
-            tables
-                .pending
-                .values()
-                .cloned()
-                .chain(tables.established.values().map(|e| e.tunnel.clone()))
-                .collect()
-        };
-        for tunnel in tunnels {
-            self.end(&tunnel, End::AgentGone);
-        }
+        self.end_all(|| End::AgentGone);
     }
 
     /// Holds the agent stream until the frontends behind `pressure` catch up; see

@@ -687,6 +687,20 @@ async fn a_server_that_stops_answering_is_given_up_within_four_probe_intervals()
     );
 }
 
+/// The first packet from the agent that `pick` takes, skipping the others.
+async fn next_from_agent<T>(
+    stream: &mut tether_tests::fake_server::FakeStream,
+    pick: impl Fn(Message) -> Option<T>,
+) -> T {
+    loop {
+        let packet = stream.from_agent.message().await.unwrap();
+        let message = packet.expect("the agent ended the stream").into_message();
+        if let Some(picked) = pick(message) {
+            return picked;
+        }
+    }
+}
+
 /// The server asks the agent to close a connection whose destination stopped reading: the
 /// agent's writer, blocked on that destination with what the server sent before its CLOSE_REQ,
 /// gives up once the socket has taken nothing for --stall-timeout, instead of holding the
@@ -709,19 +723,11 @@ async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
         .send(Packet::dial_request(hole, 1))
         .await
         .unwrap();
-    let connect_id = loop {
-        match stream
-            .from_agent
-            .message()
-            .await
-            .unwrap()
-            .map(Packet::into_message)
-        {
-            Some(Message::DialResponse(dial)) => break dial.connect_id,
-            Some(_) => {}
-            None => panic!("the agent ended the stream"),
-        }
-    };
+    let connect_id = next_from_agent(&mut stream, |m| match m {
+        Message::DialResponse(dial) => Some(dial.connect_id),
+        _ => None,
+    })
+    .await;
     // More than the kernel's socket buffers take: the rest waits in the agent.
     let chunk = bytes::Bytes::from(vec![0u8; 256 * 1024]);
     for _ in 0..64 {
@@ -736,19 +742,11 @@ async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
         .send(Packet::close_request(connect_id))
         .await
         .unwrap();
-    let closed = loop {
-        match stream
-            .from_agent
-            .message()
-            .await
-            .unwrap()
-            .map(Packet::into_message)
-        {
-            Some(Message::CloseResponse(close)) => break close,
-            Some(_) => {}
-            None => panic!("the agent ended the stream"),
-        }
-    };
+    let closed = next_from_agent(&mut stream, |m| match m {
+        Message::CloseResponse(close) => Some(close),
+        _ => None,
+    })
+    .await;
     assert_eq!(closed.connect_id, connect_id);
     assert!(
         tether_tests::process::open_fds(pid) > base,
