@@ -5,8 +5,16 @@
 //! time: a layout change that only one side picks up would silently corrupt counters.
 #![no_std]
 
+/// Version of the pinned maps' layout: their names, types, key and value layouts, capacities
+/// and what their values mean. Bump it with any such change, so an agent never adopts maps a
+/// different release pinned and instead replaces them (see the agent's `dataplane::pins`).
+pub const PIN_LAYOUT: u32 = 2;
+
 /// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Per-CPU [`InterfaceCounters`] by ingress ifindex, for what the guard drops or would drop.
+/// The agent adds an entry for each interface it guards; others are not counted per interface.
+pub const INTERFACE_COUNTERS_MAP: &str = "IF_COUNTERS";
 /// One [`GuardConfig`] at index 0.
 pub const CONFIG_MAP: &str = "CONFIG";
 /// LPM tries of control-plane source prefixes.
@@ -15,8 +23,16 @@ pub const CONTROL_PLANE_V6_MAP: &str = "CP_V6";
 /// LPM tries of sources still allowed to reach protected ports directly.
 pub const ALLOW_V4_MAP: &str = "ALLOW_V4";
 pub const ALLOW_V6_MAP: &str = "ALLOW_V6";
-/// Protected destination ports (host byte order) → 1.
+/// One [`ControlPlaneHint`] at index 0: which /16s hold a control-plane IPv4 prefix.
+pub const CONTROL_PLANE_V4_HINT_MAP: &str = "CP_V4_HINT";
+/// Destination ports (host byte order) → [`PORT_PROTECTED`] | [`PORT_TUNNEL`].
 pub const PORTS_MAP: &str = "PORTS";
+
+/// In [`PORTS_MAP`]: TCP SYNs and UDP to this port are dropped unless the source is allowed.
+pub const PORT_PROTECTED: u8 = 1;
+/// In [`PORTS_MAP`]: UDP to this port carries a tunnel (VXLAN, Geneve, WireGuard…) and is
+/// dropped from the control plane.
+pub const PORT_TUNNEL: u8 = 2;
 
 /// Ring buffer of [`DropEvent`]s, written at most [`EVENTS_PER_SECOND`] times per CPU.
 pub const EVENTS_MAP: &str = "EVENTS";
@@ -26,11 +42,13 @@ pub const EVENT_BUDGET_MAP: &str = "EVENT_BUDGET";
 /// Maps whose contents must outlive the agent process: pinned under the bpffs root and adopted
 /// by the next agent, so policy, mode and counters carry over a restart. The events ring and
 /// its budget belong to the running agent and are not pinned.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 9] = [
     COUNTERS_MAP,
+    INTERFACE_COUNTERS_MAP,
     CONFIG_MAP,
     CONTROL_PLANE_V4_MAP,
     CONTROL_PLANE_V6_MAP,
+    CONTROL_PLANE_V4_HINT_MAP,
     ALLOW_V4_MAP,
     ALLOW_V6_MAP,
     PORTS_MAP,
@@ -53,6 +71,8 @@ pub const GUARD_PROGRAM: &str = "tether_guard";
 /// Capacity of each prefix trie and of the port set.
 pub const MAX_PREFIXES: u32 = 1024;
 pub const MAX_PORTS: u32 = 64;
+/// Interfaces counted separately in [`INTERFACE_COUNTERS_MAP`].
+pub const MAX_INTERFACES: u32 = 64;
 
 /// Why the guard decided what it did about a packet.
 ///
@@ -72,16 +92,29 @@ pub enum Reason {
     ProtectedPort = 3,
     /// An IP fragment from a control-plane source.
     Fragment = 4,
+    /// Well-formed, but the guard cannot parse it far enough to decide (an IPv6 header chain
+    /// longer than it walks, a first fragment cut inside the transport header); dropped unless
+    /// the source is allowed on protected ports.
+    Unparseable = 5,
+    /// A tunnel packet (IPIP, IPv6-in-IP, GRE, ESP, or UDP to a tunnel port) from a
+    /// control-plane source: its inner packet would reach the node with no guard in the way.
+    Encapsulated = 6,
+    /// A TCP segment that is not a SYN from a control-plane source, which would land on a
+    /// listening socket (a SYN-cookie ACK, say) rather than a connection the node opened.
+    ControlPlaneToListener = 7,
 }
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 5] = [
+    pub const ALL: [Reason; 8] = [
         Reason::Pass,
         Reason::Malformed,
         Reason::ControlPlaneSyn,
         Reason::ProtectedPort,
         Reason::Fragment,
+        Reason::Unparseable,
+        Reason::Encapsulated,
+        Reason::ControlPlaneToListener,
     ];
 
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -94,6 +127,9 @@ impl Reason {
             Reason::ControlPlaneSyn => "control_plane_syn",
             Reason::ProtectedPort => "protected_port",
             Reason::Fragment => "fragment",
+            Reason::Unparseable => "unparseable",
+            Reason::Encapsulated => "encapsulated",
+            Reason::ControlPlaneToListener => "control_plane_to_listener",
         }
     }
 }
@@ -150,7 +186,67 @@ impl Mode {
 pub struct GuardConfig {
     /// A [`Mode`] value.
     pub mode: u32,
-    pub _pad: u32,
+    /// [`tunnel_bit`]s of the IP protocols dropped as [`Reason::Encapsulated`] from the
+    /// control plane.
+    pub tunnels: u32,
+}
+
+/// IP protocols that carry a whole packet inside, as `GuardConfig::tunnels` bits.
+pub const TUNNEL_PROTOCOLS: [(u8, &str); 4] = [(4, "ipip"), (41, "ipv6"), (47, "gre"), (50, "esp")];
+
+/// The `GuardConfig::tunnels` bit for an IP protocol (0 for one that is not a tunnel).
+pub const fn tunnel_bit(protocol: u8) -> u32 {
+    match protocol {
+        4 => 1,
+        41 => 2,
+        47 => 4,
+        50 => 8,
+        _ => 0,
+    }
+}
+
+/// Bits, one per /16 (by its first two octets), set where a control-plane IPv4 prefix lies.
+/// The program looks here before the trie: traffic from a /16 with no control-plane prefix,
+/// most of what a node receives, skips the trie lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlPlaneHint {
+    pub words: [u64; 1024],
+}
+
+impl Default for ControlPlaneHint {
+    fn default() -> Self {
+        ControlPlaneHint { words: [0; 1024] }
+    }
+}
+
+impl ControlPlaneHint {
+    /// Marks every /16 the IPv4 prefix `address/len` touches.
+    pub fn cover(&mut self, address: [u8; 4], len: u8) {
+        let first = u32::from(u16::from_be_bytes([address[0], address[1]]));
+        let count = if len >= 16 {
+            1
+        } else {
+            1u32 << (16 - u32::from(len))
+        };
+        let first = first & !(count - 1);
+        for slash16 in first..first + count {
+            self.words[(slash16 >> 6) as usize] |= 1 << (slash16 & 63);
+        }
+    }
+
+    /// Whether the /16 of `address` may hold a control-plane source.
+    pub const fn may_contain(&self, address: [u8; 4]) -> bool {
+        let slash16 = u16::from_be_bytes([address[0], address[1]]) as usize;
+        self.words[slash16 >> 6] & (1 << (slash16 & 63)) != 0
+    }
+}
+
+/// One interface's counters: [`COUNTER_SLOTS`] slots, indexed as [`counter_slot`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub slots: [Counter; COUNTER_SLOTS as usize],
 }
 
 /// A packet the guard dropped, or would have dropped in monitor mode.
@@ -210,6 +306,8 @@ const _: () = {
     assert!(core::mem::offset_of!(DropEvent, family) == 40);
     assert!(core::mem::offset_of!(DropEvent, suppressed) == 44);
     assert!(core::mem::size_of::<EventBudget>() == 16);
+    assert!(core::mem::size_of::<ControlPlaneHint>() == 8192);
+    assert!(core::mem::size_of::<InterfaceCounters>() == 16 * COUNTER_SLOTS as usize);
 };
 
 // SAFETY: both are repr(C), have no implicit padding (checked above) and every bit pattern is
@@ -222,6 +320,12 @@ unsafe impl aya::Pod for GuardConfig {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DropEvent {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ControlPlaneHint {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for InterfaceCounters {}
 
 #[cfg(test)]
 mod tests {
@@ -249,5 +353,22 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn hint_covers_exactly_the_prefixes_slash16s() {
+        let mut hint = ControlPlaneHint::default();
+        hint.cover([10, 77, 0, 1], 32);
+        hint.cover([172, 16, 0, 0], 12);
+        assert!(hint.may_contain([10, 77, 200, 9]));
+        assert!(!hint.may_contain([10, 76, 0, 1]));
+        assert!(!hint.may_contain([10, 78, 0, 1]));
+        assert!(hint.may_contain([172, 16, 0, 1]));
+        assert!(hint.may_contain([172, 31, 255, 1]));
+        assert!(!hint.may_contain([172, 32, 0, 1]));
+        assert!(!hint.may_contain([172, 15, 0, 1]));
+        let mut everything = ControlPlaneHint::default();
+        everything.cover([0, 0, 0, 0], 0);
+        assert!(everything.words.iter().all(|w| *w == u64::MAX));
     }
 }

@@ -2,32 +2,41 @@
 //! embedded in `tether-agent`; the layouts they share with userspace live in `agent-common`.
 //!
 //! `tether_guard` (XDP) makes the tunnel the only way in: new connections from the control
-//! plane, direct hits on protected node ports and control-plane fragments are dropped before
-//! the kernel allocates anything for them. Every read is bounds-checked; a packet that cannot
-//! be parsed is counted as malformed and dropped only when it came from the control plane.
+//! plane, segments of it that would land on a listening socket, its tunnels and fragments, and
+//! direct hits on protected node ports are dropped before the kernel allocates anything for
+//! them. Every read is bounds-checked. A packet that cannot be parsed at all is malformed and
+//! dropped when it came from the control plane; one that parses but not far enough to decide
+//! (too long a header chain, a first fragment cut short) is dropped unless its source is
+//! allowed: what the guard cannot read, it does not let through.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, xdp_action};
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, bpf_sock_tuple, xdp_action};
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
-    COUNTER_SLOTS, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND, EVENTS_RING_BYTES,
-    EventBudget, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode, Reason, counter_slot,
+    COUNTER_SLOTS, ControlPlaneHint, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND,
+    EVENTS_RING_BYTES, EventBudget, GuardConfig, InterfaceCounters, MAX_INTERFACES, MAX_PORTS,
+    MAX_PREFIXES, Mode, PORT_PROTECTED, PORT_TUNNEL, Reason, counter_slot, tunnel_bit,
 };
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+#[map(name = "IF_COUNTERS")]
+static IF_COUNTERS: PerCpuHashMap<u32, InterfaceCounters> =
+    PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
 #[map(name = "CONFIG")]
 static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 #[map(name = "CP_V4")]
 static CP_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "CP_V6")]
 static CP_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
+#[map(name = "CP_V4_HINT")]
+static CP_V4_HINT: Array<ControlPlaneHint> = Array::with_max_entries(1, 0);
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "ALLOW_V6")]
@@ -47,23 +56,34 @@ const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// IPv6 extension headers followed before giving up (and calling the packet malformed).
-const MAX_EXTENSION_HEADERS: usize = 6;
+/// `struct sock` states (include/net/tcp_states.h) of sockets no connection of the node's own
+/// is in: a listener, and a listener's half-open request.
+const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: u32 = 12;
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the namespace of the receiving device.
+const CURRENT_NETNS: u64 = u64::MAX;
+/// IPv6 extension headers followed before giving up (and calling the packet unparseable).
+const MAX_EXTENSION_HEADERS: usize = 8;
 /// Largest L3 + extension-header offset parsed; keeps offsets bounded for the verifier.
 const MAX_L4_OFFSET: usize = 512;
 
 #[xdp]
 pub fn tether_guard(ctx: XdpContext) -> u32 {
-    let mode = CONFIG.get(0).map_or(Mode::Off as u32, |c| c.mode);
+    let Some(config) = CONFIG.get(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mode = config.mode;
     if mode == Mode::Off as u32 {
         return xdp_action::XDP_PASS;
     }
     let mut transport = Transport::default();
-    let verdict = classify(&ctx, &mut transport);
+    let verdict = classify(&ctx, config.tunnels, &mut transport);
     let drop = verdict.drop && mode == Mode::Enforce as u32;
     count(&ctx, verdict.reason, drop);
     if verdict.drop {
+        count_interface(&ctx, verdict.reason, drop);
         report(&ctx, verdict.reason, &transport, drop);
     }
     if drop {
@@ -98,8 +118,32 @@ const fn malformed(from_control_plane: bool) -> Verdict {
     Verdict::new(Reason::Malformed, from_control_plane)
 }
 
+/// What is known about the packet around its transport header.
+#[derive(Clone, Copy)]
+struct Packet {
+    source: Source,
+    /// The first piece of a fragmented datagram: a transport header cut short is then not
+    /// malformed (the kernel would reassemble it) but unparseable.
+    first_fragment: bool,
+    /// `GuardConfig::tunnels`.
+    tunnels: u32,
+}
+
+impl Packet {
+    /// The packet ends inside a header the verdict needs.
+    #[inline(always)]
+    fn truncated(self, ctx: &XdpContext) -> Verdict {
+        if self.first_fragment {
+            self.source.unparseable(ctx)
+        } else {
+            self.source.malformed(ctx)
+        }
+    }
+}
+
 /// Where the source address sits in the packet. It is read only when a verdict needs it:
-/// established traffic, the bulk of what passes, never does.
+/// established traffic from outside the control plane's /16s, the bulk of what passes, reads
+/// only the first two octets.
 #[derive(Clone, Copy)]
 enum Source {
     V4(usize),
@@ -112,9 +156,10 @@ impl Source {
     #[inline(always)]
     fn in_control_plane(self, ctx: &XdpContext) -> bool {
         match self {
-            Source::V4(at) => {
-                array::<4>(ctx, at).is_some_and(|a| CP_V4.get(&Key::new(32, a)).is_some())
-            }
+            Source::V4(at) => array::<4>(ctx, at).is_some_and(|a| {
+                CP_V4_HINT.get(0).is_some_and(|hint| hint.may_contain(a))
+                    && CP_V4.get(&Key::new(32, a)).is_some()
+            }),
             Source::V6(at) => {
                 array::<16>(ctx, at).is_some_and(|a| CP_V6.get(&Key::new(128, a)).is_some())
             }
@@ -127,6 +172,15 @@ impl Source {
         malformed(self.in_control_plane(ctx))
     }
 
+    /// Well-formed as far as it was read, but not far enough to decide: fail closed.
+    #[inline(always)]
+    fn unparseable(self, ctx: &XdpContext) -> Verdict {
+        Verdict::new(
+            Reason::Unparseable,
+            !self.allowed_on_protected_ports(ctx),
+        )
+    }
+
     #[inline(always)]
     fn allowed_on_protected_ports(self, ctx: &XdpContext) -> bool {
         match self {
@@ -137,6 +191,56 @@ impl Source {
                 array::<16>(ctx, at).is_some_and(|a| ALLOW_V6.get(&Key::new(128, a)).is_some())
             }
         }
+    }
+
+    /// Whether a segment that is not a SYN would be taken by a listening socket (or a
+    /// listener's half-open request) on this node, rather than by a connection.
+    #[inline(always)]
+    fn lands_on_listener(self, ctx: &XdpContext, l4: usize) -> bool {
+        let Some(ports) = array::<4>(ctx, l4) else {
+            return false;
+        };
+        // bpf_sock_tuple's IPv6 form; the IPv4 form is its first 12 bytes. Addresses and ports
+        // stay in network byte order, as the helper wants them.
+        let mut tuple = [0u8; 36];
+        let size = match self {
+            Source::V4(at) => {
+                let Some(addresses) = array::<8>(ctx, at) else {
+                    return false;
+                };
+                tuple[..8].copy_from_slice(&addresses);
+                tuple[8..12].copy_from_slice(&ports);
+                12
+            }
+            Source::V6(at) => {
+                let Some(addresses) = array::<32>(ctx, at) else {
+                    return false;
+                };
+                tuple[..32].copy_from_slice(&addresses);
+                tuple[32..].copy_from_slice(&ports);
+                36
+            }
+        };
+        // SAFETY: the tuple lives on this stack frame for the call, `size` is the length of
+        // the form it holds, and the context is this program's own.
+        let socket = unsafe {
+            bpf_skc_lookup_tcp(
+                ctx.ctx.cast(),
+                tuple.as_mut_ptr().cast::<bpf_sock_tuple>(),
+                size,
+                CURRENT_NETNS,
+                0,
+            )
+        };
+        if socket.is_null() {
+            return false;
+        }
+        // SAFETY: a non-null socket from the lookup; `state` is readable on any socket the
+        // helper returns, and the reference is released right after.
+        let state = unsafe { (*socket).state };
+        // SAFETY: releases the reference the lookup took, exactly once.
+        unsafe { bpf_sk_release(socket.cast()) };
+        state == TCP_LISTEN || state == TCP_NEW_SYN_RECV
     }
 }
 
@@ -173,13 +277,13 @@ fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext, found: &mut Transport) -> Verdict {
+fn classify(ctx: &XdpContext, tunnels: u32, found: &mut Transport) -> Verdict {
     let Some(mut ethertype) = be16(ctx, 12) else {
         return malformed(false);
     };
     // Untagged IPv4 first: it is most of what a node receives.
     if ethertype == ETH_P_IP {
-        return ipv4(ctx, ETH_HLEN, found);
+        return ipv4(ctx, ETH_HLEN, tunnels, found);
     }
     let mut offset = ETH_HLEN;
     // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
@@ -194,8 +298,8 @@ fn classify(ctx: &XdpContext, found: &mut Transport) -> Verdict {
         offset += 4;
     }
     match ethertype {
-        ETH_P_IP => ipv4(ctx, offset, found),
-        ETH_P_IPV6 => ipv6(ctx, offset, found),
+        ETH_P_IP => ipv4(ctx, offset, tunnels, found),
+        ETH_P_IPV6 => ipv6(ctx, offset, tunnels, found),
         // A third tag is nothing the node's stack would deliver as IP.
         ETH_P_8021Q | ETH_P_8021AD => malformed(false),
         // ARP and everything else is not ours to judge.
@@ -204,7 +308,7 @@ fn classify(ctx: &XdpContext, found: &mut Transport) -> Verdict {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
+fn ipv4(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Verdict {
     let source = Source::V4(l3 + 12);
     let Some(header) = window::<20>(ctx, l3) else {
         return source.malformed(ctx);
@@ -214,21 +318,31 @@ fn ipv4(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
     if version_ihl >> 4 != 4 || header_len < 20 {
         return source.malformed(ctx);
     }
-    // More-fragments set or a non-zero offset: any piece of a fragmented datagram.
-    if header[6] & 0x3f != 0 || header[7] != 0 {
+    // Flags (more-fragments) and the 13-bit offset; the reserved and don't-fragment bits
+    // say nothing about fragmentation.
+    let fragment = u16::from_be_bytes([header[6] & 0x3f, header[7]]);
+    let first_fragment = fragment != 0;
+    if fragment & 0x1fff != 0 || (first_fragment && source.in_control_plane(ctx)) {
+        // A later piece carries no header to judge: without its first piece, which is
+        // judged like a whole packet, it never reassembles.
         return fragment_verdict(ctx, source);
     }
     let protocol = header[9];
     let l4 = l3 + header_len;
+    let packet = Packet {
+        source,
+        first_fragment,
+        tunnels,
+    };
     // Options must be present in full; a TCP or UDP header read past them proves it anyway.
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && array::<2>(ctx, l4 - 2).is_none() {
-        return source.malformed(ctx);
+        return packet.truncated(ctx);
     }
-    transport(ctx, protocol, l4, source, found)
+    transport(ctx, protocol, l4, packet, found)
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
+fn ipv6(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Verdict {
     let source = Source::V6(l3 + 8);
     let Some(header) = window::<40>(ctx, l3) else {
         return source.malformed(ctx);
@@ -236,25 +350,49 @@ fn ipv6(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
     if header[0] >> 4 != 6 {
         return source.malformed(ctx);
     }
+    let mut packet = Packet {
+        source,
+        first_fragment: false,
+        tunnels,
+    };
     let mut next = header[6];
     let mut offset = l3 + 40;
-    let mut fragmented = false;
     for _ in 0..MAX_EXTENSION_HEADERS {
         let step = match next {
             // Hop-by-hop, routing, destination options: length in 8-octet units after the first.
             0 | 43 | 60 => {
                 let Some([following, len]) = array::<2>(ctx, offset) else {
-                    return source.malformed(ctx);
+                    return packet.truncated(ctx);
                 };
                 next = following;
                 (usize::from(len) + 1) * 8
             }
+            // Authentication header: length in 4-octet units, less two.
+            51 => {
+                let Some([following, len]) = array::<2>(ctx, offset) else {
+                    return packet.truncated(ctx);
+                };
+                next = following;
+                (usize::from(len) + 2) * 4
+            }
             // Fragment header: fixed 8 octets.
             44 => {
-                let Some([following, _]) = array::<2>(ctx, offset) else {
-                    return source.malformed(ctx);
+                let Some([following, _, offset_high, offset_low]) = array::<4>(ctx, offset)
+                else {
+                    return packet.truncated(ctx);
                 };
-                fragmented = true;
+                let field = u16::from_be_bytes([offset_high, offset_low]);
+                if field & 0xfff8 != 0 {
+                    return fragment_verdict(ctx, source);
+                }
+                if field & 1 != 0 {
+                    if source.in_control_plane(ctx) {
+                        return fragment_verdict(ctx, source);
+                    }
+                    packet.first_fragment = true;
+                }
+                // Offset 0 without more fragments is an "atomic" fragment: Linux takes it as
+                // the whole packet it is, and so is it judged.
                 next = following;
                 8
             }
@@ -262,17 +400,14 @@ fn ipv6(ctx: &XdpContext, l3: usize, found: &mut Transport) -> Verdict {
         };
         offset += step;
         if offset > MAX_L4_OFFSET {
-            return source.malformed(ctx);
+            return source.unparseable(ctx);
         }
     }
-    if matches!(next, 0 | 43 | 44 | 60) {
+    if matches!(next, 0 | 43 | 44 | 51 | 60) {
         // The chain is longer than we follow.
-        return source.malformed(ctx);
+        return source.unparseable(ctx);
     }
-    if fragmented {
-        return fragment_verdict(ctx, source);
-    }
-    transport(ctx, next, offset, source, found)
+    transport(ctx, next, offset, packet, found)
 }
 
 #[inline(always)]
@@ -289,23 +424,37 @@ fn transport(
     ctx: &XdpContext,
     protocol: u8,
     l4: usize,
-    source: Source,
+    packet: Packet,
     found: &mut Transport,
 ) -> Verdict {
+    let source = packet.source;
     if l4 > MAX_L4_OFFSET {
-        return source.malformed(ctx);
+        return source.unparseable(ctx);
     }
     match protocol {
         IPPROTO_TCP => {
             let Some(header) = window::<20>(ctx, l4) else {
-                return source.malformed(ctx);
+                return packet.truncated(ctx);
             };
             if header[12] >> 4 < 5 {
                 return source.malformed(ctx);
             }
             let flags = header[13];
             if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
-                // Established traffic, including replies to the node's own connections.
+                // Not a new connection. From the control plane, it must belong to one the
+                // node opened: an ACK that a listener would take could complete a
+                // SYN-cookie handshake the guard never saw the SYN of.
+                if flags & (TCP_SYN | TCP_RST) == 0
+                    && flags & TCP_ACK != 0
+                    && source.in_control_plane(ctx)
+                    && source.lands_on_listener(ctx, l4)
+                {
+                    *found = Transport {
+                        protocol,
+                        l4: l4 as u16,
+                    };
+                    return Verdict::new(Reason::ControlPlaneToListener, true);
+                }
                 return PASS;
             }
             if source.in_control_plane(ctx) {
@@ -316,39 +465,49 @@ fn transport(
                 return Verdict::new(Reason::ControlPlaneSyn, true);
             }
             let port = u16::from_be_bytes([header[2], header[3]]);
-            protected_port(ctx, port, source, protocol, l4, found)
+            // SAFETY: a hash-map lookup; the value is copied out.
+            let flags = unsafe { PORTS.get(&port) }.copied().unwrap_or(0);
+            if flags & PORT_PROTECTED != 0 && !source.allowed_on_protected_ports(ctx) {
+                *found = Transport {
+                    protocol,
+                    l4: l4 as u16,
+                };
+                return Verdict::new(Reason::ProtectedPort, true);
+            }
+            PASS
         }
         IPPROTO_UDP => {
             let Some(header) = window::<8>(ctx, l4) else {
-                return source.malformed(ctx);
+                return packet.truncated(ctx);
             };
             let port = u16::from_be_bytes([header[2], header[3]]);
-            protected_port(ctx, port, source, protocol, l4, found)
+            // SAFETY: a hash-map lookup; the value is copied out.
+            let flags = unsafe { PORTS.get(&port) }.copied().unwrap_or(0);
+            if flags == 0 {
+                return PASS;
+            }
+            let reason = if flags & PORT_PROTECTED != 0 && !source.allowed_on_protected_ports(ctx)
+            {
+                Reason::ProtectedPort
+            } else if flags & PORT_TUNNEL != 0 && source.in_control_plane(ctx) {
+                Reason::Encapsulated
+            } else {
+                return PASS;
+            };
+            *found = Transport {
+                protocol,
+                l4: l4 as u16,
+            };
+            Verdict::new(reason, true)
         }
-        // ICMP (path-MTU errors included) and everything else passes.
-        _ => PASS,
-    }
-}
-
-#[inline(always)]
-fn protected_port(
-    ctx: &XdpContext,
-    port: u16,
-    source: Source,
-    protocol: u8,
-    l4: usize,
-    found: &mut Transport,
-) -> Verdict {
-    // SAFETY: a hash-map lookup; the value is only tested for presence.
-    let protected = unsafe { PORTS.get(&port) }.is_some();
-    if protected && !source.allowed_on_protected_ports(ctx) {
-        *found = Transport {
-            protocol,
-            l4: l4 as u16,
-        };
-        Verdict::new(Reason::ProtectedPort, true)
-    } else {
-        PASS
+        _ => {
+            if tunnel_bit(protocol) & packet.tunnels != 0 && source.in_control_plane(ctx) {
+                *found = Transport { protocol, l4: 0 };
+                return Verdict::new(Reason::Encapsulated, true);
+            }
+            // ICMP (path-MTU errors included) and everything else passes.
+            PASS
+        }
     }
 }
 
@@ -359,14 +518,34 @@ fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
         // SAFETY: the pointer comes from a successful per-CPU map lookup, so it is valid for
         // this CPU's slot, and XDP programs do not migrate between CPUs while running.
         let counter = unsafe { &mut *slot };
-        if counter.packets == 0 {
+        // One line per CPU once traffic flows, to show the guard sees it. Drops have their
+        // own events; logging them here too would cost the verifier a log writer per verdict.
+        if counter.packets == 0 && reason as u32 == Reason::Pass as u32 {
             info!(
                 ctx,
-                "tether_guard: first {} packet on this CPU ({} bytes)",
-                reason.label(),
-                len
+                "tether_guard: first pass packet on this CPU ({} bytes)", len
             );
         }
+        counter.packets += 1;
+        counter.bytes += len;
+    }
+}
+
+/// Counts a drop (or would-drop) against the interface it arrived on, when the agent guards
+/// that interface.
+#[inline(always)]
+fn count_interface(ctx: &XdpContext, reason: Reason, dropped: bool) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let Some(counters) = IF_COUNTERS.get_ptr_mut(&ifindex) else {
+        return;
+    };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
+    let counters = unsafe { &mut *counters };
+    if let Some(counter) = counters
+        .slots
+        .get_mut(counter_slot(reason, dropped) as usize)
+    {
         counter.packets += 1;
         counter.bytes += len;
     }
@@ -421,7 +600,7 @@ fn report(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool
     budget.suppressed = 0;
     addresses(ctx, &mut event);
     let l4 = usize::from(transport.l4);
-    if transport.protocol != 0 && l4 <= MAX_L4_OFFSET {
+    if matches!(transport.protocol, IPPROTO_TCP | IPPROTO_UDP) && l4 <= MAX_L4_OFFSET {
         if let Some(port) = be16(ctx, l4) {
             event.source_port = port;
         }

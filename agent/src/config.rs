@@ -91,10 +91,49 @@ pub struct GuardArgs {
         value_delimiter = ','
     )]
     pub allowed: Vec<Cidr>,
+    /// UDP port that carries a tunnel (VXLAN, Geneve, WireGuard); from the control plane it is
+    /// dropped, since the packets inside would reach the node unguarded (repeatable).
+    #[arg(long = "guard-tunnel-port", env = "TETHER_GUARD_TUNNEL_PORT", value_delimiter = ',', default_values_t = [4789u16, 6081, 8472, 51820, 51871])]
+    pub tunnel_ports: Vec<u16>,
+    /// Tunnel the control plane may still send: ipip, ipv6 (IPv6 in IP), gre, esp, or
+    /// udp:PORT. Only for control-plane nodes that are members of the pod overlay: what
+    /// arrives inside it is not guarded (repeatable).
+    #[arg(
+        long = "guard-allow-tunnel",
+        env = "TETHER_GUARD_ALLOW_TUNNEL",
+        value_delimiter = ','
+    )]
+    pub allow_tunnels: Vec<AllowedTunnel>,
     /// Directory on a BPF filesystem for the guard's pins (mount the host's /sys/fs/bpf into
     /// the pod).
     #[arg(long, env = "TETHER_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
+}
+
+/// A tunnel named in `--guard-allow-tunnel`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllowedTunnel {
+    /// An IP protocol of `TUNNEL_PROTOCOLS`.
+    Protocol(u8),
+    Udp(u16),
+}
+
+impl std::str::FromStr for AllowedTunnel {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(port) = text.strip_prefix("udp:") {
+            return match port.parse::<u16>() {
+                Ok(port) if port != 0 => Ok(AllowedTunnel::Udp(port)),
+                _ => Err(format!("{port:?} is not a UDP port (1-65535)")),
+            };
+        }
+        tether_agent_common::TUNNEL_PROTOCOLS
+            .iter()
+            .find(|(_, name)| *name == text)
+            .map(|(protocol, _)| AllowedTunnel::Protocol(*protocol))
+            .ok_or_else(|| format!("{text:?} is not ipip, ipv6, gre, esp or udp:PORT"))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -452,13 +491,19 @@ impl Config {
                 return Err(invalid(flag, "0".into(), "must be greater than 0".into()));
             }
         }
-        if args.guard.protected_ports.contains(&0) {
-            return Err(invalid(
-                "protected-port",
-                "0".into(),
-                "must be a port number from 1 to 65535".into(),
-            ));
+        for (flag, ports) in [
+            ("protected-port", &args.guard.protected_ports),
+            ("guard-tunnel-port", &args.guard.tunnel_ports),
+        ] {
+            if ports.contains(&0) {
+                return Err(invalid(
+                    flag,
+                    "0".into(),
+                    "must be a port number from 1 to 65535".into(),
+                ));
+            }
         }
+        let allowed_tunnels = &args.guard.allow_tunnels;
         let agent_id = if args.agent_id.is_empty() {
             random_id()
         } else {
@@ -501,6 +546,18 @@ impl Config {
                 control_plane: args.guard.control_plane.clone(),
                 protected_ports: args.guard.protected_ports.clone(),
                 allowed: args.guard.allowed.clone(),
+                tunnel_protocols: tether_agent_common::TUNNEL_PROTOCOLS
+                    .iter()
+                    .map(|(protocol, _)| *protocol)
+                    .filter(|p| !allowed_tunnels.contains(&AllowedTunnel::Protocol(*p)))
+                    .collect(),
+                tunnel_ports: args
+                    .guard
+                    .tunnel_ports
+                    .iter()
+                    .copied()
+                    .filter(|p| !allowed_tunnels.contains(&AllowedTunnel::Udp(*p)))
+                    .collect(),
                 bpffs_root: args.guard.bpffs_root.clone(),
             },
         })

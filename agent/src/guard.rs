@@ -23,6 +23,10 @@ pub struct GuardSettings {
     pub control_plane: Vec<Cidr>,
     pub protected_ports: Vec<u16>,
     pub allowed: Vec<Cidr>,
+    /// IP protocols dropped from the control plane as tunnels.
+    pub tunnel_protocols: Vec<u8>,
+    /// UDP ports dropped from the control plane as tunnels.
+    pub tunnel_ports: Vec<u16>,
     pub bpffs_root: PathBuf,
 }
 
@@ -78,7 +82,7 @@ pub async fn start(
 ) -> Result<Option<Guard>, GuardError> {
     let pins = Pins::new(&settings.bpffs_root);
     if settings.mode == Mode::Off {
-        let Some(pinned) = PinnedGuard::find(pins) else {
+        let Some(pinned) = PinnedGuard::find(pins)? else {
             tracing::info!("guard off: nothing attached");
             return Ok(None);
         };
@@ -109,10 +113,12 @@ pub async fn start(
         control_plane,
         protected_ports: settings.protected_ports.clone(),
         allowed: settings.allowed.clone(),
+        tunnel_protocols: settings.tunnel_protocols.clone(),
+        tunnel_ports: settings.tunnel_ports.clone(),
     };
     let mode = refuse_enforce_on_control_plane(settings.mode, &policy.control_plane);
-    let adopting = pins.exist();
     let (mut dataplane, logs) = Dataplane::load(Some(pins))?;
+    let adopted = !dataplane.maps_are_new();
     // Policy before mode: a fresh program starts inert (mode 0 = off) and must never enforce
     // a half-written policy.
     dataplane.set_policy(&policy)?;
@@ -142,8 +148,15 @@ pub async fn start(
             "XDP guard detached: no longer a guarded interface"
         );
     }
-    if adopting {
+    dataplane.count_interfaces(&interfaces)?;
+    if adopted {
         tracing::info!(bpffs_root = %settings.bpffs_root.display(), "adopted the pinned guard: policy and counters carried over");
+    } else if let Some(replaced) = dataplane.commit_pins()? {
+        tracing::warn!(
+            bpffs_root = %settings.bpffs_root.display(),
+            found = replaced,
+            "replaced an incompatible pinned guard: the new program took over its links without a gap; counters start from zero"
+        );
     }
     let counters = dataplane.counters_handle()?;
     let events = dataplane.drop_events()?;

@@ -66,14 +66,13 @@ fn guard_command(command: GuardCommand) -> anyhow::Result<()> {
             print!("{}", status_text(&args.bpffs_root, &status));
         }
         GuardCommand::Detach(args) => {
-            let Some(pinned) = PinnedGuard::find(Pins::new(&args.bpffs_root)) else {
+            let Some(interfaces) = Pins::new(&args.bpffs_root).detach()? else {
                 println!(
                     "nothing pinned under {}: no guard to detach",
                     args.bpffs_root.display()
                 );
                 return Ok(());
             };
-            let interfaces = pinned.detach()?;
             println!(
                 "guard detached from {} and its pins under {} removed",
                 if interfaces.is_empty() {
@@ -123,6 +122,23 @@ fn status_text(root: &std::path::Path, status: &Status) -> String {
             list(strings(&status.policy.protected_ports)),
         ),
         ("allowed CIDRs", list(strings(&status.policy.allowed))),
+        (
+            "tunnels dropped",
+            list(
+                tether_agent_common::TUNNEL_PROTOCOLS
+                    .iter()
+                    .filter(|(p, _)| status.policy.tunnel_protocols.contains(p))
+                    .map(|(_, name)| (*name).to_owned())
+                    .chain(
+                        status
+                            .policy
+                            .tunnel_ports
+                            .iter()
+                            .map(|port| format!("udp:{port}")),
+                    )
+                    .collect(),
+            ),
+        ),
     ];
     let mut out = String::new();
     for (name, value) in fields {
@@ -152,6 +168,24 @@ fn status_text(root: &std::path::Path, status: &Status) -> String {
             count.dropped.packets.to_string(),
             count.dropped.bytes.to_string(),
         ]);
+    }
+    for interface in &status.per_interface {
+        row([
+            format!("on {}:", interface.interface),
+            "would drop".into(),
+            String::new(),
+            "dropped".into(),
+            String::new(),
+        ]);
+        for count in &interface.counts {
+            row([
+                format!("  {}", count.reason.label()),
+                count.passed.packets.to_string(),
+                count.passed.bytes.to_string(),
+                count.dropped.packets.to_string(),
+                count.dropped.bytes.to_string(),
+            ]);
+        }
     }
     out
 }

@@ -36,6 +36,13 @@ struct GuardLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceGuardLabels {
+    interface: String,
+    reason: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     segment: &'static str,
     packet_type: &'static str,
@@ -325,6 +332,31 @@ impl Collector for GuardCollector {
                         action,
                     };
                     ConstCounter::new(value(counter)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let interfaces = match self.counters.read_interfaces() {
+            Ok(interfaces) => interfaces,
+            Err(err) => {
+                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot read the guard's per-interface counters");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "tether_agent_guard_interface_packets",
+            "Packets the XDP guard dropped, or in monitor mode would drop (action pass), by interface and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for interface in &interfaces {
+            for count in &interface.counts {
+                for (action, counter) in [("pass", &count.passed), ("drop", &count.dropped)] {
+                    let labels = InterfaceGuardLabels {
+                        interface: interface.interface.clone(),
+                        reason: count.reason.label(),
+                        action,
+                    };
+                    ConstCounter::new(counter.packets).encode(family.encode_family(&labels)?)?;
                 }
             }
         }

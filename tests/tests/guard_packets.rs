@@ -29,6 +29,8 @@ fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
             control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             protected_ports: vec![10250, 10255],
             allowed: vec!["192.168.7.0/24".parse().unwrap()],
+            tunnel_protocols: vec![4, 41, 47, 50],
+            tunnel_ports: vec![4789, 6081, 8472],
         })
         .unwrap();
     dataplane.set_mode(mode).unwrap();
@@ -309,19 +311,245 @@ fn ipv6_verdicts_through_extension_chains() {
         Reason::Pass,
         false,
     );
-    let mut too_long = vec![ethernet(&[], ETH_IPV6), ipv6(CP6, NODE6, 60, 8 * 7 + 20)];
-    for _ in 0..7 {
-        too_long.push(ipv6_extension(60, 1));
+    let mut eight = vec![ethernet(&[], ETH_IPV6), ipv6(CP6, NODE6, 60, 8 * 8 + 20)];
+    for i in 0..8 {
+        eight.push(ipv6_extension(if i == 7 { TCP } else { 60 }, 1));
     }
-    too_long.push(tcp(443, SYN, 0));
-    let refs: Vec<&[u8]> = too_long.iter().map(Vec::as_slice).collect();
+    eight.push(tcp(443, SYN, 0));
+    let refs: Vec<&[u8]> = eight.iter().map(Vec::as_slice).collect();
     expect(
         &mut g,
-        "extension chain longer than followed",
+        "eight extension headers are followed",
         &frame(&refs),
         XDP_DROP,
-        Reason::Malformed,
+        Reason::ControlPlaneSyn,
         true,
+    );
+}
+
+/// The ways around the port check that fragments and long header chains used to open: each
+/// packet here passed before, from any source outside the control plane.
+#[test]
+fn fragments_and_long_chains_do_not_skip_the_port_check() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let drop = |g: &mut Dataplane, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
+    let first4 = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(OTHER4, NODE4, TCP, 20, 0, 0x2000),
+        &tcp(10250, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv4 first fragment: SYN to the kubelet",
+        &first4,
+        Reason::ProtectedPort,
+    );
+    let first4_udp = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(OTHER4, NODE4, UDP, 16, 0, 0x2000),
+        &udp(10255, 8),
+    ]);
+    drop(
+        &mut g,
+        "IPv4 first fragment: UDP to a protected port",
+        &first4_udp,
+        Reason::ProtectedPort,
+    );
+    // RFC 1858's tiny fragment: the ports fit, the flags are in the next piece.
+    let tiny = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(OTHER4, NODE4, TCP, 8, 0, 0x2000),
+        &tcp(10250, SYN, 0)[..8],
+    ]);
+    drop(
+        &mut g,
+        "IPv4 first fragment cut inside TCP",
+        &tiny,
+        Reason::Unparseable,
+    );
+    let tiny_allowed = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(ALLOWED4, NODE4, TCP, 8, 0, 0x2000),
+        &tcp(10250, SYN, 0)[..8],
+    ]);
+    expect(
+        &mut g,
+        "the same from an allowed source",
+        &tiny_allowed,
+        XDP_PASS,
+        Reason::Unparseable,
+        false,
+    );
+    let atomic = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 44, 28),
+        &ipv6_fragment(TCP, 0, false),
+        &tcp(10250, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv6 atomic fragment: SYN to the kubelet",
+        &atomic,
+        Reason::ProtectedPort,
+    );
+    let atomic_cp = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, 44, 28),
+        &ipv6_fragment(TCP, 0, false),
+        &tcp(443, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv6 atomic fragment from the control plane is a plain SYN",
+        &atomic_cp,
+        Reason::ControlPlaneSyn,
+    );
+    let first6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 44, 28),
+        &ipv6_fragment(TCP, 0, true),
+        &tcp(10250, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv6 first fragment: SYN to the kubelet",
+        &first6,
+        Reason::ProtectedPort,
+    );
+    let later6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 44, 16),
+        &ipv6_fragment(TCP, 1, false),
+        &[0u8; 8],
+    ]);
+    expect(
+        &mut g,
+        "IPv6 later fragment from elsewhere (its first piece decides)",
+        &later6,
+        XDP_PASS,
+        Reason::Pass,
+        false,
+    );
+    let mut nine = vec![ethernet(&[], ETH_IPV6), ipv6(OTHER6, NODE6, 60, 8 * 9 + 20)];
+    for i in 0..9 {
+        nine.push(ipv6_extension(if i == 8 { TCP } else { 60 }, 1));
+    }
+    nine.push(tcp(10250, SYN, 0));
+    let refs: Vec<&[u8]> = nine.iter().map(Vec::as_slice).collect();
+    drop(
+        &mut g,
+        "IPv6 chain longer than followed",
+        &frame(&refs),
+        Reason::Unparseable,
+    );
+    let long_options = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 60, 70 * 8 + 20),
+        &ipv6_extension(TCP, 70),
+        &tcp(10250, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv6 destination options longer than read",
+        &long_options,
+        Reason::Unparseable,
+    );
+    let mut ah = vec![TCP, 1];
+    ah.resize(12, 0);
+    let with_ah = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(OTHER6, NODE6, 51, 12 + 20),
+        &ah,
+        &tcp(10250, SYN, 0),
+    ]);
+    drop(
+        &mut g,
+        "IPv6 authentication header before TCP",
+        &with_ah,
+        Reason::ProtectedPort,
+    );
+}
+
+/// Tunnels from the control plane: the packet inside would be decapsulated on a device the
+/// guard is not on. Dropped unless the operator allows that tunnel.
+#[test]
+fn tunnels_from_the_control_plane_are_dropped_unless_allowed() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let inner = frame(&[&ipv4(CP4, NODE4, TCP, 20, 0, 0), &tcp(10250, SYN, 0)]);
+    for (name, protocol) in [("IPIP", 4), ("IPv6 in IPv4", 41), ("GRE", 47), ("ESP", 50)] {
+        let outer = frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(CP4, NODE4, protocol, inner.len(), 0, 0),
+            &inner,
+        ]);
+        expect(&mut g, name, &outer, XDP_DROP, Reason::Encapsulated, true);
+        let elsewhere = frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(OTHER4, NODE4, protocol, inner.len(), 0, 0),
+            &inner,
+        ]);
+        expect(
+            &mut g,
+            "the same from elsewhere",
+            &elsewhere,
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        );
+    }
+    let in6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, 4, inner.len()),
+        &inner,
+    ]);
+    expect(
+        &mut g,
+        "IPv4 in IPv6",
+        &in6,
+        XDP_DROP,
+        Reason::Encapsulated,
+        true,
+    );
+    for port in [4789, 8472, 6081] {
+        let vxlan = frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(CP4, NODE4, UDP, 8 + 8 + 14 + inner.len(), 0, 0),
+            &udp(port, 8 + 14 + inner.len()),
+        ]);
+        expect(
+            &mut g,
+            "UDP tunnel",
+            &vxlan,
+            XDP_DROP,
+            Reason::Encapsulated,
+            true,
+        );
+    }
+    g.set_policy(&Policy {
+        control_plane: vec!["10.0.0.0/8".parse().unwrap()],
+        tunnel_protocols: vec![4, 41, 50],
+        tunnel_ports: vec![4789, 6081],
+        ..Policy::default()
+    })
+    .unwrap();
+    let gre = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, 47, inner.len(), 0, 0),
+        &inner,
+    ]);
+    expect(&mut g, "allowed GRE", &gre, XDP_PASS, Reason::Pass, false);
+    let flannel = frame(&[
+        &ethernet(&[], ETH_IP),
+        &ipv4(CP4, NODE4, UDP, 8 + 64, 0, 0),
+        &udp(8472, 64),
+    ]);
+    expect(
+        &mut g,
+        "allowed UDP port",
+        &flannel,
+        XDP_PASS,
+        Reason::Pass,
+        false,
     );
 }
 
@@ -469,7 +697,7 @@ fn ipv4_mapped_prefixes_guard_ipv4_sources() {
     g.set_policy(&Policy {
         control_plane: vec!["::ffff:172.16.0.0/108".parse().unwrap()],
         protected_ports: vec![10250],
-        allowed: vec![],
+        ..Policy::default()
     })
     .unwrap();
     expect(
@@ -496,7 +724,7 @@ fn policy_changes_apply_at_runtime() {
     g.set_policy(&Policy {
         control_plane: vec!["172.16.0.0/12".parse().unwrap()],
         protected_ports: vec![8080],
-        allowed: vec![],
+        ..Policy::default()
     })
     .unwrap();
     expect(
@@ -596,4 +824,97 @@ fn drops_are_reported_as_sampled_events() {
     let next = events.drain();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].suppressed, FLOOD - EVENTS_PER_SECOND);
+}
+
+/// A segment from the control plane that is not a SYN is looked up among the node's sockets:
+/// the return traffic of a connection the node opened passes, one that a listener would take
+/// (a SYN-cookie ACK, a probe) is dropped. Sockets are real, in a namespace of this test's.
+#[test]
+fn control_plane_segments_reach_connections_not_listeners() {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use tether_tests::netns::Netns;
+
+    require_root();
+    let ns = Netns::new("skc").unwrap();
+    for address in ["10.1.2.3/32", "10.200.0.2/32", "fd00::1/128", "fe80::2/128"] {
+        ns.ip(&["addr", "add", address, "dev", "lo"]).unwrap();
+    }
+    ns.run(|| {
+        let (mut g, _logs) = guard(Mode::Enforce);
+        // The node's own connection to the control plane, from its port `local` to CP:40000
+        // (the source port every built segment carries).
+        let service = TcpListener::bind((std::net::Ipv4Addr::from(CP4), 40000)).unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from((NODE4, 0)).into()).unwrap();
+        socket
+            .connect(&SocketAddr::from((CP4, 40000)).into())
+            .unwrap();
+        let own = TcpStream::from(socket);
+        let local = own.local_addr().unwrap().port();
+        let _accepted = service.accept().unwrap();
+        let kubelet = TcpListener::bind("0.0.0.0:10250").unwrap();
+        let kubelet6 = TcpListener::bind("[::]:10251").unwrap();
+
+        let segment = |src: [u8; 4], port: u16, flags: u8| {
+            frame(&[
+                &ethernet(&[], ETH_IP),
+                &ipv4(src, NODE4, TCP, 20, 0, 0),
+                &tcp(port, flags, 0),
+            ])
+        };
+        let pass =
+            |g: &mut Dataplane, name, p: &[u8]| expect(g, name, p, XDP_PASS, Reason::Pass, false);
+        pass(
+            &mut g,
+            "ACK on the node's own connection",
+            &segment(CP4, local, ACK),
+        );
+        expect(
+            &mut g,
+            "ACK from the control plane to a listener",
+            &segment(CP4, 10250, ACK),
+            XDP_DROP,
+            Reason::ControlPlaneToListener,
+            true,
+        );
+        expect(
+            &mut g,
+            "ACK with data (PSH) to a listener",
+            &segment(CP4, 10250, ACK | 0x08),
+            XDP_DROP,
+            Reason::ControlPlaneToListener,
+            true,
+        );
+        pass(
+            &mut g,
+            "RST to a listener (the kernel drops it anyway)",
+            &segment(CP4, 10250, 0x04 | ACK),
+        );
+        pass(
+            &mut g,
+            "ACK to a port nothing listens on (the kernel answers RST)",
+            &segment(CP4, 10999, ACK),
+        );
+        pass(
+            &mut g,
+            "ACK to a listener from outside the control plane",
+            &segment(OTHER4, 10250, ACK),
+        );
+        let ack6 = frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(CP6, NODE6, TCP, 20),
+            &tcp(10251, ACK, 0),
+        ]);
+        expect(
+            &mut g,
+            "IPv6 ACK from the control plane to a listener",
+            &ack6,
+            XDP_DROP,
+            Reason::ControlPlaneToListener,
+            true,
+        );
+        drop((own, kubelet, kubelet6));
+    })
+    .unwrap();
 }

@@ -14,21 +14,26 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tether_agent_common::{
-    ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, Counter, EVENTS_MAP, GUARD_PROGRAM, GuardConfig, MAX_PORTS, MAX_PREFIXES, Mode,
-    PINNED_MAPS, PORTS_MAP, Reason, counter_slot,
+    ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_HINT_MAP, CONTROL_PLANE_V4_MAP,
+    CONTROL_PLANE_V6_MAP, COUNTERS_MAP, ControlPlaneHint, Counter, EVENTS_MAP, GUARD_PROGRAM,
+    GuardConfig, INTERFACE_COUNTERS_MAP, InterfaceCounters, MAX_INTERFACES, MAX_PORTS,
+    MAX_PREFIXES, Mode, PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP, Reason, counter_slot,
+    tunnel_bit,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 pub use events::{DropEvents, GuardEvent};
+use pins::{Found, MapShape};
 pub use pins::{PinnedGuard, Pins, Status};
 pub use tether_proto::cidr::{BadCidr, Cidr};
 
@@ -99,6 +104,15 @@ pub enum DataplaneError {
     },
     #[error("nothing is pinned under {0}: no guard to inspect")]
     NothingPinned(PathBuf),
+    #[error(
+        "the guard pinned under {root} is {found}, which this tether-agent cannot read; starting \
+         this agent replaces it without a gap, `tether-agent guard detach` removes it"
+    )]
+    IncompatiblePins { root: PathBuf, found: String },
+    #[error("the embedded eBPF object cannot be parsed")]
+    Object(#[source] aya_obj::ParseError),
+    #[error("the guard can count at most {max} interfaces separately")]
+    TooManyInterfaces { max: u32 },
     #[error("cannot duplicate the descriptor of eBPF map {name}")]
     Duplicate {
         name: &'static str,
@@ -110,11 +124,15 @@ pub enum DataplaneError {
 /// What the guard drops (see `agent-common`'s `Reason` for the verdicts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// Sources whose new connections, fragments and malformed packets are dropped.
+    /// Sources whose new connections, fragments, tunnels and malformed packets are dropped.
     pub control_plane: Vec<Cidr>,
     /// Ports a TCP SYN or UDP datagram may reach only from `allowed`.
     pub protected_ports: Vec<u16>,
     pub allowed: Vec<Cidr>,
+    /// IP protocols (of `TUNNEL_PROTOCOLS`) dropped from the control plane as tunnels.
+    pub tunnel_protocols: Vec<u8>,
+    /// UDP ports dropped from the control plane as tunnels.
+    pub tunnel_ports: Vec<u16>,
 }
 
 /// Counts for one reason, summed over CPUs.
@@ -124,6 +142,14 @@ pub struct ReasonCounts {
     /// Passed, including what monitor mode would have dropped.
     pub passed: Counter,
     pub dropped: Counter,
+}
+
+/// Counts of what the guard dropped (or would drop) on one interface.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InterfaceCounts {
+    /// The interface's name now, or `#<ifindex>` when it is gone.
+    pub interface: String,
+    pub counts: Vec<ReasonCounts>,
 }
 
 /// How the guard ended up on an interface.
@@ -152,6 +178,9 @@ impl Attached {
 pub struct Dataplane {
     ebpf: Ebpf,
     pins: Option<Pins>,
+    /// With pins: whether the maps are new and still to be pinned by [`Dataplane::commit_pins`]
+    /// (with a description of the incompatible guard they replace, if any).
+    unpinned: Option<Option<String>>,
 }
 
 /// Log records written by the kernel programs with aya-log, forwarded to `tracing`.
@@ -165,24 +194,30 @@ pub struct KernelLogs {
 /// The guard's per-CPU counters, readable while the guard runs (by `/metrics`, for one).
 pub struct Counters {
     array: PerCpuArray<MapData, Counter>,
+    interfaces: PerCpuHashMap<MapData, u32, InterfaceCounters>,
 }
 
 impl Dataplane {
     /// Loads the embedded object and the guard program into the kernel (not yet attached).
     ///
-    /// With `pins`, the policy, mode and counter maps are the ones pinned there by an earlier
-    /// agent (created and pinned when there are none), and the program is pinned too.
+    /// With `pins`, the policy, mode and counter maps are the ones an earlier agent pinned
+    /// there when they are of this agent's layout, and the program is pinned too. Otherwise
+    /// the maps are new, and [`Dataplane::commit_pins`] pins them once the program runs on the
+    /// links: whatever was pinned before keeps guarding until then.
     pub fn load(pins: Option<Pins>) -> Result<(Self, KernelLogs), DataplaneError> {
         let mut loader = EbpfLoader::new();
-        let map_paths: Vec<(&str, PathBuf)> = match &pins {
-            Some(pins) => {
-                pins.prepare()?;
-                PINNED_MAPS.iter().map(|m| (*m, pins.map(m))).collect()
+        let mut unpinned = None;
+        if let Some(pins) = &pins {
+            pins.prepare()?;
+            match pins.inspect(&expected_shapes()?) {
+                Found::Compatible => {
+                    for map in PINNED_MAPS {
+                        loader.map_pin_path(map, pins.map(map));
+                    }
+                }
+                Found::Nothing => unpinned = Some(None),
+                Found::Incompatible(found) => unpinned = Some(Some(found)),
             }
-            None => Vec::new(),
-        };
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|err| {
             if is_permission_error(&err) {
@@ -196,7 +231,11 @@ impl Dataplane {
             kind: "map",
             name: "AYA_LOGS",
         })?;
-        let mut dataplane = Dataplane { ebpf, pins };
+        let mut dataplane = Dataplane {
+            ebpf,
+            pins,
+            unpinned,
+        };
         let program = dataplane.guard_program()?;
         program
             .load()
@@ -204,17 +243,46 @@ impl Dataplane {
                 name: GUARD_PROGRAM,
                 source,
             })?;
-        if let Some(pins) = &dataplane.pins {
-            let path = pins.program();
-            // The pin names the program now running; the old one lives on only through links
-            // that are about to be switched over.
-            pins::remove_if_present(&path)?;
-            dataplane
-                .guard_program()?
-                .pin(&path)
-                .map_err(|err| pins::pin_error("cannot pin the guard program at", &path, err))?;
+        if dataplane.unpinned.is_none() {
+            dataplane.pin_program()?;
         }
         Ok((dataplane, KernelLogs { logger }))
+    }
+
+    /// Whether the maps were created by this load rather than adopted from pins.
+    pub fn maps_are_new(&self) -> bool {
+        self.pins.is_none() || self.unpinned.is_some()
+    }
+
+    fn pin_program(&mut self) -> Result<(), DataplaneError> {
+        let Some(path) = self.pins.as_ref().map(Pins::program) else {
+            return Ok(());
+        };
+        // The pin names the program now running; the old one lives on only through links
+        // that are about to be switched over.
+        pins::remove_if_present(&path)?;
+        self.guard_program()?
+            .pin(&path)
+            .map_err(|err| pins::pin_error("cannot pin the guard program at", &path, err))
+    }
+
+    /// Pins new maps and the program once every guarded link runs this program, replacing
+    /// whatever an earlier agent pinned (links aside). Returns what was replaced, when it was
+    /// an incompatible guard. Does nothing when the maps were adopted or nothing is pinned.
+    pub fn commit_pins(&mut self) -> Result<Option<String>, DataplaneError> {
+        let (Some(pins), Some(replaced)) = (self.pins.clone(), self.unpinned.take()) else {
+            return Ok(None);
+        };
+        pins.remove_layouts()?;
+        pins.prepare()?;
+        for name in PINNED_MAPS {
+            let path = pins.map(name);
+            self.map_mut(name)?
+                .pin(&path)
+                .map_err(|err| pins::pin_error("cannot pin eBPF map at", &path, err))?;
+        }
+        self.pin_program()?;
+        Ok(replaced)
     }
 
     /// Puts the guard on `interface` in the calling thread's network namespace.
@@ -306,6 +374,43 @@ impl Dataplane {
         Ok(released)
     }
 
+    /// Counts drops per interface for exactly these interfaces (by ifindex) from now on.
+    pub fn count_interfaces(&mut self, interfaces: &[String]) -> Result<(), DataplaneError> {
+        let wanted: Vec<u32> = interfaces
+            .iter()
+            .map(|name| interface_index(name))
+            .collect::<Result<_, _>>()?;
+        if wanted.len() > MAX_INTERFACES as usize {
+            return Err(DataplaneError::TooManyInterfaces {
+                max: MAX_INTERFACES,
+            });
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Map {
+            name: INTERFACE_COUNTERS_MAP,
+            source: MapError::IoError(source),
+        })?;
+        let mut map = PerCpuHashMap::<_, u32, InterfaceCounters>::try_from(
+            self.map_mut(INTERFACE_COUNTERS_MAP)?,
+        )
+        .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        let present: Vec<u32> = map.keys().filter_map(Result::ok).collect();
+        for stale in present.iter().filter(|i| !wanted.contains(i)) {
+            map.remove(stale)
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        }
+        for index in wanted.iter().filter(|i| !present.contains(i)) {
+            let zero = PerCpuValues::try_from(vec![InterfaceCounters::default(); cpus]).map_err(
+                |source| DataplaneError::Map {
+                    name: INTERFACE_COUNTERS_MAP,
+                    source: MapError::IoError(source),
+                },
+            )?;
+            map.insert(index, zero, 0)
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        }
+        Ok(())
+    }
+
     /// The guard's counters, summed over CPUs, one entry per reason.
     pub fn counters(&self) -> Result<Vec<ReasonCounts>, DataplaneError> {
         let map = self.ebpf.map(COUNTERS_MAP).ok_or(DataplaneError::Missing {
@@ -318,28 +423,30 @@ impl Dataplane {
 
     /// A handle on the counters that outlives borrows of the dataplane.
     pub fn counters_handle(&self) -> Result<Counters, DataplaneError> {
-        let map = self.ebpf.map(COUNTERS_MAP).ok_or(DataplaneError::Missing {
-            kind: "map",
-            name: COUNTERS_MAP,
-        })?;
-        // A second descriptor for the same map. Looking the map up by ID instead
+        // Second descriptors for the same maps. Looking a map up by ID instead
         // (bpf_map_get_fd_by_id) needs CAP_SYS_ADMIN, which the agent does not have.
-        let fd = match map {
-            Map::PerCpuArray(data) => data.fd().as_fd().try_clone_to_owned().map_err(|source| {
-                DataplaneError::Duplicate {
-                    name: COUNTERS_MAP,
-                    source,
+        let duplicate = |name: &'static str| -> Result<MapData, DataplaneError> {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(DataplaneError::Missing { kind: "map", name })?;
+            let data = match map {
+                Map::PerCpuArray(data) | Map::PerCpuHashMap(data) => data,
+                _ => {
+                    return Err(DataplaneError::Missing {
+                        kind: "per-CPU map",
+                        name,
+                    });
                 }
-            })?,
-            _ => {
-                return Err(DataplaneError::Missing {
-                    kind: "per-CPU array",
-                    name: COUNTERS_MAP,
-                });
-            }
+            };
+            let fd = data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| DataplaneError::Duplicate { name, source })?;
+            MapData::from_fd(fd).map_err(map_error(name))
         };
-        let data = MapData::from_fd(fd).map_err(map_error(COUNTERS_MAP))?;
-        Counters::from_map(data)
+        Counters::from_maps(duplicate(COUNTERS_MAP)?, duplicate(INTERFACE_COUNTERS_MAP)?)
     }
 
     /// Takes the drop-event ring buffer; call once.
@@ -362,9 +469,44 @@ impl Dataplane {
         write_mode(&mut config, mode)
     }
 
+    fn set_tunnel_protocols(&mut self, protocols: &[u8]) -> Result<(), DataplaneError> {
+        let map = self.map_mut(CONFIG_MAP)?;
+        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
+        let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
+        value.tunnels = protocols.iter().fold(0, |bits, p| bits | tunnel_bit(*p));
+        config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
+    }
+
+    fn set_hint(&mut self, prefixes: &[&[Cidr]]) -> Result<(), DataplaneError> {
+        let mut hint = ControlPlaneHint::default();
+        for cidr in prefixes.iter().flat_map(|p| p.iter()) {
+            if let IpAddr::V4(address) = cidr.addr {
+                hint.cover(address.octets(), cidr.len);
+            }
+        }
+        let map = self.map_mut(CONTROL_PLANE_V4_HINT_MAP)?;
+        let mut array = Array::<_, ControlPlaneHint>::try_from(map)
+            .map_err(map_error(CONTROL_PLANE_V4_HINT_MAP))?;
+        array
+            .set(0, hint, 0)
+            .map_err(map_error(CONTROL_PLANE_V4_HINT_MAP))
+    }
+
     /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
     /// are removed after the new ones are in place).
     pub fn set_policy(&mut self, policy: &Policy) -> Result<(), DataplaneError> {
+        let mut ports: Vec<(u16, u8)> = Vec::new();
+        for (list, flag) in [
+            (&policy.protected_ports, PORT_PROTECTED),
+            (&policy.tunnel_ports, PORT_TUNNEL),
+        ] {
+            for port in list {
+                match ports.iter_mut().find(|(p, _)| p == port) {
+                    Some((_, flags)) => *flags |= flag,
+                    None => ports.push((*port, flag)),
+                }
+            }
+        }
         for (what, count, max) in [
             (
                 "control-plane prefixes",
@@ -372,32 +514,51 @@ impl Dataplane {
                 MAX_PREFIXES,
             ),
             ("allowed prefixes", policy.allowed.len(), MAX_PREFIXES),
-            ("protected ports", policy.protected_ports.len(), MAX_PORTS),
+            ("protected and tunnel ports", ports.len(), MAX_PORTS),
         ] {
             if count > usize::try_from(max).unwrap_or(usize::MAX) {
                 return Err(DataplaneError::PolicyTooLarge { what, count, max });
             }
         }
+        // The hint may only ever claim too much: it covers old and new prefixes while the
+        // trie changes, and only the new ones after.
+        let old = self.control_plane_prefixes()?;
+        self.set_hint(&[&old, &policy.control_plane])?;
         self.replace_prefixes(
             CONTROL_PLANE_V4_MAP,
             CONTROL_PLANE_V6_MAP,
             &policy.control_plane,
         )?;
+        self.set_hint(&[&policy.control_plane])?;
         self.replace_prefixes(ALLOW_V4_MAP, ALLOW_V6_MAP, &policy.allowed)?;
         let map = self.map_mut(PORTS_MAP)?;
-        let mut ports = HashMap::<_, u16, u8>::try_from(map).map_err(map_error(PORTS_MAP))?;
-        for port in &policy.protected_ports {
-            ports.insert(port, 1, 0).map_err(map_error(PORTS_MAP))?;
+        let mut map = HashMap::<_, u16, u8>::try_from(map).map_err(map_error(PORTS_MAP))?;
+        for (port, flags) in &ports {
+            map.insert(port, flags, 0).map_err(map_error(PORTS_MAP))?;
         }
-        let stale: Vec<u16> = ports
+        let stale: Vec<u16> = map
             .keys()
             .filter_map(Result::ok)
-            .filter(|p| !policy.protected_ports.contains(p))
+            .filter(|p| !ports.iter().any(|(q, _)| q == p))
             .collect();
         for port in stale {
-            ports.remove(&port).map_err(map_error(PORTS_MAP))?;
+            map.remove(&port).map_err(map_error(PORTS_MAP))?;
         }
-        Ok(())
+        self.set_tunnel_protocols(&policy.tunnel_protocols)
+    }
+
+    /// The IPv4 control-plane prefixes the trie holds now.
+    fn control_plane_prefixes(&mut self) -> Result<Vec<Cidr>, DataplaneError> {
+        let trie = LpmTrie::<_, [u8; 4], u8>::try_from(self.map_mut(CONTROL_PLANE_V4_MAP)?)
+            .map_err(map_error(CONTROL_PLANE_V4_MAP))?;
+        Ok(trie
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| Cidr {
+                addr: IpAddr::from(k.data()),
+                len: u8::try_from(k.prefix_len()).unwrap_or(32),
+            })
+            .collect())
     }
 
     fn replace_prefixes(
@@ -480,15 +641,49 @@ impl Dataplane {
 }
 
 impl Counters {
-    fn from_map(data: MapData) -> Result<Self, DataplaneError> {
+    fn from_maps(array: MapData, interfaces: MapData) -> Result<Self, DataplaneError> {
         let array =
-            PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_error(COUNTERS_MAP))?;
-        Ok(Counters { array })
+            PerCpuArray::try_from(Map::PerCpuArray(array)).map_err(map_error(COUNTERS_MAP))?;
+        let interfaces = PerCpuHashMap::try_from(Map::PerCpuHashMap(interfaces))
+            .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        Ok(Counters { array, interfaces })
     }
 
     /// Counts per reason, summed over CPUs.
     pub fn read(&self) -> Result<Vec<ReasonCounts>, DataplaneError> {
         read_counters(&self.array)
+    }
+
+    /// What each guarded interface dropped (or would drop), per reason, summed over CPUs;
+    /// sorted by interface.
+    pub fn read_interfaces(&self) -> Result<Vec<InterfaceCounts>, DataplaneError> {
+        let mut out = Vec::new();
+        for entry in self.interfaces.iter() {
+            let (index, per_cpu) = entry.map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+            let sum = |slot: u32| {
+                per_cpu.iter().fold(Counter::default(), |acc, c| {
+                    let c = c.slots[slot as usize];
+                    Counter {
+                        packets: acc.packets + c.packets,
+                        bytes: acc.bytes + c.bytes,
+                    }
+                })
+            };
+            out.push(InterfaceCounts {
+                interface: interface_name(index).unwrap_or_else(|| format!("#{index}")),
+                counts: Reason::ALL
+                    .into_iter()
+                    .filter(|r| *r != Reason::Pass)
+                    .map(|reason| ReasonCounts {
+                        reason,
+                        passed: sum(counter_slot(reason, false)),
+                        dropped: sum(counter_slot(reason, true)),
+                    })
+                    .collect(),
+            });
+        }
+        out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        Ok(out)
     }
 }
 
@@ -544,16 +739,45 @@ fn write_mode<T: std::borrow::BorrowMut<MapData>>(
     config: &mut Array<T, GuardConfig>,
     mode: Mode,
 ) -> Result<(), DataplaneError> {
-    config
-        .set(
-            0,
-            GuardConfig {
-                mode: mode as u32,
-                _pad: 0,
-            },
-            0,
-        )
-        .map_err(map_error(CONFIG_MAP))
+    let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
+    value.mode = mode as u32;
+    config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
+}
+
+/// The pinned maps as the embedded program defines them.
+fn expected_shapes() -> Result<Vec<(&'static str, MapShape)>, DataplaneError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT).map_err(DataplaneError::Object)?;
+    PINNED_MAPS
+        .iter()
+        .map(|name| {
+            let map = object
+                .maps
+                .get(*name)
+                .ok_or(DataplaneError::Missing { kind: "map", name })?;
+            Ok((
+                *name,
+                MapShape {
+                    kind: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: map.max_entries(),
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
+}
+
+fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {

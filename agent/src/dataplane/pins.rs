@@ -1,23 +1,30 @@
 //! The guard's pins on a BPF filesystem: where they live, and reading or removing them without
 //! a running agent (`tether-agent guard status|detach`).
 //!
-//! Layout under the root: `maps/<MAP>` for every map in `PINNED_MAPS`, `links/<interface>` for
-//! each interface's XDP link, and `program` for the program the links run.
+//! Layout under the root: `v<PIN_LAYOUT>/maps/<MAP>` for every map in `PINNED_MAPS`,
+//! `v<PIN_LAYOUT>/program` for the program the links run, and `links/<interface>` for each
+//! interface's XDP link. Links hold no layout, so they outlive a layout change: the new
+//! program takes them over. The first release pinned its maps and program straight under the
+//! root; that is layout 1.
 
 use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use aya::maps::MapInfo;
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, PinnedLink};
 use tether_agent_common::{
     ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, GuardConfig, Mode, PINNED_MAPS, PORTS_MAP,
+    COUNTERS_MAP, GuardConfig, Mode, PIN_LAYOUT, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP,
+    TUNNEL_PROTOCOLS, tunnel_bit,
 };
 
-use super::{Cidr, Counters, DataplaneError, Policy, ReasonCounts, map_error, write_mode};
+use super::{
+    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, map_error, write_mode,
+};
 
 /// `statfs` magic of a BPF filesystem (linux/magic.h).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -36,8 +43,12 @@ impl Pins {
         &self.root
     }
 
+    fn layout(&self) -> PathBuf {
+        self.root.join(format!("v{PIN_LAYOUT}"))
+    }
+
     pub(super) fn map(&self, name: &str) -> PathBuf {
-        self.root.join("maps").join(name)
+        self.layout().join("maps").join(name)
     }
 
     pub(super) fn link(&self, interface: &str) -> PathBuf {
@@ -45,12 +56,100 @@ impl Pins {
     }
 
     pub(super) fn program(&self) -> PathBuf {
-        self.root.join("program")
+        self.layout().join("program")
     }
 
-    /// Whether an earlier agent left a guard here.
+    /// Whether an earlier agent left a guard here, of any layout.
     pub fn exist(&self) -> bool {
-        self.map(CONFIG_MAP).exists()
+        self.map(CONFIG_MAP).exists() || !self.other_layouts().is_empty()
+    }
+
+    /// Pins of layouts other than this agent's: (path, layout number). Layout 1 is the maps
+    /// directory and program straight under the root.
+    fn other_layouts(&self) -> Vec<(PathBuf, u32)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(PathBuf, u32)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let layout = match name.as_str() {
+                    "maps" | "program" => 1,
+                    _ => name.strip_prefix('v')?.parse().ok()?,
+                };
+                (layout != PIN_LAYOUT).then(|| (entry.path(), layout))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    /// What is pinned here, judged against the maps this agent's program defines.
+    pub(super) fn inspect(&self, expected: &[(&'static str, MapShape)]) -> Found {
+        if let Some((_, layout)) = self.other_layouts().first() {
+            return Found::Incompatible(format!(
+                "pin layout v{layout} (this agent uses v{PIN_LAYOUT})"
+            ));
+        }
+        let present: Vec<bool> = expected
+            .iter()
+            .map(|(name, _)| self.map(name).exists())
+            .collect();
+        if present.iter().all(|p| !p) {
+            return Found::Nothing;
+        }
+        for (name, want) in expected {
+            let path = self.map(name);
+            let shape = MapInfo::from_pin(&path).ok().and_then(|info| {
+                Some(MapShape {
+                    kind: info.map_type().ok()? as u32,
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                    max_entries: info.max_entries(),
+                    flags: info.map_flags(),
+                })
+            });
+            match shape {
+                None => {
+                    return Found::Incompatible(format!(
+                        "pin layout v{PIN_LAYOUT} without a readable map {name}"
+                    ));
+                }
+                Some(found) if found != *want => {
+                    return Found::Incompatible(format!(
+                        "pin layout v{PIN_LAYOUT} whose map {name} differs ({found}; this agent's: {want})"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Found::Compatible
+    }
+
+    /// Removes every pin of every layout except the links.
+    pub(super) fn remove_layouts(&self) -> Result<(), DataplaneError> {
+        let mut paths: Vec<PathBuf> = self.other_layouts().into_iter().map(|(p, _)| p).collect();
+        paths.push(self.layout());
+        for path in paths {
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(DataplaneError::Pin {
+                        action: "cannot remove",
+                        path,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the root is on a BPF filesystem and creates its directories.
@@ -65,7 +164,7 @@ impl Pins {
                 root: self.root.clone(),
             });
         }
-        for dir in [self.root.join("maps"), self.root.join("links")] {
+        for dir in [self.layout().join("maps"), self.root.join("links")] {
             std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
                 action: "cannot create",
                 path: dir.clone(),
@@ -98,6 +197,36 @@ impl Pins {
     }
 }
 
+/// What an agent finds under its bpffs root before loading.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Found {
+    Nothing,
+    /// This agent's layout, every map as its program defines it: adopted as is.
+    Compatible,
+    /// Something this agent cannot adopt, described: replaced.
+    Incompatible(String),
+}
+
+/// What the kernel fixes about a map when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct MapShape {
+    pub kind: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    pub flags: u32,
+}
+
+impl std::fmt::Display for MapShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.kind, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
 /// A guard found pinned under a root, opened without loading anything.
 pub struct PinnedGuard {
     pins: Pins,
@@ -111,18 +240,27 @@ pub struct Status {
     pub interfaces: Vec<(String, Option<u32>)>,
     pub policy: Policy,
     pub counters: Vec<ReasonCounts>,
+    pub per_interface: Vec<InterfaceCounts>,
 }
 
 impl PinnedGuard {
-    /// The guard pinned under `pins`, if an agent left one there.
-    pub fn find(pins: Pins) -> Option<Self> {
-        pins.exist().then_some(PinnedGuard { pins })
+    /// The guard pinned under `pins`, if an agent left one there; an error when it is one this
+    /// agent cannot read (another release's layout).
+    pub fn find(pins: Pins) -> Result<Option<Self>, DataplaneError> {
+        match pins.inspect(&super::expected_shapes()?) {
+            Found::Nothing => Ok(None),
+            Found::Compatible => Ok(Some(PinnedGuard { pins })),
+            Found::Incompatible(found) => Err(DataplaneError::IncompatiblePins {
+                root: pins.root,
+                found,
+            }),
+        }
     }
 
     /// As [`PinnedGuard::find`], with nothing pinned an error.
     pub fn open(pins: Pins) -> Result<Self, DataplaneError> {
         let root = pins.root.clone();
-        Self::find(pins).ok_or(DataplaneError::NothingPinned(root))
+        Self::find(pins)?.ok_or(DataplaneError::NothingPinned(root))
     }
 
     fn open_map(&self, name: &'static str) -> Result<Map, DataplaneError> {
@@ -138,19 +276,18 @@ impl PinnedGuard {
     }
 
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
-        match self.open_map(COUNTERS_MAP)? {
-            Map::PerCpuArray(data) => Counters::from_map(data),
-            _ => Err(DataplaneError::Missing {
-                kind: "per-CPU array",
-                name: COUNTERS_MAP,
-            }),
-        }
+        Counters::from_maps(
+            MapData::from_pin(self.pins.map(COUNTERS_MAP)).map_err(map_error(COUNTERS_MAP))?,
+            MapData::from_pin(self.pins.map(super::INTERFACE_COUNTERS_MAP))
+                .map_err(map_error(super::INTERFACE_COUNTERS_MAP))?,
+        )
     }
 
     pub fn status(&self) -> Result<Status, DataplaneError> {
         let config = Array::<MapData, GuardConfig>::try_from(self.open_map(CONFIG_MAP)?)
             .map_err(map_error(CONFIG_MAP))?;
-        let mode = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?.mode;
+        let config = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
+        let mode = config.mode;
         let mode = [Mode::Off, Mode::Monitor, Mode::Enforce]
             .into_iter()
             .find(|m| *m as u32 == mode);
@@ -168,17 +305,32 @@ impl PinnedGuard {
             .collect();
         let ports = HashMap::<MapData, u16, u8>::try_from(self.open_map(PORTS_MAP)?)
             .map_err(map_error(PORTS_MAP))?;
-        let mut protected_ports: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
-        protected_ports.sort_unstable();
+        let mut flagged: Vec<(u16, u8)> = ports.iter().filter_map(Result::ok).collect();
+        flagged.sort_unstable();
+        let with = |flag: u8| -> Vec<u16> {
+            flagged
+                .iter()
+                .filter(|(_, f)| f & flag != 0)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let counters = self.counters()?;
         Ok(Status {
             mode,
             interfaces,
             policy: Policy {
                 control_plane: self.prefixes(CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP)?,
-                protected_ports,
+                protected_ports: with(PORT_PROTECTED),
                 allowed: self.prefixes(ALLOW_V4_MAP, ALLOW_V6_MAP)?,
+                tunnel_protocols: TUNNEL_PROTOCOLS
+                    .iter()
+                    .map(|(protocol, _)| *protocol)
+                    .filter(|p| config.tunnels & tunnel_bit(*p) != 0)
+                    .collect(),
+                tunnel_ports: with(PORT_TUNNEL),
             },
-            counters: self.counters()?.read()?,
+            counters: counters.read()?,
+            per_interface: counters.read_interfaces()?,
         })
     }
 
@@ -203,24 +355,22 @@ impl PinnedGuard {
         prefixes.sort_by_key(|c| (c.addr, c.len));
         Ok(prefixes)
     }
+}
 
-    /// Removes every pin, links first: the guard stops at once, even on interfaces an agent
-    /// still runs on, and the maps go when no program uses them any more. Returns the
-    /// interfaces that were guarded.
-    pub fn detach(self) -> Result<Vec<String>, DataplaneError> {
-        let interfaces = self.pins.linked_interfaces()?;
+impl Pins {
+    /// Removes every pin of any layout, links first: the guard stops at once, even on
+    /// interfaces an agent still runs on, and the maps go when no program uses them any more.
+    /// Returns the interfaces that were guarded, `None` when nothing was pinned.
+    pub fn detach(&self) -> Result<Option<Vec<String>>, DataplaneError> {
+        if !self.exist() && self.linked_interfaces()?.is_empty() {
+            return Ok(None);
+        }
+        let interfaces = self.linked_interfaces()?;
         for interface in &interfaces {
-            remove_if_present(&self.pins.link(interface))?;
+            remove_if_present(&self.link(interface))?;
         }
-        remove_if_present(&self.pins.program())?;
-        for map in PINNED_MAPS {
-            remove_if_present(&self.pins.map(map))?;
-        }
-        for dir in [
-            self.pins.root.join("links"),
-            self.pins.root.join("maps"),
-            self.pins.root.clone(),
-        ] {
+        self.remove_layouts()?;
+        for dir in [self.root.join("links"), self.root.clone()] {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -233,7 +383,7 @@ impl PinnedGuard {
                 }
             }
         }
-        Ok(interfaces)
+        Ok(Some(interfaces))
     }
 }
 

@@ -105,6 +105,8 @@ fn policy() -> Policy {
         control_plane,
         protected_ports: vec![10250, 10255, 22, 2379, 2380, 4194],
         allowed: Vec::new(),
+        tunnel_protocols: vec![4, 41, 47, 50],
+        tunnel_ports: vec![4789, 6081, 8472, 51820, 51871],
     }
 }
 
