@@ -63,8 +63,9 @@ pub struct GuardArgs {
     /// would drop; off loads nothing, and switches off a guard an earlier agent left pinned.
     #[arg(long, env = "TETHER_GUARD_MODE", value_enum, default_value = "enforce")]
     pub guard_mode: GuardMode,
-    /// Interface to guard (repeatable, or comma-separated) [default: the interfaces of the
-    /// default routes, v4 and v6].
+    /// Interface to guard besides the ones found by their routes (repeatable, or
+    /// comma-separated). Every interface with a route to the control plane (the default route
+    /// included) is guarded, and followed as interfaces and routes change.
     #[arg(
         long = "guard-interface",
         env = "TETHER_GUARD_INTERFACE",

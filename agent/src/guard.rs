@@ -1,9 +1,9 @@
-//! The guard's lifecycle in the agent: fills in the defaults an operator left out (interfaces
-//! from the default routes, the control plane from the proxy server's address), puts the XDP
-//! program in place over whatever an earlier agent pinned, and keeps its logs and drop events
-//! flowing.
+//! The guard's lifecycle in the agent: fills in the defaults an operator left out (the control
+//! plane from the proxy server's address), puts the XDP program in place over whatever an
+//! earlier agent pinned, on every interface that routes to the control plane, follows those
+//! as they change, and keeps its logs and drop events flowing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -12,12 +12,13 @@ use tether_agent_common::Mode;
 use crate::dataplane::{
     Attached, Cidr, Counters, Dataplane, DataplaneError, PinnedGuard, Pins, Policy,
 };
+use crate::interfaces;
 
 /// The guard flags, validated.
 #[derive(Clone, Debug)]
 pub struct GuardSettings {
     pub mode: Mode,
-    /// Empty: the interfaces that carry the default routes.
+    /// Guarded besides the interfaces with routes to the control plane.
     pub interfaces: Vec<String>,
     /// Empty: the resolved addresses of the proxy server.
     pub control_plane: Vec<Cidr>,
@@ -33,10 +34,12 @@ pub struct GuardSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
     #[error(
-        "no default route to guard: this network namespace has no default route (v4 or v6); \
-         name the interfaces with --guard-interface"
+        "no interface to guard: no route in this network namespace leads to the control plane \
+         (--control-plane-cidr); name the interfaces with --guard-interface"
     )]
-    NoDefaultRoute,
+    NoRoute,
+    #[error(transparent)]
+    Watch(#[from] interfaces::WatchError),
     #[error(
         "cannot resolve --proxy-server-host {host} for the default --control-plane-cidr; \
          set --control-plane-cidr"
@@ -96,14 +99,6 @@ pub async fn start(
             tasks: Vec::new(),
         }));
     }
-    let interfaces = if settings.interfaces.is_empty() {
-        default_route_interfaces()
-    } else {
-        settings.interfaces.clone()
-    };
-    if interfaces.is_empty() {
-        return Err(GuardError::NoDefaultRoute);
-    }
     let control_plane = if settings.control_plane.is_empty() {
         resolve(server_host, server_port).await?
     } else {
@@ -117,6 +112,16 @@ pub async fn start(
         tunnel_ports: settings.tunnel_ports.clone(),
     };
     let mode = refuse_enforce_on_control_plane(settings.mode, &policy.control_plane);
+    // Subscribed before the first look at the routes, so no change falls in between.
+    let changes = interfaces::Changes::subscribe()?;
+    let mut links = Links {
+        named: settings.interfaces.clone(),
+        control_plane: policy.control_plane.clone(),
+        guarded: BTreeMap::new(),
+    };
+    if links.wanted().is_empty() {
+        return Err(GuardError::NoRoute);
+    }
     let (mut dataplane, logs) = Dataplane::load(Some(pins))?;
     let adopted = !dataplane.maps_are_new();
     // Policy before mode: a fresh program starts inert (mode 0 = off) and must never enforce
@@ -124,31 +129,16 @@ pub async fn start(
     dataplane.set_policy(&policy)?;
     dataplane.set_mode(mode)?;
     let texts = |cidrs: &[Cidr]| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
-    for interface in &interfaces {
-        let attached = dataplane.attach(interface)?;
-        tracing::info!(
-            interface,
-            attach = attached.label(),
-            mode = mode.label(),
-            control_plane = ?texts(&policy.control_plane),
-            protected_ports = ?policy.protected_ports,
-            allowed = ?texts(&policy.allowed),
-            "XDP guard attached"
-        );
-        if attached == Attached::Generic {
-            tracing::warn!(
-                interface,
-                "the driver has no native XDP: the guard runs in generic mode, after the kernel allocated the packet"
-            );
-        }
-    }
-    for interface in dataplane.release_other_interfaces(&interfaces)? {
-        tracing::info!(
-            interface,
-            "XDP guard detached: no longer a guarded interface"
-        );
-    }
-    dataplane.count_interfaces(&interfaces)?;
+    tracing::info!(
+        mode = mode.label(),
+        control_plane = ?texts(&policy.control_plane),
+        protected_ports = ?policy.protected_ports,
+        allowed = ?texts(&policy.allowed),
+        tunnels = ?policy.tunnel_protocols,
+        tunnel_ports = ?policy.tunnel_ports,
+        "XDP guard policy"
+    );
+    links.reconcile(&mut dataplane, mode)?;
     if adopted {
         tracing::info!(bpffs_root = %settings.bpffs_root.display(), "adopted the pinned guard: policy and counters carried over");
     } else if let Some(replaced) = dataplane.commit_pins()? {
@@ -161,24 +151,119 @@ pub async fn start(
     let counters = dataplane.counters_handle()?;
     let events = dataplane.drop_events()?;
     let report = |what: &'static str| {
-        move |result: Result<(), DataplaneError>| {
+        move |result: Result<(), String>| {
             if let Err(err) = result {
-                tracing::error!(error = %tether_runtime::error_chain(&err), "guard {what} stopped");
+                tracing::error!(error = err, "guard {what} stopped");
             }
         }
     };
+    let chain = |err: &dyn std::error::Error| tether_runtime::error_chain(err);
     let tasks = vec![
-        tokio::spawn(async move { report("drop events")(events.forward().await) }),
         tokio::spawn(async move {
-            // The dataplane stays loaded as long as the task: its program fd backs the pin.
-            let _dataplane = dataplane;
-            report("kernel logs")(logs.forward().await)
+            report("drop events")(events.forward().await.map_err(|e| chain(&e)))
+        }),
+        tokio::spawn(
+            async move { report("kernel logs")(logs.forward().await.map_err(|e| chain(&e))) },
+        ),
+        tokio::spawn(async move {
+            // The dataplane stays loaded as long as this task: its program fd backs the pin.
+            report("interface watch")(
+                follow(changes, links, dataplane, mode)
+                    .await
+                    .map_err(|e| chain(&e)),
+            )
         }),
     ];
     Ok(Some(Guard {
         counters: Some(counters),
         tasks,
     }))
+}
+
+/// The interfaces the guard is on, and how it decides which those are.
+struct Links {
+    named: Vec<String>,
+    control_plane: Vec<Cidr>,
+    /// Interface → the ifindex it had when the guard was attached: a name that comes back
+    /// with another index is a new device and needs attaching again.
+    guarded: BTreeMap<String, u32>,
+}
+
+impl Links {
+    fn wanted(&self) -> Vec<String> {
+        interfaces::carrying(&self.control_plane, &self.named)
+    }
+
+    /// Attaches to interfaces that now carry control-plane traffic and detaches from those
+    /// that no longer do. Failing on an interface the operator named is an error; on one found
+    /// by its routes it is logged, and the rest are still guarded.
+    fn reconcile(&mut self, dataplane: &mut Dataplane, mode: Mode) -> Result<(), GuardError> {
+        let mut now = BTreeMap::new();
+        for interface in self.wanted() {
+            let Some(index) = crate::dataplane::interface_index(&interface).ok() else {
+                if self.named.contains(&interface) {
+                    return Err(DataplaneError::NoSuchInterface { interface }.into());
+                }
+                continue;
+            };
+            if self.guarded.get(&interface) == Some(&index) {
+                now.insert(interface, index);
+                continue;
+            }
+            match dataplane.attach(&interface) {
+                Ok(attached) => {
+                    tracing::info!(
+                        interface,
+                        attach = attached.label(),
+                        mode = mode.label(),
+                        named = self.named.contains(&interface),
+                        "XDP guard attached"
+                    );
+                    if attached == Attached::Generic {
+                        tracing::warn!(
+                            interface,
+                            "the driver has no native XDP: the guard runs in generic mode, after the kernel allocated the packet"
+                        );
+                    }
+                    now.insert(interface, index);
+                }
+                Err(err) if !self.named.contains(&interface) => {
+                    tracing::error!(
+                        interface,
+                        error = %tether_runtime::error_chain(&err),
+                        "cannot guard an interface that routes to the control plane: traffic arriving on it is not guarded"
+                    );
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        let keep: Vec<String> = now.keys().cloned().collect();
+        for interface in dataplane.release_other_interfaces(&keep)? {
+            tracing::info!(
+                interface,
+                "XDP guard detached: no longer an interface to the control plane"
+            );
+        }
+        dataplane.count_interfaces(&keep)?;
+        self.guarded = now;
+        Ok(())
+    }
+}
+
+/// Keeps the guard on the right interfaces as links and routes change, for as long as the
+/// agent runs.
+async fn follow(
+    mut changes: interfaces::Changes,
+    mut links: Links,
+    mut dataplane: Dataplane,
+    mode: Mode,
+) -> Result<(), GuardError> {
+    loop {
+        changes.next().await?;
+        if let Err(err) = links.reconcile(&mut dataplane, mode) {
+            tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
+        }
+    }
 }
 
 async fn resolve(host: &str, port: u16) -> Result<Vec<Cidr>, GuardError> {
@@ -241,77 +326,4 @@ fn node_addresses() -> Vec<IpAddr> {
             (!ip.is_loopback()).then_some(ip)
         })
         .collect()
-}
-
-/// Interfaces of the default routes in this network namespace, v4 and v6, sorted.
-fn default_route_interfaces() -> Vec<String> {
-    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
-    let mut names = BTreeSet::new();
-    names.extend(default_v4(&read("/proc/net/route")));
-    names.extend(default_v6(&read("/proc/net/ipv6_route")));
-    names.into_iter().collect()
-}
-
-/// `/proc/net/route`: Iface, Destination, Gateway, Flags, …, Mask (columns 0, 1, 3, 7).
-fn default_v4(table: &str) -> Vec<String> {
-    const RTF_UP: u32 = 0x1;
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let up = cols
-                .get(3)
-                .and_then(|f| u32::from_str_radix(f, 16).ok())
-                .is_some_and(|f| f & RTF_UP != 0);
-            (up && cols.get(1) == Some(&"00000000") && cols.get(7) == Some(&"00000000"))
-                .then(|| cols[0].to_owned())
-        })
-        .collect()
-}
-
-/// `/proc/net/ipv6_route`: destination, prefix length, …, flags, interface (columns 0, 1, 8, 9).
-/// The kernel lists an unreachable default on `lo`; that one guards nothing.
-fn default_v6(table: &str) -> Vec<String> {
-    const RTF_UP: u32 = 0x1;
-    table
-        .lines()
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let up = cols
-                .get(8)
-                .and_then(|f| u32::from_str_radix(f, 16).ok())
-                .is_some_and(|f| f & RTF_UP != 0);
-            let default = cols.first().is_some_and(|d| d.bytes().all(|b| b == b'0'))
-                && cols.get(1) == Some(&"00");
-            let interface = cols.get(9).filter(|i| **i != "lo")?;
-            (up && default).then(|| (*interface).to_owned())
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn v4_default_route_is_found_and_others_are_not() {
-        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-            eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-            eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-            eth1\t00000000\t0100000B\t0002\t0\t0\t0\t00000000\t0\t0\t0\n";
-        // eth1's default is not up.
-        assert_eq!(default_v4(table), ["eth0"]);
-    }
-
-    #[test]
-    fn v6_default_route_skips_the_unreachable_one_on_lo() {
-        let zero = "00000000000000000000000000000000";
-        let table = format!(
-            "{zero} 00 {zero} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 ens5\n\
-             fd000000000000000000000000000000 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 ens5\n\
-             {zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200 lo\n"
-        );
-        assert_eq!(default_v6(&table), ["ens5"]);
-    }
 }

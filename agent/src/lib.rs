@@ -6,5 +6,6 @@ pub mod config;
 pub mod dataplane;
 pub mod dialer;
 pub mod guard;
+pub mod interfaces;
 pub mod metrics;
 pub mod tunnel;

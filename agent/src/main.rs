@@ -146,7 +146,7 @@ fn status_text(root: &std::path::Path, status: &Status) -> String {
     }
     let mut row = |cells: [String; 5]| {
         let [reason, rest @ ..] = cells;
-        out.push_str(&format!("{reason:<20}"));
+        out.push_str(&format!("{reason:<28}"));
         for cell in rest {
             out.push_str(&format!("{cell:>16}"));
         }

@@ -8,204 +8,16 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tether_tests::bpffs::Bpffs;
-use tether_tests::netns::{Netns, veth};
+use tether_tests::guard_site::{CP, DirectProbe, NODE, Site, log_field};
+use tether_tests::netns::Netns;
 use tether_tests::pki::Pki;
-use tether_tests::procs::{Agent, Server, built, http_get, spawn_logged};
+use tether_tests::procs::{Agent, built, spawn_logged};
 use tether_tests::require_root;
-
-const CP: &str = "10.77.0.1";
-const NODE: &str = "10.77.0.2";
-
-/// A control plane and a node joined by a veth, with a server in one and a kubelet stand-in in
-/// the other; agents are started per case.
-struct Site {
-    pki: Pki,
-    socket: PathBuf,
-    // Dropped after the namespaces' processes: fields drop in declaration order.
-    server: Server,
-    bpffs: Bpffs,
-    node: Netns,
-    cp: Netns,
-}
-
-impl Site {
-    fn new(tag: &str) -> Site {
-        require_root();
-        let pki = Pki::new(&[CP]).unwrap();
-        let socket = pki.dir().join("s.sock");
-        let cp = Netns::new(&format!("g{tag}-cp")).unwrap();
-        let node = Netns::new(&format!("g{tag}-node")).unwrap();
-        veth(
-            &cp,
-            "eth0",
-            &format!("{CP}/24"),
-            &node,
-            "eth0",
-            &format!("{NODE}/24"),
-        )
-        .unwrap();
-        // A default route, so an agent without --guard-interface finds eth0 the way it finds
-        // a node's uplink.
-        node.ip(&["route", "add", "default", "via", CP]).unwrap();
-
-        let kubelet = node
-            .run(|| TcpListener::bind((NODE, 10250)))
-            .unwrap()
-            .unwrap();
-        std::thread::spawn(move || {
-            for mut stream in kubelet.incoming().flatten() {
-                // One thread each: a direct connection that sends nothing must not block the
-                // next.
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 1024];
-                    let _ = stream.read(&mut buf);
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-                    );
-                });
-            }
-        });
-        let pair = pki.pair("server");
-        let args = [
-            "--mode=http-connect".to_owned(),
-            format!("--uds-name={}", socket.display()),
-            "--server-port=0".into(),
-            format!("--cluster-cert={}", pair.cert.display()),
-            format!("--cluster-key={}", pair.key.display()),
-            "--allow-unauthenticated-agents".into(),
-            format!("--agent-bind-address={CP}"),
-        ];
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Server::start_in(&cp, &refs).unwrap();
-        Site {
-            bpffs: Bpffs::mount().unwrap(),
-            pki,
-            socket,
-            server,
-            node,
-            cp,
-        }
-    }
-
-    /// An agent in the node namespace pinning under this site's bpffs, plus `guard` flags.
-    fn agent(&self, guard: &[&str]) -> Agent {
-        self.agent_with(None, guard)
-    }
-
-    /// [`Site::agent`], holding only `caps` when given.
-    fn agent_with(&self, caps: Option<&[&str]>, guard: &[&str]) -> Agent {
-        let mut args = vec![
-            format!("--proxy-server-host={CP}"),
-            format!("--proxy-server-port={}", self.server.agent_port),
-            format!("--ca-cert={}", self.pki.ca().display()),
-            "--sync-interval=100ms".into(),
-            format!("--bpffs-root={}", self.bpffs.root().display()),
-        ];
-        args.extend(guard.iter().map(|a| (*a).to_owned()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = match caps {
-            Some(caps) => Agent::start_in_with_caps(&self.node, caps, &refs).unwrap(),
-            None => Agent::start_in(&self.node, &refs).unwrap(),
-        };
-        assert!(
-            self.node
-                .run(|| tether_tests::procs::wait_ready(agent.health_port, Duration::from_secs(10)))
-                .unwrap(),
-            "agent never connected to the server"
-        );
-        agent
-    }
-
-    fn through_tunnel(&self) -> String {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(
-            stream,
-            "CONNECT {NODE}:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = [0u8; 39];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head[..], b"HTTP/1.1 200 Connection Established\r\n\r\n");
-        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        reply
-    }
-
-    /// A direct connection from the control plane to the kubelet port.
-    fn direct(&self, timeout: Duration) -> std::io::Result<TcpStream> {
-        self.cp
-            .run(|| TcpStream::connect_timeout(&format!("{NODE}:10250").parse().unwrap(), timeout))
-            .unwrap()
-    }
-
-    /// The node's own outbound connection to the control plane (its SYN-ACK must pass).
-    fn outbound_works(&self) -> bool {
-        let service = self
-            .cp
-            .run(|| TcpListener::bind((CP, 6443)))
-            .unwrap()
-            .unwrap();
-        let outbound = self
-            .node
-            .run(|| {
-                TcpStream::connect_timeout(
-                    &format!("{CP}:6443").parse().unwrap(),
-                    Duration::from_secs(2),
-                )
-            })
-            .unwrap();
-        drop(service);
-        outbound.is_ok()
-    }
-
-    /// `tether_agent_guard_packets_total{reason, action}` from the agent's /metrics.
-    fn guard_packets(&self, agent: &Agent, reason: &str, action: &str) -> Option<u64> {
-        let (status, body) = self
-            .node
-            .run(|| http_get(agent.health_port, "/metrics"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(status, 200);
-        let series =
-            format!(r#"tether_agent_guard_packets_total{{reason="{reason}",action="{action}"}} "#);
-        body.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map(|v| v.trim().parse().unwrap())
-    }
-
-    /// `tether-agent guard <action>` on this site's pins: (exit code, stdout).
-    fn guard_cli(&self, action: &str) -> (i32, String) {
-        let out = Command::new(built("tether-agent").unwrap())
-            .args(["guard", action])
-            .arg(format!("--bpffs-root={}", self.bpffs.root().display()))
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-}
-
-fn log_field(line: &str, key: &str) -> String {
-    let value: serde_json::Value = serde_json::from_str(line).unwrap();
-    value["fields"][key].as_str().unwrap_or_default().to_owned()
-}
 
 #[test]
 fn enforce_drops_the_direct_path_keeps_the_tunnel_and_detaches_cleanly() {
@@ -394,7 +206,12 @@ fn guard_outlives_the_agent_and_off_switches_it_off() {
         .wait_for("XDP guard attached", Duration::from_secs(1))
         .unwrap();
     assert_eq!(log_field(&attached, "interface"), "eth0");
-    assert!(attached.contains(&format!("{CP}/32")), "{attached}");
+    let policy = agent
+        .logged
+        .logs
+        .wait_for("XDP guard policy", Duration::from_secs(1))
+        .unwrap();
+    assert!(policy.contains(&format!("{CP}/32")), "{policy}");
     assert!(site.direct(Duration::from_millis(500)).is_err());
 
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
@@ -441,36 +258,10 @@ fn guard_outlives_the_agent_and_off_switches_it_off() {
 #[test]
 fn sigkill_and_restart_leave_no_gap() {
     let site = Site::new("kill");
-    let guard = [
-        "--guard-interface=eth0".to_owned(),
-        format!("--control-plane-cidr={CP}/32"),
-    ];
-    let guard: Vec<&str> = guard.iter().map(String::as_str).collect();
-    let mut first = site.agent(&guard);
+    let mut first = site.guarded_agent();
     let program_before = site.guard_cli("status").1;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let successes = Arc::new(AtomicU64::new(0));
-    let probers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, attempts, successes) = (stop.clone(), attempts.clone(), successes.clone());
-            let cp = std::fs::File::open(site.cp.path()).unwrap();
-            std::thread::spawn(move || {
-                nix::sched::setns(&cp, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-                let target = format!("{NODE}:10250").parse().unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    attempts.fetch_add(1, Ordering::Relaxed);
-                    // Without the guard the SYN-ACK comes back across the veth in well under
-                    // a millisecond, so 20 ms tells a drop from an answer.
-                    if TcpStream::connect_timeout(&target, Duration::from_millis(20)).is_ok() {
-                        successes.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-
+    let probe = DirectProbe::start(&site);
     std::thread::sleep(Duration::from_millis(200));
     first.logged.process.signal(Signal::SIGKILL).unwrap();
     first
@@ -478,23 +269,17 @@ fn sigkill_and_restart_leave_no_gap() {
         .process
         .wait_timeout(Duration::from_secs(5))
         .unwrap();
-    let second = site.agent(&guard);
+    let second = site.guarded_agent();
     let attached = second
         .logged
         .logs
         .wait_for("XDP guard attached", Duration::from_secs(1))
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    for prober in probers {
-        prober.join().unwrap();
-    }
-
-    let attempts = attempts.load(Ordering::Relaxed);
+    let (attempts, successes) = probe.finish();
     assert!(attempts >= 20, "only {attempts} direct attempts were made");
     assert_eq!(
-        successes.load(Ordering::Relaxed),
-        0,
+        successes, 0,
         "a direct connection got through during the restart ({attempts} attempts)"
     );
     assert_eq!(log_field(&attached, "attach"), "replaced on pinned link");
@@ -517,6 +302,92 @@ fn sigkill_and_restart_leave_no_gap() {
         "{dropped} drops for {attempts} attempts"
     );
     assert!(site.through_tunnel().ends_with("hello"));
+}
+
+/// A guard pinned by a release with another layout (here: the first release's, maps straight
+/// under the root) or a map of another shape under this layout's name is not adopted: the
+/// new agent loads fresh maps, moves its program onto the pinned links, and only then
+/// replaces the pins. Direct connections are refused throughout.
+#[test]
+fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
+    let site = Site::new("layout");
+    let root = site.bpffs.root();
+    let kill = |mut agent: Agent| {
+        agent.logged.process.signal(Signal::SIGKILL).unwrap();
+        agent
+            .logged
+            .process
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap();
+    };
+    let restart_under_probe = || {
+        let probe = DirectProbe::start(&site);
+        std::thread::sleep(Duration::from_millis(100));
+        let agent = site.guarded_agent();
+        std::thread::sleep(Duration::from_millis(200));
+        let (attempts, successes) = probe.finish();
+        assert!(attempts >= 10, "only {attempts} direct attempts were made");
+        assert_eq!(successes, 0, "a direct connection got through the swap");
+        agent
+    };
+    kill(site.guarded_agent());
+
+    // The first release's layout: no version directory.
+    std::fs::rename(root.join("v2/maps"), root.join("maps")).unwrap();
+    std::fs::rename(root.join("v2/program"), root.join("program")).unwrap();
+    std::fs::remove_dir(root.join("v2")).unwrap();
+    let (code, _) = site.guard_cli("status");
+    assert_ne!(code, 0, "status read a guard of another layout");
+    let second = restart_under_probe();
+    let replaced = second
+        .logged
+        .logs
+        .wait_for(
+            "replaced an incompatible pinned guard",
+            Duration::from_secs(2),
+        )
+        .expect("the replacement was not logged");
+    assert_eq!(
+        log_field(&replaced, "found"),
+        "pin layout v1 (this agent uses v2)"
+    );
+    assert!(!second.logged.logs.contains("adopted the pinned guard"));
+    assert!(!root.join("maps").exists() && !root.join("program").exists());
+    assert!(root.join("v2/maps/COUNTERS").exists());
+    let (code, after) = site.guard_cli("status");
+    assert_eq!(code, 0, "{after}");
+    assert!(after.contains("mode:                enforce"), "{after}");
+    kill(second);
+
+    // Same layout number, but PORTS is pinned as an LPM trie: a release that changed a map
+    // and forgot to bump the layout.
+    std::fs::hard_link(root.join("v2/maps/CP_V4"), root.join("v2/maps/odd")).unwrap();
+    std::fs::rename(root.join("v2/maps/odd"), root.join("v2/maps/PORTS")).unwrap();
+    let third = restart_under_probe();
+    let replaced = third
+        .logged
+        .logs
+        .wait_for(
+            "replaced an incompatible pinned guard",
+            Duration::from_secs(2),
+        )
+        .expect("the replacement was not logged");
+    assert!(
+        log_field(&replaced, "found").starts_with("pin layout v2 whose map PORTS differs"),
+        "{replaced}"
+    );
+    assert!(site.direct(Duration::from_millis(500)).is_err());
+    assert!(site.through_tunnel().ends_with("hello"));
+    // A guard from this release is adopted as before.
+    kill(third);
+    let fourth = site.guarded_agent();
+    assert!(
+        fourth
+            .logged
+            .logs
+            .wait_for("adopted the pinned guard", Duration::from_secs(2))
+            .is_some()
+    );
 }
 
 /// What an operator gets wrong first: pins outside a BPF filesystem, a mistyped interface.

@@ -806,7 +806,7 @@ fn replace_trie<const N: usize>(
     Ok(())
 }
 
-fn interface_index(interface: &str) -> Result<u32, DataplaneError> {
+pub fn interface_index(interface: &str) -> Result<u32, DataplaneError> {
     let missing = || DataplaneError::NoSuchInterface {
         interface: interface.to_owned(),
     };

@@ -1,0 +1,471 @@
+//! The ways around the guard, tried end to end with the packets an attacker would send, from a
+//! control-plane namespace to a node namespace whose agent guards its veth. Each attack is
+//! first run in monitor mode, where it must get through and be counted as what enforce would
+//! drop (so the packet is a real way in, not one the kernel refuses anyway), then in enforce
+//! mode, where it must not get through. Counters carry over between the two agents (they are
+//! pinned), so both counts are read from the second.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tether_tests::guard_site::{CP, NODE, Site, log_field};
+use tether_tests::netns::{Netns, veth};
+use tether_tests::procs::Agent;
+
+/// A second address in the control-plane namespace, outside --control-plane-cidr: a pod, a
+/// bastion, anything that is not the control plane.
+const ELSEWHERE: &str = "10.77.0.9";
+const CP6: &str = "fd77::1";
+const NODE6: &str = "fd77::2";
+const ELSEWHERE6: &str = "fd77::9";
+
+fn site(tag: &str) -> Site {
+    let site = Site::new(tag);
+    site.cp
+        .ip(&["addr", "add", &format!("{ELSEWHERE}/24"), "dev", "eth0"])
+        .unwrap();
+    for (ns, address) in [(&site.cp, CP6), (&site.cp, ELSEWHERE6), (&site.node, NODE6)] {
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{address}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .unwrap();
+    }
+    site
+}
+
+fn guard_flags(mode: &str, extra: &[&str]) -> Vec<String> {
+    let mut flags = vec![
+        format!("--guard-mode={mode}"),
+        "--guard-interface=eth0".to_owned(),
+        format!("--control-plane-cidr={CP}/32,{CP6}/128"),
+    ];
+    flags.extend(extra.iter().map(|f| (*f).to_owned()));
+    flags
+}
+
+fn start(site: &Site, mode: &str, extra: &[&str]) -> Agent {
+    let flags = guard_flags(mode, extra);
+    let refs: Vec<&str> = flags.iter().map(String::as_str).collect();
+    site.agent(&refs)
+}
+
+/// Reads `(reason, action)` from the agent's /metrics, 0 when absent.
+fn counted(site: &Site, agent: &Agent, reason: &str, action: &str) -> u64 {
+    site.guard_packets(agent, reason, action).unwrap_or(0)
+}
+
+/// Sends `datagram` from `from` to `to` in the control-plane namespace, after `prepare` has
+/// set the socket up; returns whether a socket bound to `to` in the node namespace got it.
+fn udp_arrives(
+    site: &Site,
+    from: &str,
+    to: SocketAddr,
+    datagram: &[u8],
+    prepare: impl Fn(&UdpSocket) + Send + Sync,
+) -> bool {
+    let receiver = site.node.run(|| UdpSocket::bind(to)).unwrap().unwrap();
+    receiver
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    site.cp
+        .run(|| {
+            let sender = UdpSocket::bind((from.parse::<std::net::IpAddr>().unwrap(), 0)).unwrap();
+            prepare(&sender);
+            sender.send_to(datagram, to).unwrap();
+        })
+        .unwrap();
+    let mut buf = vec![0u8; datagram.len() + 1];
+    matches!(receiver.recv(&mut buf), Ok(n) if n == datagram.len())
+}
+
+/// An IPv6 destination-options header of `len` bytes (a multiple of 8) made of unknown
+/// options the receiver must skip; set on a socket, every datagram it sends carries it.
+fn destination_options(len: usize) -> Vec<u8> {
+    let mut header = vec![0, u8::try_from(len / 8 - 1).unwrap()];
+    while header.len() < len {
+        let room = len - header.len() - 2;
+        let data = room.min(200);
+        // Option type 0x1e: unknown, action bits 00 ("skip over this option").
+        header.extend_from_slice(&[0x1e, u8::try_from(data).unwrap()]);
+        header.resize(header.len() + data, 0);
+    }
+    header
+}
+
+fn set_destination_options(socket: &UdpSocket, header: &[u8]) {
+    // SAFETY: setsockopt reads `header.len()` bytes from a live slice.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IPV6,
+            libc::IPV6_DSTOPTS,
+            header.as_ptr().cast(),
+            libc::socklen_t::try_from(header.len()).unwrap(),
+        )
+    };
+    assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+}
+
+/// Item 1: a datagram the sender's kernel splits into fragments reaches a protected port
+/// unless the first fragment is judged; a destination-options header longer than the guard
+/// reads hides the port.
+#[test]
+fn fragments_and_long_headers_do_not_reach_protected_ports() {
+    let site = site("frag");
+    let big = vec![0x5a; 3000];
+    let kubelet4: SocketAddr = format!("{NODE}:10255").parse().unwrap();
+    let kubelet6: SocketAddr = format!("[{NODE6}]:10255").parse().unwrap();
+    let open4: SocketAddr = format!("{NODE}:9999").parse().unwrap();
+    let open6: SocketAddr = format!("[{NODE6}]:9999").parse().unwrap();
+    let options = destination_options(608);
+    let attacks = |site: &Site| {
+        [
+            udp_arrives(site, ELSEWHERE, kubelet4, &big, |_| {}),
+            udp_arrives(site, ELSEWHERE6, kubelet6, &big, |_| {}),
+            udp_arrives(site, ELSEWHERE6, kubelet6, b"hello", |s| {
+                set_destination_options(s, &options)
+            }),
+        ]
+    };
+
+    let monitor = start(&site, "monitor", &[]);
+    assert_eq!(
+        attacks(&site),
+        [true; 3],
+        "without enforcement each attack must reach the port, or it proves nothing"
+    );
+    drop(monitor);
+
+    let enforce = start(&site, "enforce", &[]);
+    assert_eq!(attacks(&site), [false; 3]);
+    assert!(counted(&site, &enforce, "protected_port", "pass") >= 2);
+    assert!(counted(&site, &enforce, "unparseable", "pass") >= 1);
+    assert!(counted(&site, &enforce, "protected_port", "drop") >= 2);
+    assert!(counted(&site, &enforce, "unparseable", "drop") >= 1);
+    // Fragmented traffic to ports nobody protects still reassembles.
+    assert!(udp_arrives(&site, ELSEWHERE, open4, &big, |_| {}));
+    assert!(udp_arrives(&site, ELSEWHERE6, open6, &big, |_| {}));
+}
+
+/// Item 2: a VXLAN tunnel from the control plane to the node decapsulates on a device the
+/// guard is not on, and the packet inside comes from an overlay address no CIDR names.
+#[test]
+fn a_tunnel_from_the_control_plane_is_no_way_in() {
+    let site = site("tun");
+    for (ns, local, remote, inner) in [
+        (&site.cp, CP, NODE, "10.99.0.1/24"),
+        (&site.node, NODE, CP, "10.99.0.2/24"),
+    ] {
+        ns.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+            "dstport", "4789", "dev", "eth0",
+        ])
+        .unwrap();
+        ns.ip(&["addr", "add", inner, "dev", "vx0"]).unwrap();
+        ns.ip(&["link", "set", "vx0", "up"]).unwrap();
+    }
+    let pod = site
+        .node
+        .run(|| TcpListener::bind("10.99.0.2:8080"))
+        .unwrap()
+        .unwrap();
+    let through_tunnel = |site: &Site| {
+        site.cp
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &"10.99.0.2:8080".parse().unwrap(),
+                    Duration::from_millis(500),
+                )
+                .is_ok()
+            })
+            .unwrap()
+    };
+
+    let monitor = start(&site, "monitor", &[]);
+    assert!(through_tunnel(&site), "the overlay itself does not work");
+    drop(monitor);
+
+    let enforce = start(&site, "enforce", &[]);
+    assert!(!through_tunnel(&site), "a connection got in through VXLAN");
+    assert!(counted(&site, &enforce, "encapsulated", "pass") >= 1);
+    assert!(counted(&site, &enforce, "encapsulated", "drop") >= 1);
+    let event = enforce
+        .logged
+        .logs
+        .wait_for("guard drop", Duration::from_secs(5))
+        .expect("no drop event");
+    assert_eq!(log_field(&event, "reason"), "encapsulated");
+    assert_eq!(log_field(&event, "destination"), format!("{NODE}:4789"));
+    drop(enforce);
+
+    let allowed = start(&site, "enforce", &["--guard-allow-tunnel=udp:4789"]);
+    let before = counted(&site, &allowed, "encapsulated", "drop");
+    assert!(
+        through_tunnel(&site),
+        "--guard-allow-tunnel did not let it in"
+    );
+    assert_eq!(counted(&site, &allowed, "encapsulated", "drop"), before);
+    drop(pod);
+}
+
+/// The internet checksum over the IPv4 pseudo-header and a TCP segment.
+fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&[0, 6]);
+    data.extend_from_slice(&u16::try_from(segment.len()).unwrap().to_be_bytes());
+    data.extend_from_slice(segment);
+    if data.len() % 2 == 1 {
+        data.push(0);
+    }
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends a bare ACK from the control plane to `port` on the node, as a raw segment, and
+/// returns whether the node answered it with a RST (what a listener does with an ACK it has
+/// no handshake for).
+fn bare_ack_answered(site: &Site, port: u16) -> bool {
+    let (cp, node): (Ipv4Addr, Ipv4Addr) = (CP.parse().unwrap(), NODE.parse().unwrap());
+    site.cp
+        .run(|| {
+            let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)).unwrap();
+            raw.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let source_port: u16 = 47000;
+            let mut segment = Vec::new();
+            segment.extend_from_slice(&source_port.to_be_bytes());
+            segment.extend_from_slice(&port.to_be_bytes());
+            segment.extend_from_slice(&[0, 0, 0x10, 0, 0, 0, 0x20, 0]);
+            segment.extend_from_slice(&[5 << 4, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+            let checksum = tcp_checksum(cp, node, &segment);
+            segment[16..18].copy_from_slice(&checksum.to_be_bytes());
+            let to = SocketAddr::V4(SocketAddrV4::new(node, 0));
+            raw.send_to(&segment, &to.into()).unwrap();
+            let mut buf = [std::mem::MaybeUninit::new(0u8); 1500];
+            while let Ok(n) = raw.recv(&mut buf) {
+                // SAFETY: recv initialised the first n bytes.
+                let packet: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let l4 = usize::from(packet[0] & 0x0f) * 4;
+                if packet.len() < l4 + 14 || packet[12..16] != node.octets() {
+                    continue;
+                }
+                let tcp = &packet[l4..];
+                let from = u16::from_be_bytes([tcp[0], tcp[1]]);
+                let to = u16::from_be_bytes([tcp[2], tcp[3]]);
+                if from == port && to == source_port && tcp[13] & 0x04 != 0 {
+                    return true;
+                }
+            }
+            false
+        })
+        .unwrap()
+}
+
+/// Item 4: a segment from the control plane that is not a SYN reaches a listener (with SYN
+/// cookies in play, a well-guessed ACK opens a connection the guard never saw a SYN for).
+/// The node's own connections to the control plane keep flowing.
+#[test]
+fn control_plane_acks_reach_connections_not_listeners() {
+    let site = site("ack");
+    let monitor = start(&site, "monitor", &[]);
+    assert!(
+        bare_ack_answered(&site, 10250),
+        "the kubelet's listener did not answer a bare ACK"
+    );
+    drop(monitor);
+
+    let enforce = start(&site, "enforce", &[]);
+    assert!(
+        !bare_ack_answered(&site, 10250),
+        "a bare ACK from the control plane reached the kubelet's listener"
+    );
+    assert!(counted(&site, &enforce, "control_plane_to_listener", "pass") >= 1);
+    assert!(counted(&site, &enforce, "control_plane_to_listener", "drop") >= 1);
+    // The tunnel (the agent's own connection to the server) and other outbound connections
+    // are control-plane ACKs too, and must pass.
+    assert!(site.through_tunnel().ends_with("hello"));
+    assert!(site.outbound_works());
+    assert_eq!(
+        counted(&site, &enforce, "control_plane_to_listener", "drop"),
+        1
+    );
+}
+
+/// Item 5: a control-plane CIDR written IPv4-mapped guards the IPv4 control plane.
+#[test]
+fn an_ipv4_mapped_control_plane_cidr_guards_ipv4() {
+    let site = site("map");
+    let agent = site.agent(&[
+        "--guard-interface=eth0",
+        &format!("--control-plane-cidr=::ffff:{CP}/128"),
+    ]);
+    assert!(
+        site.direct(Duration::from_millis(500)).is_err(),
+        "a direct connection got through a mapped CIDR"
+    );
+    assert!(counted(&site, &agent, "control_plane_syn", "drop") >= 1);
+    assert!(site.through_tunnel().ends_with("hello"));
+}
+
+/// The control plane's own SYNs over IPv6, which the other cases here do not send.
+#[test]
+fn ipv6_control_plane_syns_are_dropped() {
+    let site = site("six");
+    let kubelet = site
+        .node
+        .run(|| TcpListener::bind(format!("[{NODE6}]:10250")))
+        .unwrap()
+        .unwrap();
+    let connect = |site: &Site| {
+        site.cp
+            .run(|| {
+                let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+                let from: SocketAddr = format!("[{CP6}]:0").parse().unwrap();
+                socket.bind(&from.into()).unwrap();
+                let to: SocketAddr = format!("[{NODE6}]:10250").parse().unwrap();
+                socket.connect_timeout(&to.into(), Duration::from_millis(500))
+            })
+            .unwrap()
+    };
+    let monitor = start(&site, "monitor", &[]);
+    connect(&site).expect("IPv6 path broken without enforcement");
+    drop(monitor);
+    let enforce = start(&site, "enforce", &[]);
+    assert!(
+        connect(&site).is_err(),
+        "an IPv6 SYN from the control plane got in"
+    );
+    assert!(counted(&site, &enforce, "control_plane_syn", "pass") >= 1);
+    assert!(counted(&site, &enforce, "control_plane_syn", "drop") >= 1);
+    drop(kubelet);
+}
+
+/// One line of the agent's /metrics, by its series name and labels.
+fn metric(site: &Site, agent: &Agent, series: &str) -> Option<u64> {
+    let (_, body) = site
+        .node
+        .run(|| tether_tests::procs::http_get(agent.health_port, "/metrics"))
+        .unwrap()
+        .unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{series} ")))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Item 3: the control plane also reaches the node over a second interface, by its own route,
+/// and over a third that appears while the agent runs. Each is guarded, and counted apart.
+#[test]
+fn every_interface_that_routes_to_the_control_plane_is_guarded() {
+    let site = site("ifs");
+    let direct = |ns: &Netns, to: &str| {
+        ns.run(|| {
+            TcpStream::connect_timeout(
+                &format!("{to}:10250").parse().unwrap(),
+                Duration::from_millis(500),
+            )
+            .is_ok()
+        })
+        .unwrap()
+    };
+    let second = Netns::new("ifs-cp2").unwrap();
+    veth(
+        &second,
+        "eth0",
+        "10.88.0.1/24",
+        &site.node,
+        "eth1",
+        "10.88.0.2/24",
+    )
+    .unwrap();
+    let _kubelet1 = site
+        .node
+        .run(|| TcpListener::bind("10.88.0.2:10250"))
+        .unwrap()
+        .unwrap();
+    assert!(direct(&second, "10.88.0.2"), "eth1 does not work at all");
+    let agent = site.agent(&[&format!(
+        "--control-plane-cidr={CP}/32,10.88.0.1/32,10.89.0.1/32"
+    )]);
+    assert!(
+        !direct(&second, "10.88.0.2"),
+        "the control plane got in over the interface of its own route"
+    );
+
+    let third = Netns::new("ifs-cp3").unwrap();
+    veth(
+        &third,
+        "eth0",
+        "10.89.0.1/24",
+        &site.node,
+        "eth2",
+        "10.89.0.2/24",
+    )
+    .unwrap();
+    let _kubelet2 = site
+        .node
+        .run(|| TcpListener::bind("10.89.0.2:10250"))
+        .unwrap()
+        .unwrap();
+    agent
+        .logged
+        .logs
+        .wait_for(
+            r#""XDP guard attached","interface":"eth2""#,
+            Duration::from_secs(5),
+        )
+        .expect("an interface that appeared later was not guarded");
+    assert!(
+        !direct(&third, "10.89.0.2"),
+        "the control plane got in over an interface that appeared later"
+    );
+    for interface in ["eth1", "eth2"] {
+        let series = format!(
+            r#"tether_agent_guard_interface_packets_total{{interface="{interface}",reason="control_plane_syn",action="drop"}}"#
+        );
+        assert!(metric(&site, &agent, &series) >= Some(1), "{series}");
+    }
+    assert_eq!(
+        metric(
+            &site,
+            &agent,
+            r#"tether_agent_guard_interface_packets_total{interface="eth0",reason="control_plane_syn",action="drop"}"#
+        ),
+        Some(0)
+    );
+    let (code, status) = site.guard_cli("status");
+    assert_eq!(code, 0);
+    assert!(status.contains("on eth2:"), "{status}");
+
+    drop(third);
+    agent
+        .logged
+        .logs
+        .wait_for(
+            r#""XDP guard detached: no longer an interface to the control plane","interface":"eth2""#,
+            Duration::from_secs(5),
+        )
+        .expect("a vanished interface kept its pin");
+    assert!(!site.bpffs.root().join("links/eth2").exists());
+}
