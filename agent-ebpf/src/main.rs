@@ -175,10 +175,7 @@ impl Source {
     /// Well-formed as far as it was read, but not far enough to decide: fail closed.
     #[inline(always)]
     fn unparseable(self, ctx: &XdpContext) -> Verdict {
-        Verdict::new(
-            Reason::Unparseable,
-            !self.allowed_on_protected_ports(ctx),
-        )
+        Verdict::new(Reason::Unparseable, !self.allowed_on_protected_ports(ctx))
     }
 
     #[inline(always)]
@@ -377,8 +374,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Ver
             }
             // Fragment header: fixed 8 octets.
             44 => {
-                let Some([following, _, offset_high, offset_low]) = array::<4>(ctx, offset)
-                else {
+                let Some([following, _, offset_high, offset_low]) = array::<4>(ctx, offset) else {
                     return packet.truncated(ctx);
                 };
                 let field = u16::from_be_bytes([offset_high, offset_low]);
@@ -486,8 +482,7 @@ fn transport(
             if flags == 0 {
                 return PASS;
             }
-            let reason = if flags & PORT_PROTECTED != 0 && !source.allowed_on_protected_ports(ctx)
-            {
+            let reason = if flags & PORT_PROTECTED != 0 && !source.allowed_on_protected_ports(ctx) {
                 Reason::ProtectedPort
             } else if flags & PORT_TUNNEL != 0 && source.in_control_plane(ctx) {
                 Reason::Encapsulated

@@ -93,6 +93,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     tracing::info!(
         server = format!("{}:{}", config.server_host, config.server_port),
         agent_id = config.agent_id,
+        agent_identifiers = config.agent_identifiers,
         health = %health_addr,
         admin = %admin_addr,
         "tether-agent started"

@@ -189,8 +189,16 @@ pub struct RunArgs {
         help_heading = "Identity"
     )]
     pub agent_id: String,
-    /// What this agent serves, as a URL query: host=…&ipv4=…&ipv6=…&cidr=…&default-route=true.
-    #[arg(long, default_value = "", help_heading = "Identity")]
+    /// What this agent serves, as a URL query: host=…&ipv4=…&ipv6=…&cidr=…&default-route=true
+    /// [default: ipv4=/ipv6= for the addresses of this node's default-route interfaces, so a
+    /// server with --proxy-strategies=destHost,default sends dials to this node's own
+    /// addresses here, where the guard lets them in; "none" advertises nothing].
+    #[arg(
+        long,
+        env = "TETHER_AGENT_IDENTIFIERS",
+        default_value = "",
+        help_heading = "Identity"
+    )]
     pub agent_identifiers: String,
 
     /// First reconnect delay; grows 1.5x (10% jitter) up to --sync-interval-cap.
@@ -435,7 +443,9 @@ impl Config {
                 "must be at least 30s: grpc-go servers answer faster pings with GOAWAY too_many_pings".into(),
             ));
         }
-        if let Err(err) = Identifiers::parse_strict(&args.agent_identifiers) {
+        if args.agent_identifiers != "none"
+            && let Err(err) = Identifiers::parse_strict(&args.agent_identifiers)
+        {
             return Err(invalid(
                 "agent-identifiers",
                 args.agent_identifiers.clone(),
@@ -524,7 +534,11 @@ impl Config {
             token_path,
             keepalive: args.keepalive_time,
             agent_id,
-            agent_identifiers: args.agent_identifiers.clone(),
+            agent_identifiers: match args.agent_identifiers.as_str() {
+                "" => node_identifiers(&crate::interfaces::node_addresses()),
+                "none" => String::new(),
+                given => given.to_owned(),
+            },
             sync_interval: args.sync_interval,
             sync_interval_cap: args.sync_interval_cap,
             probe_interval: args.probe_interval,
@@ -563,6 +577,18 @@ impl Config {
             },
         })
     }
+}
+
+/// `ipv4=…&ipv6=…` for `addresses`, in upstream's identifier syntax.
+fn node_identifiers(addresses: &[std::net::IpAddr]) -> String {
+    addresses
+        .iter()
+        .map(|address| match address {
+            std::net::IpAddr::V4(a) => format!("ipv4={a}"),
+            std::net::IpAddr::V6(a) => format!("ipv6={a}"),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// The bearer token, without surrounding whitespace (a trailing newline would break the header).

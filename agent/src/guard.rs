@@ -290,8 +290,10 @@ fn refuse_enforce_on_control_plane(mode: Mode, control_plane: &[Cidr]) -> Mode {
     if mode != Mode::Enforce {
         return mode;
     }
-    let inside: Vec<String> = node_addresses()
+    let inside: Vec<String> = interfaces::addresses()
         .into_iter()
+        .map(|(_, address)| address)
+        .filter(|address| !address.is_loopback())
         .filter_map(|address| {
             let cidr = control_plane.iter().find(|c| c.contains(address))?;
             Some(format!("{address} in {cidr}"))
@@ -308,22 +310,4 @@ fn refuse_enforce_on_control_plane(mode: Mode, control_plane: &[Cidr]) -> Mode {
          control-plane nodes, or narrow --control-plane-cidr to the apiservers' source addresses"
     );
     Mode::Monitor
-}
-
-/// Every address on an interface of this network namespace, loopback aside.
-fn node_addresses() -> Vec<IpAddr> {
-    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addresses
-        .filter_map(|a| {
-            let address = a.address?;
-            let ip = if let Some(v4) = address.as_sockaddr_in() {
-                IpAddr::V4(v4.ip())
-            } else {
-                IpAddr::V6(address.as_sockaddr_in6()?.ip())
-            };
-            (!ip.is_loopback()).then_some(ip)
-        })
-        .collect()
 }

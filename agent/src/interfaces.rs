@@ -23,10 +23,56 @@ pub struct Route {
 
 /// Interfaces that can carry traffic from `control_plane`, plus `named`, sorted.
 pub fn carrying(control_plane: &[Cidr], named: &[String]) -> Vec<String> {
+    select(&routes(), control_plane, named)
+}
+
+fn routes() -> Vec<Route> {
     let read = |path| std::fs::read_to_string(path).unwrap_or_default();
     let mut routes = routes_v4(&read("/proc/net/route"));
     routes.extend(routes_v6(&read("/proc/net/ipv6_route")));
-    select(&routes, control_plane, named)
+    routes
+}
+
+/// The node's own addresses: those on the interfaces of its default routes, without loopback
+/// and link-local ones; sorted.
+pub fn node_addresses() -> Vec<IpAddr> {
+    let uplinks: BTreeSet<String> = routes()
+        .into_iter()
+        .filter(|r| r.destination.len == 0 && r.interface != "lo")
+        .map(|r| r.interface)
+        .collect();
+    let mut found: Vec<IpAddr> = addresses()
+        .into_iter()
+        .filter(|(interface, address)| {
+            let link_local = match address {
+                IpAddr::V4(a) => a.is_link_local(),
+                IpAddr::V6(a) => a.is_unicast_link_local(),
+            };
+            uplinks.contains(interface) && !link_local && !address.is_loopback()
+        })
+        .map(|(_, address)| address)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Every address on an interface of this network namespace: (interface, address).
+pub fn addresses() -> Vec<(String, IpAddr)> {
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addresses
+        .filter_map(|a| {
+            let address = a.address?;
+            let ip = if let Some(v4) = address.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else {
+                IpAddr::V6(address.as_sockaddr_in6()?.ip())
+            };
+            Some((a.interface_name, ip))
+        })
+        .collect()
 }
 
 fn select(routes: &[Route], control_plane: &[Cidr], named: &[String]) -> Vec<String> {

@@ -55,23 +55,7 @@ impl Site {
         // a node's uplink.
         node.ip(&["route", "add", "default", "via", CP]).unwrap();
 
-        let kubelet = node
-            .run(|| TcpListener::bind((NODE, 10250)))
-            .unwrap()
-            .unwrap();
-        std::thread::spawn(move || {
-            for mut stream in kubelet.incoming().flatten() {
-                // One thread each: a direct connection that sends nothing must not block the
-                // next.
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 1024];
-                    let _ = stream.read(&mut buf);
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
-                    );
-                });
-            }
-        });
+        kubelet(&node, NODE, "hello");
         let pair = pki.pair("server");
         let args = [
             "--mode=http-connect".to_owned(),
@@ -213,6 +197,28 @@ impl Site {
 pub fn log_field(line: &str, key: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(line).unwrap();
     value["fields"][key].as_str().unwrap_or_default().to_owned()
+}
+
+/// A kubelet stand-in on `address:10250` in `ns` that answers every request with `body`.
+pub fn kubelet(ns: &Netns, address: &str, body: &'static str) {
+    let listener = ns
+        .run(|| TcpListener::bind((address, 10250)))
+        .unwrap()
+        .unwrap();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            // One thread each: a direct connection that sends nothing must not block the next.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
 }
 
 /// Direct connections from the control plane to the kubelet, made over and over from two
