@@ -12,9 +12,12 @@ pub const PIN_LAYOUT: u32 = 2;
 
 /// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Per-CPU [`InterfaceCounters`] by ingress ifindex, for what the guard drops or would drop.
-/// The agent adds an entry for each interface it guards; others are not counted per interface.
+/// Per-CPU [`InterfaceCounters`], for what the guard drops or would drop, at index
+/// `ifindex % INTERFACE_SLOTS`: an array lookup costs the drop path a fraction of a hash
+/// lookup. The agent claims the slot of each interface it guards (two guarded interfaces whose
+/// indexes share a slot: the second is only counted in [`COUNTERS_MAP`]).
 pub const INTERFACE_COUNTERS_MAP: &str = "IF_COUNTERS";
+pub const INTERFACE_SLOTS: u32 = 256;
 /// One [`GuardConfig`] at index 0.
 pub const CONFIG_MAP: &str = "CONFIG";
 /// LPM tries of control-plane source prefixes.
@@ -23,8 +26,6 @@ pub const CONTROL_PLANE_V6_MAP: &str = "CP_V6";
 /// LPM tries of sources still allowed to reach protected ports directly.
 pub const ALLOW_V4_MAP: &str = "ALLOW_V4";
 pub const ALLOW_V6_MAP: &str = "ALLOW_V6";
-/// One [`ControlPlaneHint`] at index 0: which /16s hold a control-plane IPv4 prefix.
-pub const CONTROL_PLANE_V4_HINT_MAP: &str = "CP_V4_HINT";
 /// Destination ports (host byte order) → [`PORT_PROTECTED`] | [`PORT_TUNNEL`].
 pub const PORTS_MAP: &str = "PORTS";
 
@@ -42,13 +43,12 @@ pub const EVENT_BUDGET_MAP: &str = "EVENT_BUDGET";
 /// Maps whose contents must outlive the agent process: pinned under the bpffs root and adopted
 /// by the next agent, so policy, mode and counters carry over a restart. The events ring and
 /// its budget belong to the running agent and are not pinned.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 8] = [
     COUNTERS_MAP,
     INTERFACE_COUNTERS_MAP,
     CONFIG_MAP,
     CONTROL_PLANE_V4_MAP,
     CONTROL_PLANE_V6_MAP,
-    CONTROL_PLANE_V4_HINT_MAP,
     ALLOW_V4_MAP,
     ALLOW_V6_MAP,
     PORTS_MAP,
@@ -71,8 +71,6 @@ pub const GUARD_PROGRAM: &str = "tether_guard";
 /// Capacity of each prefix trie and of the port set.
 pub const MAX_PREFIXES: u32 = 1024;
 pub const MAX_PORTS: u32 = 64;
-/// Interfaces counted separately in [`INTERFACE_COUNTERS_MAP`].
-pub const MAX_INTERFACES: u32 = 64;
 
 /// Why the guard decided what it did about a packet.
 ///
@@ -189,6 +187,9 @@ pub struct GuardConfig {
     /// [`tunnel_bit`]s of the IP protocols dropped as [`Reason::Encapsulated`] from the
     /// control plane.
     pub tunnels: u32,
+    /// Here rather than in a map of its own: the program looks the config up for every packet
+    /// anyway, and a second lookup is a fifth of what established traffic costs.
+    pub hint: ControlPlaneHint,
 }
 
 /// IP protocols that carry a whole packet inside, as `GuardConfig::tunnels` bits.
@@ -235,9 +236,9 @@ impl ControlPlaneHint {
         }
     }
 
-    /// Whether the /16 of `address` may hold a control-plane source.
-    pub const fn may_contain(&self, address: [u8; 4]) -> bool {
-        let slash16 = u16::from_be_bytes([address[0], address[1]]) as usize;
+    /// Whether the /16 whose first two octets are `top` may hold a control-plane source.
+    pub const fn may_contain(&self, top: [u8; 2]) -> bool {
+        let slash16 = u16::from_be_bytes(top) as usize;
         self.words[slash16 >> 6] & (1 << (slash16 & 63)) != 0
     }
 }
@@ -246,6 +247,9 @@ impl ControlPlaneHint {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceCounters {
+    /// The interface that owns this slot; 0 (no interface has it) for none.
+    pub ifindex: u32,
+    pub _pad: u32,
     pub slots: [Counter; COUNTER_SLOTS as usize],
 }
 
@@ -296,7 +300,7 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::offset_of!(Counter, packets) == 0);
     assert!(core::mem::offset_of!(Counter, bytes) == 8);
-    assert!(core::mem::size_of::<GuardConfig>() == 8);
+    assert!(core::mem::size_of::<GuardConfig>() == 8 + 8192);
     assert!(core::mem::offset_of!(GuardConfig, mode) == 0);
     assert!(core::mem::size_of::<Reason>() == 4);
     assert!(core::mem::size_of::<DropEvent>() == 48);
@@ -307,7 +311,7 @@ const _: () = {
     assert!(core::mem::offset_of!(DropEvent, suppressed) == 44);
     assert!(core::mem::size_of::<EventBudget>() == 16);
     assert!(core::mem::size_of::<ControlPlaneHint>() == 8192);
-    assert!(core::mem::size_of::<InterfaceCounters>() == 16 * COUNTER_SLOTS as usize);
+    assert!(core::mem::size_of::<InterfaceCounters>() == 8 + 16 * COUNTER_SLOTS as usize);
 };
 
 // SAFETY: both are repr(C), have no implicit padding (checked above) and every bit pattern is
@@ -360,13 +364,13 @@ mod tests {
         let mut hint = ControlPlaneHint::default();
         hint.cover([10, 77, 0, 1], 32);
         hint.cover([172, 16, 0, 0], 12);
-        assert!(hint.may_contain([10, 77, 200, 9]));
-        assert!(!hint.may_contain([10, 76, 0, 1]));
-        assert!(!hint.may_contain([10, 78, 0, 1]));
-        assert!(hint.may_contain([172, 16, 0, 1]));
-        assert!(hint.may_contain([172, 31, 255, 1]));
-        assert!(!hint.may_contain([172, 32, 0, 1]));
-        assert!(!hint.may_contain([172, 15, 0, 1]));
+        assert!(hint.may_contain([10, 77]));
+        assert!(!hint.may_contain([10, 76]));
+        assert!(!hint.may_contain([10, 78]));
+        assert!(hint.may_contain([172, 16]));
+        assert!(hint.may_contain([172, 31]));
+        assert!(!hint.may_contain([172, 32]));
+        assert!(!hint.may_contain([172, 15]));
         let mut everything = ControlPlaneHint::default();
         everything.cover([0, 0, 0, 0], 0);
         assert!(everything.words.iter().all(|w| *w == u64::MAX));

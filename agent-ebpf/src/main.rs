@@ -15,28 +15,26 @@ use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, bpf_sock_tuple, xdp_action};
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
     COUNTER_SLOTS, ControlPlaneHint, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND,
-    EVENTS_RING_BYTES, EventBudget, GuardConfig, InterfaceCounters, MAX_INTERFACES, MAX_PORTS,
+    EVENTS_RING_BYTES, EventBudget, GuardConfig, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS,
     MAX_PREFIXES, Mode, PORT_PROTECTED, PORT_TUNNEL, Reason, counter_slot, tunnel_bit,
 };
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 #[map(name = "IF_COUNTERS")]
-static IF_COUNTERS: PerCpuHashMap<u32, InterfaceCounters> =
-    PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+static IF_COUNTERS: PerCpuArray<InterfaceCounters> =
+    PerCpuArray::with_max_entries(INTERFACE_SLOTS, 0);
 #[map(name = "CONFIG")]
 static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
 #[map(name = "CP_V4")]
 static CP_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "CP_V6")]
 static CP_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
-#[map(name = "CP_V4_HINT")]
-static CP_V4_HINT: Array<ControlPlaneHint> = Array::with_max_entries(1, 0);
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "ALLOW_V6")]
@@ -79,7 +77,7 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let mut transport = Transport::default();
-    let verdict = classify(&ctx, config.tunnels, &mut transport);
+    let verdict = classify(&ctx, config, &mut transport);
     let drop = verdict.drop && mode == Mode::Enforce as u32;
     count(&ctx, verdict.reason, drop);
     if verdict.drop {
@@ -120,8 +118,8 @@ const fn malformed(from_control_plane: bool) -> Verdict {
 
 /// What is known about the packet around its transport header.
 #[derive(Clone, Copy)]
-struct Packet {
-    source: Source,
+struct Packet<'a> {
+    source: Source<'a>,
     /// The first piece of a fragmented datagram: a transport header cut short is then not
     /// malformed (the kernel would reassemble it) but unparseable.
     first_fragment: bool,
@@ -129,7 +127,7 @@ struct Packet {
     tunnels: u32,
 }
 
-impl Packet {
+impl Packet<'_> {
     /// The packet ends inside a header the verdict needs.
     #[inline(always)]
     fn truncated(self, ctx: &XdpContext) -> Verdict {
@@ -145,21 +143,23 @@ impl Packet {
 /// established traffic from outside the control plane's /16s, the bulk of what passes, reads
 /// only the first two octets.
 #[derive(Clone, Copy)]
-enum Source {
-    V4(usize),
+enum Source<'a> {
+    /// With the /16 hint from the config, checked before the IPv4 trie.
+    V4(usize, &'a ControlPlaneHint),
     V6(usize),
 }
 
-impl Source {
+impl Source<'_> {
     /// Whether the control plane sent the packet; an unreadable address is not the control
     /// plane's.
     #[inline(always)]
     fn in_control_plane(self, ctx: &XdpContext) -> bool {
         match self {
-            Source::V4(at) => array::<4>(ctx, at).is_some_and(|a| {
-                CP_V4_HINT.get(0).is_some_and(|hint| hint.may_contain(a))
-                    && CP_V4.get(&Key::new(32, a)).is_some()
-            }),
+            // The first two octets decide most packets without the trie.
+            Source::V4(at, hint) => {
+                array::<2>(ctx, at).is_some_and(|top| hint.may_contain(top))
+                    && array::<4>(ctx, at).is_some_and(|a| CP_V4.get(&Key::new(32, a)).is_some())
+            }
             Source::V6(at) => {
                 array::<16>(ctx, at).is_some_and(|a| CP_V6.get(&Key::new(128, a)).is_some())
             }
@@ -181,7 +181,7 @@ impl Source {
     #[inline(always)]
     fn allowed_on_protected_ports(self, ctx: &XdpContext) -> bool {
         match self {
-            Source::V4(at) => {
+            Source::V4(at, _) => {
                 array::<4>(ctx, at).is_some_and(|a| ALLOW_V4.get(&Key::new(32, a)).is_some())
             }
             Source::V6(at) => {
@@ -201,7 +201,7 @@ impl Source {
         // stay in network byte order, as the helper wants them.
         let mut tuple = [0u8; 36];
         let size = match self {
-            Source::V4(at) => {
+            Source::V4(at, _) => {
                 let Some(addresses) = array::<8>(ctx, at) else {
                     return false;
                 };
@@ -274,13 +274,13 @@ fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext, tunnels: u32, found: &mut Transport) -> Verdict {
+fn classify(ctx: &XdpContext, config: &GuardConfig, found: &mut Transport) -> Verdict {
     let Some(mut ethertype) = be16(ctx, 12) else {
         return malformed(false);
     };
     // Untagged IPv4 first: it is most of what a node receives.
     if ethertype == ETH_P_IP {
-        return ipv4(ctx, ETH_HLEN, tunnels, found);
+        return ipv4(ctx, ETH_HLEN, config, found);
     }
     let mut offset = ETH_HLEN;
     // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
@@ -295,8 +295,8 @@ fn classify(ctx: &XdpContext, tunnels: u32, found: &mut Transport) -> Verdict {
         offset += 4;
     }
     match ethertype {
-        ETH_P_IP => ipv4(ctx, offset, tunnels, found),
-        ETH_P_IPV6 => ipv6(ctx, offset, tunnels, found),
+        ETH_P_IP => ipv4(ctx, offset, config, found),
+        ETH_P_IPV6 => ipv6(ctx, offset, config.tunnels, found),
         // A third tag is nothing the node's stack would deliver as IP.
         ETH_P_8021Q | ETH_P_8021AD => malformed(false),
         // ARP and everything else is not ours to judge.
@@ -305,8 +305,8 @@ fn classify(ctx: &XdpContext, tunnels: u32, found: &mut Transport) -> Verdict {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Verdict {
-    let source = Source::V4(l3 + 12);
+fn ipv4(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport) -> Verdict {
+    let source = Source::V4(l3 + 12, &config.hint);
     let Some(header) = window::<20>(ctx, l3) else {
         return source.malformed(ctx);
     };
@@ -329,7 +329,7 @@ fn ipv4(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Ver
     let packet = Packet {
         source,
         first_fragment,
-        tunnels,
+        tunnels: config.tunnels,
     };
     // Options must be present in full; a TCP or UDP header read past them proves it anyway.
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && array::<2>(ctx, l4 - 2).is_none() {
@@ -407,7 +407,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Ver
 }
 
 #[inline(always)]
-fn fragment_verdict(ctx: &XdpContext, source: Source) -> Verdict {
+fn fragment_verdict(ctx: &XdpContext, source: Source<'_>) -> Verdict {
     if source.in_control_plane(ctx) {
         Verdict::new(Reason::Fragment, true)
     } else {
@@ -420,7 +420,7 @@ fn transport(
     ctx: &XdpContext,
     protocol: u8,
     l4: usize,
-    packet: Packet,
+    packet: Packet<'_>,
     found: &mut Transport,
 ) -> Verdict {
     let source = packet.source;
@@ -531,12 +531,15 @@ fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
 #[inline(always)]
 fn count_interface(ctx: &XdpContext, reason: Reason, dropped: bool) {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let Some(counters) = IF_COUNTERS.get_ptr_mut(&ifindex) else {
+    let Some(counters) = IF_COUNTERS.get_ptr_mut(ifindex % INTERFACE_SLOTS) else {
         return;
     };
-    let len = (ctx.data_end() - ctx.data()) as u64;
     // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
     let counters = unsafe { &mut *counters };
+    if counters.ifindex != ifindex {
+        return;
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
     if let Some(counter) = counters
         .slots
         .get_mut(counter_slot(reason, dropped) as usize)

@@ -244,7 +244,12 @@ impl Links {
                 "XDP guard detached: no longer an interface to the control plane"
             );
         }
-        dataplane.count_interfaces(&keep)?;
+        for interface in dataplane.count_interfaces(&keep)? {
+            tracing::warn!(
+                interface,
+                "this interface's drops are counted only in the totals: another guarded interface holds its counter slot"
+            );
+        }
         self.guarded = now;
         Ok(())
     }

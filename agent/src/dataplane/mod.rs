@@ -14,20 +14,17 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{
-    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf,
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tether_agent_common::{
-    ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_HINT_MAP, CONTROL_PLANE_V4_MAP,
-    CONTROL_PLANE_V6_MAP, COUNTERS_MAP, ControlPlaneHint, Counter, EVENTS_MAP, GUARD_PROGRAM,
-    GuardConfig, INTERFACE_COUNTERS_MAP, InterfaceCounters, MAX_INTERFACES, MAX_PORTS,
-    MAX_PREFIXES, Mode, PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP, Reason, counter_slot,
-    tunnel_bit,
+    ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
+    COUNTERS_MAP, ControlPlaneHint, Counter, EVENTS_MAP, GUARD_PROGRAM, GuardConfig,
+    INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode,
+    PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP, Reason, counter_slot, tunnel_bit,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -111,8 +108,6 @@ pub enum DataplaneError {
     IncompatiblePins { root: PathBuf, found: String },
     #[error("the embedded eBPF object cannot be parsed")]
     Object(#[source] aya_obj::ParseError),
-    #[error("the guard can count at most {max} interfaces separately")]
-    TooManyInterfaces { max: u32 },
     #[error("cannot duplicate the descriptor of eBPF map {name}")]
     Duplicate {
         name: &'static str,
@@ -194,7 +189,7 @@ pub struct KernelLogs {
 /// The guard's per-CPU counters, readable while the guard runs (by `/metrics`, for one).
 pub struct Counters {
     array: PerCpuArray<MapData, Counter>,
-    interfaces: PerCpuHashMap<MapData, u32, InterfaceCounters>,
+    interfaces: PerCpuArray<MapData, InterfaceCounters>,
 }
 
 impl Dataplane {
@@ -374,41 +369,55 @@ impl Dataplane {
         Ok(released)
     }
 
-    /// Counts drops per interface for exactly these interfaces (by ifindex) from now on.
-    pub fn count_interfaces(&mut self, interfaces: &[String]) -> Result<(), DataplaneError> {
-        let wanted: Vec<u32> = interfaces
-            .iter()
-            .map(|name| interface_index(name))
-            .collect::<Result<_, _>>()?;
-        if wanted.len() > MAX_INTERFACES as usize {
-            return Err(DataplaneError::TooManyInterfaces {
-                max: MAX_INTERFACES,
-            });
+    /// Counts drops per interface for exactly these interfaces from now on: each claims the
+    /// slot of its ifindex, keeping its counts when it had it already. Returns the interfaces
+    /// left uncounted because another in the list holds their slot.
+    pub fn count_interfaces(
+        &mut self,
+        interfaces: &[String],
+    ) -> Result<Vec<String>, DataplaneError> {
+        let mut owners: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+        let mut uncounted = Vec::new();
+        for name in interfaces {
+            let index = interface_index(name)?;
+            match owners.entry(index % INTERFACE_SLOTS) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(index);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => uncounted.push(name.clone()),
+            }
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Map {
             name: INTERFACE_COUNTERS_MAP,
             source: MapError::IoError(source),
         })?;
-        let mut map = PerCpuHashMap::<_, u32, InterfaceCounters>::try_from(
-            self.map_mut(INTERFACE_COUNTERS_MAP)?,
-        )
-        .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
-        let present: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-        for stale in present.iter().filter(|i| !wanted.contains(i)) {
-            map.remove(stale)
+        let mut map =
+            PerCpuArray::<_, InterfaceCounters>::try_from(self.map_mut(INTERFACE_COUNTERS_MAP)?)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
-        }
-        for index in wanted.iter().filter(|i| !present.contains(i)) {
-            let zero = PerCpuValues::try_from(vec![InterfaceCounters::default(); cpus]).map_err(
-                |source| DataplaneError::Map {
+        for slot in 0..INTERFACE_SLOTS {
+            let held = map
+                .get(&slot, 0)
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))?
+                .first()
+                .map_or(0, |c| c.ifindex);
+            let wanted = owners.get(&slot).copied().unwrap_or(0);
+            if held == wanted {
+                continue;
+            }
+            let fresh = InterfaceCounters {
+                ifindex: wanted,
+                ..InterfaceCounters::default()
+            };
+            let values = PerCpuValues::try_from(vec![fresh; cpus]).map_err(|source| {
+                DataplaneError::Map {
                     name: INTERFACE_COUNTERS_MAP,
                     source: MapError::IoError(source),
-                },
-            )?;
-            map.insert(index, zero, 0)
+                }
+            })?;
+            map.set(slot, values, 0)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
         }
-        Ok(())
+        Ok(uncounted)
     }
 
     /// The guard's counters, summed over CPUs, one entry per reason.
@@ -431,7 +440,7 @@ impl Dataplane {
                 .map(name)
                 .ok_or(DataplaneError::Missing { kind: "map", name })?;
             let data = match map {
-                Map::PerCpuArray(data) | Map::PerCpuHashMap(data) => data,
+                Map::PerCpuArray(data) => data,
                 _ => {
                     return Err(DataplaneError::Missing {
                         kind: "per-CPU map",
@@ -484,12 +493,11 @@ impl Dataplane {
                 hint.cover(address.octets(), cidr.len);
             }
         }
-        let map = self.map_mut(CONTROL_PLANE_V4_HINT_MAP)?;
-        let mut array = Array::<_, ControlPlaneHint>::try_from(map)
-            .map_err(map_error(CONTROL_PLANE_V4_HINT_MAP))?;
-        array
-            .set(0, hint, 0)
-            .map_err(map_error(CONTROL_PLANE_V4_HINT_MAP))
+        let map = self.map_mut(CONFIG_MAP)?;
+        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
+        let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
+        value.hint = hint;
+        config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
     }
 
     /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
@@ -644,7 +652,7 @@ impl Counters {
     fn from_maps(array: MapData, interfaces: MapData) -> Result<Self, DataplaneError> {
         let array =
             PerCpuArray::try_from(Map::PerCpuArray(array)).map_err(map_error(COUNTERS_MAP))?;
-        let interfaces = PerCpuHashMap::try_from(Map::PerCpuHashMap(interfaces))
+        let interfaces = PerCpuArray::try_from(Map::PerCpuArray(interfaces))
             .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
         Ok(Counters { array, interfaces })
     }
@@ -658,8 +666,15 @@ impl Counters {
     /// sorted by interface.
     pub fn read_interfaces(&self) -> Result<Vec<InterfaceCounts>, DataplaneError> {
         let mut out = Vec::new();
-        for entry in self.interfaces.iter() {
-            let (index, per_cpu) = entry.map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        for slot in 0..INTERFACE_SLOTS {
+            let per_cpu = self
+                .interfaces
+                .get(&slot, 0)
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+            let index = per_cpu.first().map_or(0, |c| c.ifindex);
+            if index == 0 {
+                continue;
+            }
             let sum = |slot: u32| {
                 per_cpu.iter().fold(Counter::default(), |acc, c| {
                     let c = c.slots[slot as usize];

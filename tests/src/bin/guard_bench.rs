@@ -1,8 +1,10 @@
 //! `cargo xtask bench guard`: what the XDP guard costs.
 //!
-//! 1. Per packet, with BPF_PROG_TEST_RUN: established traffic and the SYN-drop path against a
-//!    no-op XDP program (the floor), as CPU time of the calling thread per run (the kernel's
-//!    own average is in whole nanoseconds, too coarse for a few-nanosecond floor).
+//! 1. Per packet, with BPF_PROG_TEST_RUN, IPv4 and IPv6: established traffic from outside the
+//!    control plane, the control plane's return traffic on a real connection of the node's
+//!    (the socket-lookup path), and the SYN-drop path, against a no-op XDP program (the
+//!    floor), as CPU time of the calling thread per run (the kernel's own average is in whole
+//!    nanoseconds, too coarse for a few-nanosecond floor).
 //! 2. Drop rate on a veth pair between two namespaces: an in-kernel generator
 //!    (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on an `XDP_TX` program) pinned to CPU 0
 //!    sends control-plane SYNs; the receiver's threaded NAPI, pinned to CPU 1, runs the guard,
@@ -11,6 +13,7 @@
 //!
 //! Policy for both: 16 IPv4 and 8 IPv6 control-plane prefixes, 6 protected ports.
 
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,7 +28,7 @@ use nix::unistd::Pid;
 use tether_agent::dataplane::{Cidr, Dataplane, Policy};
 use tether_agent_common::Mode;
 use tether_tests::netns::{Netns, veth};
-use tether_tests::packets::{ACK, ETH_IP, SYN, TCP, ethernet, frame, ipv4, tcp};
+use tether_tests::packets::{ACK, ETH_IP, ETH_IPV6, SYN, TCP, ethernet, frame, ipv4, ipv6, tcp};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -146,20 +149,113 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// One per-packet measurement: a frame and the action the guard must take on it.
+struct Case {
+    name: &'static str,
+    packet: Vec<u8>,
+    action: u32,
+}
+
+/// Addresses for the per-packet cases: the control plane's (inside its prefixes), the node's,
+/// and a source outside every prefix.
+const ELSEWHERE: [u8; 4] = [192, 168, 7, 7];
+const CONTROL_PLANE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd88, 0, 0, 0, 0, 0, 0, 2);
+const ELSEWHERE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
+
+fn cases(local4: u16, local6: u16) -> Vec<Case> {
+    let v4 = |src: [u8; 4], port: u16, flags: u8| {
+        frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(src, NODE, TCP, 20, 0, 0),
+            &tcp(port, flags, 0),
+        ])
+    };
+    let v6 = |src: Ipv6Addr, port: u16, flags: u8| {
+        frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(src.octets(), NODE6.octets(), TCP, 20),
+            &tcp(port, flags, 0),
+        ])
+    };
+    vec![
+        Case {
+            name: "v4 established, from elsewhere",
+            packet: v4(ELSEWHERE, 10250, ACK),
+            action: XDP_PASS,
+        },
+        Case {
+            name: "v4 established, control plane (lookup)",
+            packet: v4(CONTROL_PLANE, local4, ACK),
+            action: XDP_PASS,
+        },
+        Case {
+            name: "v4 control-plane SYN (drop)",
+            packet: v4(CONTROL_PLANE, 10250, SYN),
+            action: XDP_DROP,
+        },
+        Case {
+            name: "v6 established, from elsewhere",
+            packet: v6(ELSEWHERE6, 10250, ACK),
+            action: XDP_PASS,
+        },
+        Case {
+            name: "v6 established, control plane (lookup)",
+            packet: v6(CONTROL_PLANE6, local6, ACK),
+            action: XDP_PASS,
+        },
+        Case {
+            name: "v6 control-plane SYN (drop)",
+            packet: v6(CONTROL_PLANE6, 10250, SYN),
+            action: XDP_DROP,
+        },
+    ]
+}
+
+/// A connection from the node to the control plane's port 40000 (the source port of every
+/// built segment), so the control plane's ACKs are the return traffic of a real socket the
+/// guard's lookup finds. Returns the node's local port and the sockets to keep.
+fn own_connection(node: IpAddr, cp: IpAddr) -> Result<(u16, [TcpStream; 2], TcpListener)> {
+    let listener = TcpListener::bind((cp, 40000))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(SocketAddr::new(node, 0)),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(node, 0).into())?;
+    socket.connect(&SocketAddr::new(cp, 40000).into())?;
+    let client = TcpStream::from(socket);
+    let (server, _) = listener.accept()?;
+    Ok((client.local_addr()?.port(), [client, server], listener))
+}
+
 fn per_packet(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
+    // In a namespace of its own, where the node's connections to the control plane exist:
+    // BPF_PROG_TEST_RUN looks sockets up in the caller's namespace.
+    let ns = Netns::new("bench-pp")?;
+    for address in ["10.88.0.1/32", "10.88.0.2/32", "fd00::1/128", "fd88::2/128"] {
+        ns.ip(&["addr", "add", address, "dev", "lo", "nodad"])?;
+    }
+    ns.run(|| per_packet_here(bench, sizes))?
+}
+
+fn per_packet_here(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
     pin_to_cpu(0)?;
-    let established = segment(ACK);
-    let syn = segment(SYN);
+    let (local4, _v4, _l4) = own_connection(NODE.into(), CONTROL_PLANE.into())?;
+    let (local6, _v6, _l6) = own_connection(NODE6.into(), CONTROL_PLANE6.into())?;
+    let cases = cases(local4, local6);
+    let floor_packet = &cases[0].packet;
     let mut dataplane = guard()?;
     let repeat = sizes.test_run_repeat;
-    let (mut floor, mut pass, mut drop) = (Vec::new(), Vec::new(), Vec::new());
+    let mut floor = Vec::new();
+    let mut samples: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
     for _ in 0..sizes.rounds {
         let noop = xdp(bench, "bench_pass")?;
         floor.push(cpu_per_run(
             repeat,
             || {
                 let result = noop.test_run(TestRunOptions {
-                    data_in: Some(&established),
+                    data_in: Some(floor_packet),
                     repeat,
                     ..TestRunOptions::new()
                 })?;
@@ -167,16 +263,16 @@ fn per_packet(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
             },
             XDP_PASS,
         )?);
-        pass.push(cpu_per_run(
-            repeat,
-            || Ok(dataplane.time_packet(&established, repeat)?.0),
-            XDP_PASS,
-        )?);
-        drop.push(cpu_per_run(
-            repeat,
-            || Ok(dataplane.time_packet(&syn, repeat)?.0),
-            XDP_DROP,
-        )?);
+        for (case, samples) in cases.iter().zip(&mut samples) {
+            samples.push(
+                cpu_per_run(
+                    repeat,
+                    || Ok(dataplane.time_packet(&case.packet, repeat)?.0),
+                    case.action,
+                )
+                .with_context(|| case.name)?,
+            );
+        }
     }
     // Each round's ratio pairs measurements taken moments apart, so drift in the machine's
     // speed between rounds cancels out.
@@ -184,26 +280,24 @@ fn per_packet(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
         let mut ratios: Vec<f64> = samples.iter().zip(&floor).map(|(s, f)| s / f).collect();
         median(&mut ratios)
     };
-    let (pass_ratio, drop_ratio) = (ratio(&pass), ratio(&drop));
     println!(
         "\n== per packet: BPF_PROG_TEST_RUN x {repeat}, {} rounds interleaved; median CPU ns per run, median of each round's ratio to the floor",
         sizes.rounds
     );
-    println!("   {:<36}{:>10}{:>12}", "program", "ns/packet", "x floor");
-    for (name, ns, ratio) in [
-        ("no-op XDP_PASS (floor)", median(&mut floor), 1.0),
-        (
-            "guard, established TCP (pass)",
-            median(&mut pass),
-            pass_ratio,
-        ),
-        (
-            "guard, control-plane SYN (drop)",
-            median(&mut drop),
-            drop_ratio,
-        ),
-    ] {
-        println!("   {name:<36}{ns:>10.1}{ratio:>12.2}");
+    println!("   {:<44}{:>10}{:>12}", "program", "ns/packet", "x floor");
+    println!(
+        "   {:<44}{:>10.1}{:>12.2}",
+        "no-op XDP_PASS (floor)",
+        median(&mut floor.clone()),
+        1.0
+    );
+    for (case, samples) in cases.iter().zip(&mut samples) {
+        let r = ratio(samples);
+        println!(
+            "   {:<44}{:>10.1}{r:>12.2}",
+            format!("guard, {}", case.name),
+            median(samples)
+        );
     }
     Ok(())
 }
