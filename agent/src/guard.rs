@@ -12,7 +12,7 @@ use tether_agent_common::Mode;
 use crate::dataplane::{
     Attached, Cidr, Counters, Dataplane, DataplaneError, PinnedGuard, Pins, Policy,
 };
-use crate::interfaces;
+use crate::{capabilities, interfaces};
 
 /// The guard flags, validated.
 #[derive(Clone, Debug)]
@@ -38,6 +38,11 @@ pub enum GuardError {
          (--control-plane-cidr); name the interfaces with --guard-interface"
     )]
     NoRoute,
+    #[error(
+        "missing {0}: grant it in the container's securityContext (capabilities.add), or run \
+         with --guard-mode=off"
+    )]
+    MissingCapabilities(String),
     #[error(transparent)]
     Watch(#[from] interfaces::WatchError),
     #[error(
@@ -98,6 +103,14 @@ pub async fn start(
             counters: Some(pinned.counters()?),
             tasks: Vec::new(),
         }));
+    }
+    let missing = capabilities::missing(&capabilities::GUARD);
+    if !missing.is_empty() {
+        let named: Vec<String> = missing
+            .iter()
+            .map(|c| format!("{} ({})", c.name, c.why))
+            .collect();
+        return Err(GuardError::MissingCapabilities(named.join(", ")));
     }
     let control_plane = if settings.control_plane.is_empty() {
         resolve(server_host, server_port).await?

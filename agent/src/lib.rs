@@ -2,6 +2,7 @@
 //! tunnel the only way in.
 
 pub mod app;
+pub mod capabilities;
 pub mod config;
 pub mod dataplane;
 pub mod dialer;

@@ -1,5 +1,5 @@
-//! The Konnectivity wire protocol (kubernetes-sigs/apiserver-network-proxy), written from the
-//! field reference in `docs/konnectivity-protocol.md` §1.
+//! The Konnectivity wire protocol (kubernetes-sigs/apiserver-network-proxy), written from its
+//! published field numbers and enum values.
 //!
 //! Upstream's proto files declare no package: message names are bare (`Packet`, …) and the
 //! routes are `/AgentService/Connect` and `/ProxyService/Proxy`. Field tags and enum values here

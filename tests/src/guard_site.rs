@@ -93,14 +93,7 @@ impl Site {
 
     /// [`Site::agent`], holding only `caps` when given.
     pub fn agent_with(&self, caps: Option<&[&str]>, guard: &[&str]) -> Agent {
-        let mut args = vec![
-            format!("--proxy-server-host={CP}"),
-            format!("--proxy-server-port={}", self.server.agent_port),
-            format!("--ca-cert={}", self.pki.ca().display()),
-            "--sync-interval=100ms".into(),
-            format!("--bpffs-root={}", self.bpffs.root().display()),
-        ];
-        args.extend(guard.iter().map(|a| (*a).to_owned()));
+        let args = self.agent_args(guard);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent = match caps {
             Some(caps) => Agent::start_in_with_caps(&self.node, caps, &refs).unwrap(),
@@ -113,6 +106,19 @@ impl Site {
             "agent never connected to the server"
         );
         agent
+    }
+
+    /// The flags of an agent of this site, plus `guard`.
+    pub fn agent_args(&self, guard: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            format!("--proxy-server-host={CP}"),
+            format!("--proxy-server-port={}", self.server.agent_port),
+            format!("--ca-cert={}", self.pki.ca().display()),
+            "--sync-interval=100ms".into(),
+            format!("--bpffs-root={}", self.bpffs.root().display()),
+        ];
+        args.extend(guard.iter().map(|a| (*a).to_owned()));
+        args
     }
 
     pub fn through_tunnel(&self) -> String {

@@ -125,6 +125,25 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
         "{:?}",
         agent.logged.logs.lines()
     );
+    drop(agent);
+
+    // One capability fewer, each in turn: the agent refuses to start and names it.
+    let args = site.agent_args(&["--guard-interface=eth0"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    for missing in ["bpf", "net_admin", "perfmon"] {
+        let caps: Vec<&str> = ["bpf", "net_admin", "perfmon"]
+            .into_iter()
+            .filter(|c| *c != missing)
+            .collect();
+        let err = match Agent::start_in_with_caps(&site.node, &caps, &refs) {
+            Ok(_) => panic!("the agent started without CAP_{missing}"),
+            Err(err) => format!("{err:#}"),
+        };
+        assert!(
+            err.contains(&format!("missing CAP_{}", missing.to_uppercase())),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -452,7 +471,7 @@ fn bad_guard_setups_fail_with_the_fix() {
         agent
             .logs
             .wait_for(
-                "loading eBPF is not permitted: the agent needs CAP_BPF",
+                "missing CAP_BPF (to create the guard's maps and load its program), CAP_PERFMON",
                 Duration::from_secs(2)
             )
             .is_some(),

@@ -1,5 +1,6 @@
-//! `cargo xtask build-ebpf`: builds agent-ebpf with the toolchain recipe in
-//! docs/architecture.md (Debian's rustc with its bundled std sources, bpf-linker).
+//! `cargo xtask build-ebpf`: builds agent-ebpf with Debian's cargo and rustc (called by full
+//! path, since rustup's come first on PATH), their bundled std sources for `build-std=core`,
+//! and bpf-linker.
 //!
 //! The object lands in `target/ebpf/bpfel-unknown-none/{debug,release}/tether-ebpf`, where the
 //! agent's build script embeds it from.

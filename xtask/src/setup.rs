@@ -4,8 +4,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Debian packages: the eBPF toolchain recipe (docs/architecture.md) plus what tests and the demo
-/// drive (ip, nsenter, iptables, nft, openssl).
+/// Debian packages: the eBPF toolchain (Debian's rustc and cargo with std sources, LLVM for
+/// bpf-linker) plus what tests and the demo drive (ip, nsenter, iptables, nft, openssl).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
