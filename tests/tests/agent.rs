@@ -762,3 +762,52 @@ async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
         metric(agent.health_port, "tether_agent_stalled_closes_total ").is_some_and(|n| n >= 1.0)
     );
 }
+
+/// A server that keeps sending CLOSE_REQs for connections the agent never had, and reads
+/// nothing: each asks for an answer the agent cannot send. The agent stops reading once its
+/// queue of unsent answers is full, and gives the stream up after --stall-timeout, instead of
+/// queueing answers for as long as the server sends (which it did: its memory grew with them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_sends_without_reading_cannot_grow_the_agents_queue() {
+    let (_pki, mut fake, agent, stream) = against_stand_in(&["--stall-timeout=1s"]).await;
+    let pid = agent.logged.process.pid();
+    let rss_before = tether_tests::process::rss_kib(pid);
+    let tether_tests::fake_server::FakeStream {
+        to_agent,
+        from_agent,
+    } = stream;
+    // Held, never polled: the agent's sends back up behind HTTP/2 flow control.
+    let _unread = from_agent;
+    let sender = tokio::spawn(async move {
+        let mut sent = 0u64;
+        for id in 1_000_000..1_400_000i64 {
+            if to_agent.send(Packet::close_request(id)).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let gave_up = tokio::task::block_in_place(|| {
+        agent
+            .logged
+            .logs
+            .wait_for("it does not read its stream", Duration::from_secs(20))
+    });
+    let rss_after = tether_tests::process::rss_kib(pid);
+    sender.abort();
+    assert!(
+        gave_up.is_some(),
+        "the agent kept reading a server that does not read (RSS {rss_before} -> {rss_after} KiB)"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    // It reconnects, as after any lost stream.
+    let again = tokio::time::timeout(Duration::from_secs(10), fake.streams.recv()).await;
+    assert!(
+        matches!(again, Ok(Some(_))),
+        "no new stream after giving up"
+    );
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::scheduler::Scheduler;
+use super::scheduler::{CONTROL_BACKLOG, Scheduler};
 use super::session::{Limits, Session};
 use super::transport::{self, ConnectError};
 use crate::config::Config;
@@ -132,12 +132,25 @@ impl ClientSet {
 
         let set = self.clone();
         let mut inbound = connected.inbound;
+        let stall = self.limits.stall_timeout;
         tokio::spawn(async move {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(packet)) => {
                         if let Some(pressure) = session.handle(packet) {
                             session.relieve(pressure).await;
+                        }
+                        // Answers the server does not take: read nothing more until it does.
+                        if scheduler.control_backlog() >= CONTROL_BACKLOG
+                            && tokio::time::timeout(stall, scheduler.control_drained())
+                                .await
+                                .is_err()
+                        {
+                            set.metrics.server_failure("from_server");
+                            break format!(
+                                "the server left {CONTROL_BACKLOG} answers unread for {stall:?} \
+                                 while it kept sending: it does not read its stream"
+                            );
                         }
                     }
                     Ok(None) => break "server closed the stream".to_owned(),

@@ -7,7 +7,10 @@
 //! travel in its own lane when order matters: CLOSE_RSP must follow the connection's last DATA.
 //!
 //! Each lane's bytes are bounded by the permits its reader holds (see `conn`), so a reader that
-//! outpaces the stream waits, which in turn pushes back on its endpoint through TCP.
+//! outpaces the stream waits, which in turn pushes back on its endpoint through TCP. Control
+//! packets are answers to what the server sends; past [`CONTROL_BACKLOG`] of them unsent, the
+//! stream's reader waits for [`Scheduler::control_drained`] before it reads more, so a server
+//! that sends without reading cannot grow the queue without bound.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -41,10 +44,15 @@ impl Lanes {
     }
 }
 
+/// Unsent control packets at which the stream's reader stops reading from the server.
+pub const CONTROL_BACKLOG: usize = 1024;
+
 #[derive(Default)]
 pub struct Scheduler {
     lanes: Mutex<Lanes>,
     wake: Notify,
+    /// Woken when the control backlog falls to half of [`CONTROL_BACKLOG`], or on close.
+    drained: Notify,
 }
 
 impl Scheduler {
@@ -95,6 +103,9 @@ impl Scheduler {
                 }
                 if let Some(packet) = lanes.control.pop_front() {
                     lanes.control.shrink_when_sparse();
+                    if lanes.control.len() == CONTROL_BACKLOG / 2 {
+                        self.drained.notify_waiters();
+                    }
                     return Some(packet);
                 }
                 while let Some(id) = lanes.ready.pop_front() {
@@ -120,6 +131,26 @@ impl Scheduler {
         }
     }
 
+    /// Control packets queued and not yet handed to the stream.
+    pub fn control_backlog(&self) -> usize {
+        self.lock().control.len()
+    }
+
+    /// Waits until the control backlog is at most half of [`CONTROL_BACKLOG`], or the stream is
+    /// closed.
+    pub async fn control_drained(&self) {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let lanes = self.lock();
+                if lanes.closed || lanes.control.len() <= CONTROL_BACKLOG / 2 {
+                    return;
+                }
+            }
+            drained.await;
+        }
+    }
+
     /// Ends the stream after what is queued: `next` returns `None` once the queue is empty.
     pub fn finish(&self) {
         self.lock().finishing = true;
@@ -135,6 +166,7 @@ impl Scheduler {
         lanes.ready.clear();
         drop(lanes);
         self.wake.notify_one();
+        self.drained.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lanes> {
@@ -217,5 +249,28 @@ mod tests {
         scheduler.push(1, Packet::data(1, Bytes::from_static(b"x")), None);
         scheduler.close();
         assert!(scheduler.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_control_backlog_is_reported_and_drains_at_half() {
+        let scheduler = std::sync::Arc::new(Scheduler::new());
+        for id in 0..CONTROL_BACKLOG as i64 {
+            scheduler.push_control(Packet::close_response(id, "Unknown connectID"));
+        }
+        assert_eq!(scheduler.control_backlog(), CONTROL_BACKLOG);
+        let waiter = tokio::spawn({
+            let scheduler = scheduler.clone();
+            async move { scheduler.control_drained().await }
+        });
+        for _ in 0..CONTROL_BACKLOG / 2 - 1 {
+            scheduler.next().await.unwrap();
+        }
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "woke before the backlog halved");
+        scheduler.next().await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("not woken at half")
+            .unwrap();
     }
 }
