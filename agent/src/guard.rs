@@ -193,6 +193,9 @@ pub async fn start(
     }))
 }
 
+/// More guarded interfaces than a node has uplinks: a control-plane CIDR that covers pods.
+const MANY_INTERFACES: usize = 16;
+
 /// The interfaces the guard is on, and how it decides which those are.
 struct Links {
     named: Vec<String>,
@@ -249,6 +252,14 @@ impl Links {
                 }
                 Err(err) => return Err(err.into()),
             }
+        }
+        if now.len() > MANY_INTERFACES && self.guarded.len() <= MANY_INTERFACES {
+            tracing::warn!(
+                interfaces = now.len(),
+                "the guard is on this many interfaces because routes to --control-plane-cidr lead \
+                 through them all (pod routes inside it?); narrow it to the control plane's own \
+                 addresses"
+            );
         }
         let keep: Vec<String> = now.keys().cloned().collect();
         for interface in dataplane.release_other_interfaces(&keep)? {

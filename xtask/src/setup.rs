@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 /// Debian packages: the eBPF toolchain (Debian's rustc and cargo with std sources, LLVM for
-/// bpf-linker) plus what tests and the demo drive (ip, nsenter, iptables, nft, openssl).
+/// bpf-linker) plus what tests and the demo drive (ip, nsenter, iptables, nft, openssl,
+/// systemd-analyze for the shipped unit).
 const APT_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
@@ -17,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "openssl",
     "util-linux",
+    "systemd",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
