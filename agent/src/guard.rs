@@ -132,7 +132,8 @@ pub async fn start(
         control_plane: policy.control_plane.clone(),
         guarded: BTreeMap::new(),
     };
-    if links.wanted().is_empty() {
+    let wanted = links.wanted();
+    if wanted.is_empty() {
         return Err(GuardError::NoRoute);
     }
     let (mut dataplane, logs) = Dataplane::load(Some(pins))?;
@@ -151,7 +152,7 @@ pub async fn start(
         tunnel_ports = ?policy.tunnel_ports,
         "XDP guard policy"
     );
-    links.reconcile(&mut dataplane, mode)?;
+    links.reconcile(wanted, &mut dataplane, mode)?;
     if adopted {
         tracing::info!(bpffs_root = %settings.bpffs_root.display(), "adopted the pinned guard: policy and counters carried over");
     } else if let Some(replaced) = dataplane.commit_pins()? {
@@ -210,12 +211,17 @@ impl Links {
         interfaces::carrying(&self.control_plane, &self.named)
     }
 
-    /// Attaches to interfaces that now carry control-plane traffic and detaches from those
-    /// that no longer do. Failing on an interface the operator named is an error; on one found
+    /// Attaches to `wanted` (what [`Links::wanted`] read) and detaches from the interfaces
+    /// that are no longer in it. Failing on an interface the operator named is an error; on one found
     /// by its routes it is logged, and the rest are still guarded.
-    fn reconcile(&mut self, dataplane: &mut Dataplane, mode: Mode) -> Result<(), GuardError> {
+    fn reconcile(
+        &mut self,
+        wanted: Vec<String>,
+        dataplane: &mut Dataplane,
+        mode: Mode,
+    ) -> Result<(), GuardError> {
         let mut now = BTreeMap::new();
-        for interface in self.wanted() {
+        for interface in wanted {
             let Some(index) = crate::dataplane::interface_index(&interface).ok() else {
                 if self.named.contains(&interface) {
                     return Err(DataplaneError::NoSuchInterface { interface }.into());
@@ -289,7 +295,8 @@ async fn follow(
 ) -> Result<(), GuardError> {
     loop {
         changes.next().await?;
-        if let Err(err) = links.reconcile(&mut dataplane, mode) {
+        let wanted = links.wanted();
+        if let Err(err) = links.reconcile(wanted, &mut dataplane, mode) {
             tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
         }
     }

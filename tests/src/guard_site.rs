@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -56,18 +56,7 @@ impl Site {
         node.ip(&["route", "add", "default", "via", CP]).unwrap();
 
         kubelet(&node, NODE, "hello");
-        let pair = pki.pair("server");
-        let args = [
-            "--mode=http-connect".to_owned(),
-            format!("--uds-name={}", socket.display()),
-            "--server-port=0".into(),
-            format!("--cluster-cert={}", pair.cert.display()),
-            format!("--cluster-key={}", pair.key.display()),
-            "--allow-unauthenticated-agents".into(),
-            format!("--agent-bind-address={CP}"),
-        ];
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let server = Server::start_in(&cp, &refs).unwrap();
+        let server = start_server(&cp, &pki, &socket, &[format!("--agent-bind-address={CP}")]);
         Site {
             bpffs: Bpffs::mount().unwrap(),
             pki,
@@ -122,22 +111,7 @@ impl Site {
     }
 
     pub fn through_tunnel(&self) -> String {
-        let mut stream = UnixStream::connect(&self.socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        write!(
-            stream,
-            "CONNECT {NODE}:10250 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-        )
-        .unwrap();
-        let mut head = [0u8; 39];
-        stream.read_exact(&mut head).unwrap();
-        assert_eq!(&head[..], b"HTTP/1.1 200 Connection Established\r\n\r\n");
-        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).unwrap();
-        reply
+        get_through(&self.socket, NODE).unwrap()
     }
 
     /// A direct connection from the control plane to the kubelet port.
@@ -169,17 +143,11 @@ impl Site {
 
     /// `tether_agent_guard_packets_total{reason, action}` from the agent's /metrics.
     pub fn guard_packets(&self, agent: &Agent, reason: &str, action: &str) -> Option<u64> {
-        let (status, body) = self
-            .node
-            .run(|| http_get(agent.health_port, "/metrics"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(status, 200);
-        let series =
-            format!(r#"tether_agent_guard_packets_total{{reason="{reason}",action="{action}"}} "#);
-        body.lines()
-            .find_map(|l| l.strip_prefix(&series))
-            .map(|v| v.trim().parse().unwrap())
+        metric_in(
+            &self.node,
+            agent.health_port,
+            &format!(r#"tether_agent_guard_packets_total{{reason="{reason}",action="{action}"}}"#),
+        )
     }
 
     /// `tether-agent guard <action>` on this site's pins: (exit code, stdout).
@@ -203,6 +171,59 @@ impl Site {
 pub fn log_field(line: &str, key: &str) -> String {
     let value: serde_json::Value = serde_json::from_str(line).unwrap();
     value["fields"][key].as_str().unwrap_or_default().to_owned()
+}
+
+/// tether-server in `cp`, with the HTTP CONNECT frontend on `socket`, unauthenticated agents,
+/// and `extra` flags.
+pub fn start_server(cp: &Netns, pki: &Pki, socket: &Path, extra: &[String]) -> Server {
+    let pair = pki.pair("server");
+    let mut args = vec![
+        "--mode=http-connect".to_owned(),
+        format!("--uds-name={}", socket.display()),
+        "--server-port=0".into(),
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
+    ];
+    args.extend_from_slice(extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start_in(cp, &refs).unwrap()
+}
+
+/// An apiserver-style request to `host:10250` through the server's UDS frontend: CONNECT, then
+/// a GET; the reply, or what went wrong.
+pub fn get_through(socket: &Path, host: &str) -> Result<String, String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "CONNECT {host}:10250 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 39];
+    stream.read_exact(&mut head).map_err(|e| e.to_string())?;
+    if &head[..] != b"HTTP/1.1 200 Connection Established\r\n\r\n" {
+        return Err(String::from_utf8_lossy(&head).into_owned());
+    }
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    Ok(reply)
+}
+
+/// The value of one series (name and labels, as /metrics prints them) on the /metrics of a
+/// process in `ns` listening on `port`.
+pub fn metric_in(ns: &Netns, port: u16, series: &str) -> Option<u64> {
+    let (status, body) = ns.run(|| http_get(port, "/metrics")).unwrap().unwrap();
+    assert_eq!(status, 200);
+    let prefix = format!("{series} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
 }
 
 /// A kubelet stand-in on `address:10250` in `ns` that answers every request with `body`.

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tether_tests::guard_site::{CP, NODE, Site, log_field};
+use tether_tests::guard_site::{CP, NODE, Site, log_field, metric_in};
 use tether_tests::netns::{Netns, veth};
 use tether_tests::procs::Agent;
 
@@ -362,18 +362,6 @@ fn ipv6_control_plane_syns_are_dropped() {
     drop(kubelet);
 }
 
-/// One line of the agent's /metrics, by its series name and labels.
-fn metric(site: &Site, agent: &Agent, series: &str) -> Option<u64> {
-    let (_, body) = site
-        .node
-        .run(|| tether_tests::procs::http_get(agent.health_port, "/metrics"))
-        .unwrap()
-        .unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{series} ")))
-        .map(|v| v.trim().parse().unwrap())
-}
-
 /// Item 3: the control plane also reaches the node over a second interface, by its own route,
 /// and over a third that appears while the agent runs. Each is guarded, and counted apart.
 #[test]
@@ -444,12 +432,15 @@ fn every_interface_that_routes_to_the_control_plane_is_guarded() {
         let series = format!(
             r#"tether_agent_guard_interface_packets_total{{interface="{interface}",reason="control_plane_syn",action="drop"}}"#
         );
-        assert!(metric(&site, &agent, &series) >= Some(1), "{series}");
+        assert!(
+            metric_in(&site.node, agent.health_port, &series) >= Some(1),
+            "{series}"
+        );
     }
     assert_eq!(
-        metric(
-            &site,
-            &agent,
+        metric_in(
+            &site.node,
+            agent.health_port,
             r#"tether_agent_guard_interface_packets_total{interface="eth0",reason="control_plane_syn",action="drop"}"#
         ),
         Some(0)

@@ -8,15 +8,13 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use tether_tests::bpffs::Bpffs;
-use tether_tests::guard_site::kubelet;
+use tether_tests::guard_site::{get_through, kubelet, metric_in, start_server};
 use tether_tests::netns::{Netns, veth};
 use tether_tests::pki::Pki;
-use tether_tests::procs::{Agent, Server, http_get, wait_ready};
+use tether_tests::procs::{Agent, wait_ready};
 use tether_tests::require_root;
 
 /// The control plane's address on each node's link, and the node's.
@@ -24,30 +22,6 @@ const NODES: [(&str, &str, &str); 2] = [
     ("a", "10.78.1.1", "10.78.1.2"),
     ("b", "10.78.2.1", "10.78.2.2"),
 ];
-
-/// An apiserver-style dial through the server's UDS frontend: CONNECT, then a request.
-fn dial(socket: &std::path::Path, node: &str) -> Result<String, String> {
-    let mut stream = UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    write!(
-        stream,
-        "CONNECT {node}:10250 HTTP/1.1\r\nHost: {node}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = [0u8; 39];
-    stream.read_exact(&mut head).map_err(|e| e.to_string())?;
-    if &head[..] != b"HTTP/1.1 200 Connection Established\r\n\r\n" {
-        return Err(String::from_utf8_lossy(&head).into_owned());
-    }
-    stream.write_all(b"GET /logs/ HTTP/1.1\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .map_err(|e| e.to_string())?;
-    Ok(reply)
-}
 
 #[test]
 fn each_nodes_kubelet_is_reached_through_its_own_agent_with_both_guards_on() {
@@ -79,18 +53,12 @@ fn each_nodes_kubelet_is_reached_through_its_own_agent_with_both_guards_on() {
     kubelet(&nodes[0], NODES[0].2, "node-a");
     kubelet(&nodes[1], NODES[1].2, "node-b");
 
-    let pair = pki.pair("server");
-    let server_args = [
-        "--mode=http-connect".to_owned(),
-        format!("--uds-name={}", socket.display()),
-        "--server-port=0".into(),
-        format!("--cluster-cert={}", pair.cert.display()),
-        format!("--cluster-key={}", pair.key.display()),
-        "--allow-unauthenticated-agents".into(),
-        "--proxy-strategies=destHost,default".into(),
-    ];
-    let refs: Vec<&str> = server_args.iter().map(String::as_str).collect();
-    let server = Server::start_in(&cp, &refs).unwrap();
+    let server = start_server(
+        &cp,
+        &pki,
+        &socket,
+        &["--proxy-strategies=destHost,default".to_owned()],
+    );
 
     let bpffs = [Bpffs::mount().unwrap(), Bpffs::mount().unwrap()];
     let control_plane = format!("--control-plane-cidr={}", cp_addresses.join(","));
@@ -142,7 +110,7 @@ fn each_nodes_kubelet_is_reached_through_its_own_agent_with_both_guards_on() {
 
     for round in 0..10 {
         for (name, _, node_address) in NODES {
-            let reply = dial(&socket, node_address)
+            let reply = get_through(&socket, node_address)
                 .unwrap_or_else(|err| panic!("round {round}: dial to node {name} failed: {err}"));
             assert!(
                 reply.ends_with(&format!("node-{name}")),
@@ -153,29 +121,12 @@ fn each_nodes_kubelet_is_reached_through_its_own_agent_with_both_guards_on() {
     // Every dial went to the node's own agent, which dials its kubelet on the node itself:
     // neither guard had anything to drop.
     for (i, agent) in agents.iter().enumerate() {
-        let (_, metrics) = nodes[i]
-            .run(|| http_get(agent.health_port, "/metrics"))
-            .unwrap()
-            .unwrap();
-        let dropped = metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(
-                    r#"tether_agent_guard_packets_total{reason="protected_port",action="drop"} "#,
-                )
-            })
-            .unwrap()
-            .trim()
-            .parse::<u64>()
-            .unwrap();
+        let metric = |series: &str| metric_in(&nodes[i], agent.health_port, series);
+        let dropped =
+            metric(r#"tether_agent_guard_packets_total{reason="protected_port",action="drop"}"#);
         // The one cross-node attempt above, on node b.
-        assert_eq!(dropped, u64::from(i == 1), "node {}", NODES[i].0);
-        let dials = metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("konnectivity_network_proxy_agent_dial_duration_seconds_count ")
-            })
-            .map(|v| v.trim().parse::<u64>().unwrap());
-        assert_eq!(dials, Some(10), "node {}: {metrics}", NODES[i].0);
+        assert_eq!(dropped, Some(u64::from(i == 1)), "node {}", NODES[i].0);
+        let dials = metric("konnectivity_network_proxy_agent_dial_duration_seconds_count");
+        assert_eq!(dials, Some(10), "node {}", NODES[i].0);
     }
 }

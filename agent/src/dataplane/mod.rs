@@ -473,17 +473,17 @@ impl Dataplane {
 
     /// Switches enforce / monitor / off; takes effect on the next packet.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), DataplaneError> {
-        let map = self.map_mut(CONFIG_MAP)?;
-        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
-        write_mode(&mut config, mode)
+        self.change_config(|config| config.mode = mode as u32)
     }
 
-    fn set_tunnel_protocols(&mut self, protocols: &[u8]) -> Result<(), DataplaneError> {
+    /// Changes part of the config, keeping the rest as the program reads it now.
+    fn change_config(
+        &mut self,
+        change: impl FnOnce(&mut GuardConfig),
+    ) -> Result<(), DataplaneError> {
         let map = self.map_mut(CONFIG_MAP)?;
         let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
-        let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
-        value.tunnels = protocols.iter().fold(0, |bits, p| bits | tunnel_bit(*p));
-        config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
+        change_config(&mut config, change)
     }
 
     fn set_hint(&mut self, prefixes: &[&[Cidr]]) -> Result<(), DataplaneError> {
@@ -493,11 +493,7 @@ impl Dataplane {
                 hint.cover(address.octets(), cidr.len);
             }
         }
-        let map = self.map_mut(CONFIG_MAP)?;
-        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
-        let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
-        value.hint = hint;
-        config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
+        self.change_config(|config| config.hint = hint)
     }
 
     /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
@@ -552,21 +548,18 @@ impl Dataplane {
         for port in stale {
             map.remove(&port).map_err(map_error(PORTS_MAP))?;
         }
-        self.set_tunnel_protocols(&policy.tunnel_protocols)
+        let tunnels = policy
+            .tunnel_protocols
+            .iter()
+            .fold(0, |bits, p| bits | tunnel_bit(*p));
+        self.change_config(|config| config.tunnels = tunnels)
     }
 
     /// The IPv4 control-plane prefixes the trie holds now.
     fn control_plane_prefixes(&mut self) -> Result<Vec<Cidr>, DataplaneError> {
         let trie = LpmTrie::<_, [u8; 4], u8>::try_from(self.map_mut(CONTROL_PLANE_V4_MAP)?)
             .map_err(map_error(CONTROL_PLANE_V4_MAP))?;
-        Ok(trie
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| Cidr {
-                addr: IpAddr::from(k.data()),
-                len: u8::try_from(k.prefix_len()).unwrap_or(32),
-            })
-            .collect())
+        trie_prefixes(&trie, IpAddr::from).map_err(map_error(CONTROL_PLANE_V4_MAP))
     }
 
     fn replace_prefixes(
@@ -750,13 +743,29 @@ fn read_counters<T: Borrow<MapData>>(
         .collect()
 }
 
-fn write_mode<T: std::borrow::BorrowMut<MapData>>(
+/// Reads the config, applies `change`, writes it back: mode, tunnels and hint are set apart.
+fn change_config<T: std::borrow::BorrowMut<MapData>>(
     config: &mut Array<T, GuardConfig>,
-    mode: Mode,
+    change: impl FnOnce(&mut GuardConfig),
 ) -> Result<(), DataplaneError> {
     let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
-    value.mode = mode as u32;
+    change(&mut value);
     config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
+}
+
+/// The prefixes an LPM trie holds.
+fn trie_prefixes<T: Borrow<MapData>, const N: usize>(
+    trie: &LpmTrie<T, [u8; N], u8>,
+    address: fn([u8; N]) -> IpAddr,
+) -> Result<Vec<Cidr>, MapError> {
+    trie.keys()
+        .map(|key| {
+            key.map(|key| Cidr {
+                addr: address(key.data()),
+                len: u8::try_from(key.prefix_len()).unwrap_or(u8::MAX),
+            })
+        })
+        .collect()
 }
 
 /// The pinned maps as the embedded program defines them.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, PinnedLink};
 use tether_agent_common::{
@@ -23,7 +23,8 @@ use tether_agent_common::{
 };
 
 use super::{
-    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, map_error, write_mode,
+    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, change_config,
+    map_error, trie_prefixes,
 };
 
 /// `statfs` magic of a BPF filesystem (linux/magic.h).
@@ -272,7 +273,7 @@ impl PinnedGuard {
     pub fn set_mode(&self, mode: Mode) -> Result<(), DataplaneError> {
         let mut config = Array::<MapData, GuardConfig>::try_from(self.open_map(CONFIG_MAP)?)
             .map_err(map_error(CONFIG_MAP))?;
-        write_mode(&mut config, mode)
+        change_config(&mut config, |config| config.mode = mode as u32)
     }
 
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
@@ -339,19 +340,8 @@ impl PinnedGuard {
             LpmTrie::<MapData, [u8; 4], u8>::try_from(self.open_map(v4)?).map_err(map_error(v4))?;
         let trie6 = LpmTrie::<MapData, [u8; 16], u8>::try_from(self.open_map(v6)?)
             .map_err(map_error(v6))?;
-        let to_cidr = |addr: IpAddr, len: u32| Cidr {
-            addr,
-            len: u8::try_from(len).unwrap_or(u8::MAX),
-        };
-        let mut prefixes: Vec<Cidr> = trie4
-            .keys()
-            .map(|k| k.map(|k| to_cidr(IpAddr::from(k.data()), k.prefix_len())))
-            .collect::<Result<_, MapError>>()
-            .map_err(map_error(v4))?;
-        for key in trie6.keys() {
-            let key = key.map_err(map_error(v6))?;
-            prefixes.push(to_cidr(IpAddr::from(key.data()), key.prefix_len()));
-        }
+        let mut prefixes = trie_prefixes(&trie4, IpAddr::from).map_err(map_error(v4))?;
+        prefixes.extend(trie_prefixes(&trie6, IpAddr::from).map_err(map_error(v6))?);
         prefixes.sort_by_key(|c| (c.addr, c.len));
         Ok(prefixes)
     }
