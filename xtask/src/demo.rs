@@ -137,7 +137,12 @@ pub fn run() -> Result<()> {
     println!("\n== tether-agent guard status");
     println!(
         "{}",
-        indent(&guard_cli("status", &bin("tether-agent"), &bpffs_root)?)
+        indent(&guard_cli(
+            "status",
+            &node,
+            &bin("tether-agent"),
+            &bpffs_root
+        )?)
     );
 
     println!("== stopping the agent: the guard stays pinned, so the direct path stays closed");
@@ -156,7 +161,12 @@ pub fn run() -> Result<()> {
     println!("== tether-agent guard detach (what an uninstall job runs)");
     println!(
         "{}",
-        indent(&guard_cli("detach", &bin("tether-agent"), &bpffs_root)?)
+        indent(&guard_cli(
+            "detach",
+            &node,
+            &bin("tether-agent"),
+            &bpffs_root
+        )?)
     );
     println!("== done; processes stopped, bpffs and namespaces removed");
     Ok(())
@@ -170,8 +180,15 @@ fn nsenter(ns: &Netns, program: &std::path::Path) -> Command {
     cmd
 }
 
-fn guard_cli(action: &str, agent: &std::path::Path, bpffs_root: &str) -> Result<String> {
-    let out = Command::new(agent)
+/// Run in the node's namespace, as on a node: the per-interface counters name interfaces by
+/// index, which only the node's namespace resolves.
+fn guard_cli(
+    action: &str,
+    node: &Netns,
+    agent: &std::path::Path,
+    bpffs_root: &str,
+) -> Result<String> {
+    let out = nsenter(node, agent)
         .args(["guard", action, bpffs_root])
         .output()
         .with_context(|| format!("running tether-agent guard {action}"))?;
