@@ -20,11 +20,13 @@ pub fn run(opts: &Options) -> Result<()> {
     build_ebpf::run(&build_ebpf::Options { release: false })?;
     netns::remove_stale()?;
     bpffs::remove_stale()?;
-    // The end-to-end tests run the real executables, which `nextest` does not build.
+    // The end-to-end tests run the real executables, which `nextest` does not build. Building
+    // every target here, with the dev-dependencies' features, lets nextest reuse the one build
+    // instead of compiling a second copy of tokio and everything above it.
     run_checked(Command::new("cargo").current_dir(workspace_root()).args([
         "build",
         "--workspace",
-        "--bins",
+        "--all-targets",
     ]))?;
     run_checked(
         Command::new("cargo")
