@@ -22,9 +22,12 @@ use crate::strategy::Strategy;
     name = "tether-server",
     version,
     max_term_width = 100,
-    args_override_self = true
+    args_override_self = true,
+    args_conflicts_with_subcommands = true
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Frontend protocol spoken to kube-apiserver.
     #[arg(
         long,
@@ -175,6 +178,14 @@ pub struct Args {
 
     #[command(flatten)]
     pub unsupported: Unsupported,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Dial HOST:PORT through a running server's frontend as kube-apiserver does and report
+    /// whether it is reachable through the tunnel, the agent that served it, the dial time and
+    /// the error verbatim. Exit code 0 reachable, 1 not, 2 the server could not be asked.
+    Probe(crate::probe::ProbeArgs),
 }
 
 /// Agents authenticated by their service-account token: each Connect's bearer token is checked

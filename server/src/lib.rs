@@ -34,6 +34,7 @@ pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod outbox;
+pub mod probe;
 pub mod registry;
 pub mod strategy;
 pub mod token_auth;

@@ -2,8 +2,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tether_runtime::shutdown::Signals;
-use tether_server::app;
-use tether_server::config::{Args, Config};
+use tether_server::config::{Args, Command, Config};
+use tether_server::{app, probe};
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -12,6 +12,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, mut signals: Signals) -> ExitCode {
+    if let Some(Command::Probe(probe)) = &args.command {
+        return match probe::run(probe).await {
+            Ok(outcome) => {
+                print!("{outcome}");
+                ExitCode::from(outcome.exit_code())
+            }
+            Err(err) => {
+                eprintln!("probe failed: {err:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let config = match Config::from_args(&args) {
         Ok(config) => config,
         Err(err) => {

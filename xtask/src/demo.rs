@@ -1,14 +1,13 @@
 //! `cargo xtask demo`: the local demo, in network namespaces it creates and removes.
 //!
 //! A "control-plane" namespace runs tether-server; a "node" namespace runs tether-agent (whose
-//! XDP guard sits on the node's uplink) and a kubelet-like HTTP server on :10250. A client plays
-//! kube-apiserver: it reaches the kubelet through the tunnel (HTTP CONNECT on the server's Unix
-//! socket), then tries the direct path, which the guard drops. The guard's pins live on a BPF
+//! XDP guard sits on the node's uplink) and a kubelet-like HTTP server on :10250.
+//! `tether-server probe` plays kube-apiserver: it reaches the kubelet through the tunnel (HTTP
+//! CONNECT on the server's Unix socket); then a direct connection tries, which the guard drops. The guard's pins live on a BPF
 //! filesystem the demo mounts for itself and removes.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -115,9 +114,11 @@ pub fn run() -> Result<()> {
         bail!("the XDP guard did not attach to the node's eth0 within 10s");
     }
 
-    println!("\n== kube-apiserver's path: CONNECT {NODE}:10250 through the tunnel");
-    let reply = through_tunnel(&socket, &format!("{NODE}:10250"))?;
-    println!("{}", indent(&reply));
+    println!(
+        "\n== kube-apiserver's path, as an operator checks it: tether-server probe {NODE}:10250"
+    );
+    let probe = || through_tunnel(&bin("tether-server"), &socket, &format!("{NODE}:10250"));
+    println!("{}", indent(&probe()?));
 
     println!("== the direct path, control plane -> {NODE}:10250 (2 s timeout)");
     let direct = cp.run(|| {
@@ -131,8 +132,11 @@ pub fn run() -> Result<()> {
         Err(err) => println!("   no connection ({err}): its SYN was dropped in XDP"),
     }
     println!("== the tunnel still works: the agent's own connection is outbound");
-    let again = through_tunnel(&socket, &format!("{NODE}:10250"))?;
-    println!("{}", indent(again.lines().last().unwrap_or("")));
+    let again = probe()?;
+    println!(
+        "{}",
+        indent(again.lines().find(|l| l.starts_with("reply")).unwrap_or(""))
+    );
 
     println!("\n== tether-agent guard status");
     println!(
@@ -229,22 +233,27 @@ fn http_get_status(addr: (&str, u16), path: &str) -> Option<u16> {
     text.split_whitespace().nth(1)?.parse().ok()
 }
 
-fn through_tunnel(socket: &std::path::Path, target: &str) -> Result<String> {
-    let mut stream = UnixStream::connect(socket).context("connecting to the server's socket")?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    )?;
-    let mut head = [0u8; 39];
-    stream.read_exact(&mut head)?;
-    if &head[..] != b"HTTP/1.1 200 Connection Established\r\n\r\n" {
-        bail!("CONNECT failed: {}", String::from_utf8_lossy(&head));
+/// `tether-server probe` in HTTP CONNECT mode, as the demo's server runs, with a GET through.
+fn through_tunnel(
+    server: &std::path::Path,
+    socket: &std::path::Path,
+    target: &str,
+) -> Result<String> {
+    let out = Command::new(server)
+        .args(["probe", "--mode=http-connect", "--http-get=/healthz"])
+        .arg(format!("--uds-name={}", socket.display()))
+        .arg(target)
+        .stdin(Stdio::null())
+        .output()
+        .context("running tether-server probe")?;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{target} is not reachable through the tunnel:\n{report}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    write!(stream, "GET /healthz HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply)
+    Ok(report)
 }
 
 fn indent(text: &str) -> String {

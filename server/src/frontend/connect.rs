@@ -49,8 +49,11 @@ impl ConnectFrontend {
     where
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
     {
-        let (target, mut leftover) = match tokio::time::timeout(HEADER_TIMEOUT, read_head(stream))
-            .await
+        let (Head { target, probe }, mut leftover) = match tokio::time::timeout(
+            HEADER_TIMEOUT,
+            read_head(stream),
+        )
+        .await
         {
             Err(_) => {
                 self.metrics.reject("connect_header_timeout");
@@ -116,16 +119,19 @@ impl ConnectFrontend {
         match first {
             Some(ToFrontend::DialOk { .. }) => {}
             Some(ToFrontend::DialFailed { error, cause }) => {
-                let _ = write(stream, &failure_response(&error, cause)).await;
+                let response = failure_response(&error, cause);
+                let _ = write(stream, &naming_agent(response, probe, &backend.agent_id)).await;
                 return Err(format!("dial to {target} failed: {error}"));
             }
             Some(ToFrontend::DialClosed) | None => return Err("agent cancelled the dial".into()),
             Some(other) => return Err(format!("unexpected first event {other:?}")),
         };
-        if write(stream, "HTTP/1.1 200 Connection Established\r\n\r\n")
-            .await
-            .is_err()
-        {
+        let established = naming_agent(
+            "HTTP/1.1 200 Connection Established\r\n\r\n".to_owned(),
+            probe,
+            &backend.agent_id,
+        );
+        if write(stream, &established).await.is_err() {
             tunnel.end_from_frontend(End::FrontendGone).await;
             return Err("client went away before the 200".into());
         }
@@ -235,6 +241,19 @@ where
 }
 
 /// Upstream's response to a failed agent dial, with the status chosen from the error text.
+/// For `tether-server probe`, which asked: a header after the status line naming the agent.
+fn naming_agent(response: String, probe: bool, agent_id: &str) -> String {
+    if !probe {
+        return response;
+    }
+    let header = format!(
+        "\r\n{}: {}\r\n",
+        crate::probe::AGENT_HEADER,
+        crate::probe::header_value(agent_id)
+    );
+    response.replacen("\r\n", &header, 1)
+}
+
 fn failure_response(error: &str, cause: DialCause) -> String {
     match cause {
         DialCause::Timeout => "HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend dial timeout: timed out waiting for backend dial\r\n".into(),
@@ -265,8 +284,14 @@ enum HeadError {
     NotConnect(String),
 }
 
-/// Reads the request head; returns the CONNECT target and any bytes after the head.
-async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, BytesMut), HeadError> {
+struct Head {
+    target: String,
+    /// `tether-server probe` asked which agent serves the dial (kube-apiserver never does).
+    probe: bool,
+}
+
+/// Reads the request head; returns it and any bytes after it.
+async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Head, BytesMut), HeadError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if stream
@@ -293,8 +318,12 @@ async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(String, Byte
                     return Err(HeadError::Malformed("only HTTP/1.1 is supported".into()));
                 }
                 let target = request.path.unwrap_or("").to_owned();
+                let probe = request
+                    .headers
+                    .iter()
+                    .any(|h| h.name.eq_ignore_ascii_case(crate::probe::PROBE_HEADER));
                 let rest = buf.split_off(len);
-                return Ok((target, rest));
+                return Ok((Head { target, probe }, rest));
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
             Ok(httparse::Status::Partial) => {

@@ -34,6 +34,7 @@ impl ProxyService for Frontends {
         &self,
         request: Request<Streaming<Packet>>,
     ) -> Result<Response<PacketStream>, Status> {
+        let probe = request.metadata().contains_key(crate::probe::PROBE_HEADER);
         let mut inbound = request.into_inner();
         // The first packet must be the dial; everything else hangs off it.
         let first = match inbound.message().await {
@@ -68,11 +69,15 @@ impl ProxyService for Frontends {
                 gone,
             };
             self.tracker.spawn(session.run(dial.address, inbound));
-            return Ok(Response::new(Box::pin(outbound(
-                tunnel,
-                self.metrics.clone(),
-                open,
-            ))));
+            let mut response = Response::new(
+                Box::pin(outbound(tunnel, self.metrics.clone(), open)) as PacketStream,
+            );
+            if probe && let Ok(agent) = crate::probe::header_value(&backend.agent_id).parse() {
+                response
+                    .metadata_mut()
+                    .insert(crate::probe::AGENT_HEADER, agent);
+            }
+            return Ok(response);
         } else {
             self.metrics.dial_failure("no_agent");
             tracing::info!(address = dial.address, "no agent available for dial");

@@ -367,6 +367,72 @@ async fn modes_and_transports(pair: &Pair, report: &mut Report) {
     }
 }
 
+/// `tether-server probe` against either server: reachable, and the agent named where the
+/// server is tether (upstream ignores the question, so the probe says it does not know).
+async fn probe(pair: &Pair, report: &mut Report) {
+    for mode in [Mode::Grpc, Mode::HttpConnect] {
+        for transport in [Transport::Uds, Transport::Mtls] {
+            let name = format!(
+                "{}: {mode:?} over {transport:?}: tether-server probe reaches upstream's test-server",
+                pair.label()
+            );
+            report
+                .check(name, async {
+                    let setup = Setup::with_agent(pair, mode, transport)?;
+                    let (_page, port) = page_server(&pair.upstream)?;
+                    with_logs(&setup, run_probe(pair, &setup, port))
+                })
+                .await;
+        }
+    }
+}
+
+fn run_probe(pair: &Pair, setup: &Setup, page_port: u16) -> Result<()> {
+    let mut cmd = Command::new(tether_tests::procs::built("tether-server")?);
+    cmd.args(["probe", "--timeout=5s", "--http-get=/success"])
+        .arg(match setup.mode {
+            Mode::Grpc => "--mode=grpc",
+            Mode::HttpConnect => "--mode=http-connect",
+        });
+    match setup.target()? {
+        Target::Uds(path) => {
+            cmd.arg(format!("--uds-name={}", path.display()));
+        }
+        Target::Tls {
+            port,
+            ca,
+            cert,
+            key,
+        } => {
+            cmd.arg(format!("--server=127.0.0.1:{port}"))
+                .arg("--tls-server-name=localhost")
+                .arg(format!("--ca-cert={}", ca.display()))
+                .arg(format!("--client-cert={}", cert.display()))
+                .arg(format!("--client-key={}", key.display()));
+        }
+    }
+    let out = cmd.arg(format!("127.0.0.1:{page_port}")).output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success()
+            && text.contains("reachable: yes")
+            && text.contains("reply: HTTP/1.1 200 OK"),
+        "probe {}: {text}",
+        out.status
+    );
+    let named = !text.contains("agent: unknown");
+    ensure!(
+        named == matches!(pair.server, Impl::Tether),
+        "the agent line does not match the server ({}): {text}",
+        pair.server.name()
+    );
+    Ok(())
+}
+
 async fn closed_port(pair: &Pair, report: &mut Report) {
     let name = format!(
         "{}: a closed port's dial error reaches the client",
@@ -727,6 +793,7 @@ async fn main() -> std::process::ExitCode {
     for pair in &pairs {
         modes_and_transports(pair, &mut report).await;
         closed_port(pair, &mut report).await;
+        probe(pair, &mut report).await;
         restarts(pair, &mut report).await;
         server_count_two(pair, &mut report).await;
         dest_host(pair, &mut report).await;
