@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tether_runtime::admin::{self, Query, Reply, Routes};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::config::Config;
 use crate::guard::{self, Guard, GuardError};
@@ -71,7 +72,9 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     let config = Arc::new(config);
     let clients = ClientSet::new(config.clone(), metrics.clone());
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(clients.clone().run(stop_rx));
+    let supervisor = tokio::spawn(clients.clone().run(stop_rx.clone()));
+    let mut vital = vec![("server set", supervisor.abort_handle())];
+    vital.extend(guard.iter().flat_map(Guard::tasks));
     let open = clients.clone();
     tokio::spawn(tether_runtime::trim_memory_when_idle(move || {
         open.open_connections()
@@ -80,6 +83,8 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     let routes: Arc<dyn Routes> = Arc::new(HealthRoutes {
         clients: clients.clone(),
         metrics: metrics.clone(),
+        vital,
+        stopping: stop_rx,
     });
     tokio::spawn(admin::serve(health, routes, std::future::pending()));
     let admin_routes: Arc<dyn Routes> = Arc::new(AdminRoutes {
@@ -128,12 +133,36 @@ impl Agent {
 struct HealthRoutes {
     clients: Arc<ClientSet>,
     metrics: Arc<Metrics>,
+    /// Tasks the agent cannot work without; one that ended fails /healthz.
+    vital: Vec<(&'static str, AbortHandle)>,
+    /// Set once draining: the server set ends then on purpose.
+    stopping: watch::Receiver<bool>,
+}
+
+/// /healthz: fails, naming it, when a vital task has ended, so that kubelet restarts an agent
+/// that would otherwise sit there without a tunnel or without following interfaces.
+fn liveness(vital: &[(&'static str, AbortHandle)], stopping: bool) -> Reply {
+    let stopped: Vec<&str> = vital
+        .iter()
+        .filter(|(_, task)| task.is_finished())
+        .map(|(name, _)| *name)
+        .collect();
+    if stopped.is_empty() || stopping {
+        return Reply::text(StatusCode::OK, "ok");
+    }
+    let mut body = String::from("[+]ping ok\n");
+    for name in stopped {
+        body.push_str(&format!(
+            "[-]{name} failed: the task stopped (see the log)\n"
+        ));
+    }
+    Reply::text(StatusCode::INTERNAL_SERVER_ERROR, body)
 }
 
 impl Routes for HealthRoutes {
     fn route(&self, request: &Query<'_>) -> Reply {
         match request.path {
-            "/healthz" => Reply::text(StatusCode::OK, "ok"),
+            "/healthz" | "/livez" => liveness(&self.vital, *self.stopping.borrow()),
             "/readyz" | "/ready" => {
                 let verbose = request.query.is_some_and(|q| {
                     q.split('&')
@@ -177,5 +206,39 @@ impl Routes for AdminRoutes {
             }
             _ => Reply::not_found(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn healthz_fails_naming_a_vital_task_that_ended() {
+        let running = tokio::spawn(std::future::pending::<()>());
+        let ended = tokio::spawn(async {});
+        while !ended.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let vital = vec![
+            ("server set", running.abort_handle()),
+            ("guard interface watch", ended.abort_handle()),
+        ];
+        let reply = liveness(&vital[..1], false);
+        assert_eq!(reply.status, StatusCode::OK);
+        let reply = liveness(&vital, false);
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(
+            reply.body.contains("[-]guard interface watch failed")
+                && !reply.body.contains("[-]server set"),
+            "{}",
+            reply.body
+        );
+        assert_eq!(
+            liveness(&vital, true).status,
+            StatusCode::OK,
+            "a draining agent ends its tasks on purpose"
+        );
+        running.abort();
     }
 }

@@ -42,7 +42,17 @@ pub enum GuardCommand {
     /// Print the pinned guard's mode, interfaces, policy and counters.
     Status(PinArgs),
     /// Detach the guard from every interface and remove its pins (after the DaemonSet is gone).
-    Detach(PinArgs),
+    Detach(DetachArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub pins: PinArgs,
+    /// After detaching, stay running until SIGTERM: an uninstall DaemonSet's pod then shows,
+    /// by running, that its node is done (instead of restarting a container that exited).
+    #[arg(long)]
+    pub wait: bool,
 }
 
 #[derive(ClapArgs, Debug)]

@@ -62,7 +62,7 @@ pub enum GuardError {
 /// place through its pins.
 pub struct Guard {
     counters: Option<Counters>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
 
 impl Guard {
@@ -70,11 +70,19 @@ impl Guard {
     pub fn take_counters(&mut self) -> Option<Counters> {
         self.counters.take()
     }
+
+    /// The guard's background tasks by name, for the liveness check: none of them ends while
+    /// the guard works.
+    pub fn tasks(&self) -> impl Iterator<Item = (&'static str, tokio::task::AbortHandle)> + '_ {
+        self.tasks
+            .iter()
+            .map(|(name, task)| (*name, task.abort_handle()))
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        for task in &self.tasks {
+        for (_, task) in &self.tasks {
             task.abort();
         }
     }
@@ -173,20 +181,29 @@ pub async fn start(
     };
     let chain = |err: &dyn std::error::Error| tether_runtime::error_chain(err);
     let tasks = vec![
-        tokio::spawn(async move {
-            report("drop events")(events.forward().await.map_err(|e| chain(&e)))
-        }),
-        tokio::spawn(
-            async move { report("kernel logs")(logs.forward().await.map_err(|e| chain(&e))) },
+        (
+            "guard drop events",
+            tokio::spawn(async move {
+                report("drop events")(events.forward().await.map_err(|e| chain(&e)))
+            }),
         ),
-        tokio::spawn(async move {
-            // The dataplane stays loaded as long as this task: its program fd backs the pin.
-            report("interface watch")(
-                follow(changes, links, dataplane, mode)
-                    .await
-                    .map_err(|e| chain(&e)),
-            )
-        }),
+        (
+            "guard kernel logs",
+            tokio::spawn(async move {
+                report("kernel logs")(logs.forward().await.map_err(|e| chain(&e)))
+            }),
+        ),
+        (
+            "guard interface watch",
+            tokio::spawn(async move {
+                // The dataplane stays loaded as long as this task: its program fd backs the pin.
+                report("interface watch")(
+                    follow(changes, links, dataplane, mode)
+                        .await
+                        .map_err(|e| chain(&e)),
+                )
+            }),
+        ),
     ];
     Ok(Some(Guard {
         counters: Some(counters),

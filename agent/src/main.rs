@@ -15,13 +15,15 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, mut signals: Signals) -> ExitCode {
     if let Some(Command::Guard(command)) = args.command {
-        return match guard_command(command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                tracing::error!("{}", tether_runtime::error_chain(err.as_ref()));
-                ExitCode::FAILURE
-            }
-        };
+        let wait = matches!(&command, GuardCommand::Detach(detach) if detach.wait);
+        if let Err(err) = guard_command(command) {
+            tracing::error!("{}", tether_runtime::error_chain(err.as_ref()));
+            return ExitCode::FAILURE;
+        }
+        if wait {
+            signals.next().await;
+        }
+        return ExitCode::SUCCESS;
     }
     let config = match Config::from_args(&args.run) {
         Ok(config) => config,
@@ -66,6 +68,7 @@ fn guard_command(command: GuardCommand) -> anyhow::Result<()> {
             print!("{}", status_text(&args.bpffs_root, &status));
         }
         GuardCommand::Detach(args) => {
+            let args = args.pins;
             let Some(interfaces) = Pins::new(&args.bpffs_root).detach()? else {
                 println!(
                     "nothing pinned under {}: no guard to detach",
