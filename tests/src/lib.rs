@@ -28,12 +28,19 @@ pub fn require_root() {
 
 /// The Python interpreter that has grpcio, installed by `cargo xtask setup`.
 pub fn python() -> anyhow::Result<std::path::PathBuf> {
-    let python =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    python_tool("python")
+}
+
+/// A program of the Python environment `cargo xtask setup` installs (python, yamllint,
+/// kubernetes-validate).
+pub fn python_tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let tool = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/python-venv/bin")
+        .join(name);
     anyhow::ensure!(
-        python.exists(),
+        tool.exists(),
         "{} is missing; run `cargo xtask setup` (cargo xtask test does)",
-        python.display()
+        tool.display()
     );
-    Ok(python)
+    Ok(tool)
 }

@@ -65,3 +65,337 @@ fn the_systemd_example_flags_parse() {
         panic!("{args:?}: {err}");
     }
 }
+
+/// The Kubernetes API objects under deploy/kubernetes, each validated against the schemas.
+const API_MANIFESTS: &[&str] = &[
+    "kubernetes/agent-serviceaccount.yaml",
+    "kubernetes/agent-daemonset.yaml",
+    "kubernetes/server-rbac.yaml",
+    "kubernetes/control-plane/konnectivity-server.yaml",
+    "kubernetes/uninstall/guard-uninstall.yaml",
+];
+
+/// Configuration files that are not API objects (kustomize's, kube-apiserver's, a
+/// kubeconfig): no schema validates them; the consistency test reads them.
+const OTHER_YAML: &[&str] = &[
+    "kubernetes/kustomization.yaml",
+    "kubernetes/uninstall/kustomization.yaml",
+    "kubernetes/control-plane/egress-selector-grpc.yaml",
+    "kubernetes/control-plane/egress-selector-http-connect.yaml",
+    "kubernetes/control-plane/konnectivity-server.kubeconfig",
+];
+
+/// The oldest supported Kubernetes (1.30: projected tokens name their node, which
+/// --bind-agent-identity=token needs) and the newest schemas kubernetes-validate has.
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.37.0"];
+
+fn yaml_files(dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            yaml_files(&path, out);
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "kubeconfig")
+        ) {
+            let relative = path.strip_prefix(deploy("")).unwrap();
+            out.push(relative.display().to_string());
+        }
+    }
+}
+
+#[test]
+fn every_manifest_is_either_validated_or_read_by_the_consistency_checks() {
+    let mut found = Vec::new();
+    yaml_files(&deploy("kubernetes"), &mut found);
+    found.sort();
+    let mut known: Vec<String> = API_MANIFESTS
+        .iter()
+        .chain(OTHER_YAML)
+        .map(|s| s.to_string())
+        .collect();
+    known.sort();
+    assert_eq!(
+        found, known,
+        "a manifest was added or removed: list it here"
+    );
+}
+
+fn kubernetes_validate(version: &str, files: &[PathBuf]) -> std::process::Output {
+    Command::new(tether_tests::python_tool("kubernetes-validate").unwrap())
+        .args(["--strict", "--quiet", "-k", version])
+        .args(files)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_manifests_validate_against_the_kubernetes_schemas() {
+    let files: Vec<PathBuf> = API_MANIFESTS.iter().map(|f| deploy(f)).collect();
+    for version in KUBERNETES_VERSIONS {
+        let out = kubernetes_validate(version, &files);
+        assert!(
+            out.status.success(),
+            "Kubernetes {version}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The validator catches what it must: a misspelled field in a copy of the DaemonSet.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    let text = std::fs::read_to_string(deploy("kubernetes/agent-daemonset.yaml")).unwrap();
+    let misspelled = text.replace("hostNetwork:", "hostNetwrok:");
+    assert_ne!(misspelled, text);
+    std::fs::write(&broken, misspelled).unwrap();
+    let out = kubernetes_validate(KUBERNETES_VERSIONS[0], &[broken]);
+    assert!(
+        !out.status.success(),
+        "a misspelled field passed validation: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn deploy_passes_yamllint() {
+    let root = deploy("..");
+    let out = Command::new(tether_tests::python_tool("yamllint").unwrap())
+        .current_dir(&root)
+        .args([
+            "--strict",
+            "--config-file",
+            ".yamllint.yaml",
+            "deploy",
+            ".yamllint.yaml",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn read_yaml(path: &str) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(deploy(path)).unwrap();
+    serde_saphyr::from_multiple(&text).unwrap_or_else(|err| panic!("{path}: {err}"))
+}
+
+/// `KEY=value` lines of the kustomization's env file, as its configMapGenerator reads them.
+fn cluster_env() -> std::collections::BTreeMap<String, String> {
+    std::fs::read_to_string(deploy("kubernetes/cluster.env"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=value");
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// What a container's environment holds on a node: literal values, the downward API's
+/// fields as a node would fill them, ConfigMap keys from cluster.env (which must have them).
+fn container_env(container: &serde_json::Value) -> Vec<(String, String)> {
+    let cluster = cluster_env();
+    let mut env = Vec::new();
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().unwrap().to_owned();
+        let value = if let Some(value) = var["value"].as_str() {
+            value.to_owned()
+        } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            match field {
+                "spec.nodeName" => "worker-1".to_owned(),
+                "status.hostIP" => "192.0.2.50".to_owned(),
+                other => panic!("{name}: a field this test does not model: {other}"),
+            }
+        } else if let Some(key) = var["valueFrom"]["configMapKeyRef"]["key"].as_str() {
+            assert_eq!(
+                var["valueFrom"]["configMapKeyRef"]["name"], "tether-agent-cluster",
+                "{name}: not the kustomization's generated ConfigMap"
+            );
+            cluster
+                .get(key)
+                .unwrap_or_else(|| panic!("{name}: cluster.env has no {key}"))
+                .clone()
+        } else {
+            panic!("{name}: a source this test does not model: {var}");
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// Every environment variable a command line (and its subcommands) reads.
+fn env_names(command: &clap::Command) -> Vec<String> {
+    let mut names: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    for sub in command.get_subcommands() {
+        names.extend(env_names(sub));
+    }
+    names
+}
+
+/// Each tether container in the manifests: its environment is read by the binary or used in
+/// its arguments, every `$(VAR)` is defined, and the arguments, as a node expands them, parse.
+#[test]
+fn every_flag_and_env_var_in_the_manifests_is_accepted() {
+    use clap::CommandFactory;
+    let mut checked = 0;
+    for manifest in API_MANIFESTS {
+        for object in read_yaml(manifest) {
+            let spec = if object["kind"] == "Pod" {
+                &object["spec"]
+            } else {
+                &object["spec"]["template"]["spec"]
+            };
+            for container in spec["containers"].as_array().into_iter().flatten() {
+                let command: Vec<String> = container["command"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| c.as_str().unwrap().to_owned())
+                    .collect();
+                let Some(binary) = command.first() else {
+                    continue;
+                };
+                let (name, clap_command) = match binary.as_str() {
+                    "/tether-agent" => ("tether-agent", tether_agent::config::Args::command()),
+                    "/tether-server" => ("tether-server", tether_server::config::Args::command()),
+                    other => panic!("{manifest}: unknown binary {other}"),
+                };
+                let env = container_env(container);
+                let mut args: Vec<String> = command[1..].to_vec();
+                args.extend(
+                    container["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| a.as_str().unwrap().to_owned()),
+                );
+                let read = env_names(&clap_command);
+                for (var, _) in &env {
+                    let used = args.iter().any(|a| a.contains(&format!("$({var})")));
+                    assert!(
+                        used || read.contains(var),
+                        "{manifest}: {name} neither reads {var} nor is it used in the arguments"
+                    );
+                }
+                let expanded: Vec<String> = args
+                    .iter()
+                    .map(|arg| {
+                        let mut arg = arg.clone();
+                        for (var, value) in &env {
+                            arg = arg.replace(&format!("$({var})"), value);
+                        }
+                        assert!(
+                            !arg.contains("$("),
+                            "{manifest}: undefined variable in {arg}"
+                        );
+                        arg
+                    })
+                    .collect();
+                let mut argv = vec![name.to_owned()];
+                argv.extend(expanded);
+                let parsed = match name {
+                    "tether-agent" => tether_agent::config::Args::try_parse_from(&argv)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    _ => tether_server::config::Args::try_parse_from(&argv)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(err) = parsed {
+                    panic!("{manifest}: {argv:?}: {err}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 3, "agent, server and uninstall containers");
+}
+
+/// The values that must agree across files: the socket kube-apiserver dials is the one the
+/// server listens on, in the directory both mount; agents dial the port the server serves.
+#[test]
+fn the_manifests_agree_with_each_other() {
+    let server = &read_yaml("kubernetes/control-plane/konnectivity-server.yaml")[0];
+    let container = &server["spec"]["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("the server has no --{name}"))
+            .to_owned()
+    };
+    let socket = flag("uds-name");
+    for selector in [
+        "kubernetes/control-plane/egress-selector-grpc.yaml",
+        "kubernetes/control-plane/egress-selector-http-connect.yaml",
+    ] {
+        let config = &read_yaml(selector)[0];
+        assert_eq!(
+            config["egressSelections"][0]["connection"]["transport"]["uds"]["udsName"], socket,
+            "{selector}"
+        );
+        assert_eq!(
+            config["egressSelections"][0]["name"], "cluster",
+            "{selector}"
+        );
+    }
+    let mounted = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| {
+            socket.starts_with(m["mountPath"].as_str().unwrap()) && m["name"] == "konnectivity-uds"
+        });
+    assert!(mounted, "the socket's directory is not the shared hostPath");
+
+    let agent = &read_yaml("kubernetes/agent-daemonset.yaml")[0];
+    let agent_args = agent["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    let port = format!("--proxy-server-port={}", flag("agent-port"));
+    assert!(agent_args.iter().any(|a| a == &port), "agents dial {port}");
+    assert!(
+        agent_args
+            .iter()
+            .any(|a| a.as_str().unwrap().starts_with("--agent-identifiers=")),
+        "agents advertise their node"
+    );
+    assert_eq!(flag("proxy-strategies"), "destHost,default");
+
+    let kubeconfig = &read_yaml("kubernetes/control-plane/konnectivity-server.kubeconfig")[0];
+    assert_eq!(
+        kubeconfig["users"][0]["name"], "system:konnectivity-server",
+        "server-rbac.yaml binds this user"
+    );
+    let rbac = read_yaml("kubernetes/server-rbac.yaml");
+    assert!(
+        rbac.iter()
+            .all(|binding| binding["kind"] != "ClusterRoleBinding"
+                || binding["subjects"][0]["name"] == "system:konnectivity-server")
+    );
+
+    let kustomization = &read_yaml("kubernetes/kustomization.yaml")[0];
+    for resource in kustomization["resources"].as_array().unwrap() {
+        let path = format!("kubernetes/{}", resource.as_str().unwrap());
+        assert!(API_MANIFESTS.contains(&path.as_str()), "{path}");
+    }
+    assert_eq!(
+        agent["spec"]["template"]["spec"]["containers"][0]["image"],
+        kustomization["images"][0]["name"],
+        "the kustomization's image rewrite applies to the DaemonSet"
+    );
+}

@@ -23,45 +23,82 @@ const APT_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// grpcio (gRPC's C core) drives the gRPC frontend in the tests as a peer tether did not write.
-const GRPCIO: &str = "grpcio==1.85.3";
+/// From PyPI, pinned: grpcio (gRPC's C core) drives the gRPC frontend in the tests as a peer
+/// tether did not write; kubernetes-validate and yamllint check deploy/'s manifests.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpcio", "1.85.3"),
+    ("kubernetes-validate", "1.37.0"),
+    ("yamllint", "1.38.0"),
+];
 
 pub fn run() -> Result<()> {
     apt_packages()?;
     bpf_linker()?;
     nextest()?;
-    python_peer()?;
+    python_packages()?;
     Ok(())
 }
 
-/// The Python environment with grpcio; `tether_tests::python` looks for it here too.
+/// The Python environment with [`PYTHON_PACKAGES`]; `tether_tests::python_tool` looks here.
 fn python_env() -> std::path::PathBuf {
-    crate::workspace_root().join("target/interop-venv")
+    crate::workspace_root().join("target/python-venv")
 }
 
-fn python_peer() -> Result<()> {
+fn python_packages() -> Result<()> {
     let env = python_env();
     let python = env.join("bin/python");
-    let has_grpcio = Command::new(&python)
-        .args([
-            "-c",
-            "import grpc, sys; sys.exit(grpc.__version__ != sys.argv[1])",
-        ])
-        .arg(GRPCIO.trim_start_matches("grpcio=="))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if has_grpcio {
-        println!("setup: skipped {GRPCIO} (present in {})", env.display());
+    let pins: Vec<String> = PYTHON_PACKAGES
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect();
+    let missing: Vec<&String> = pins
+        .iter()
+        .zip(PYTHON_PACKAGES)
+        .filter(|(_, (name, version))| {
+            !Command::new(&python)
+                .args([
+                    "-c",
+                    "import importlib.metadata as m, sys; sys.exit(m.version(sys.argv[1]) != sys.argv[2])",
+                    name,
+                    version,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(pin, _)| pin)
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: skipped {} (present in {})",
+            pins.join(" "),
+            env.display()
+        );
         return Ok(());
     }
-    println!("setup: installing {GRPCIO} into {}", env.display());
-    install(Command::new("python3").arg("-m").arg("venv").arg(&env))
-        .context("python3 -m venv failed; is Python 3 with venv installed?")?;
-    install(Command::new(env.join("bin/pip")).args(["install", "-q", GRPCIO]))
-        .with_context(|| format!("pip install {GRPCIO} failed; is PyPI reachable?"))?;
-    println!("setup: installed {GRPCIO}");
+    let missing: Vec<&str> = missing.iter().map(|pin| pin.as_str()).collect();
+    println!(
+        "setup: installing {} into {}",
+        missing.join(" "),
+        env.display()
+    );
+    if !python.exists() {
+        install(Command::new("python3").arg("-m").arg("venv").arg(&env))
+            .context("python3 -m venv failed; is Python 3 with venv installed?")?;
+    }
+    install(
+        Command::new(env.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(&missing),
+    )
+    .with_context(|| {
+        format!(
+            "pip install {} failed; is PyPI reachable?",
+            missing.join(" ")
+        )
+    })?;
+    println!("setup: installed {}", missing.join(" "));
     Ok(())
 }
 
