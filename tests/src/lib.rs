@@ -7,6 +7,7 @@ pub mod fake_agent;
 pub mod fake_server;
 pub mod frontend;
 pub mod guard_site;
+pub mod image;
 pub mod lb;
 pub mod netns;
 pub mod packets;

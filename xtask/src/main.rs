@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod image;
 mod interop;
 mod setup;
 mod test;
@@ -35,6 +36,8 @@ enum Task {
     Bench(bench::Options),
     /// Run tether against upstream Konnectivity's own binaries, both ways round.
     Interop(interop::Options),
+    /// Build the container image from the release binaries (buildah, from scratch).
+    Image(image::Options),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench(opts) => bench::run(&opts),
         Task::Interop(opts) => interop::run(&opts),
+        Task::Image(opts) => image::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

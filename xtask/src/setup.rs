@@ -19,6 +19,9 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "util-linux",
     "systemd",
+    // The container image: built from scratch and run in the tests.
+    "buildah",
+    "podman",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
