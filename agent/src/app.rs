@@ -35,7 +35,7 @@ pub struct Agent {
     pub clients: Arc<ClientSet>,
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
-    _guard: Option<Guard>,
+    guard: Option<Guard>,
 }
 
 pub async fn start(config: Config) -> Result<Agent, StartError> {
@@ -109,11 +109,18 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         clients,
         metrics,
         stop,
-        _guard: guard,
+        guard,
     })
 }
 
 impl Agent {
+    /// Whether a guard is loaded and followed by this agent (not off, not only switched off).
+    pub fn guards(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(|guard| guard.tasks().next().is_some())
+    }
+
     /// Sends DRAIN to every server, refuses new connections, and waits at most `deadline` for
     /// open ones to finish. Returns how many were still open.
     pub async fn drain(&self, deadline: Duration) -> usize {

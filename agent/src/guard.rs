@@ -12,7 +12,7 @@ use tether_agent_common::Mode;
 use crate::dataplane::{
     Attached, Cidr, Counters, Dataplane, DataplaneError, PinnedGuard, Pins, Policy,
 };
-use crate::{capabilities, interfaces};
+use crate::{capabilities, interfaces, kernel};
 
 /// The guard flags, validated.
 #[derive(Clone, Debug)]
@@ -43,6 +43,14 @@ pub enum GuardError {
          with --guard-mode=off"
     )]
     MissingCapabilities(String),
+    #[error(
+        "the guard needs Linux {floor} or later and this kernel is {running}; upgrade the \
+         kernel or run with --guard-mode=off"
+    )]
+    KernelTooOld {
+        floor: kernel::Release,
+        running: kernel::Release,
+    },
     #[error(transparent)]
     Watch(#[from] interfaces::WatchError),
     #[error(
@@ -111,6 +119,14 @@ pub async fn start(
             counters: Some(pinned.counters()?),
             tasks: Vec::new(),
         }));
+    }
+    if let Some(running) = kernel::running()
+        && running < kernel::GUARD_FLOOR
+    {
+        return Err(GuardError::KernelTooOld {
+            floor: kernel::GUARD_FLOOR,
+            running,
+        });
     }
     let missing = capabilities::missing(&capabilities::GUARD);
     if !missing.is_empty() {

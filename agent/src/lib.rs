@@ -8,5 +8,6 @@ pub mod dataplane;
 pub mod dialer;
 pub mod guard;
 pub mod interfaces;
+pub mod kernel;
 pub mod metrics;
 pub mod tunnel;

@@ -3,8 +3,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use tether_agent::app;
+use tether_agent::capabilities::{self, Needed};
 use tether_agent::config::{Args, Command, Config, GuardCommand};
 use tether_agent::dataplane::{PinnedGuard, Pins, Status};
+use tether_agent::kernel;
 use tether_runtime::shutdown::Signals;
 
 fn main() -> ExitCode {
@@ -43,6 +45,24 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The guard is attached: from here on the agent parses what the network sends, and keeps
+    // only what following interfaces needs.
+    let keep: Vec<Needed> = if agent.guards() {
+        capabilities::after_attach(kernel::running())
+    } else {
+        Vec::new()
+    };
+    if let Err(err) = capabilities::keep_only(&keep) {
+        tracing::error!(
+            "cannot give up capabilities: {}",
+            tether_runtime::error_chain(&err)
+        );
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(
+        kept = ?keep.iter().map(|c| c.name).collect::<Vec<_>>(),
+        "dropped every other capability on every thread; no_new_privs set"
+    );
     signals.next().await;
     tracing::info!(deadline = ?deadline, open = agent.clients.open_connections(), "draining: DRAIN sent, new connections refused");
     tokio::select! {

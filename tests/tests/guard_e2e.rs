@@ -105,6 +105,8 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
         &[
             "--guard-interface=eth0",
             &format!("--control-plane-cidr={CP}/32"),
+            // Capabilities are per thread: several threads must each give them up.
+            "--worker-threads=3",
         ],
     );
     assert!(
@@ -125,7 +127,111 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
         "{:?}",
         agent.logged.logs.lines()
     );
+
+    // Attached, the agent gives up CAP_PERFMON on every thread and keeps only what following
+    // interfaces needs, with no_new_privs so that nothing can bring the rest back.
+    agent
+        .logged
+        .logs
+        .wait_for("dropped every other capability", Duration::from_secs(5))
+        .expect("the agent did not drop its capabilities");
+    // CAP_NET_ADMIN, and before Linux 6.5 CAP_BPF too (every bpf() command needed it).
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release
+        .trim()
+        .split(['.', '-'])
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (numbers.next().unwrap(), numbers.next().unwrap());
+    let kept: u64 = if (major, minor) >= (6, 5) {
+        1 << 12
+    } else {
+        (1 << 39) | (1 << 12)
+    };
+    let tasks = format!("/proc/{}/task", agent.logged.process.pid());
+    let mut threads = 0;
+    for task in std::fs::read_dir(&tasks).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        for set in ["CapPrm:", "CapEff:"] {
+            assert_eq!(
+                u64::from_str_radix(&field(set), 16).unwrap(),
+                kept,
+                "{set} of a thread:\n{status}"
+            );
+        }
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        threads += 1;
+    }
+    assert!(threads > 3, "the runtime's threads were not all checked");
+    // ... and with those it still guards an interface to the control plane that appears now.
+    let second_cp = Netns::new("gcap-cp2").unwrap();
+    tether_tests::netns::veth(
+        &second_cp,
+        "eth0",
+        "10.87.0.1/24",
+        &site.node,
+        "eth1",
+        "10.87.0.2/24",
+    )
+    .unwrap();
+    site.node
+        .ip(&[
+            "route",
+            "add",
+            &format!("{CP}/32"),
+            "dev",
+            "eth1",
+            "metric",
+            "50",
+        ])
+        .unwrap();
+    agent
+        .logged
+        .logs
+        .wait_for(
+            r#""XDP guard attached","interface":"eth1""#,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "with the capabilities it kept, the agent did not guard a new interface: {:?}",
+                agent.logged.logs.lines()
+            )
+        });
+    assert!(
+        site.guard_packets(&agent, "control_plane_syn", "drop")
+            .is_some_and(|n| n >= 1),
+        "the counters are no longer readable without the dropped capabilities"
+    );
     drop(agent);
+    drop(second_cp);
+
+    // The uninstall DaemonSet's capabilities are enough to detach the pinned guard.
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", site.node.path()))
+        .arg("setpriv")
+        .args([
+            "--bounding-set=-all,+bpf,+net_admin",
+            "--inh-caps=-all,+bpf,+net_admin",
+        ])
+        .arg(built("tether-agent").unwrap())
+        .args(["guard", "detach"])
+        .arg(format!("--bpffs-root={}", site.bpffs.root().display()))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("guard detached from eth0, eth1"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // One capability fewer, each in turn: the agent refuses to start and names it.
     let args = site.agent_args(&["--guard-interface=eth0"]);
