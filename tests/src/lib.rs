@@ -3,6 +3,7 @@
 pub mod backend;
 pub mod bpffs;
 pub mod cluster;
+pub mod docs;
 pub mod fake_agent;
 pub mod fake_server;
 pub mod frontend;

@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod docs;
 mod image;
 mod interop;
 mod setup;
@@ -38,6 +39,8 @@ enum Task {
     Interop(interop::Options),
     /// Build the container image from the release binaries (buildah, from scratch).
     Image(image::Options),
+    /// Regenerate docs/flags.md from the binaries' --help.
+    Docs,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Task::Bench(opts) => bench::run(&opts),
         Task::Interop(opts) => interop::run(&opts),
         Task::Image(opts) => image::run(&opts),
+        Task::Docs => docs::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,150 @@
+//! The documentation that is generated from the binaries matches them, and README and docs/
+//! link only files that exist in the repository.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a panic is how a failed check reports"
+)]
+
+use std::path::{Path, PathBuf};
+
+use tether_tests::docs;
+use tether_tests::procs::built;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn the_flag_reference_is_the_binaries_help() {
+    let bin_dir = built("tether-agent")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let generated = docs::flag_reference(&bin_dir).unwrap();
+    let committed = std::fs::read_to_string(root().join("docs/flags.md")).unwrap_or_default();
+    assert!(
+        committed == generated,
+        "docs/flags.md is stale: run `cargo xtask docs` and commit the result"
+    );
+}
+
+/// Relative links in a markdown file: `[text](target)`, without a scheme or an anchor-only
+/// target.
+fn relative_links(text: &str) -> Vec<String> {
+    let mut links = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("](") {
+        rest = &rest[start + 2..];
+        let Some(end) = rest.find(')') else { break };
+        let target = &rest[..end];
+        if !target.contains("://") && !target.starts_with('#') && !target.starts_with("mailto:") {
+            links.push(target.split('#').next().unwrap().to_owned());
+        }
+        rest = &rest[end..];
+    }
+    links
+}
+
+#[test]
+fn readme_and_docs_link_only_files_in_the_repository() {
+    let mut files = vec![root().join("README.md")];
+    for entry in std::fs::read_dir(root().join("docs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "md") {
+            files.push(path);
+        }
+    }
+    let mut checked = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for link in relative_links(&text) {
+            let target = file.parent().unwrap().join(&link);
+            assert!(
+                target.exists(),
+                "{} links {link}, which does not exist",
+                file.display()
+            );
+            let inside = target.canonicalize().unwrap();
+            assert!(
+                inside.starts_with(root().canonicalize().unwrap()),
+                "{} links {link}, outside the repository",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 10,
+        "only {checked} links found: the link parser is broken"
+    );
+}
+
+/// `(name, type)` of each metric family a `/metrics` page shows.
+fn families(page: &str) -> Vec<(String, String)> {
+    page.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+        .collect()
+}
+
+/// Every family, as it is scraped (counters with `_total`), is named in docs/metrics.md.
+fn assert_documented(who: &str, page: &str) {
+    let doc = std::fs::read_to_string(root().join("docs/metrics.md")).unwrap();
+    let found = families(page);
+    assert!(found.len() > 10, "{who}: no metrics page?\n{page}");
+    for (name, kind) in found {
+        let scraped = if kind == "counter" {
+            format!("{name}_total")
+        } else {
+            name
+        };
+        assert!(
+            doc.contains(&format!("`{scraped}`")),
+            "{who}'s {scraped} ({kind}) is not in docs/metrics.md"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_binaries_show_is_documented() {
+    use tether_tests::cluster::{Cluster, Mode, Transport};
+    use tether_tests::frontend::{GrpcTunnel, grpc_client};
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    // Traffic, so that families with labels have series: a dial that works and one that fails.
+    let echo = tether_tests::backend::echo().await.to_string();
+    let closed = tether_tests::backend::closed_port().to_string();
+    let mut client = grpc_client(&cluster.target).await.unwrap();
+    let tunnel = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
+    tunnel.send(b"ping").await.unwrap();
+    tunnel.close().await.unwrap();
+    assert!(
+        GrpcTunnel::dial(&mut client, &closed)
+            .await
+            .unwrap()
+            .is_err()
+    );
+
+    let agent = cluster.agent.as_ref().unwrap();
+    assert_documented(
+        "tether-agent",
+        &tether_tests::peers::metrics_page(agent.health_port).unwrap(),
+    );
+    assert_documented(
+        "tether-server",
+        &tether_tests::peers::metrics_page(cluster.server.health_port).unwrap(),
+    );
+
+    // The guard's families, from an agent with the guard on.
+    let site = tether_tests::guard_site::Site::new("docs");
+    let guarded = site.guarded_agent();
+    let port = guarded.health_port;
+    let page = site
+        .node
+        .run(|| tether_tests::peers::metrics_page(port))
+        .unwrap()
+        .unwrap();
+    assert!(page.contains("tether_agent_guard_packets"), "{page}");
+    assert_documented("tether-agent with its guard", &page);
+}
