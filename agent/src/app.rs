@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use crate::config::Config;
+use crate::dial_policy::{self, DialPolicy};
 use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
 use crate::tunnel::client_set::ClientSet;
@@ -69,8 +70,9 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     )
     .await?;
 
+    let dial_policy = Arc::new(dial_policy(&config).await);
     let config = Arc::new(config);
-    let clients = ClientSet::new(config.clone(), metrics.clone());
+    let clients = ClientSet::new(config.clone(), metrics.clone(), dial_policy.clone());
     let (stop, stop_rx) = watch::channel(false);
     let supervisor = tokio::spawn(clients.clone().run(stop_rx.clone()));
     let mut vital = vec![("server set", supervisor.abort_handle())];
@@ -111,6 +113,37 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         stop,
         guard,
     })
+}
+
+/// The operator's rules, the defaults, and what the agent itself must reach: the proxy server
+/// (as it resolves now) and the nameservers its lookups use.
+async fn dial_policy(config: &Config) -> DialPolicy {
+    let server: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((
+        config.server_host.as_str(),
+        config.server_port,
+    ))
+    .await
+    {
+        Ok(addrs) => addrs.collect(),
+        Err(err) => {
+            tracing::warn!(server = config.server_host, error = %err, "cannot resolve the proxy server now; its address is not exempt from --dial-allow");
+            Vec::new()
+        }
+    };
+    let nameservers = std::fs::read_to_string("/etc/resolv.conf")
+        .map(|text| dial_policy::nameservers(&text))
+        .unwrap_or_default();
+    let policy = DialPolicy::new(
+        &config.dial_allow,
+        &config.dial_deny,
+        dial_policy::needed(&server, &nameservers),
+    );
+    tracing::info!(
+        rules = ?policy.rules().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        otherwise = if policy.denies_by_default() { "deny" } else { "allow" },
+        "dial policy"
+    );
+    policy
 }
 
 impl Agent {

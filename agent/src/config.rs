@@ -11,6 +11,7 @@ use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_u
 use tether_runtime::tls::{Identity, PemFile};
 
 use crate::dataplane::Cidr;
+use crate::dial_policy::Target as DialTarget;
 use crate::guard::GuardSettings;
 
 /// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
@@ -63,6 +64,25 @@ pub struct PinArgs {
 }
 
 const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tether";
+
+/// What the agent may dial for the control plane. Built in: link-local (169.254.0.0/16,
+/// fe80::/10, where cloud metadata endpoints live) and loopback (127.0.0.0/8, ::1) are denied;
+/// everything else is allowed unless --dial-allow is given. The most specific rule decides
+/// (longer prefix, then narrower ports; deny wins a tie). The proxy server and the nameservers
+/// in /etc/resolv.conf are always allowed on their ports.
+#[derive(ClapArgs, Debug)]
+#[command(next_help_heading = "Dial policy")]
+pub struct DialArgs {
+    /// Destination the agent may dial: PREFIX[:PORT[-LAST]] (IPv6 with ports in brackets, e.g.
+    /// [fd00::/8]:443). Once any is given, only these are allowed. Repeatable, or
+    /// comma-separated; e.g. 127.0.0.1:10250 for a kubelet dialled on loopback.
+    #[arg(long = "dial-allow", env = "TETHER_DIAL_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<DialTarget>,
+    /// Destination the agent must not dial: PREFIX[:PORT[-LAST]]. Repeatable, or
+    /// comma-separated.
+    #[arg(long = "dial-deny", env = "TETHER_DIAL_DENY", value_delimiter = ',')]
+    pub deny: Vec<DialTarget>,
+}
 
 /// The XDP guard: drops what would reach the node around the tunnel. It stays in place, pinned,
 /// across agent restarts and upgrades.
@@ -293,6 +313,9 @@ pub struct RunArgs {
     pub guard: GuardArgs,
 
     #[command(flatten)]
+    pub dial: DialArgs,
+
+    #[command(flatten)]
     pub process: Process,
 
     #[command(flatten)]
@@ -383,6 +406,10 @@ pub struct Config {
     pub admin_port: u16,
     pub drain_timeout: Duration,
     pub guard: GuardSettings,
+    /// `--dial-allow`, `--dial-deny`: the policy itself is built at start, with the addresses
+    /// the agent needs (see [`crate::dial_policy::needed`]).
+    pub dial_allow: Vec<DialTarget>,
+    pub dial_deny: Vec<DialTarget>,
 }
 
 const MIN_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -565,6 +592,8 @@ impl Config {
             admin_host: args.admin_bind_address.clone(),
             admin_port: args.admin_server_port,
             drain_timeout: args.drain_timeout,
+            dial_allow: args.dial.allow.clone(),
+            dial_deny: args.dial.deny.clone(),
             guard: GuardSettings {
                 mode: args.guard.guard_mode.into(),
                 interfaces: args.guard.interfaces.clone(),

@@ -7,16 +7,24 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::dial_policy::DialPolicy;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialError {
     /// Text for DIAL_RSP.error.
     pub text: String,
-    /// Metric reason: `timeout` or `unknown`, as upstream.
+    /// Metric reason: `timeout` or `unknown`, as upstream; `policy` when the dial policy
+    /// denied every address.
     pub reason: &'static str,
 }
 
-/// Connects to `address` (`host:port`, IPv6 in brackets, or a DNS name) within `limit`.
-pub async fn dial(address: &str, limit: Duration) -> Result<TcpStream, DialError> {
+/// Connects to `address` (`host:port`, IPv6 in brackets, or a DNS name) within `limit`, to
+/// the first of its addresses `policy` allows.
+pub async fn dial(
+    address: &str,
+    limit: Duration,
+    policy: &DialPolicy,
+) -> Result<TcpStream, DialError> {
     let timeout = || DialError {
         text: format!("dial tcp {address}: i/o timeout"),
         reason: "timeout",
@@ -30,7 +38,13 @@ pub async fn dial(address: &str, limit: Duration) -> Result<TcpStream, DialError
             })?
             .collect();
         let mut last = None;
+        let mut denied = None;
         for addr in addrs {
+            let verdict = policy.decide(addr);
+            if !verdict.allowed {
+                denied.get_or_insert_with(|| policy.refusal(addr, verdict));
+                continue;
+            }
             match TcpStream::connect(addr).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
@@ -39,12 +53,16 @@ pub async fn dial(address: &str, limit: Duration) -> Result<TcpStream, DialError
                 Err(err) => last = Some((addr, err)),
             }
         }
-        Err(match last {
-            Some((addr, err)) => DialError {
+        Err(match (last, denied) {
+            (None, Some(refusal)) => DialError {
+                text: refusal,
+                reason: "policy",
+            },
+            (Some((addr, err)), _) => DialError {
                 text: format!("dial tcp {addr}: connect: {}", os_text(&err)),
                 reason: "unknown",
             },
-            None => DialError {
+            (None, None) => DialError {
                 text: format!("dial tcp: lookup {address}: no such host"),
                 reason: "unknown",
             },
@@ -91,9 +109,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let err = dial(&format!("127.0.0.1:{port}"), Duration::from_secs(5))
-            .await
-            .unwrap_err();
+        let err = dial(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(5),
+            &open_policy(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(
             err.text,
             format!("dial tcp 127.0.0.1:{port}: connect: connection refused")
@@ -103,7 +125,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_port_is_named() {
-        let err = dial("localhost", Duration::from_secs(5)).await.unwrap_err();
+        let err = dial("localhost", Duration::from_secs(5), &open_policy())
+            .await
+            .unwrap_err();
         assert!(err.text.contains("missing port"), "{}", err.text);
+    }
+
+    /// Loopback allowed, as these tests dial it.
+    fn open_policy() -> DialPolicy {
+        DialPolicy::new(&["127.0.0.0/8".parse().unwrap()], &[], Vec::new())
+    }
+
+    #[tokio::test]
+    async fn a_denied_destination_is_never_connected_to_and_the_rule_is_named() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let err = dial(
+            &addr.to_string(),
+            Duration::from_secs(5),
+            &DialPolicy::new(&[], &[], Vec::new()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.reason, "policy");
+        assert_eq!(
+            err.text,
+            format!(
+                "dial tcp {addr}: denied by tether-agent's dial policy: deny 127.0.0.0/8 (default: loopback, the node's local-only services)"
+            )
+        );
+        assert!(
+            listener.accept().is_err(),
+            "the destination saw a connection"
+        );
     }
 }

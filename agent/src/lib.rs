@@ -5,6 +5,7 @@ pub mod app;
 pub mod capabilities;
 pub mod config;
 pub mod dataplane;
+pub mod dial_policy;
 pub mod dialer;
 pub mod guard;
 pub mod interfaces;

@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use crate::cluster::{Mode, Transport};
 use crate::frontend::Target;
 use crate::pki::Pki;
-use crate::procs::{AGENT_WITHOUT_GUARD, Logged, built, http_get, spawn_collected};
+use crate::procs::{AGENT_WITHOUT_GUARD, DIALS_LOOPBACK, Logged, built, http_get, spawn_collected};
 
 /// Whose binary.
 #[derive(Clone, Debug)]
@@ -167,7 +167,7 @@ pub fn agent(imp: &Impl, pki: &Pki, server_port: u16, extra: &[String]) -> Resul
     let health_port = free_port()?;
     let mut cmd = Command::new(imp.binary("agent")?);
     if matches!(imp, Impl::Tether) {
-        cmd.args(AGENT_WITHOUT_GUARD);
+        cmd.args(AGENT_WITHOUT_GUARD).arg(DIALS_LOOPBACK);
     }
     let client = pki.pair("agent");
     cmd.arg(format!("--ca-cert={}", pki.ca().display()))

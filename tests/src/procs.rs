@@ -183,6 +183,11 @@ pub struct Agent {
 pub const AGENT_WITHOUT_GUARD: [&str; 2] =
     ["--guard-mode=off", "--bpffs-root=/nonexistent/tether-tests"];
 
+/// The tests' destinations listen on loopback, which the dial policy denies by default: the
+/// agents they start allow it (and everything else but link-local), unless a test sets its own
+/// policy.
+pub const DIALS_LOOPBACK: &str = "--dial-allow=127.0.0.0/8,::1,0.0.0.0/0,::/0";
+
 impl Agent {
     /// Starts tether-agent with `args` plus JSON logs, port-0 health and admin ports, and
     /// [`AGENT_WITHOUT_GUARD`].
@@ -219,6 +224,12 @@ impl Agent {
             "--admin-server-port",
             "0",
         ]);
+        if !args
+            .iter()
+            .any(|a| a.starts_with("--dial-allow") || a.starts_with("--dial-deny"))
+        {
+            cmd.arg(DIALS_LOOPBACK);
+        }
         cmd.args(args);
         let mut logged = spawn_logged("agent", &mut cmd)?;
         let line = wait_started(&mut logged, "tether-agent started")?;

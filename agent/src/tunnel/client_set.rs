@@ -32,7 +32,11 @@ enum Outcome {
 }
 
 impl ClientSet {
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        dial_policy: Arc<crate::dial_policy::DialPolicy>,
+    ) -> Arc<Self> {
         let limits = Arc::new(Limits {
             dial_timeout: config.dial_timeout,
             conn_queue_bytes: config.conn_queue_bytes,
@@ -40,6 +44,7 @@ impl ClientSet {
             stall_timeout: config.stall_timeout,
             max_pending_dials: config.max_pending_dials,
             max_connections: config.max_connections,
+            dial_policy,
         });
         Arc::new(ClientSet {
             config,

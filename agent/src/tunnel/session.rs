@@ -45,6 +45,7 @@ pub struct Limits {
     pub stall_timeout: Duration,
     pub max_pending_dials: usize,
     pub max_connections: usize,
+    pub dial_policy: Arc<crate::dial_policy::DialPolicy>,
 }
 
 struct Chunk(Bytes);
@@ -283,7 +284,12 @@ impl Session {
         let mut dials = self.dials();
         let task = tokio::spawn(async move {
             let started = Instant::now();
-            let result = dialer::dial(&address, session.limits.dial_timeout).await;
+            let result = dialer::dial(
+                &address,
+                session.limits.dial_timeout,
+                &session.limits.dial_policy,
+            )
+            .await;
             drop(slot);
             session.take_dial(random);
             match result {
@@ -293,6 +299,16 @@ impl Session {
                         .dial_duration
                         .observe(started.elapsed().as_secs_f64());
                     session.start(connect_id, random, stream);
+                }
+                Err(err) if err.reason == "policy" => {
+                    session.metrics.dial_refused("policy");
+                    tracing::warn!(
+                        server = session.server_id,
+                        address,
+                        error = err.text,
+                        "dial refused by the dial policy"
+                    );
+                    session.send_control(Packet::dial_response(random, 0, err.text));
                 }
                 Err(err) => {
                     session.metrics.dial_failure(err.reason);
