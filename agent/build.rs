@@ -1,4 +1,4 @@
-//! Embeds the eBPF object built by `cargo xtask build-ebpf`, and refuses to embed one that is
+//! Embeds the eBPF objects built by `cargo xtask build-ebpf`, and refuses to embed one that is
 //! missing or older than its sources: a stale guard program must never ship silently.
 //!
 //! Freshness comes from the dep-info file cargo writes beside the object, which lists every
@@ -21,13 +21,6 @@ fn main() -> ExitCode {
     } else {
         ("debug", "cargo xtask build-ebpf")
     };
-    let object = root.join(format!(
-        "target/ebpf/bpfel-unknown-none/{profile}/tether-ebpf"
-    ));
-    let dep_info = object.with_extension("d");
-
-    println!("cargo::rerun-if-changed={}", object.display());
-    println!("cargo::rerun-if-changed={}", dep_info.display());
     for dir in [
         "agent-ebpf/src",
         "agent-ebpf/Cargo.toml",
@@ -35,27 +28,36 @@ fn main() -> ExitCode {
     ] {
         println!("cargo::rerun-if-changed={}", root.join(dir).display());
     }
-
-    let Some(built) = modified(&object) else {
-        println!(
-            "cargo::error=eBPF object {} is missing; run `{command}` first",
-            object.display()
-        );
-        return ExitCode::SUCCESS;
-    };
-    let sources = fs::read_to_string(&dep_info).unwrap_or_default();
-    if let Some(newer) = dep_sources(&sources)
-        .filter(|src| src.starts_with(&root))
-        .find(|src| modified(src).is_none_or(|m| m > built))
-    {
-        println!(
-            "cargo::error=eBPF object {} is older than {}; run `{command}` again",
-            object.display(),
-            newer.display()
-        );
-        return ExitCode::SUCCESS;
+    // The guard, and the dial policy's cgroup hooks.
+    for (name, variable) in [
+        ("tether-ebpf", "TETHER_EBPF_OBJECT"),
+        ("tether-dial", "TETHER_DIAL_OBJECT"),
+    ] {
+        let object = root.join(format!("target/ebpf/bpfel-unknown-none/{profile}/{name}"));
+        let dep_info = object.with_extension("d");
+        println!("cargo::rerun-if-changed={}", object.display());
+        println!("cargo::rerun-if-changed={}", dep_info.display());
+        let Some(built) = modified(&object) else {
+            println!(
+                "cargo::error=eBPF object {} is missing; run `{command}` first",
+                object.display()
+            );
+            continue;
+        };
+        let sources = fs::read_to_string(&dep_info).unwrap_or_default();
+        if let Some(newer) = dep_sources(&sources)
+            .filter(|src| src.starts_with(&root))
+            .find(|src| modified(src).is_none_or(|m| m > built))
+        {
+            println!(
+                "cargo::error=eBPF object {} is older than {}; run `{command}` again",
+                object.display(),
+                newer.display()
+            );
+            continue;
+        }
+        println!("cargo::rustc-env={variable}={}", object.display());
     }
-    println!("cargo::rustc-env=TETHER_EBPF_OBJECT={}", object.display());
     ExitCode::SUCCESS
 }
 

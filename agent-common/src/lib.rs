@@ -314,6 +314,44 @@ const _: () = {
     assert!(core::mem::size_of::<InterfaceCounters>() == 8 + 16 * COUNTER_SLOTS as usize);
 };
 
+/// Most rules the dial hooks hold: the defaults, what the agent needs, and the operator's.
+pub const MAX_DIAL_RULES: u32 = 64;
+
+/// One dial-policy rule as the cgroup hooks read it, in the order the agent's policy tries
+/// them. Addresses are in network byte order, as `bpf_sock_addr` holds them; an IPv4 rule uses
+/// only the first word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DialRule {
+    /// 4 or 6.
+    pub family: u8,
+    /// 1 allows, 0 denies.
+    pub allow: u8,
+    pub _pad: [u8; 2],
+    /// Inclusive port range, host byte order.
+    pub first_port: u16,
+    pub last_port: u16,
+    pub addr: [u32; 4],
+    pub mask: [u32; 4],
+}
+
+/// How many rules are in use, and what happens to a destination none matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DialConfig {
+    pub rules: u32,
+    /// 1 allows what no rule matches, 0 denies it.
+    pub otherwise_allow: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<DialRule>() == 40);
+    assert!(core::mem::offset_of!(DialRule, first_port) == 4);
+    assert!(core::mem::offset_of!(DialRule, addr) == 8);
+    assert!(core::mem::offset_of!(DialRule, mask) == 24);
+    assert!(core::mem::size_of::<DialConfig>() == 8);
+};
+
 // SAFETY: both are repr(C), have no implicit padding (checked above) and every bit pattern is
 // a valid value.
 #[cfg(feature = "user")]
@@ -330,6 +368,12 @@ unsafe impl aya::Pod for ControlPlaneHint {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for InterfaceCounters {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DialRule {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DialConfig {}
 
 #[cfg(test)]
 mod tests {

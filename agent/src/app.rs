@@ -11,7 +11,8 @@ use tether_runtime::admin::{self, Query, Reply, Routes};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use crate::config::Config;
+use crate::config::{Config, DialCgroup};
+use crate::dataplane::DialHooks;
 use crate::dial_policy::{self, DialPolicy};
 use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
@@ -28,6 +29,12 @@ pub enum StartError {
     },
     #[error("XDP guard")]
     Guard(#[from] GuardError),
+    #[error("dial policy: cannot choose the cgroup to enforce it on (--dial-policy-cgroup)")]
+    DialCgroup(#[from] crate::cgroup::CgroupError),
+    #[error(
+        "dial policy: cannot enforce it in the kernel (--dial-policy-cgroup=off enforces it in userspace only)"
+    )]
+    DialHooks(#[from] crate::dataplane::DialHooksError),
 }
 
 pub struct Agent {
@@ -37,6 +44,8 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     guard: Option<Guard>,
+    /// The dial policy's kernel hooks: attached while this lives.
+    _dial_hooks: Option<Arc<std::sync::Mutex<DialHooks>>>,
 }
 
 pub async fn start(config: Config) -> Result<Agent, StartError> {
@@ -46,6 +55,23 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     if let Some(counters) = guard.as_mut().and_then(Guard::take_counters) {
         metrics.register_guard(counters);
     }
+    let dial_policy = Arc::new(dial_policy(&config).await);
+    // Before the first dial: from here on the kernel refuses what the policy denies.
+    let dial_hooks = match &config.dial_cgroup {
+        DialCgroup::Off => None,
+        choice => {
+            let cgroup = match choice {
+                DialCgroup::Path(path) => path.clone(),
+                _ => crate::cgroup::for_hooks()?,
+            };
+            let mut hooks = DialHooks::load(&dial_policy)?;
+            hooks.attach(&cgroup)?;
+            tracing::info!(cgroup = %cgroup.display(), "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
+            let hooks = Arc::new(std::sync::Mutex::new(hooks));
+            metrics.register_dial_policy(hooks.clone(), &dial_policy);
+            Some(hooks)
+        }
+    };
     let metrics = Arc::new(metrics);
     let bind = |flag: &'static str, host: String, port: u16| async move {
         let listener = tether_runtime::net::bind_tcp(&host, port).await;
@@ -70,7 +96,6 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     )
     .await?;
 
-    let dial_policy = Arc::new(dial_policy(&config).await);
     let config = Arc::new(config);
     let clients = ClientSet::new(config.clone(), metrics.clone(), dial_policy.clone());
     let (stop, stop_rx) = watch::channel(false);
@@ -112,6 +137,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         metrics,
         stop,
         guard,
+        _dial_hooks: dial_hooks,
     })
 }
 

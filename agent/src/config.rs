@@ -82,6 +82,16 @@ pub struct DialArgs {
     /// comma-separated.
     #[arg(long = "dial-deny", env = "TETHER_DIAL_DENY", value_delimiter = ',')]
     pub deny: Vec<DialTarget>,
+    /// Where the kernel enforces the policy on the agent's own connect() and sendmsg() calls:
+    /// auto (the agent's cgroup when it is alone there, as in a container; otherwise a child
+    /// cgroup "tether-agent" it creates and joins), off (userspace checks only), or a cgroup v2
+    /// directory.
+    #[arg(
+        long = "dial-policy-cgroup",
+        env = "TETHER_DIAL_POLICY_CGROUP",
+        default_value = "auto"
+    )]
+    pub cgroup: String,
 }
 
 /// The XDP guard: drops what would reach the node around the tunnel. It stays in place, pinned,
@@ -410,6 +420,15 @@ pub struct Config {
     /// the agent needs (see [`crate::dial_policy::needed`]).
     pub dial_allow: Vec<DialTarget>,
     pub dial_deny: Vec<DialTarget>,
+    pub dial_cgroup: DialCgroup,
+}
+
+/// `--dial-policy-cgroup`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DialCgroup {
+    Auto,
+    Off,
+    Path(PathBuf),
 }
 
 const MIN_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -594,6 +613,18 @@ impl Config {
             drain_timeout: args.drain_timeout,
             dial_allow: args.dial.allow.clone(),
             dial_deny: args.dial.deny.clone(),
+            dial_cgroup: match args.dial.cgroup.as_str() {
+                "auto" => DialCgroup::Auto,
+                "off" => DialCgroup::Off,
+                path if path.starts_with('/') => DialCgroup::Path(PathBuf::from(path)),
+                other => {
+                    return Err(invalid(
+                        "dial-policy-cgroup",
+                        other.to_owned(),
+                        "expected auto, off, or an absolute cgroup v2 directory".into(),
+                    ));
+                }
+            },
             guard: GuardSettings {
                 mode: args.guard.guard_mode.into(),
                 interfaces: args.guard.interfaces.clone(),

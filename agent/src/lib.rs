@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod capabilities;
+pub mod cgroup;
 pub mod config;
 pub mod dataplane;
 pub mod dial_policy;

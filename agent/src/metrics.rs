@@ -5,6 +5,7 @@
 //! since OpenMetrics would otherwise append `_total` to a counter's name.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -17,7 +18,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tether_agent_common::Counter as KernelCounter;
 
-use crate::dataplane::Counters;
+use crate::dataplane::{Counters, DialHooks};
+use crate::dial_policy::{Action, DialPolicy};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -221,6 +223,21 @@ impl Metrics {
     }
 
     /// Exports the XDP guard's counters, read from the kernel at each scrape.
+    pub fn register_dial_policy(&mut self, hooks: Arc<Mutex<DialHooks>>, policy: &DialPolicy) {
+        let decision = |allow: bool| if allow { "allow" } else { "deny" };
+        let mut rules: Vec<(String, &'static str)> = policy
+            .rules()
+            .iter()
+            .map(|r| (r.to_string(), decision(r.action == Action::Allow)))
+            .collect();
+        rules.push((
+            "no rule matched".to_owned(),
+            decision(!policy.denies_by_default()),
+        ));
+        self.registry
+            .register_collector(Box::new(DialPolicyCollector { hooks, rules }));
+    }
+
     pub fn register_guard(&mut self, counters: Counters) {
         self.registry
             .register_collector(Box::new(GuardCollector { counters }));
@@ -295,6 +312,63 @@ impl Default for Metrics {
 }
 
 type CounterField = fn(&KernelCounter) -> u64;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DialRuleLabels {
+    rule: String,
+    decision: &'static str,
+}
+
+/// The dial hooks count per rule in a per-CPU kernel map; summed at scrape time.
+struct DialPolicyCollector {
+    hooks: Arc<Mutex<DialHooks>>,
+    /// Each rule's text and decision, in the hooks' order, then the fallback's.
+    rules: Vec<(String, &'static str)>,
+}
+
+impl std::fmt::Debug for DialPolicyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialPolicyCollector")
+            .field("rules", &self.rules)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for DialPolicyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let hits = match self
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .hits()
+        {
+            Ok(hits) => hits,
+            Err(err) => {
+                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot read the dial policy's counters");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "tether_agent_dial_policy_decisions",
+            "connect() and sendmsg() calls of the agent's cgroup judged in the kernel, by the rule that decided",
+            None,
+            MetricType::Counter,
+        )?;
+        let fallback = hits.last().copied().unwrap_or(0);
+        let per_rule = hits
+            .iter()
+            .take(self.rules.len().saturating_sub(1))
+            .copied();
+        for ((rule, decision), count) in self.rules.iter().zip(per_rule.chain([fallback])) {
+            let labels = DialRuleLabels {
+                rule: rule.clone(),
+                decision,
+            };
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
 
 /// The guard counts in per-CPU kernel maps; summing them at scrape time costs nothing per packet.
 #[derive(Debug)]

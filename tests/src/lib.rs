@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bpffs;
+pub mod cgroup;
 pub mod cluster;
 pub mod docs;
 pub mod fake_agent;

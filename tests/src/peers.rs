@@ -11,7 +11,9 @@ use anyhow::{Result, bail};
 use crate::cluster::{Mode, Transport};
 use crate::frontend::Target;
 use crate::pki::Pki;
-use crate::procs::{AGENT_WITHOUT_GUARD, DIALS_LOOPBACK, Logged, built, http_get, spawn_collected};
+use crate::procs::{
+    AGENT_WITHOUT_GUARD, DIALS_LOOPBACK, Logged, NO_DIAL_HOOKS, built, http_get, spawn_collected,
+};
 
 /// Whose binary.
 #[derive(Clone, Debug)]
@@ -167,7 +169,8 @@ pub fn agent(imp: &Impl, pki: &Pki, server_port: u16, extra: &[String]) -> Resul
     let health_port = free_port()?;
     let mut cmd = Command::new(imp.binary("agent")?);
     if matches!(imp, Impl::Tether) {
-        cmd.args(AGENT_WITHOUT_GUARD).arg(DIALS_LOOPBACK);
+        cmd.args(AGENT_WITHOUT_GUARD)
+            .args([DIALS_LOOPBACK, NO_DIAL_HOOKS]);
     }
     let client = pki.pair("agent");
     cmd.arg(format!("--ca-cert={}", pki.ca().display()))

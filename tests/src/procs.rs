@@ -140,6 +140,20 @@ impl Server {
         Self::spawn(in_netns(netns, "tether-server")?, args)
     }
 
+    /// [`Agent::start_in`], as the only process of `cgroup` (as in a container), with the dial
+    /// policy enforced there by the kernel.
+    pub fn start_in_cgroup(
+        netns: &Netns,
+        cgroup: &crate::cgroup::TestCgroup,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut cmd = cgroup.command(std::path::Path::new("nsenter"));
+        cmd.arg(format!("--net={}", netns.path()))
+            .arg(built("tether-agent")?)
+            .arg("--dial-policy-cgroup=auto");
+        Self::spawn(cmd, args)
+    }
+
     fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args(["--log-format", "json"]);
         for (flag, default) in [
@@ -188,6 +202,10 @@ pub const AGENT_WITHOUT_GUARD: [&str; 2] =
 /// policy.
 pub const DIALS_LOOPBACK: &str = "--dial-allow=127.0.0.0/8,::1,0.0.0.0/0,::/0";
 
+/// Kernel enforcement of the dial policy goes on the agent's cgroup, or one it creates beside
+/// the test's processes: only tests that give an agent a cgroup of its own turn it on.
+pub const NO_DIAL_HOOKS: &str = "--dial-policy-cgroup=off";
+
 impl Agent {
     /// Starts tether-agent with `args` plus JSON logs, port-0 health and admin ports, and
     /// [`AGENT_WITHOUT_GUARD`].
@@ -215,6 +233,20 @@ impl Agent {
         Self::spawn(cmd, args)
     }
 
+    /// [`Agent::start_in`], as the only process of `cgroup` (as in a container), with the dial
+    /// policy enforced there by the kernel.
+    pub fn start_in_cgroup(
+        netns: &Netns,
+        cgroup: &crate::cgroup::TestCgroup,
+        args: &[&str],
+    ) -> Result<Self> {
+        let mut cmd = cgroup.command(std::path::Path::new("nsenter"));
+        cmd.arg(format!("--net={}", netns.path()))
+            .arg(built("tether-agent")?)
+            .arg("--dial-policy-cgroup=auto");
+        Self::spawn(cmd, args)
+    }
+
     fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args([
             "--log-format",
@@ -229,6 +261,15 @@ impl Agent {
             .any(|a| a.starts_with("--dial-allow") || a.starts_with("--dial-deny"))
         {
             cmd.arg(DIALS_LOOPBACK);
+        }
+        let given = |prefix: &str| {
+            args.iter().any(|a| a.starts_with(prefix))
+                || cmd
+                    .get_args()
+                    .any(|a| a.to_string_lossy().starts_with(prefix))
+        };
+        if !given("--dial-policy-cgroup") {
+            cmd.arg(NO_DIAL_HOOKS);
         }
         cmd.args(args);
         let mut logged = spawn_logged("agent", &mut cmd)?;

@@ -80,3 +80,82 @@ async fn a_dial_to_the_metadata_address_is_refused_with_the_policys_error() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// `connect()` to `addr` from a process in the node's namespace, optionally inside `cgroup`:
+/// the errno's name, or "connected".
+fn connect_from(
+    site: &Site,
+    cgroup: Option<&tether_tests::cgroup::TestCgroup>,
+    addr: &str,
+) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let script = format!(
+        "import socket, errno\n\
+         s = socket.socket()\n\
+         s.settimeout(3)\n\
+         try:\n    s.connect(('{host}', {port})); print('connected')\n\
+         except OSError as e:\n    print(errno.errorcode.get(e.errno, e))\n"
+    );
+    let mut cmd = match cgroup {
+        Some(cgroup) => cgroup.command(std::path::Path::new("nsenter")),
+        None => std::process::Command::new("nsenter"),
+    };
+    let out = cmd
+        .arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The kernel enforces the same policy on anything in the agent's cgroup: a helper placed
+/// there that calls connect() itself, bypassing the agent's code, gets EPERM for the metadata
+/// address and connects elsewhere; outside the cgroup nothing changes.
+#[test]
+fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
+    let site = Site::new("dk");
+    site.node
+        .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])
+        .unwrap();
+    let _metadata = site
+        .node
+        .run(|| TcpListener::bind(METADATA))
+        .unwrap()
+        .unwrap();
+    let cgroup = tether_tests::cgroup::TestCgroup::new("dk").unwrap();
+    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
+    args.push("--worker-threads=2".into());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    let enforced = agent
+        .logged
+        .logs
+        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
+        .expect("the hooks were not attached");
+    assert!(
+        enforced.contains(&cgroup.dir().display().to_string()),
+        "not on the agent's own cgroup: {enforced}"
+    );
+
+    assert_eq!(connect_from(&site, Some(&cgroup), METADATA), "EPERM");
+    // The proxy server is allowed (the agent needs it), and so is what no rule names.
+    let server = format!(
+        "{}:{}",
+        tether_tests::guard_site::CP,
+        site.server.agent_port
+    );
+    assert_eq!(connect_from(&site, Some(&cgroup), &server), "connected");
+    assert_eq!(
+        connect_from(&site, None, METADATA),
+        "connected",
+        "a process outside the agent's cgroup was policed"
+    );
+
+    let denied = metric_in(
+        &site.node,
+        agent.health_port,
+        r#"tether_agent_dial_policy_decisions_total{rule="deny 169.254.0.0/16 (default: link-local, which holds cloud metadata endpoints)",decision="deny"}"#,
+    );
+    assert_eq!(denied, Some(1));
+    drop(agent);
+}

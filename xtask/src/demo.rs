@@ -95,6 +95,9 @@ pub fn run() -> Result<()> {
             &format!("--agent-identifiers=ipv4={NODE}"),
             "--agent-id=demo-node",
             &bpffs_root,
+            // The demo runs the agent beside the machine's own processes, where the kernel
+            // hooks would go on a cgroup the demo does not own.
+            "--dial-policy-cgroup=off",
         ]),
     )?;
     let ready = wait_until(Duration::from_secs(15), || {

@@ -3,6 +3,7 @@
 //! that uses aya.
 
 mod cidr;
+mod dial;
 mod events;
 mod pins;
 
@@ -29,6 +30,7 @@ use tether_agent_common::{
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
+pub use dial::{DialHooks, DialHooksError};
 pub use events::{DropEvents, GuardEvent};
 use pins::{Found, MapShape};
 pub use pins::{PinnedGuard, Pins, Status};

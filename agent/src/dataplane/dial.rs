@@ -1,0 +1,233 @@
+//! The dial policy's cgroup hooks (`connect4/6`, `sendmsg4/6`): loaded from their own embedded
+//! object, given the policy's rules in the order userspace tries them, attached to the cgroup
+//! the agent runs in, and read back as per-rule counters.
+//!
+//! The hooks police the processes of one cgroup: the agent's own, and whatever joins it (an
+//! exec into its container). The agent attaches them before it dials anything, so nothing it
+//! does escapes them; they stay attached as long as the agent runs.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use aya::maps::{Array, MapData, PerCpuArray};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr};
+use aya::{Ebpf, EbpfLoader};
+use tether_agent_common::{DialConfig, DialRule, MAX_DIAL_RULES};
+
+use super::DataplaneError;
+use crate::dial_policy::{Action, DialPolicy, Ports};
+
+static DIAL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_DIAL_OBJECT"));
+
+const PROGRAMS: [&str; 4] = [
+    "tether_dial_connect4",
+    "tether_dial_connect6",
+    "tether_dial_sendmsg4",
+    "tether_dial_sendmsg6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DialHooksError {
+    #[error(
+        "the dial policy has {0} rules and the kernel hooks hold at most {MAX_DIAL_RULES}; merge some --dial-allow/--dial-deny prefixes"
+    )]
+    TooManyRules(usize),
+    #[error("cannot open cgroup {0}")]
+    Cgroup(String, #[source] std::io::Error),
+    #[error("cannot attach the dial-policy hook {program} to cgroup {cgroup}")]
+    Attach {
+        program: &'static str,
+        cgroup: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// The loaded hooks. Dropping it detaches them.
+pub struct DialHooks {
+    ebpf: Ebpf,
+}
+
+/// A policy rule as the hooks read it.
+fn kernel_rule(rule: &crate::dial_policy::Rule) -> DialRule {
+    let (family, addr, mask) = match rule.prefix.addr {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(rule.prefix.len))
+                .unwrap_or(0);
+            let addr = v4.to_bits() & mask;
+            (
+                4,
+                [u32::from_ne_bytes(addr.to_be_bytes()), 0, 0, 0],
+                [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
+            )
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(rule.prefix.len))
+                .unwrap_or(0);
+            let words = |value: u128| {
+                let bytes = value.to_be_bytes();
+                std::array::from_fn(|i| {
+                    u32::from_ne_bytes([
+                        bytes[i * 4],
+                        bytes[i * 4 + 1],
+                        bytes[i * 4 + 2],
+                        bytes[i * 4 + 3],
+                    ])
+                })
+            };
+            (6, words(v6.to_bits() & mask), words(mask))
+        }
+    };
+    let Ports { first, last } = rule.ports;
+    DialRule {
+        family,
+        allow: u8::from(rule.action == Action::Allow),
+        _pad: [0; 2],
+        first_port: first,
+        last_port: last,
+        addr,
+        mask,
+    }
+}
+
+impl DialHooks {
+    /// Loads the hooks with `policy`'s rules (not yet attached).
+    pub fn load(policy: &DialPolicy) -> Result<Self, DialHooksError> {
+        let rules = policy.rules();
+        if rules.len() > MAX_DIAL_RULES as usize {
+            return Err(DialHooksError::TooManyRules(rules.len()));
+        }
+        let mut ebpf = EbpfLoader::new().load(DIAL_OBJECT).map_err(|err| {
+            DialHooksError::Dataplane(if super::is_permission_error(&err) {
+                DataplaneError::NotPermitted(err)
+            } else {
+                DataplaneError::Load(err)
+            })
+        })?;
+        {
+            let map = ebpf.map_mut("DIAL_RULES").ok_or(DataplaneError::Missing {
+                kind: "map",
+                name: "DIAL_RULES",
+            })?;
+            let mut table: Array<&mut MapData, DialRule> =
+                Array::try_from(map).map_err(|source| super::map_error("DIAL_RULES")(source))?;
+            for (index, rule) in rules.iter().enumerate() {
+                table
+                    .set(index as u32, kernel_rule(rule), 0)
+                    .map_err(|source| super::map_error("DIAL_RULES")(source))?;
+            }
+        }
+        {
+            let map = ebpf.map_mut("DIAL_CONFIG").ok_or(DataplaneError::Missing {
+                kind: "map",
+                name: "DIAL_CONFIG",
+            })?;
+            let mut config: Array<&mut MapData, DialConfig> =
+                Array::try_from(map).map_err(|source| super::map_error("DIAL_CONFIG")(source))?;
+            let value = DialConfig {
+                rules: rules.len() as u32,
+                otherwise_allow: u32::from(!policy.denies_by_default()),
+            };
+            config
+                .set(0, value, 0)
+                .map_err(|source| super::map_error("DIAL_CONFIG")(source))?;
+        }
+        for name in PROGRAMS {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?;
+            program
+                .load()
+                .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
+        }
+        Ok(DialHooks { ebpf })
+    }
+
+    /// Attaches every hook to `cgroup` (a cgroup v2 directory), beside whatever else is there.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DialHooksError> {
+        let shown = cgroup.display().to_string();
+        let dir = std::fs::File::open(cgroup)
+            .map_err(|err| DialHooksError::Cgroup(shown.clone(), err))?;
+        for name in PROGRAMS {
+            let program: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DataplaneError::Missing {
+                    kind: "program",
+                    name,
+                })?;
+            program
+                // A link (what this kernel makes) always lives beside other programs on the
+                // cgroup; link_create refuses the multi-attach flag itself.
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|source| DialHooksError::Attach {
+                    program: name,
+                    cgroup: shown.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Decisions per rule index (in the policy's order), then the count of what no rule
+    /// matched.
+    pub fn hits(&self) -> Result<Vec<u64>, DataplaneError> {
+        let map = self.ebpf.map("DIAL_HITS").ok_or(DataplaneError::Missing {
+            kind: "map",
+            name: "DIAL_HITS",
+        })?;
+        let hits: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| super::map_error("DIAL_HITS")(source))?;
+        (0..=MAX_DIAL_RULES)
+            .map(|slot| {
+                hits.get(&slot, 0)
+                    .map(|values| values.iter().sum())
+                    .map_err(|source| super::map_error("DIAL_HITS")(source))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(text: &str) -> DialRule {
+        let target: crate::dial_policy::Target = text.parse().unwrap();
+        kernel_rule(&crate::dial_policy::Rule {
+            action: Action::Deny,
+            prefix: target.prefix,
+            ports: target.ports,
+            origin: crate::dial_policy::Origin::Flag,
+        })
+    }
+
+    #[test]
+    fn rules_are_in_network_byte_order_as_the_kernel_hands_addresses() {
+        let r = rule("169.254.0.0/16:80");
+        assert_eq!(r.family, 4);
+        assert_eq!(r.addr[0].to_ne_bytes(), [169, 254, 0, 0]);
+        assert_eq!(r.mask[0].to_ne_bytes(), [255, 255, 0, 0]);
+        assert_eq!((r.first_port, r.last_port), (80, 80));
+        let r = rule("fe80::/10");
+        assert_eq!(r.family, 6);
+        assert_eq!(r.addr[0].to_ne_bytes(), [0xfe, 0x80, 0, 0]);
+        assert_eq!(r.mask[0].to_ne_bytes(), [0xff, 0xc0, 0, 0]);
+        assert_eq!(r.mask[1], 0);
+        assert_eq!((r.first_port, r.last_port), (0, u16::MAX));
+        let r = rule("0.0.0.0/0");
+        assert_eq!((r.addr[0], r.mask[0]), (0, 0));
+        let r = rule("::1");
+        assert_eq!(r.mask, [u32::MAX; 4]);
+        assert_eq!(r.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+}
