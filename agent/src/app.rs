@@ -116,6 +116,8 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     tokio::spawn(admin::serve(health, routes, std::future::pending()));
     let admin_routes: Arc<dyn Routes> = Arc::new(AdminRoutes {
         health_port: health_addr.port(),
+        dial_policy: dial_policy.clone(),
+        dial_hooks: dial_hooks.clone(),
     });
     tokio::spawn(admin::serve(
         admin_listener,
@@ -254,14 +256,58 @@ impl Routes for HealthRoutes {
     }
 }
 
-/// Upstream serves metrics on the health port only; the admin port redirects there.
+/// Upstream serves metrics on the health port only; the admin port redirects there. The admin
+/// port (loopback by default) also explains the live dial policy for `dial-policy check`.
 struct AdminRoutes {
     health_port: u16,
+    dial_policy: Arc<DialPolicy>,
+    dial_hooks: Option<Arc<std::sync::Mutex<DialHooks>>>,
+}
+
+impl AdminRoutes {
+    /// `/dial-policy?check=IP:PORT`: the decision, the rule, and where it is enforced.
+    fn check(&self, query: Option<&str>) -> Reply {
+        let target = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+            .find_map(|(key, value)| (key == "check").then(|| value.into_owned()))
+            .unwrap_or_default();
+        let Ok(addr) = target.parse::<std::net::SocketAddr>() else {
+            return Reply::text(
+                StatusCode::BAD_REQUEST,
+                format!("{target:?} is not IP:PORT (IPv6 in brackets); resolve names first\n"),
+            );
+        };
+        let verdict = self.dial_policy.decide(addr);
+        let mut body = format!(
+            "{addr}: {}\nrule: {}\n",
+            if verdict.allowed { "allow" } else { "deny" },
+            self.dial_policy.explain(verdict)
+        );
+        match &self.dial_hooks {
+            Some(hooks) => {
+                let slot = verdict
+                    .rule
+                    .unwrap_or(tether_agent_common::MAX_DIAL_RULES as usize);
+                let hits = hooks
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .hits()
+                    .ok()
+                    .and_then(|hits| hits.get(slot).copied());
+                body.push_str("enforced: by the agent and in the kernel on its cgroup's connect() and sendmsg()\n");
+                if let Some(hits) = hits {
+                    body.push_str(&format!("kernel decisions by this rule so far: {hits}\n"));
+                }
+            }
+            None => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
+        }
+        Reply::text(StatusCode::OK, body)
+    }
 }
 
 impl Routes for AdminRoutes {
     fn route(&self, request: &Query<'_>) -> Reply {
         match request.path {
+            "/dial-policy" => self.check(request.query),
             "/metrics" => {
                 let host = request.host.unwrap_or("127.0.0.1");
                 let host = match host.rsplit_once(':') {

@@ -36,6 +36,25 @@ pub enum Command {
     /// Inspect or remove the XDP guard an agent pinned (works while no agent runs).
     #[command(subcommand)]
     Guard(GuardCommand),
+    /// Ask the running agent about its dial policy.
+    #[command(subcommand, name = "dial-policy")]
+    DialPolicy(DialPolicyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DialPolicyCommand {
+    /// Print whether the running agent may dial IP:PORT, the rule that decides, and where it
+    /// is enforced (asks the agent's admin port on 127.0.0.1).
+    Check(CheckArgs),
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct CheckArgs {
+    /// The destination, IP:PORT (IPv6 in brackets).
+    pub target: String,
+    /// The running agent's --admin-server-port.
+    #[arg(long, env = "TETHER_ADMIN_SERVER_PORT", default_value_t = 8094)]
+    pub admin_server_port: u16,
 }
 
 #[derive(Subcommand, Debug)]

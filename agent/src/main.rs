@@ -4,7 +4,7 @@ use std::time::Duration;
 use clap::Parser;
 use tether_agent::app;
 use tether_agent::capabilities::{self, Needed};
-use tether_agent::config::{Args, Command, Config, GuardCommand};
+use tether_agent::config::{Args, CheckArgs, Command, Config, DialPolicyCommand, GuardCommand};
 use tether_agent::dataplane::{PinnedGuard, Pins, Status};
 use tether_agent::kernel;
 use tether_runtime::shutdown::Signals;
@@ -16,6 +16,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args, mut signals: Signals) -> ExitCode {
+    if let Some(Command::DialPolicy(DialPolicyCommand::Check(check))) = &args.command {
+        return match dial_policy_check(check).await {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("dial-policy check: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Guard(command)) = args.command {
         let wait = matches!(&command, GuardCommand::Detach(detach) if detach.wait);
         if let Err(err) = guard_command(command) {
@@ -78,6 +90,32 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Asks the running agent's admin port, so the answer is the live policy's.
+async fn dial_policy_check(check: &CheckArgs) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = check.admin_server_port;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| {
+            format!("no agent's admin port on 127.0.0.1:{port} (--admin-server-port)")
+        })?;
+    let target: String = form_urlencoded::byte_serialize(check.target.as_bytes()).collect();
+    stream
+        .write_all(
+            format!("GET /dial-policy?check={target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("the admin port's answer is not HTTP")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{}", body.trim());
+    Ok(body.to_owned())
 }
 
 /// `guard status|detach`: works on the pins alone, so it runs beside an agent or without one.

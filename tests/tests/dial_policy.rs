@@ -157,5 +157,37 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
         r#"tether_agent_dial_policy_decisions_total{rule="deny 169.254.0.0/16 (default: link-local, which holds cloud metadata endpoints)",decision="deny"}"#,
     );
     assert_eq!(denied, Some(1));
+
+    // What an operator runs to ask the live agent.
+    let check = |target: &str| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", site.node.path()))
+            .arg(tether_tests::procs::built("tether-agent").unwrap())
+            .args(["dial-policy", "check", target])
+            .arg(format!("--admin-server-port={}", agent.admin_port))
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    assert_eq!(
+        check(METADATA),
+        "169.254.169.254:80: deny\n\
+         rule: deny 169.254.0.0/16 (default: link-local, which holds cloud metadata endpoints)\n\
+         enforced: by the agent and in the kernel on its cgroup's connect() and sendmsg()\n\
+         kernel decisions by this rule so far: 1\n"
+    );
+    let report = check(&server);
+    assert!(
+        report.starts_with(&format!(
+            "{server}: allow\nrule: allow {}",
+            tether_tests::guard_site::CP
+        )),
+        "{report}"
+    );
+    assert!(check("metadata:80").contains("is not IP:PORT"));
     drop(agent);
 }
