@@ -254,7 +254,7 @@ fn us(d: Duration) -> f64 {
 }
 
 /// Command line: `[--quick] [--rounds N] [--upstream-bin DIR] [PHASE...]`; phases are
-/// download, upload, rtt, dial, idle and hol, all of them when none is named.
+/// download, upload, rtt, dial, idle, hol and hooks, all of them when none is named.
 struct Args {
     quick: bool,
     rounds: usize,
@@ -289,9 +289,11 @@ impl Args {
                             .into(),
                     );
                 }
-                "download" | "upload" | "rtt" | "dial" | "idle" | "hol" => args.phases.push(arg),
+                "download" | "upload" | "rtt" | "dial" | "idle" | "hol" | "hooks" => {
+                    args.phases.push(arg)
+                }
                 other => anyhow::bail!(
-                    "unknown argument {other:?}; usage: tunnel_bench [--quick] [--rounds N] [--upstream-bin DIR] [download|upload|rtt|dial|idle|hol ...]"
+                    "unknown argument {other:?}; usage: tunnel_bench [--quick] [--rounds N] [--upstream-bin DIR] [download|upload|rtt|dial|idle|hol|hooks ...]"
                 ),
             }
         }
@@ -621,8 +623,105 @@ async fn versus_upstream(
     Ok(())
 }
 
+/// `--connect-loop N PORT`: the helper the hooks phase starts inside a cgroup. It connects to
+/// 127.0.0.1:PORT N times and prints its own CPU time (user + system) in microseconds.
+fn connect_loop(n: usize, port: u16) -> Result<()> {
+    for _ in 0..n {
+        drop(std::net::TcpStream::connect(("127.0.0.1", port))?);
+    }
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
+    println!(
+        "{}",
+        micros(usage.user_time()) + micros(usage.system_time())
+    );
+    Ok(())
+}
+
+/// The dial policy's connect hook, per connect(): the same loop of connects from a process in
+/// a cgroup without hooks and from one in a cgroup where an agent attached them (the agent's
+/// default rules plus the harness's loopback allowance; a connect walks a few rules).
+fn hooks_phase(args: &Args, n: usize) -> Result<()> {
+    use tether_tests::cgroup::TestCgroup;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let plain = TestCgroup::new("bench-plain")?;
+    let hooked = TestCgroup::new("bench-hooks")?;
+    let pki = Pki::new(&[])?;
+    let server_port = format!("--proxy-server-port={closed}");
+    let ca = format!("--ca-cert={}", pki.ca().display());
+    let mut agent = hooked.command(&tether_tests::procs::built("tether-agent")?);
+    agent
+        .args(tether_tests::procs::AGENT_WITHOUT_GUARD)
+        .args([
+            tether_tests::procs::DIALS_LOOPBACK,
+            "--dial-policy-cgroup=auto",
+        ])
+        .args([
+            server_port.as_str(),
+            ca.as_str(),
+            "--health-server-port=0",
+            "--admin-server-port=0",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut agent = tether_tests::process::Process::spawn("tether-agent", &mut agent)?;
+    let mut log = std::io::BufReader::new(agent.take_stderr().context("agent stderr")?);
+    let mut line = String::new();
+    while !line.contains("dial policy enforced in the kernel") {
+        line.clear();
+        anyhow::ensure!(
+            std::io::BufRead::read_line(&mut log, &mut line)? > 0,
+            "the agent exited before attaching its hooks"
+        );
+    }
+    let me = std::env::current_exe()?;
+    let run = |cgroup: &TestCgroup| -> Result<f64> {
+        let out = cgroup
+            .command(&me)
+            .args(["--connect-loop", &n.to_string(), &port.to_string()])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()? / n as f64)
+    };
+    let mut without = Spread::default();
+    let mut with = Spread::default();
+    for _ in 0..args.rounds {
+        without.push(run(&plain)?);
+        with.push(run(&hooked)?);
+    }
+    println!(
+        "| connect() to 127.0.0.1, CPU-µs per call | {} without hooks | {} with the dial hooks | {:.2} | — | — |",
+        without.show(2),
+        with.show(2),
+        median(with.0.clone()) / median(without.0.clone())
+    );
+    drop(agent);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    let mut raw = std::env::args().skip(1);
+    if raw.next().as_deref() == Some("--connect-loop") {
+        let n = raw
+            .next()
+            .and_then(|n| n.parse().ok())
+            .context("--connect-loop N PORT")?;
+        let port = raw
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("--connect-loop N PORT")?;
+        return connect_loop(n, port);
+    }
     let args = Args::parse()?;
     let bulk = if args.quick { GIB / 8 } else { GIB };
     let (rtt_n, idle_n, dial_n) = if args.quick {
@@ -773,6 +872,9 @@ async fn main() -> Result<()> {
             p50_p99(&busy),
             us(pct(&busy, 0.5)) - us(pct(&quiet, 0.5))
         );
+    }
+    if args.runs("hooks") {
+        hooks_phase(&args, if args.quick { 2000 } else { 20000 })?;
     }
     let (total, steal) = machine_steal();
     println!(
