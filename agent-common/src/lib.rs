@@ -344,6 +344,52 @@ pub struct DialConfig {
     pub otherwise_allow: u32,
 }
 
+/// Services the dial hooks steer (ClusterIP:port/protocol), and their backends in all.
+pub const MAX_SERVICES: u32 = 4096;
+pub const MAX_BACKENDS: u32 = 16384;
+/// Sockets whose steered destination `getpeername()` still shows as the Service's.
+pub const MAX_STEERED_SOCKETS: u32 = 65536;
+
+/// A Service's address as a dial names it. Addresses in network byte order (as the hooks see
+/// them), the port in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub protocol: u8,
+}
+
+/// Where a Service's backends are: `count` entries of the backend array from `first`; `id`
+/// indexes its counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub first: u32,
+    pub count: u32,
+    pub id: u32,
+    pub _pad: u32,
+}
+
+/// One ready backend (or, in the steered-sockets map, the Service a socket was dialled as).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+};
+
 const _: () = {
     assert!(core::mem::size_of::<DialRule>() == 40);
     assert!(core::mem::offset_of!(DialRule, first_port) == 4);
@@ -374,6 +420,15 @@ unsafe impl aya::Pod for DialRule {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DialConfig {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServiceKey {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ServiceValue {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Endpoint {}
 
 #[cfg(test)]
 mod tests {

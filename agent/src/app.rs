@@ -16,6 +16,7 @@ use crate::dataplane::DialHooks;
 use crate::dial_policy::{self, DialPolicy};
 use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
+use crate::services::{FileWatch, ServiceMap};
 use crate::tunnel::client_set::ClientSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,22 @@ pub enum StartError {
         "dial policy: cannot enforce it in the kernel (--dial-policy-cgroup=off enforces it in userspace only)"
     )]
     DialHooks(#[from] crate::dataplane::DialHooksError),
+    #[error(
+        "--service-map-file: Services are steered by the kernel hooks, which --dial-policy-cgroup=off turns off"
+    )]
+    ServicesWithoutHooks,
+    #[error("--service-map-file: cannot read {file}")]
+    ServiceMapRead {
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--service-map-file: {file}")]
+    ServiceMap {
+        file: String,
+        #[source]
+        source: crate::services::BadServiceMap,
+    },
 }
 
 pub struct Agent {
@@ -72,6 +89,25 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
             Some(hooks)
         }
     };
+    let services = Arc::new(std::sync::Mutex::new(ServiceMap::new()));
+    match (&config.service_map_file, &dial_hooks) {
+        (None, _) => {}
+        (Some(_), None) => return Err(StartError::ServicesWithoutHooks),
+        (Some(path), Some(hooks)) => {
+            let mut watch = FileWatch::new(path);
+            // The first reading is part of starting: a Service dial works from the first one.
+            reload_services(&mut watch, hooks, &services)?;
+            let (hooks, services) = (hooks.clone(), services.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(crate::services::RELOAD_EVERY).await;
+                    if let Err(err) = reload_services(&mut watch, &hooks, &services) {
+                        tracing::error!(file = %watch.path().display(), error = %tether_runtime::error_chain(&err), "cannot apply the service map; the previous one stays");
+                    }
+                }
+            });
+        }
+    }
     let metrics = Arc::new(metrics);
     let bind = |flag: &'static str, host: String, port: u16| async move {
         let listener = tether_runtime::net::bind_tcp(&host, port).await;
@@ -118,6 +154,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         health_port: health_addr.port(),
         dial_policy: dial_policy.clone(),
         dial_hooks: dial_hooks.clone(),
+        services: services.clone(),
     });
     tokio::spawn(admin::serve(
         admin_listener,
@@ -141,6 +178,40 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         guard,
         _dial_hooks: dial_hooks,
     })
+}
+
+/// Reads the service map when it changed and hands it to the hooks.
+fn reload_services(
+    watch: &mut FileWatch,
+    hooks: &std::sync::Mutex<DialHooks>,
+    current: &std::sync::Mutex<ServiceMap>,
+) -> Result<(), StartError> {
+    let Some(read) = watch.changed() else {
+        return Ok(());
+    };
+    let file = watch.path().display().to_string();
+    let text = read.map_err(|source| StartError::ServiceMapRead {
+        file: file.clone(),
+        source,
+    })?;
+    let map = crate::services::parse(&text).map_err(|source| StartError::ServiceMap {
+        file: file.clone(),
+        source,
+    })?;
+    hooks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .set_services(&map)?;
+    tracing::info!(
+        file,
+        services = map.len(),
+        backends = map.values().map(Vec::len).sum::<usize>(),
+        "service map applied"
+    );
+    *current
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+    Ok(())
 }
 
 /// The operator's rules, the defaults, and what the agent itself must reach: the proxy server
@@ -262,6 +333,7 @@ struct AdminRoutes {
     health_port: u16,
     dial_policy: Arc<DialPolicy>,
     dial_hooks: Option<Arc<std::sync::Mutex<DialHooks>>>,
+    services: Arc<std::sync::Mutex<ServiceMap>>,
 }
 
 impl AdminRoutes {
@@ -299,6 +371,34 @@ impl AdminRoutes {
                 }
             }
             None => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
+        }
+        let services = self
+            .services
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (service, backends) in services.iter().filter(|(s, _)| s.addr == addr) {
+            let list: Vec<String> = backends
+                .iter()
+                .map(|b| {
+                    let verdict = self.dial_policy.decide(*b);
+                    format!(
+                        "{b}{}",
+                        if verdict.allowed {
+                            ""
+                        } else {
+                            " (denied by the policy)"
+                        }
+                    )
+                })
+                .collect();
+            body.push_str(&format!(
+                "service {service}: steered in turn to {}\n",
+                if list.is_empty() {
+                    "no backend (dials are refused)".to_owned()
+                } else {
+                    list.join(", ")
+                }
+            ));
         }
         Reply::text(StatusCode::OK, body)
     }

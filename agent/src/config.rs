@@ -111,6 +111,11 @@ pub struct DialArgs {
         default_value = "auto"
     )]
     pub cgroup: String,
+    /// Services to steer in the kernel, so dials to them work without kube-proxy: one per
+    /// line, `CLUSTER_IP:PORT/tcp BACKEND_IP:PORT ...` (IPv6 in brackets, `#` comments). Read
+    /// again within half a second of a change; needs the kernel hooks (--dial-policy-cgroup).
+    #[arg(long = "service-map-file", env = "TETHER_SERVICE_MAP_FILE")]
+    pub service_map_file: Option<PathBuf>,
 }
 
 /// The XDP guard: drops what would reach the node around the tunnel. It stays in place, pinned,
@@ -440,6 +445,7 @@ pub struct Config {
     pub dial_allow: Vec<DialTarget>,
     pub dial_deny: Vec<DialTarget>,
     pub dial_cgroup: DialCgroup,
+    pub service_map_file: Option<PathBuf>,
 }
 
 /// `--dial-policy-cgroup`.
@@ -632,6 +638,7 @@ impl Config {
             drain_timeout: args.drain_timeout,
             dial_allow: args.dial.allow.clone(),
             dial_deny: args.dial.deny.clone(),
+            service_map_file: args.dial.service_map_file.clone(),
             dial_cgroup: match args.dial.cgroup.as_str() {
                 "auto" => DialCgroup::Auto,
                 "off" => DialCgroup::Off,

@@ -12,4 +12,5 @@ pub mod guard;
 pub mod interfaces;
 pub mod kernel;
 pub mod metrics;
+pub mod services;
 pub mod tunnel;

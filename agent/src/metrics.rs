@@ -366,8 +366,37 @@ impl Collector for DialPolicyCollector {
             };
             ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
         }
+        let services = self
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .service_hits();
+        let services = match services {
+            Ok(services) => services,
+            Err(err) => {
+                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot read the Services' counters");
+                return Ok(());
+            }
+        };
+        let mut family = encoder.encode_descriptor(
+            "tether_agent_service_connects",
+            "connect() calls to a Service address steered to one of its backends in the kernel",
+            None,
+            MetricType::Counter,
+        )?;
+        for (service, count) in services {
+            let labels = ServiceLabels {
+                service: service.to_string(),
+            };
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
 }
 
 /// The guard counts in per-CPU kernel maps; summing them at scrape time costs nothing per packet.

@@ -191,3 +191,137 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     assert!(check("metadata:80").contains("is not IP:PORT"));
     drop(agent);
 }
+
+/// A backend in the node's namespace that answers every connection with its name.
+fn named_backend(site: &Site, addr: &str, name: &'static str) {
+    let listener = site.node.run(|| TcpListener::bind(addr)).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let _ = std::io::Write::write_all(&mut stream, name.as_bytes());
+        }
+    });
+}
+
+/// Dials the Service through the tunnel and returns the name of the backend that answered.
+async fn through_service(target: &Target) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut io = http_connect(target, "10.96.0.10:80")
+        .await
+        .unwrap()
+        .unwrap_or_else(|response| panic!("the Service dial failed: {response}"));
+    let mut name = String::new();
+    io.read_to_string(&mut name).await.unwrap();
+    name
+}
+
+/// Service steering without kube-proxy: dials to a ClusterIP that no address, route or
+/// iptables rule in the node's namespace knows are rewritten in the kernel to its backends,
+/// in turn; getpeername() still shows the Service; a backend taken out of the map gets no new
+/// connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
+    let site = Site::new("sv");
+    let backends = [
+        ("10.244.0.1:8080", "backend-1"),
+        ("10.244.0.2:8080", "backend-2"),
+        ("10.244.0.3:8080", "backend-3"),
+    ];
+    for (addr, name) in backends {
+        let ip = addr.split(':').next().unwrap();
+        site.node
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .unwrap();
+        named_backend(&site, addr, name);
+    }
+    let rules = site
+        .node
+        .run(|| std::process::Command::new("iptables-save").output())
+        .unwrap()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("10.96.0.10"),
+        "kube-proxy-style rules exist"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("services");
+    std::fs::write(
+        &map,
+        "# the Service and its three ready backends\n10.96.0.10:80/tcp 10.244.0.1:8080 10.244.0.2:8080 10.244.0.3:8080\n",
+    )
+    .unwrap();
+    let cgroup = tether_tests::cgroup::TestCgroup::new("sv").unwrap();
+    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
+    args.push(format!("--service-map-file={}", map.display()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    let target = Target::Uds(site.socket.clone());
+
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..300 {
+        *counts.entry(through_service(&target).await).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (name, count) in &counts {
+        assert!(
+            (90..=110).contains(count),
+            "{name} got {count} of 300 dials: {counts:?}"
+        );
+    }
+    assert_eq!(
+        metric_in(
+            &site.node,
+            agent.health_port,
+            r#"tether_agent_service_connects_total{service="10.96.0.10:80/tcp"}"#
+        ),
+        Some(300)
+    );
+
+    // A process in the agent's cgroup sees the address it dialled, not the backend's.
+    let script = "import socket\ns = socket.create_connection(('10.96.0.10', 80), 3)\nprint(s.getpeername(), s.recv(64).decode())\n";
+    let out = cgroup
+        .command(std::path::Path::new("nsenter"))
+        .arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("('10.96.0.10', 80) backend-"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // backend-3 leaves the map: no new connection goes to it.
+    std::fs::write(&map, "10.96.0.10:80/tcp 10.244.0.1:8080 10.244.0.2:8080\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !agent
+        .logged
+        .logs
+        .lines()
+        .iter()
+        .any(|l| l.contains("service map applied") && l.contains(r#""backends":2"#))
+    {
+        assert!(Instant::now() < deadline, "the changed map was not applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..30 {
+        let name = through_service(&target).await;
+        assert_ne!(name, "backend-3", "a removed backend got a new connection");
+    }
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", site.node.path()))
+        .arg(tether_tests::procs::built("tether-agent").unwrap())
+        .args(["dial-policy", "check", "10.96.0.10:80"])
+        .arg(format!("--admin-server-port={}", agent.admin_port))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains(
+            "service 10.96.0.10:80/tcp: steered in turn to 10.244.0.1:8080, 10.244.0.2:8080\n"
+        ),
+        "{report}"
+    );
+    drop(agent);
+}

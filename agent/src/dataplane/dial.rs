@@ -6,25 +6,36 @@
 //! exec into its container). The agent attaches them before it dials anything, so nothing it
 //! does escapes them; they stay attached as long as the agent runs.
 
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
-use aya::maps::{Array, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
-use tether_agent_common::{DialConfig, DialRule, MAX_DIAL_RULES};
+use tether_agent_common::{
+    DialConfig, DialRule, Endpoint, MAX_BACKENDS, MAX_DIAL_RULES, MAX_SERVICES, ServiceKey,
+    ServiceValue,
+};
 
 use super::DataplaneError;
 use crate::dial_policy::{Action, DialPolicy, Ports};
+use crate::services::{Service, ServiceMap};
 
 static DIAL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_DIAL_OBJECT"));
 
-const PROGRAMS: [&str; 4] = [
+const PROGRAMS: [&str; 6] = [
     "tether_dial_connect4",
     "tether_dial_connect6",
     "tether_dial_sendmsg4",
     "tether_dial_sendmsg6",
+    "tether_dial_getpeername4",
+    "tether_dial_getpeername6",
 ];
+
+/// Backends are written to one half of the array while the hooks read the other, then the
+/// Services are pointed at the new half: a reload never shows a Service a half-written list.
+const HALF: u32 = MAX_BACKENDS / 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DialHooksError {
@@ -41,6 +52,10 @@ pub enum DialHooksError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "the service map has {services} Services and {backends} backends; the hooks hold at most {MAX_SERVICES} and {HALF}"
+    )]
+    TooManyServices { services: usize, backends: usize },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -48,6 +63,46 @@ pub enum DialHooksError {
 /// The loaded hooks. Dropping it detaches them.
 pub struct DialHooks {
     ebpf: Ebpf,
+    /// Each steered Service's counter slot.
+    ids: HashMap<Service, u32>,
+    /// Which half of the backend array the Services point at.
+    upper: bool,
+}
+
+/// An address as the hooks hold it: network byte order, word by word.
+fn words(ip: IpAddr) -> (u8, [u32; 4]) {
+    match ip {
+        IpAddr::V4(v4) => (4, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            (
+                6,
+                std::array::from_fn(|i| {
+                    u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]])
+                }),
+            )
+        }
+    }
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    let (family, addr_words) = words(addr.ip());
+    Endpoint {
+        addr: addr_words,
+        port: addr.port(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn service_key(service: &Service) -> ServiceKey {
+    let (family, addr) = words(service.addr.ip());
+    ServiceKey {
+        addr,
+        port: service.addr.port(),
+        family,
+        protocol: service.protocol.number(),
+    }
 }
 
 /// A policy rule as the hooks read it.
@@ -148,7 +203,104 @@ impl DialHooks {
                 .load()
                 .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
         }
-        Ok(DialHooks { ebpf })
+        Ok(DialHooks {
+            ebpf,
+            ids: HashMap::new(),
+            upper: false,
+        })
+    }
+
+    /// Makes `services` what the hooks steer: backends that left are gone from the next
+    /// connect on, new ones take their turn.
+    pub fn set_services(&mut self, services: &ServiceMap) -> Result<(), DialHooksError> {
+        let backends: usize = services.values().map(Vec::len).sum();
+        if services.len() > MAX_SERVICES as usize || backends > HALF as usize {
+            return Err(DialHooksError::TooManyServices {
+                services: services.len(),
+                backends,
+            });
+        }
+        let base = if self.upper { 0 } else { HALF };
+        {
+            let map = self
+                .ebpf
+                .map_mut("BACKENDS")
+                .ok_or(DataplaneError::Missing {
+                    kind: "map",
+                    name: "BACKENDS",
+                })?;
+            let mut table: Array<&mut MapData, Endpoint> =
+                Array::try_from(map).map_err(super::map_error("BACKENDS"))?;
+            for (slot, addr) in (base..).zip(services.values().flatten()) {
+                table
+                    .set(slot, endpoint(*addr), 0)
+                    .map_err(super::map_error("BACKENDS"))?;
+            }
+        }
+        self.ids.retain(|service, _| services.contains_key(service));
+        let map = self
+            .ebpf
+            .map_mut("SERVICES")
+            .ok_or(DataplaneError::Missing {
+                kind: "map",
+                name: "SERVICES",
+            })?;
+        let mut table: AyaHashMap<&mut MapData, ServiceKey, ServiceValue> =
+            AyaHashMap::try_from(map).map_err(super::map_error("SERVICES"))?;
+        let stale: Vec<ServiceKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| !services.keys().any(|s| service_key(s) == *key))
+            .collect();
+        for key in stale {
+            let _ = table.remove(&key);
+        }
+        let mut first = base;
+        for (service, list) in services {
+            let id = match self.ids.get(service) {
+                Some(id) => *id,
+                None => {
+                    let id = (0..MAX_SERVICES)
+                        .find(|id| !self.ids.values().any(|used| used == id))
+                        .unwrap_or(0);
+                    self.ids.insert(*service, id);
+                    id
+                }
+            };
+            let value = ServiceValue {
+                first,
+                count: list.len() as u32,
+                id,
+                _pad: 0,
+            };
+            table
+                .insert(service_key(service), value, 0)
+                .map_err(super::map_error("SERVICES"))?;
+            first += list.len() as u32;
+        }
+        self.upper = !self.upper;
+        Ok(())
+    }
+
+    /// Connects steered so far, per Service.
+    pub fn service_hits(&self) -> Result<Vec<(Service, u64)>, DataplaneError> {
+        let map = self
+            .ebpf
+            .map("SERVICE_NEXT")
+            .ok_or(DataplaneError::Missing {
+                kind: "map",
+                name: "SERVICE_NEXT",
+            })?;
+        let hits: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(super::map_error("SERVICE_NEXT"))?;
+        self.ids
+            .iter()
+            .map(|(service, id)| {
+                hits.get(id, 0)
+                    .map(|values| (*service, values.iter().sum()))
+                    .map_err(super::map_error("SERVICE_NEXT"))
+            })
+            .collect()
     }
 
     /// Attaches every hook to `cgroup` (a cgroup v2 directory), beside whatever else is there.
