@@ -105,6 +105,19 @@ fn service_key(service: &Service) -> ServiceKey {
     }
 }
 
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, DataplaneError> {
+    ebpf.map_mut(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })
+}
+
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, DataplaneError> {
+    ebpf.map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })
+}
+
 /// A policy rule as the hooks read it.
 fn kernel_rule(rule: &crate::dial_policy::Rule) -> DialRule {
     let (family, addr, mask) = match rule.prefix.addr {
@@ -164,10 +177,7 @@ impl DialHooks {
             })
         })?;
         {
-            let map = ebpf.map_mut("DIAL_RULES").ok_or(DataplaneError::Missing {
-                kind: "map",
-                name: "DIAL_RULES",
-            })?;
+            let map = map_mut(&mut ebpf, "DIAL_RULES")?;
             let mut table: Array<&mut MapData, DialRule> =
                 Array::try_from(map).map_err(|source| super::map_error("DIAL_RULES")(source))?;
             for (index, rule) in rules.iter().enumerate() {
@@ -177,10 +187,7 @@ impl DialHooks {
             }
         }
         {
-            let map = ebpf.map_mut("DIAL_CONFIG").ok_or(DataplaneError::Missing {
-                kind: "map",
-                name: "DIAL_CONFIG",
-            })?;
+            let map = map_mut(&mut ebpf, "DIAL_CONFIG")?;
             let mut config: Array<&mut MapData, DialConfig> =
                 Array::try_from(map).map_err(|source| super::map_error("DIAL_CONFIG")(source))?;
             let value = DialConfig {
@@ -222,13 +229,7 @@ impl DialHooks {
         }
         let base = if self.upper { 0 } else { HALF };
         {
-            let map = self
-                .ebpf
-                .map_mut("BACKENDS")
-                .ok_or(DataplaneError::Missing {
-                    kind: "map",
-                    name: "BACKENDS",
-                })?;
+            let map = map_mut(&mut self.ebpf, "BACKENDS")?;
             let mut table: Array<&mut MapData, Endpoint> =
                 Array::try_from(map).map_err(super::map_error("BACKENDS"))?;
             for (slot, addr) in (base..).zip(services.values().flatten()) {
@@ -238,13 +239,7 @@ impl DialHooks {
             }
         }
         self.ids.retain(|service, _| services.contains_key(service));
-        let map = self
-            .ebpf
-            .map_mut("SERVICES")
-            .ok_or(DataplaneError::Missing {
-                kind: "map",
-                name: "SERVICES",
-            })?;
+        let map = map_mut(&mut self.ebpf, "SERVICES")?;
         let mut table: AyaHashMap<&mut MapData, ServiceKey, ServiceValue> =
             AyaHashMap::try_from(map).map_err(super::map_error("SERVICES"))?;
         let stale: Vec<ServiceKey> = table
@@ -284,13 +279,7 @@ impl DialHooks {
 
     /// Connects steered so far, per Service.
     pub fn service_hits(&self) -> Result<Vec<(Service, u64)>, DataplaneError> {
-        let map = self
-            .ebpf
-            .map("SERVICE_NEXT")
-            .ok_or(DataplaneError::Missing {
-                kind: "map",
-                name: "SERVICE_NEXT",
-            })?;
+        let map = map_ref(&self.ebpf, "SERVICE_NEXT")?;
         let hits: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(super::map_error("SERVICE_NEXT"))?;
         self.ids
@@ -333,10 +322,7 @@ impl DialHooks {
     /// Decisions per rule index (in the policy's order), then the count of what no rule
     /// matched.
     pub fn hits(&self) -> Result<Vec<u64>, DataplaneError> {
-        let map = self.ebpf.map("DIAL_HITS").ok_or(DataplaneError::Missing {
-            kind: "map",
-            name: "DIAL_HITS",
-        })?;
+        let map = map_ref(&self.ebpf, "DIAL_HITS")?;
         let hits: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(map).map_err(|source| super::map_error("DIAL_HITS")(source))?;
         (0..=MAX_DIAL_RULES)
