@@ -37,9 +37,11 @@ pub enum StartError {
     )]
     DialHooks(#[from] crate::dataplane::DialHooksError),
     #[error(
-        "--service-map-file: Services are steered by the kernel hooks, which --dial-policy-cgroup=off turns off"
+        "--service-map-file and --services-from-kubernetes: Services are steered by the kernel hooks, which --dial-policy-cgroup=off turns off"
     )]
     ServicesWithoutHooks,
+    #[error("--services-from-kubernetes: cannot set up the Kubernetes client: {0}")]
+    Kubernetes(String),
     #[error("--service-map-file: cannot read {file}")]
     ServiceMapRead {
         file: String,
@@ -90,6 +92,13 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         }
     };
     let services = Arc::new(std::sync::Mutex::new(ServiceMap::new()));
+    if config.services_from_kubernetes {
+        let Some(hooks) = &dial_hooks else {
+            return Err(StartError::ServicesWithoutHooks);
+        };
+        let client = kubernetes_client(config.services_kubeconfig.as_deref()).await?;
+        tokio::spawn(follow_kubernetes(client, hooks.clone(), services.clone()));
+    }
     match (&config.service_map_file, &dial_hooks) {
         (None, _) => {}
         (Some(_), None) => return Err(StartError::ServicesWithoutHooks),
@@ -178,6 +187,57 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         guard,
         _dial_hooks: dial_hooks,
     })
+}
+
+async fn kubernetes_client(path: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let config = match path {
+        Some(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|e| StartError::Kubernetes(e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| StartError::Kubernetes(e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| StartError::Kubernetes(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| StartError::Kubernetes(e.to_string()))
+}
+
+/// Keeps the hooks' Service map equal to the cluster's, re-listing after any error.
+async fn follow_kubernetes(
+    client: kube::Client,
+    hooks: Arc<std::sync::Mutex<DialHooks>>,
+    current: Arc<std::sync::Mutex<ServiceMap>>,
+) {
+    loop {
+        let apply = |map: ServiceMap| {
+            let applied = hooks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .set_services(&map);
+            match applied {
+                Ok(()) => {
+                    tracing::info!(
+                        source = "kubernetes",
+                        services = map.len(),
+                        backends = map.values().map(Vec::len).sum::<usize>(),
+                        "service map applied"
+                    );
+                    *current
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+                }
+                Err(err) => {
+                    tracing::error!(error = %tether_runtime::error_chain(&err), "cannot apply the cluster's Services; the previous map stays");
+                }
+            }
+        };
+        if let Err(err) = crate::services::kubernetes::follow(client.clone(), apply).await {
+            tracing::warn!(error = %err, "lost the Services watch; listing again in 2s");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// Reads the service map when it changed and hands it to the hooks.

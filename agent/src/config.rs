@@ -114,8 +114,24 @@ pub struct DialArgs {
     /// Services to steer in the kernel, so dials to them work without kube-proxy: one per
     /// line, `CLUSTER_IP:PORT/tcp BACKEND_IP:PORT ...` (IPv6 in brackets, `#` comments). Read
     /// again within half a second of a change; needs the kernel hooks (--dial-policy-cgroup).
-    #[arg(long = "service-map-file", env = "TETHER_SERVICE_MAP_FILE")]
+    #[arg(
+        long = "service-map-file",
+        env = "TETHER_SERVICE_MAP_FILE",
+        conflicts_with = "services_from_kubernetes"
+    )]
     pub service_map_file: Option<PathBuf>,
+    /// Steer Services as the cluster has them: list and watch Services and EndpointSlices in
+    /// every namespace (RBAC: get, list, watch on both) through the pod's service account, or
+    /// --services-kubeconfig. Needs the kernel hooks (--dial-policy-cgroup).
+    #[arg(long, env = "TETHER_SERVICES_FROM_KUBERNETES")]
+    pub services_from_kubernetes: bool,
+    /// kubeconfig for --services-from-kubernetes (default: the in-cluster service account).
+    #[arg(
+        long,
+        env = "TETHER_SERVICES_KUBECONFIG",
+        requires = "services_from_kubernetes"
+    )]
+    pub services_kubeconfig: Option<PathBuf>,
 }
 
 /// The XDP guard: drops what would reach the node around the tunnel. It stays in place, pinned,
@@ -446,6 +462,8 @@ pub struct Config {
     pub dial_deny: Vec<DialTarget>,
     pub dial_cgroup: DialCgroup,
     pub service_map_file: Option<PathBuf>,
+    pub services_from_kubernetes: bool,
+    pub services_kubeconfig: Option<PathBuf>,
 }
 
 /// `--dial-policy-cgroup`.
@@ -639,6 +657,8 @@ impl Config {
             dial_allow: args.dial.allow.clone(),
             dial_deny: args.dial.deny.clone(),
             service_map_file: args.dial.service_map_file.clone(),
+            services_from_kubernetes: args.dial.services_from_kubernetes,
+            services_kubeconfig: args.dial.services_kubeconfig.clone(),
             dial_cgroup: match args.dial.cgroup.as_str() {
                 "auto" => DialCgroup::Auto,
                 "off" => DialCgroup::Off,

@@ -325,3 +325,184 @@ async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
     );
     drop(agent);
 }
+
+/// Just enough of kube-apiserver for the agent's Services watch: lists of Services and
+/// EndpointSlices, and watches that stay open; the test pushes EndpointSlice events into them.
+struct ApiServer {
+    kubeconfig: std::path::PathBuf,
+    watchers: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+const WEB_SERVICE: &str = r#"{"metadata":{"name":"web","namespace":"default","resourceVersion":"1"},"spec":{"clusterIP":"10.96.0.10","clusterIPs":["10.96.0.10"],"ports":[{"name":"http","port":80,"protocol":"TCP"}]}}"#;
+
+fn web_slice(addresses: &[&str], version: u32) -> String {
+    let endpoints: Vec<String> = addresses
+        .iter()
+        .map(|a| format!(r#"{{"addresses":["{a}"],"conditions":{{"ready":true}}}}"#))
+        .collect();
+    format!(
+        r#"{{"metadata":{{"name":"web-1","namespace":"default","resourceVersion":"{version}","labels":{{"kubernetes.io/service-name":"web"}}}},"addressType":"IPv4","ports":[{{"name":"http","port":8080,"protocol":"TCP"}}],"endpoints":[{}]}}"#,
+        endpoints.join(",")
+    )
+}
+
+impl ApiServer {
+    fn start(site: &Site, dir: &std::path::Path, slice: String) -> ApiServer {
+        use std::io::{BufRead, Write};
+        let cp = tether_tests::guard_site::CP;
+        let listener = site.cp.run(|| TcpListener::bind((cp, 0))).unwrap().unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let watchers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let shared = watchers.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (shared, slice) = (shared.clone(), slice.clone());
+                std::thread::spawn(move || {
+                    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                    let mut request = String::new();
+                    reader.read_line(&mut request).unwrap();
+                    let mut line = String::new();
+                    while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                        line.clear();
+                    }
+                    let mut stream = stream;
+                    let is_slices = request.contains("/endpointslices");
+                    if request.contains("watch=true") {
+                        write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+                        if is_slices {
+                            shared.lock().unwrap().push(stream);
+                        } else {
+                            std::thread::sleep(Duration::from_secs(60));
+                        }
+                        return;
+                    }
+                    let body = if is_slices {
+                        format!(
+                            r#"{{"kind":"EndpointSliceList","apiVersion":"discovery.k8s.io/v1","metadata":{{"resourceVersion":"1"}},"items":[{slice}]}}"#
+                        )
+                    } else {
+                        format!(
+                            r#"{{"kind":"ServiceList","apiVersion":"v1","metadata":{{"resourceVersion":"1"}},"items":[{WEB_SERVICE}]}}"#
+                        )
+                    };
+                    write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
+                });
+            }
+        });
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://{cp}:{port}\nusers:\n- name: agent\n  user:\n    token: agent-credential\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: agent\ncurrent-context: stand-in\n"
+            ),
+        )
+        .unwrap();
+        ApiServer {
+            kubeconfig,
+            watchers,
+        }
+    }
+
+    /// Sends a watch event to every open EndpointSlice watch.
+    fn slice_event(&self, kind: &str, slice: &str) {
+        use std::io::Write;
+        let event = format!("{{\"type\":\"{kind}\",\"object\":{slice}}}\n");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.watchers.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the agent never watched EndpointSlices"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for stream in self.watchers.lock().unwrap().iter_mut() {
+            write!(stream, "{:x}\r\n{event}\r\n", event.len()).unwrap();
+            stream.flush().unwrap();
+        }
+    }
+}
+
+/// Waits for the agent's log to say a service map with `backends` backends was applied.
+fn wait_applied(agent: &tether_tests::procs::Agent, backends: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let needle = format!(r#""backends":{backends}"#);
+    while !agent
+        .logged
+        .logs
+        .lines()
+        .iter()
+        .any(|l| l.contains("service map applied") && l.contains(&needle))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no service map with {backends} backends was applied: {:?}",
+            agent.logged.logs.lines()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The Service map from the Kubernetes API (a stand-in for kube-apiserver): the Service's
+/// EndpointSlice spreads dials over its three backends, and a backend removed from the slice
+/// by a watch event gets no new connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn services_and_endpointslices_from_the_api_steer_dials() {
+    let site = Site::new("kb");
+    let backends = [
+        ("10.244.0.1:8080", "backend-1"),
+        ("10.244.0.2:8080", "backend-2"),
+        ("10.244.0.3:8080", "backend-3"),
+    ];
+    for (addr, name) in backends {
+        let ip = addr.split(':').next().unwrap();
+        site.node
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .unwrap();
+        named_backend(&site, addr, name);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(
+        &site,
+        dir.path(),
+        web_slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"], 1),
+    );
+    let cgroup = tether_tests::cgroup::TestCgroup::new("kb").unwrap();
+    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
+    args.push("--services-from-kubernetes".into());
+    args.push(format!(
+        "--services-kubeconfig={}",
+        api.kubeconfig.display()
+    ));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    wait_applied(&agent, 3);
+    let target = Target::Uds(site.socket.clone());
+
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..300 {
+        *counts.entry(through_service(&target).await).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (name, count) in &counts {
+        assert!(
+            (90..=110).contains(count),
+            "{name} got {count} of 300 dials: {counts:?}"
+        );
+    }
+
+    api.slice_event("MODIFIED", &web_slice(&["10.244.0.1", "10.244.0.2"], 2));
+    wait_applied(&agent, 2);
+    for _ in 0..30 {
+        let name = through_service(&target).await;
+        assert_ne!(
+            name, "backend-3",
+            "a backend removed from the slice got a new connection"
+        );
+    }
+    drop(agent);
+}

@@ -11,6 +11,8 @@
 //! [fd00:96::10]:80/tcp [fd00:244::5]:8080
 //! ```
 
+pub mod kubernetes;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
