@@ -88,13 +88,28 @@ impl Site {
             Some(caps) => Agent::start_in_with_caps(&self.node, caps, &refs).unwrap(),
             None => Agent::start_in(&self.node, &refs).unwrap(),
         };
+        self.wait_connected(&agent);
+        agent
+    }
+
+    /// An agent of this site, plus `extra` flags, as the only process of `cgroup`, where it
+    /// puts its dial hooks; connected to the server.
+    pub fn agent_in_cgroup(&self, cgroup: &crate::cgroup::TestCgroup, extra: &[String]) -> Agent {
+        let mut args = self.agent_args(&[]);
+        args.extend(extra.iter().cloned());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = Agent::start_in_cgroup(&self.node, cgroup, &refs).unwrap();
+        self.wait_connected(&agent);
+        agent
+    }
+
+    fn wait_connected(&self, agent: &Agent) {
         assert!(
             self.node
                 .run(|| crate::procs::wait_ready(agent.health_port, Duration::from_secs(10)))
                 .unwrap(),
             "agent never connected to the server"
         );
-        agent
     }
 
     /// The flags of an agent of this site, plus `guard`.

@@ -123,10 +123,12 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
         .unwrap()
         .unwrap();
     let cgroup = tether_tests::cgroup::TestCgroup::new("dk").unwrap();
-    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
-    args.push("--worker-threads=2".into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    let mut extra: Vec<String> = vec![
+        "--guard-mode=off".into(),
+        "--dial-deny=198.51.100.0/24".into(),
+    ];
+    extra.push("--worker-threads=2".into());
+    let agent = site.agent_in_cgroup(&cgroup, &extra);
     let enforced = agent
         .logged
         .logs
@@ -203,6 +205,35 @@ fn named_backend(site: &Site, addr: &str, name: &'static str) {
     });
 }
 
+/// backend-1 to backend-3 on 10.244.0.1 to .3, port 8080, in the node's namespace.
+fn three_backends(site: &Site) {
+    for (ip, name) in [
+        ("10.244.0.1", "backend-1"),
+        ("10.244.0.2", "backend-2"),
+        ("10.244.0.3", "backend-3"),
+    ] {
+        site.node
+            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .unwrap();
+        named_backend(site, &format!("{ip}:8080"), name);
+    }
+}
+
+/// 300 dials to the Service through the tunnel reach each of the three backends within 10%.
+async fn assert_spread_evenly(target: &Target) {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..300 {
+        *counts.entry(through_service(target).await).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (name, count) in &counts {
+        assert!(
+            (90..=110).contains(count),
+            "{name} got {count} of 300 dials: {counts:?}"
+        );
+    }
+}
+
 /// Dials the Service through the tunnel and returns the name of the backend that answered.
 async fn through_service(target: &Target) -> String {
     use tokio::io::AsyncReadExt;
@@ -222,18 +253,7 @@ async fn through_service(target: &Target) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
     let site = Site::new("sv");
-    let backends = [
-        ("10.244.0.1:8080", "backend-1"),
-        ("10.244.0.2:8080", "backend-2"),
-        ("10.244.0.3:8080", "backend-3"),
-    ];
-    for (addr, name) in backends {
-        let ip = addr.split(':').next().unwrap();
-        site.node
-            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
-            .unwrap();
-        named_backend(&site, addr, name);
-    }
+    three_backends(&site);
     let rules = site
         .node
         .run(|| std::process::Command::new("iptables-save").output())
@@ -251,23 +271,15 @@ async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
     )
     .unwrap();
     let cgroup = tether_tests::cgroup::TestCgroup::new("sv").unwrap();
-    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
-    args.push(format!("--service-map-file={}", map.display()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    let mut extra: Vec<String> = vec![
+        "--guard-mode=off".into(),
+        "--dial-deny=198.51.100.0/24".into(),
+    ];
+    extra.push(format!("--service-map-file={}", map.display()));
+    let agent = site.agent_in_cgroup(&cgroup, &extra);
     let target = Target::Uds(site.socket.clone());
 
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for _ in 0..300 {
-        *counts.entry(through_service(&target).await).or_default() += 1;
-    }
-    assert_eq!(counts.len(), 3, "{counts:?}");
-    for (name, count) in &counts {
-        assert!(
-            (90..=110).contains(count),
-            "{name} got {count} of 300 dials: {counts:?}"
-        );
-    }
+    assert_spread_evenly(&target).await;
     assert_eq!(
         metric_in(
             &site.node,
@@ -453,18 +465,7 @@ fn wait_applied(agent: &tether_tests::procs::Agent, backends: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn services_and_endpointslices_from_the_api_steer_dials() {
     let site = Site::new("kb");
-    let backends = [
-        ("10.244.0.1:8080", "backend-1"),
-        ("10.244.0.2:8080", "backend-2"),
-        ("10.244.0.3:8080", "backend-3"),
-    ];
-    for (addr, name) in backends {
-        let ip = addr.split(':').next().unwrap();
-        site.node
-            .ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
-            .unwrap();
-        named_backend(&site, addr, name);
-    }
+    three_backends(&site);
     let dir = tempfile::tempdir().unwrap();
     let api = ApiServer::start(
         &site,
@@ -472,28 +473,20 @@ async fn services_and_endpointslices_from_the_api_steer_dials() {
         web_slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"], 1),
     );
     let cgroup = tether_tests::cgroup::TestCgroup::new("kb").unwrap();
-    let mut args = site.agent_args(&["--guard-mode=off", "--dial-deny=198.51.100.0/24"]);
-    args.push("--services-from-kubernetes".into());
-    args.push(format!(
+    let mut extra: Vec<String> = vec![
+        "--guard-mode=off".into(),
+        "--dial-deny=198.51.100.0/24".into(),
+    ];
+    extra.push("--services-from-kubernetes".into());
+    extra.push(format!(
         "--services-kubeconfig={}",
         api.kubeconfig.display()
     ));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let agent = tether_tests::procs::Agent::start_in_cgroup(&site.node, &cgroup, &refs).unwrap();
+    let agent = site.agent_in_cgroup(&cgroup, &extra);
     wait_applied(&agent, 3);
     let target = Target::Uds(site.socket.clone());
 
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for _ in 0..300 {
-        *counts.entry(through_service(&target).await).or_default() += 1;
-    }
-    assert_eq!(counts.len(), 3, "{counts:?}");
-    for (name, count) in &counts {
-        assert!(
-            (90..=110).contains(count),
-            "{name} got {count} of 300 dials: {counts:?}"
-        );
-    }
+    assert_spread_evenly(&target).await;
 
     api.slice_event("MODIFIED", &web_slice(&["10.244.0.1", "10.244.0.2"], 2));
     wait_applied(&agent, 2);
