@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,8 +85,14 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
                 _ => crate::cgroup::for_hooks()?,
             };
             let mut hooks = DialHooks::load(&dial_policy)?;
-            hooks.attach(&cgroup)?;
-            tracing::info!(cgroup = %cgroup.display(), "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
+            // Pinned where the guard is, when that is a BPF filesystem the agent can use.
+            let pins = crate::dataplane::Pins::new(&config.guard.bpffs_root).dial_links();
+            let pinnable = config.guard.bpffs_root.parent().is_some_and(Path::exists);
+            let replaced = hooks.attach(&cgroup, pinnable.then_some(pins.as_path()))?;
+            if !pinnable {
+                tracing::warn!(bpffs_root = %config.guard.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
+            }
+            tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
             let hooks = Arc::new(std::sync::Mutex::new(hooks));
             metrics.register_dial_policy(hooks.clone(), &dial_policy);
             Some(hooks)

@@ -185,8 +185,8 @@ pub struct GuardArgs {
         value_delimiter = ','
     )]
     pub allow_tunnels: Vec<AllowedTunnel>,
-    /// Directory on a BPF filesystem for the guard's pins (mount the host's /sys/fs/bpf into
-    /// the pod).
+    /// Directory on a BPF filesystem for the guard's pins and the dial policy's hooks (mount
+    /// the host's /sys/fs/bpf into the pod).
     #[arg(long, env = "TETHER_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
 }

@@ -191,7 +191,44 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
         "{report}"
     );
     assert!(check("metadata:80").contains("is not IP:PORT"));
-    drop(agent);
+
+    // The hooks are pinned: an agent killed outright leaves its cgroup policed...
+    agent
+        .logged
+        .process
+        .signal(nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(cgroup.dir().join("cgroup.procs"))
+        .unwrap()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the killed agent stayed in its cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        connect_from(&site, Some(&cgroup), METADATA),
+        "EPERM",
+        "the hooks ended with the agent"
+    );
+    // ...and the next agent takes them over, attaching its own before removing the old.
+    let again = site.agent_in_cgroup(&cgroup, &extra);
+    let enforced = again
+        .logged
+        .logs
+        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
+        .unwrap();
+    assert!(enforced.contains(r#""replaced":6"#), "{enforced}");
+    assert_eq!(connect_from(&site, Some(&cgroup), METADATA), "EPERM");
+    let pins = std::fs::read_dir(site.bpffs.root().join("dial-links"))
+        .unwrap()
+        .count();
+    assert_eq!(pins, 6, "one pinned link per hook");
+    drop(again);
 }
 
 /// A backend in the node's namespace that answers every connection with its name.

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use tether_agent_common::{
@@ -51,6 +52,12 @@ pub enum DialHooksError {
         cgroup: String,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error("the dial-policy hook {program} is not a BPF link, which cannot be pinned")]
+    Unpinnable {
+        program: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
     },
     #[error(
         "the service map has {services} Services and {backends} backends; the hooks hold at most {MAX_SERVICES} and {HALF}"
@@ -293,10 +300,16 @@ impl DialHooks {
     }
 
     /// Attaches every hook to `cgroup` (a cgroup v2 directory), beside whatever else is there.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<(), DialHooksError> {
+    ///
+    /// With `pins` (a directory on a BPF filesystem) each link is pinned there, so the hooks
+    /// outlive this process: a restarted agent finds its cgroup still policed. The links an
+    /// earlier agent pinned are replaced only once the new ones are attached, so there is no
+    /// moment without them. Returns how many earlier links it replaced.
+    pub fn attach(&mut self, cgroup: &Path, pins: Option<&Path>) -> Result<usize, DialHooksError> {
         let shown = cgroup.display().to_string();
         let dir = std::fs::File::open(cgroup)
             .map_err(|err| DialHooksError::Cgroup(shown.clone(), err))?;
+        let mut links = Vec::new();
         for name in PROGRAMS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
@@ -306,17 +319,46 @@ impl DialHooks {
                     kind: "program",
                     name,
                 })?;
-            program
+            let attach_error = |source| DialHooksError::Attach {
+                program: name,
+                cgroup: shown.clone(),
+                source,
+            };
+            let link = program
                 // A link (what this kernel makes) always lives beside other programs on the
                 // cgroup; link_create refuses the multi-attach flag itself.
                 .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| DialHooksError::Attach {
+                .map_err(attach_error)?;
+            if pins.is_some() {
+                let link = program.take_link(link).map_err(attach_error)?;
+                let link = FdLink::try_from(link).map_err(|source| DialHooksError::Unpinnable {
                     program: name,
-                    cgroup: shown.clone(),
                     source,
                 })?;
+                links.push((name, link));
+            }
         }
-        Ok(())
+        let Some(pins) = pins else { return Ok(0) };
+        std::fs::create_dir_all(pins).map_err(|source| DataplaneError::Pin {
+            action: "cannot create",
+            path: pins.to_path_buf(),
+            source,
+        })?;
+        let mut replaced = 0;
+        for (name, link) in links {
+            let path = pins.join(name);
+            if let Ok(old) = PinnedLink::from_pin(&path) {
+                // Unpinned, the earlier link ends with this handle: its hook comes off now
+                // that the new one runs.
+                if old.unpin().is_ok() {
+                    replaced += 1;
+                }
+            }
+            super::pins::remove_if_present(&path)?;
+            link.pin(&path)
+                .map_err(|err| super::pins::pin_error("cannot pin the dial hook at", &path, err))?;
+        }
+        Ok(replaced)
     }
 
     /// Decisions per rule index (in the policy's order), then the count of what no rule

@@ -351,6 +351,11 @@ impl Pins {
     /// Removes every pin of any layout, links first: the guard stops at once, even on
     /// interfaces an agent still runs on, and the maps go when no program uses them any more.
     /// Returns the interfaces that were guarded, `None` when nothing was pinned.
+    /// Where the dial policy's cgroup hooks are pinned.
+    pub fn dial_links(&self) -> PathBuf {
+        self.root.join("dial-links")
+    }
+
     pub fn detach(&self) -> Result<Option<Vec<String>>, DataplaneError> {
         if !self.exist() && self.linked_interfaces()?.is_empty() {
             return Ok(None);
@@ -360,7 +365,17 @@ impl Pins {
             remove_if_present(&self.link(interface))?;
         }
         self.remove_layouts()?;
-        for dir in [self.root.join("links"), self.root.clone()] {
+        // The dial policy's hooks, pinned beside the guard, come off with it.
+        if let Ok(entries) = std::fs::read_dir(self.dial_links()) {
+            for entry in entries.flatten() {
+                remove_if_present(&entry.path())?;
+            }
+        }
+        for dir in [
+            self.root.join("links"),
+            self.dial_links(),
+            self.root.clone(),
+        ] {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
