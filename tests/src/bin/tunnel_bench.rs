@@ -623,11 +623,11 @@ async fn versus_upstream(
     Ok(())
 }
 
-/// `--connect-loop N PORT`: the helper the hooks phase starts inside a cgroup. It connects to
-/// 127.0.0.1:PORT N times and prints its own CPU time (user + system) in microseconds.
-fn connect_loop(n: usize, port: u16) -> Result<()> {
+/// `--connect-loop N ADDR`: the helper the hooks phase starts inside a cgroup. It connects to
+/// ADDR N times and prints its own CPU time (user + system) in microseconds.
+fn connect_loop(n: usize, addr: std::net::SocketAddr) -> Result<()> {
     for _ in 0..n {
-        drop(std::net::TcpStream::connect(("127.0.0.1", port))?);
+        drop(std::net::TcpStream::connect(addr)?);
     }
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
     let micros = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e6 + t.tv_usec() as f64;
@@ -654,6 +654,10 @@ fn hooks_phase(args: &Args, n: usize) -> Result<()> {
     let pki = Pki::new(&[])?;
     let server_port = format!("--proxy-server-port={closed}");
     let ca = format!("--ca-cert={}", pki.ca().display());
+    // One Service whose only backend is the listener: a connect to it is rewritten.
+    let map = pki.dir().join("services");
+    std::fs::write(&map, format!("10.96.0.10:80/tcp 127.0.0.1:{port}\n"))?;
+    let services = format!("--service-map-file={}", map.display());
     let mut agent = hooked.command(&tether_tests::procs::built("tether-agent")?);
     agent
         .args(tether_tests::procs::AGENT_WITHOUT_GUARD)
@@ -664,6 +668,7 @@ fn hooks_phase(args: &Args, n: usize) -> Result<()> {
         .args([
             server_port.as_str(),
             ca.as_str(),
+            services.as_str(),
             "--health-server-port=0",
             "--admin-server-port=0",
         ])
@@ -680,10 +685,11 @@ fn hooks_phase(args: &Args, n: usize) -> Result<()> {
         );
     }
     let me = std::env::current_exe()?;
-    let run = |cgroup: &TestCgroup| -> Result<f64> {
+    let listener_addr = format!("127.0.0.1:{port}");
+    let run = |cgroup: &TestCgroup, to: &str| -> Result<f64> {
         let out = cgroup
             .command(&me)
-            .args(["--connect-loop", &n.to_string(), &port.to_string()])
+            .args(["--connect-loop", &n.to_string(), to])
             .output()?;
         anyhow::ensure!(
             out.status.success(),
@@ -694,15 +700,23 @@ fn hooks_phase(args: &Args, n: usize) -> Result<()> {
     };
     let mut without = Spread::default();
     let mut with = Spread::default();
+    let mut steered = Spread::default();
     for _ in 0..args.rounds {
-        without.push(run(&plain)?);
-        with.push(run(&hooked)?);
+        without.push(run(&plain, &listener_addr)?);
+        with.push(run(&hooked, &listener_addr)?);
+        steered.push(run(&hooked, "10.96.0.10:80")?);
     }
     println!(
         "| connect() to 127.0.0.1, CPU-µs per call | {} without hooks | {} with the dial hooks | {:.2} | — | — |",
         without.show(2),
         with.show(2),
         median(with.0.clone()) / median(without.0.clone())
+    );
+    println!(
+        "| connect() to a Service address, rewritten to its backend, CPU-µs per call | {} without hooks (backend dialled directly) | {} through the Service rewrite | {:.2} | — | — |",
+        without.show(2),
+        steered.show(2),
+        median(steered.0.clone()) / median(without.0.clone())
     );
     drop(agent);
     Ok(())
@@ -715,12 +729,12 @@ async fn main() -> Result<()> {
         let n = raw
             .next()
             .and_then(|n| n.parse().ok())
-            .context("--connect-loop N PORT")?;
-        let port = raw
+            .context("--connect-loop N ADDR")?;
+        let addr = raw
             .next()
-            .and_then(|p| p.parse().ok())
-            .context("--connect-loop N PORT")?;
-        return connect_loop(n, port);
+            .and_then(|a| a.parse().ok())
+            .context("--connect-loop N ADDR")?;
+        return connect_loop(n, addr);
     }
     let args = Args::parse()?;
     let bulk = if args.quick { GIB / 8 } else { GIB };
