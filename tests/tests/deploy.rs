@@ -69,6 +69,7 @@ fn the_systemd_example_flags_parse() {
 /// The Kubernetes API objects under deploy/kubernetes, each validated against the schemas.
 const API_MANIFESTS: &[&str] = &[
     "kubernetes/agent-serviceaccount.yaml",
+    "kubernetes/agent-rbac.yaml",
     "kubernetes/agent-daemonset.yaml",
     "kubernetes/server-rbac.yaml",
     "kubernetes/control-plane/konnectivity-server.yaml",

@@ -17,14 +17,7 @@ const METADATA: &str = "169.254.169.254:80";
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dial_to_the_metadata_address_is_refused_with_the_policys_error() {
     let site = Site::new("dp");
-    site.node
-        .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])
-        .unwrap();
-    let metadata = site
-        .node
-        .run(|| TcpListener::bind(METADATA))
-        .unwrap()
-        .unwrap();
+    let metadata = metadata_listener(&site);
     metadata.set_nonblocking(true).unwrap();
     let target = Target::Uds(site.socket.clone());
 
@@ -108,20 +101,24 @@ fn connect_from(
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The cloud metadata address, bound in the node's namespace, with a listener.
+fn metadata_listener(site: &Site) -> TcpListener {
+    site.node
+        .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])
+        .unwrap();
+    site.node
+        .run(|| TcpListener::bind(METADATA))
+        .unwrap()
+        .unwrap()
+}
+
 /// The kernel enforces the same policy on anything in the agent's cgroup: a helper placed
 /// there that calls connect() itself, bypassing the agent's code, gets EPERM for the metadata
 /// address and connects elsewhere; outside the cgroup nothing changes.
 #[test]
 fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     let site = Site::new("dk");
-    site.node
-        .ip(&["addr", "add", "169.254.169.254/32", "dev", "lo"])
-        .unwrap();
-    let _metadata = site
-        .node
-        .run(|| TcpListener::bind(METADATA))
-        .unwrap()
-        .unwrap();
+    let _metadata = metadata_listener(&site);
     let cgroup = tether_tests::cgroup::TestCgroup::new("dk").unwrap();
     let mut extra: Vec<String> = vec![
         "--guard-mode=off".into(),
@@ -535,4 +532,49 @@ async fn services_and_endpointslices_from_the_api_steer_dials() {
         );
     }
     drop(agent);
+}
+
+/// On a plain host the agent's cgroup holds other processes, which are not the agent's to
+/// police: it creates a child cgroup, joins it and puts its hooks there.
+#[test]
+fn beside_other_processes_the_agent_polices_only_a_child_cgroup_of_its_own() {
+    let site = Site::new("dc");
+    let _metadata = metadata_listener(&site);
+    let cgroup = tether_tests::cgroup::TestCgroup::new("dc").unwrap();
+    let mut neighbour = cgroup
+        .command(std::path::Path::new("sleep"))
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let agent = site.agent_in_cgroup(
+        &cgroup,
+        &[
+            "--guard-mode=off".into(),
+            "--dial-deny=198.51.100.0/24".into(),
+        ],
+    );
+    let child = cgroup.dir().join("tether-agent");
+    let enforced = agent
+        .logged
+        .logs
+        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
+        .unwrap();
+    assert!(
+        enforced.contains(&child.display().to_string()),
+        "not on a child cgroup: {enforced}"
+    );
+    let members = std::fs::read_to_string(child.join("cgroup.procs")).unwrap();
+    assert_eq!(
+        members.trim(),
+        agent.logged.process.pid().to_string(),
+        "the agent alone joined the child"
+    );
+    assert_eq!(
+        connect_from(&site, Some(&cgroup), METADATA),
+        "connected",
+        "a neighbour in the agent's former cgroup was policed"
+    );
+    drop(agent);
+    let _ = neighbour.kill();
+    let _ = neighbour.wait();
 }
