@@ -77,26 +77,13 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     }
     let dial_policy = Arc::new(dial_policy(&config).await);
     // Before the first dial: from here on the kernel refuses what the policy denies.
+    // Loaded, given their Services, and only then attached: an agent that replaces pinned
+    // hooks never leaves its cgroup with an empty Service map.
     let dial_hooks = match &config.dial_cgroup {
         DialCgroup::Off => None,
-        choice => {
-            let cgroup = match choice {
-                DialCgroup::Path(path) => path.clone(),
-                _ => crate::cgroup::for_hooks()?,
-            };
-            let mut hooks = DialHooks::load(&dial_policy)?;
-            // Pinned where the guard is, when that is a BPF filesystem the agent can use.
-            let pins = crate::dataplane::Pins::new(&config.guard.bpffs_root).dial_links();
-            let pinnable = config.guard.bpffs_root.parent().is_some_and(Path::exists);
-            let replaced = hooks.attach(&cgroup, pinnable.then_some(pins.as_path()))?;
-            if !pinnable {
-                tracing::warn!(bpffs_root = %config.guard.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
-            }
-            tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
-            let hooks = Arc::new(std::sync::Mutex::new(hooks));
-            metrics.register_dial_policy(hooks.clone(), &dial_policy);
-            Some(hooks)
-        }
+        _ => Some(Arc::new(std::sync::Mutex::new(DialHooks::load(
+            &dial_policy,
+        )?))),
     };
     let services = Arc::new(std::sync::Mutex::new(ServiceMap::new()));
     if config.services_from_kubernetes {
@@ -104,7 +91,19 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
             return Err(StartError::ServicesWithoutHooks);
         };
         let client = kubernetes_client(config.services_kubeconfig.as_deref()).await?;
-        tokio::spawn(follow_kubernetes(client, hooks.clone(), services.clone()));
+        let first = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(follow_kubernetes(
+            client,
+            hooks.clone(),
+            services.clone(),
+            first.clone(),
+        ));
+        if tokio::time::timeout(FIRST_SERVICES, first.notified())
+            .await
+            .is_err()
+        {
+            tracing::warn!(waited = ?FIRST_SERVICES, "no Services from the API yet; the hooks go on without them and are filled when the list arrives");
+        }
     }
     match (&config.service_map_file, &dial_hooks) {
         (None, _) => {}
@@ -123,6 +122,24 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
                 }
             });
         }
+    }
+    if let Some(hooks) = &dial_hooks {
+        let cgroup = match &config.dial_cgroup {
+            DialCgroup::Path(path) => path.clone(),
+            _ => crate::cgroup::for_hooks()?,
+        };
+        // Pinned where the guard is, when that is a BPF filesystem the agent can use.
+        let pins = crate::dataplane::Pins::new(&config.guard.bpffs_root).dial_links();
+        let pinnable = config.guard.bpffs_root.parent().is_some_and(Path::exists);
+        let replaced = hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .attach(&cgroup, pinnable.then_some(pins.as_path()))?;
+        if !pinnable {
+            tracing::warn!(bpffs_root = %config.guard.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
+        }
+        tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
+        metrics.register_dial_policy(hooks.clone(), &dial_policy);
     }
     let metrics = Arc::new(metrics);
     let bind = |flag: &'static str, host: String, port: u16| async move {
@@ -211,11 +228,16 @@ async fn kubernetes_client(path: Option<&std::path::Path>) -> Result<kube::Clien
     kube::Client::try_from(config).map_err(|e| StartError::Kubernetes(e.to_string()))
 }
 
-/// Keeps the hooks' Service map equal to the cluster's, re-listing after any error.
+/// How long starting waits for the first list of Services before attaching the hooks.
+const FIRST_SERVICES: Duration = Duration::from_secs(10);
+
+/// Keeps the hooks' Service map equal to the cluster's, re-listing after any error; `first`
+/// is told when a map was applied.
 async fn follow_kubernetes(
     client: kube::Client,
     hooks: Arc<std::sync::Mutex<DialHooks>>,
     current: Arc<std::sync::Mutex<ServiceMap>>,
+    first: Arc<tokio::sync::Notify>,
 ) {
     loop {
         let apply = |map: ServiceMap| {
@@ -234,6 +256,7 @@ async fn follow_kubernetes(
                     *current
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+                    first.notify_one();
                 }
                 Err(err) => {
                     tracing::error!(error = %tether_runtime::error_chain(&err), "cannot apply the cluster's Services; the previous map stays");
