@@ -1,10 +1,11 @@
-//! The dial policy's cgroup hooks (`connect4/6`, `sendmsg4/6`): loaded from their own embedded
-//! object, given the policy's rules in the order userspace tries them, attached to the cgroup
-//! the agent runs in, and read back as per-rule counters.
+//! The dial policy's cgroup hooks (`connect4/6`, `sendmsg4/6`, `getpeername4/6`): loaded from
+//! their own embedded object, given the policy's rules in the order userspace tries them and
+//! the Services to steer, attached to the cgroup the agent runs in, and read back as per-rule
+//! and per-Service counters.
 //!
 //! The hooks police the processes of one cgroup: the agent's own, and whatever joins it (an
-//! exec into its container). The agent attaches them before it dials anything, so nothing it
-//! does escapes them; they stay attached as long as the agent runs.
+//! exec into its container). The agent attaches them before it dials anything the control
+//! plane asks for; pinned, they outlive the agent until the next one replaces them.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
