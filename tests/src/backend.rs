@@ -62,6 +62,22 @@ pub async fn black_hole() -> SocketAddr {
     addr
 }
 
+/// A port on 127.0.0.1 that refuses connections and stays refusing while the returned socket
+/// lives: bound, never listening, so no other test can take the port meanwhile.
+pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let addr = socket
+        .local_addr()
+        .expect("addr")
+        .as_socket()
+        .expect("an IP address");
+    (socket, addr)
+}
+
 /// A port on 127.0.0.1 where nothing listens.
 pub fn closed_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

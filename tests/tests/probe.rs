@@ -52,7 +52,9 @@ fn text(out: &Output) -> String {
 
 async fn reports_reachable_and_unreachable(mode: Mode, transport: Transport) {
     let hello = backend::hello().await.to_string();
-    let closed = backend::closed_port().to_string();
+    // Held for the whole test: a port merely closed could be taken by another test meanwhile.
+    let (_refusing, closed) = backend::refusing_port();
+    let closed = closed.to_string();
     let agent_id = format!("--agent-id={AGENT_ID}");
     let cluster = Cluster::start(mode, transport, &[], &[&agent_id]).unwrap();
 
