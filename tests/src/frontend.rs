@@ -36,6 +36,34 @@ pub enum Target {
 }
 
 impl Target {
+    /// `tether-server probe` aimed at this frontend in `mode`, flags as an operator passes
+    /// them; the destination and any other flags are the caller's to add.
+    pub fn probe_command(&self, mode: crate::cluster::Mode) -> Result<std::process::Command> {
+        let mut cmd = std::process::Command::new(crate::procs::built("tether-server")?);
+        cmd.arg("probe").arg(match mode {
+            crate::cluster::Mode::Grpc => "--mode=grpc",
+            crate::cluster::Mode::HttpConnect => "--mode=http-connect",
+        });
+        match self {
+            Target::Uds(path) => {
+                cmd.arg(format!("--uds-name={}", path.display()));
+            }
+            Target::Tls {
+                port,
+                ca,
+                cert,
+                key,
+            } => {
+                cmd.arg(format!("--server=127.0.0.1:{port}"))
+                    .arg("--tls-server-name=localhost")
+                    .arg(format!("--ca-cert={}", ca.display()))
+                    .arg(format!("--client-cert={}", cert.display()))
+                    .arg(format!("--client-key={}", key.display()));
+            }
+        }
+        Ok(cmd)
+    }
+
     pub fn tls(port: u16, pki: &Pki, client: &str) -> Self {
         let pair = pki.pair(client);
         Target::Tls {

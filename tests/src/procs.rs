@@ -140,20 +140,6 @@ impl Server {
         Self::spawn(in_netns(netns, "tether-server")?, args)
     }
 
-    /// [`Agent::start_in`], as the only process of `cgroup` (as in a container), with the dial
-    /// policy enforced there by the kernel.
-    pub fn start_in_cgroup(
-        netns: &Netns,
-        cgroup: &crate::cgroup::TestCgroup,
-        args: &[&str],
-    ) -> Result<Self> {
-        let mut cmd = cgroup.command(std::path::Path::new("nsenter"));
-        cmd.arg(format!("--net={}", netns.path()))
-            .arg(built("tether-agent")?)
-            .arg("--dial-policy-cgroup=auto");
-        Self::spawn(cmd, args)
-    }
-
     fn spawn(mut cmd: Command, args: &[&str]) -> Result<Self> {
         cmd.args(["--log-format", "json"]);
         for (flag, default) in [

@@ -10,35 +10,19 @@ use std::process::{Command, Output};
 
 use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
-use tether_tests::frontend::Target;
 use tether_tests::procs::built;
 
 const AGENT_ID: &str = "node-probe-7";
 
 fn probe(cluster: &Cluster, mode: Mode, extra: &[&str]) -> Output {
-    let mut cmd = Command::new(built("tether-server").unwrap());
-    cmd.arg("probe").arg("--timeout=5s").arg(match mode {
-        Mode::Grpc => "--mode=grpc",
-        Mode::HttpConnect => "--mode=http-connect",
-    });
-    match &cluster.target {
-        Target::Uds(path) => {
-            cmd.arg(format!("--uds-name={}", path.display()));
-        }
-        Target::Tls {
-            port,
-            ca,
-            cert,
-            key,
-        } => {
-            cmd.arg(format!("--server=127.0.0.1:{port}"))
-                .arg(format!("--ca-cert={}", ca.display()))
-                .arg(format!("--client-cert={}", cert.display()))
-                .arg(format!("--client-key={}", key.display()))
-                .arg("--tls-server-name=localhost");
-        }
-    }
-    cmd.args(extra).output().unwrap()
+    cluster
+        .target
+        .probe_command(mode)
+        .unwrap()
+        .arg("--timeout=5s")
+        .args(extra)
+        .output()
+        .unwrap()
 }
 
 fn text(out: &Output) -> String {

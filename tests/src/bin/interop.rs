@@ -388,29 +388,8 @@ async fn probe(pair: &Pair, report: &mut Report) {
 }
 
 fn run_probe(pair: &Pair, setup: &Setup, page_port: u16) -> Result<()> {
-    let mut cmd = Command::new(tether_tests::procs::built("tether-server")?);
-    cmd.args(["probe", "--timeout=5s", "--http-get=/success"])
-        .arg(match setup.mode {
-            Mode::Grpc => "--mode=grpc",
-            Mode::HttpConnect => "--mode=http-connect",
-        });
-    match setup.target()? {
-        Target::Uds(path) => {
-            cmd.arg(format!("--uds-name={}", path.display()));
-        }
-        Target::Tls {
-            port,
-            ca,
-            cert,
-            key,
-        } => {
-            cmd.arg(format!("--server=127.0.0.1:{port}"))
-                .arg("--tls-server-name=localhost")
-                .arg(format!("--ca-cert={}", ca.display()))
-                .arg(format!("--client-cert={}", cert.display()))
-                .arg(format!("--client-key={}", key.display()));
-        }
-    }
+    let mut cmd = setup.target()?.probe_command(setup.mode)?;
+    cmd.args(["--timeout=5s", "--http-get=/success"]);
     let out = cmd.arg(format!("127.0.0.1:{page_port}")).output()?;
     let text = format!(
         "{}{}",
