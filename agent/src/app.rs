@@ -240,27 +240,10 @@ async fn follow_kubernetes(
     first: Arc<tokio::sync::Notify>,
 ) {
     loop {
-        let apply = |map: ServiceMap| {
-            let applied = hooks
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .set_services(&map);
-            match applied {
-                Ok(()) => {
-                    tracing::info!(
-                        source = "kubernetes",
-                        services = map.len(),
-                        backends = map.values().map(Vec::len).sum::<usize>(),
-                        "service map applied"
-                    );
-                    *current
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
-                    first.notify_one();
-                }
-                Err(err) => {
-                    tracing::error!(error = %tether_runtime::error_chain(&err), "cannot apply the cluster's Services; the previous map stays");
-                }
+        let apply = |map: ServiceMap| match apply_services(&hooks, &current, map, "kubernetes") {
+            Ok(()) => first.notify_one(),
+            Err(err) => {
+                tracing::error!(error = %tether_runtime::error_chain(&err), "cannot apply the cluster's Services; the previous map stays");
             }
         };
         if let Err(err) = crate::services::kubernetes::follow(client.clone(), apply).await {
@@ -288,12 +271,23 @@ fn reload_services(
         file: file.clone(),
         source,
     })?;
+    Ok(apply_services(hooks, current, map, &file)?)
+}
+
+/// Hands `map` to the hooks and, once they have it, makes it the one `dial-policy check`
+/// shows; `source` (the file, or "kubernetes") goes into the log line.
+fn apply_services(
+    hooks: &std::sync::Mutex<DialHooks>,
+    current: &std::sync::Mutex<ServiceMap>,
+    map: ServiceMap,
+    source: &str,
+) -> Result<(), crate::dataplane::DialHooksError> {
     hooks
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .set_services(&map)?;
     tracing::info!(
-        file,
+        source,
         services = map.len(),
         backends = map.values().map(Vec::len).sum::<usize>(),
         "service map applied"

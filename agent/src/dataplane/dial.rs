@@ -8,7 +8,7 @@
 //! plane asks for; pinned, they outlive the agent until the next one replaces them.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use aya::maps::{Array, HashMap as AyaHashMap, MapData, PerCpuArray};
@@ -128,36 +128,26 @@ fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map,
 
 /// A policy rule as the hooks read it.
 fn kernel_rule(rule: &crate::dial_policy::Rule) -> DialRule {
-    let (family, addr, mask) = match rule.prefix.addr {
+    // The prefix's network and its mask, as addresses, in the words the hooks compare.
+    let len = u32::from(rule.prefix.len);
+    let (network, mask): (IpAddr, IpAddr) = match rule.prefix.addr {
         IpAddr::V4(v4) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(rule.prefix.len))
-                .unwrap_or(0);
-            let addr = v4.to_bits() & mask;
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
             (
-                4,
-                [u32::from_ne_bytes(addr.to_be_bytes()), 0, 0, 0],
-                [u32::from_ne_bytes(mask.to_be_bytes()), 0, 0, 0],
+                Ipv4Addr::from_bits(v4.to_bits() & mask).into(),
+                Ipv4Addr::from_bits(mask).into(),
             )
         }
         IpAddr::V6(v6) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(rule.prefix.len))
-                .unwrap_or(0);
-            let words = |value: u128| {
-                let bytes = value.to_be_bytes();
-                std::array::from_fn(|i| {
-                    u32::from_ne_bytes([
-                        bytes[i * 4],
-                        bytes[i * 4 + 1],
-                        bytes[i * 4 + 2],
-                        bytes[i * 4 + 3],
-                    ])
-                })
-            };
-            (6, words(v6.to_bits() & mask), words(mask))
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            (
+                Ipv6Addr::from_bits(v6.to_bits() & mask).into(),
+                Ipv6Addr::from_bits(mask).into(),
+            )
         }
     };
+    let (family, addr) = words(network);
+    let (_, mask) = words(mask);
     let Ports { first, last } = rule.ports;
     DialRule {
         family,
