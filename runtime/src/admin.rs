@@ -2,7 +2,8 @@
 //! `/metrics`, …). Routing is the caller's: it maps a request to a [`Reply`].
 
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -92,6 +94,8 @@ const MAX_BUFFER: usize = 16 << 10;
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 /// How long an open request may take to finish once the server stops.
 const FINISH: Duration = Duration::from_secs(1);
+/// How long a closing connection keeps reading what its client still sends.
+const LINGER: Duration = Duration::from_millis(500);
 
 /// Serves `routes` on `listener` until `shutdown` completes; then closes its connections.
 pub async fn serve(
@@ -127,29 +131,47 @@ pub async fn serve(
         let stop = stop.clone();
         connections.spawn(async move {
             let _slot = slot;
+            // A synchronous answer keeps the service future `Unpin`, which taking the socket
+            // back from hyper requires.
             let service = service_fn(move |request: Request<Incoming>| {
-                let routes = routes.clone();
-                async move { Ok::<_, Infallible>(respond(routes.as_ref(), &request)) }
+                std::future::ready(Ok::<_, Infallible>(respond(routes.as_ref(), &request)))
             });
-            let connection = hyper::server::conn::http1::Builder::new()
+            let mut connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .max_buf_size(MAX_BUFFER)
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                () = stop.cancelled() => {}
-                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+            let ended = tokio::select! {
+                _ = poll_fn(|cx| connection.poll_without_shutdown(cx)) => true,
+                () = stop.cancelled() => false,
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => false,
+            };
+            if !ended {
+                Pin::new(&mut connection).graceful_shutdown();
+                let finish = poll_fn(|cx| connection.poll_without_shutdown(cx));
+                if tokio::time::timeout(FINISH, finish).await.is_err() {
+                    return;
+                }
             }
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(FINISH, connection).await;
+            linger(connection.into_parts().io.into_inner()).await;
         });
     }
     drop(listener);
     stop.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// Closing a socket that still has unread input makes the kernel answer with a reset, which can
+/// destroy the response still on its way (the 431 for an oversized head, say). So the server
+/// half-closes first and reads what the client is still sending, for a bounded time.
+async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let drain = async { while let Ok(1..) = stream.read(&mut sink).await {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 fn respond(routes: &dyn Routes, request: &Request<Incoming>) -> Response<Full<Bytes>> {

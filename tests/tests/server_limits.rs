@@ -61,7 +61,7 @@ fn probe_connections_are_capped_and_timed_out() {
             "a silent connection was not closed"
         );
     }
-    // Two rounds of the 5 s header timeout (64, then 36), not upstream's 60 s.
+    // Two rounds of the 5 s header timeout and 0.5 s linger (64, then 36), not upstream's 60 s.
     assert!(
         started.elapsed() < Duration::from_secs(14),
         "silent connections closed only after {:?}",
@@ -70,11 +70,10 @@ fn probe_connections_are_capped_and_timed_out() {
 
     let mut big = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let header = "x".repeat(20 << 10);
-    write!(
-        big,
-        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {header}\r\n\r\n"
-    )
-    .unwrap();
+    // The server may stop reading once the head is too long; what counts is its answer.
+    let _ = big.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {header}\r\n\r\n").as_bytes(),
+    );
     let mut answer = String::new();
     big.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let _ = big.read_to_string(&mut answer);
