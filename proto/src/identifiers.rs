@@ -77,13 +77,15 @@ impl Identifiers {
         Ok(ids)
     }
 
-    /// Whether this agent serves `host` (a dial address without its port): an IP compares
-    /// canonically with the addresses and falls in the CIDRs, a name with the host names.
+    /// Whether this agent serves `host` (a dial address without its port): it is one of the
+    /// host names (an IP literal given as `host=` included, as upstream, where every
+    /// identifier is a key), or an IP that compares canonically with the addresses or falls in
+    /// the CIDRs.
     pub fn serves(&self, host: &str) -> bool {
-        match host.parse::<IpAddr>() {
-            Ok(ip) => self.addresses.contains(&ip) || self.cidrs.iter().any(|c| c.contains(ip)),
-            Err(_) => self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)),
-        }
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+            || host.parse::<IpAddr>().is_ok_and(|ip| {
+                self.addresses.contains(&ip) || self.cidrs.iter().any(|c| c.contains(ip))
+            })
     }
 
     /// Whether it names any destination at all (host, address or CIDR).
@@ -130,6 +132,9 @@ mod tests {
         assert!(ids.serves("10.0.0.5"));
         assert!(ids.serves("10.1.200.7"));
         assert!(!ids.serves("10.2.0.1"));
+        // Found by the identifiers fuzz target: an address written as a host name.
+        let named = Identifiers::parse("host=10.0.0.5").unwrap();
+        assert!(named.serves("10.0.0.5"));
         assert_eq!(
             Identifiers::parse("host=a;ipv4=1.2.3.4"),
             Err(IdentifiersError::Semicolon("host=a;ipv4=1.2.3.4".into()))
