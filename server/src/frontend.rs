@@ -4,4 +4,5 @@
 
 pub mod authority;
 pub mod connect;
+pub mod connect_head;
 pub mod grpc;

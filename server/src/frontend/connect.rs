@@ -11,14 +11,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::connect_head::{Head, HeadError, HeadReader, MAX_HEAD, validate_target};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::tunnel::{DialCause, End, ToFrontend, Tunnel};
 
 /// Upstream's read-header timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest request head we read (upstream allows 1 MiB).
-const MAX_HEAD: usize = 1 << 20;
 /// Most client bytes per read (one or a few DATA packets).
 const CHUNK: usize = 256 * 1024;
 /// Read size for a connection that is idle or interactive.
@@ -278,93 +277,22 @@ pub fn status_for(error: &str) -> &'static str {
     }
 }
 
-enum HeadError {
-    Closed,
-    Malformed(String),
-    NotConnect(String),
-}
-
-struct Head {
-    target: String,
-    /// `tether-server probe` asked which agent serves the dial (kube-apiserver never does).
-    probe: bool,
-}
-
 /// Reads the request head; returns it and any bytes after it.
 async fn read_head<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Head, BytesMut), HeadError> {
-    let mut buf = BytesMut::with_capacity(1024);
+    let mut reader = HeadReader::default();
     loop {
         if stream
-            .read_buf(&mut buf)
+            .read_buf(reader.buffer())
             .await
             .map_err(|_| HeadError::Closed)?
             == 0
         {
-            return Err(if buf.is_empty() {
-                HeadError::Closed
-            } else {
-                HeadError::Malformed("connection closed inside the request head".into())
-            });
+            return Err(reader.closed());
         }
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                let method = request.method.unwrap_or("").to_owned();
-                if method != "CONNECT" {
-                    return Err(HeadError::NotConnect(method));
-                }
-                if request.version != Some(1) {
-                    return Err(HeadError::Malformed("only HTTP/1.1 is supported".into()));
-                }
-                let target = request.path.unwrap_or("").to_owned();
-                let probe = request
-                    .headers
-                    .iter()
-                    .any(|h| h.name.eq_ignore_ascii_case(crate::probe::PROBE_HEADER));
-                let rest = buf.split_off(len);
-                return Ok((Head { target, probe }, rest));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(HeadError::Malformed("request head exceeds 1 MiB".into()));
-            }
-            Err(err) => return Err(HeadError::Malformed(err.to_string())),
+        if let Some(done) = reader.parse()? {
+            return Ok(done);
         }
     }
-}
-
-/// A CONNECT target must be `host:port` (IPv6 in brackets) with a numeric, non-zero port.
-fn validate_target(target: &str) -> Result<(), &'static str> {
-    let (host, port) = target.rsplit_once(':').ok_or("missing :port")?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| "port is not a number from 1 to 65535")?;
-    if port == 0 {
-        return Err("port 0");
-    }
-    let host = if let Some(inner) = host.strip_prefix('[') {
-        let inner = inner.strip_suffix(']').ok_or("unbalanced [")?;
-        inner
-            .parse::<std::net::Ipv6Addr>()
-            .map_err(|_| "bracketed host is not an IPv6 address")?;
-        return Ok(());
-    } else {
-        host
-    };
-    if host.is_empty() {
-        return Err("empty host");
-    }
-    if host.contains(':') {
-        return Err("IPv6 hosts need brackets");
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
-    {
-        return Err("host has characters no DNS name or IP address has");
-    }
-    Ok(())
 }
 
 async fn write<S: AsyncWrite + Unpin>(stream: &mut S, text: &str) -> std::io::Result<()> {
@@ -391,18 +319,5 @@ mod tests {
             "502 Bad Gateway"
         );
         assert_eq!(status_for("something else"), "502 Bad Gateway");
-    }
-
-    #[test]
-    fn validates_connect_targets() {
-        assert!(validate_target("10.0.0.1:10250").is_ok());
-        assert!(validate_target("node-1.example:443").is_ok());
-        assert!(validate_target("[fd00::1]:10250").is_ok());
-        assert!(validate_target("fd00::1:10250").is_err());
-        assert!(validate_target("host").is_err());
-        assert!(validate_target("host:99999").is_err());
-        assert!(validate_target(":80").is_err());
-        assert!(validate_target("bad host:80").is_err());
-        assert!(validate_target("[nope]:80").is_err());
     }
 }
