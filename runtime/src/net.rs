@@ -1,6 +1,7 @@
-//! Listening sockets.
+//! Listening sockets, and what a connected socket says about its peer.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -44,5 +45,37 @@ impl AcceptBackoff {
 impl Default for AcceptBackoff {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Whether the peer of stream socket `fd` has closed its side (or the connection broke),
+/// without reading anything: a Unix socket says so as soon as the peer closes; TCP once the
+/// peer's FIN has arrived behind its data.
+pub fn peer_hung_up(fd: RawFd) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call; a zero timeout never blocks. An fd that is not
+    // open reads as POLLNVAL, which counts as hung up.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready > 0
+        && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+#[cfg(test)]
+mod hang_up_tests {
+    use std::os::fd::AsRawFd;
+
+    use super::peer_hung_up;
+
+    #[test]
+    fn sees_a_unix_peer_close_behind_unread_bytes() {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut &theirs, b"unread").unwrap();
+        assert!(!peer_hung_up(ours.as_raw_fd()), "peer still there");
+        drop(theirs);
+        assert!(peer_hung_up(ours.as_raw_fd()), "peer closed");
     }
 }

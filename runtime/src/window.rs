@@ -4,7 +4,7 @@
 //! With this, a slow-but-alive consumer slows only its own sender, and a stalled one stops it,
 //! instead of filling a queue until the connection must be closed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::Semaphore;
 
@@ -13,6 +13,7 @@ const MAX_CREDIT: usize = 64 << 20;
 
 pub struct SendWindow {
     credit: Semaphore,
+    granted: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,7 @@ impl SendWindow {
     pub fn new(initial: usize) -> Self {
         SendWindow {
             credit: Semaphore::new(initial.min(MAX_CREDIT)),
+            granted: AtomicU64::new(0),
         }
     }
 
@@ -42,8 +44,14 @@ impl SendWindow {
         let Ok(bytes) = usize::try_from(bytes) else {
             return;
         };
+        self.granted.fetch_add(bytes as u64, Ordering::Relaxed);
         let room = MAX_CREDIT.saturating_sub(self.credit.available_permits());
         self.credit.add_permits(bytes.min(room));
+    }
+
+    /// Bytes the peer has granted so far: it grows as long as the consumer takes anything.
+    pub fn granted(&self) -> u64 {
+        self.granted.load(Ordering::Relaxed)
     }
 
     /// Wakes every waiter with an error: the connection is gone.

@@ -207,7 +207,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics);
+                    let frontend = connect_frontend(&registry, &metrics, config.half_close_timeout);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -245,7 +245,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                     });
                 }
                 Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics);
+                    let frontend = connect_frontend(&registry, &metrics, config.half_close_timeout);
                     let mut incoming = incoming;
                     let tracker = frontends.clone();
                     tasks.spawn(async move {
@@ -336,10 +336,15 @@ fn grpc_frontend(
         )
 }
 
-fn connect_frontend(registry: &Arc<Registry>, metrics: &Arc<Metrics>) -> Arc<ConnectFrontend> {
+fn connect_frontend(
+    registry: &Arc<Registry>,
+    metrics: &Arc<Metrics>,
+    half_close_timeout: Duration,
+) -> Arc<ConnectFrontend> {
     Arc::new(ConnectFrontend {
         registry: registry.clone(),
         metrics: metrics.clone(),
+        half_close_timeout,
     })
 }
 

@@ -150,6 +150,13 @@ pub struct Args {
     /// for this long is closed, so the others can move again. A slow reader is never closed.
     #[arg(long, env = "TETHER_STALL_TIMEOUT", value_parser = go_duration, default_value = "5s", help_heading = "Limits (tether)")]
     pub stall_timeout: Duration,
+    /// After an HTTP CONNECT client half-closes (tether agents only), the reply keeps flowing
+    /// until the destination closes; but when neither the reply nor the upload moves for this
+    /// long, the connection ends. A client that closed its socket reads as a half-close, and a
+    /// destination that neither reads nor answers would otherwise hold the connection on both
+    /// sides for good (as the kernel's FIN_WAIT2 timeout does for orphaned sockets).
+    #[arg(long, env = "TETHER_HALF_CLOSE_TIMEOUT", value_parser = go_duration, default_value = "60s", help_heading = "Limits (tether)")]
+    pub half_close_timeout: Duration,
 
     /// Health port: /healthz, /readyz, /metrics.
     #[arg(long, default_value_t = 8092, help_heading = "Operations")]
@@ -311,6 +318,7 @@ pub struct Config {
     pub frontend_queue_bytes: usize,
     pub stream_buffer_bytes: usize,
     pub stall_timeout: Duration,
+    pub half_close_timeout: Duration,
     pub agent_idle_timeout: Duration,
     pub health_host: String,
     pub health_port: u16,
@@ -543,6 +551,7 @@ impl Config {
             frontend_queue_bytes: args.frontend_queue_bytes,
             stream_buffer_bytes: args.stream_buffer_bytes,
             stall_timeout: args.stall_timeout,
+            half_close_timeout: args.half_close_timeout,
             agent_idle_timeout: args.agent_idle_timeout,
             health_host: args.health_bind_address.clone(),
             health_port: args.health_port,

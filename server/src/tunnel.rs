@@ -147,6 +147,12 @@ impl Tunnel {
         self.flow.get().is_some()
     }
 
+    /// What the agent has let this frontend send so far (flow control only): it grows as
+    /// long as the destination takes anything.
+    pub fn upload_granted(&self) -> Option<u64> {
+        self.flow.get().map(|flow| flow.window.granted())
+    }
+
     /// Frontend bytes for the agent. Waits for the connection's window (with flow control)
     /// and for room toward the agent, which pushes back on this frontend only.
     pub async fn send_data(&self, mut data: Bytes) -> Result<(), AgentGone> {

@@ -51,7 +51,11 @@ pub async fn echo() -> SocketAddr {
 
 /// A server on 127.0.0.1 that accepts connections and never reads from them.
 pub async fn black_hole() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    hold_everything(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+}
+
+/// Accepts on `listener` and keeps every connection, unread, until the runtime ends.
+fn hold_everything(listener: TcpListener) -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         let mut held = Vec::new();
@@ -300,4 +304,29 @@ pub async fn silent_until_closed() -> (SocketAddr, tokio::sync::mpsc::Receiver<(
         }
     });
     (addr, rx)
+}
+
+/// A server on 127.0.0.1 that accepts and at once resets each connection (SO_LINGER 0).
+pub async fn resetting() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_zero_linger();
+            drop(stream);
+        }
+    });
+    addr
+}
+
+/// A server on 127.0.0.1 that never reads, and never closes, what it accepts (until the
+/// runtime ends). Its receive buffers are as small as the kernel allows, so a peer writing to
+/// it is soon blocked.
+pub async fn never_reads() -> SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
+    hold_everything(socket.listen(1024).expect("listen"))
 }

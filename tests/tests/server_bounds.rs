@@ -202,3 +202,61 @@ async fn a_grpc_client_that_leaves_while_blocked_releases_its_connection() {
         "the server still holds the connection of a client that left"
     );
 }
+
+/// After a CONNECT client's half-close, a destination that answers slowly is given all the
+/// time it needs while its reply moves; one that neither reads nor answers is closed once
+/// both directions have stood still for --half-close-timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_half_closed_connection_lasts_while_it_moves() {
+    let cluster = Cluster::start(
+        Mode::HttpConnect,
+        Transport::Uds,
+        &["--half-close-timeout=1s"],
+        &[],
+    )
+    .unwrap();
+    // Reads to EOF, then answers a byte every 400 ms for 4 s.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        for i in 0..10u8 {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            stream.write_all(&[b'0' + i]).await.unwrap();
+        }
+    });
+    let mut client = http_connect(&cluster.target, &slow.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), client.read_to_end(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, b"0123456789", "a slow reply was cut short");
+
+    let silent = backend::never_reads().await;
+    let mut client = http_connect(&cluster.target, &silent.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "a half-closed connection to a silent destination was still open after 10 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "closed after {:?}, before --half-close-timeout",
+        started.elapsed()
+    );
+}

@@ -4,15 +4,19 @@
 //! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before tunnel data (it rejects
 //! a 200 followed by buffered bytes), and upstream's status lines for each failure.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use tether_runtime::net::peer_hung_up;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::connect_head::{Head, HeadError, HeadReader, MAX_HEAD, validate_target};
 use crate::metrics::Metrics;
+use crate::outbox::AgentGone;
 use crate::registry::Registry;
 use crate::tunnel::{DialCause, End, ToFrontend, Tunnel};
 
@@ -26,6 +30,8 @@ const MIN_READ: usize = 512;
 pub struct ConnectFrontend {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// `--half-close-timeout`.
+    pub half_close_timeout: Duration,
 }
 
 impl ConnectFrontend {
@@ -137,18 +143,24 @@ impl ConnectFrontend {
         if !leftover.is_empty() && tunnel.send_data(leftover.split().freeze()).await.is_err() {
             return Err("agent stream closed".into());
         }
-        pump(stream, &tunnel, &self.metrics).await;
+        pump(stream, &tunnel, &self.metrics, self.half_close_timeout).await;
         Ok(())
     }
 }
 
 /// Moves bytes both ways until the connection ends. With a tether agent (flow control
 /// negotiated) a client's EOF is a half-close: the agent gets a FIN and the reply still flows
-/// back until the agent closes. Toward upstream agents, EOF closes both directions, as upstream.
-async fn pump<S>(stream: &mut S, tunnel: &Arc<Tunnel>, metrics: &Metrics)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+/// back until the agent closes, or until neither direction has moved for `half_close_timeout`.
+/// Toward upstream agents, EOF closes both directions, as upstream.
+async fn pump<S>(
+    stream: &mut S,
+    tunnel: &Arc<Tunnel>,
+    metrics: &Metrics,
+    half_close_timeout: Duration,
+) where
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin,
 {
+    let fd = stream.as_raw_fd();
     enum Up {
         Eof,
         ClientError,
@@ -173,16 +185,21 @@ where
                     } else {
                         want
                     };
-                    if tunnel.send_data(buf.split().freeze()).await.is_err() {
-                        return Up::AgentGone;
+                    match forward(tunnel, buf.split().freeze(), fd, half_close_timeout).await {
+                        Forward::Sent => {}
+                        Forward::AgentGone => return Up::AgentGone,
+                        Forward::Stuck => return Up::ClientError,
                     }
                 }
             }
         }
     };
+    // Events from the agent so far, which the half-closed wait watches.
+    let replies = AtomicU64::new(0);
     // Returns whether the client went away (as opposed to the agent closing).
     let downstream = async {
         while let Some(event) = tunnel.mailbox.pop().await {
+            replies.fetch_add(1, Ordering::Relaxed);
             match event {
                 // The agent's FIN: the destination will send nothing more.
                 ToFrontend::Data(data) if data.is_empty() => {
@@ -226,7 +243,25 @@ where
                 if tunnel.send_fin().await.is_err() {
                     true
                 } else {
-                    (&mut downstream).await
+                    let progress = || (replies.load(Ordering::Relaxed), tunnel.upload_granted());
+                    let mut last = progress();
+                    loop {
+                        tokio::select! {
+                            gone = &mut downstream => break gone,
+                            () = tokio::time::sleep(half_close_timeout) => {}
+                        }
+                        let now = progress();
+                        if now == last {
+                            metrics.reject("connect_half_close_timeout");
+                            tracing::info!(
+                                connect_id = tunnel.connect_id(),
+                                timeout = ?half_close_timeout,
+                                "half-closed connection idle in both directions; closed"
+                            );
+                            break true;
+                        }
+                        last = now;
+                    }
                 }
             }
             Up::Eof | Up::ClientError => true,
@@ -274,6 +309,49 @@ pub fn status_for(error: &str) -> &'static str {
         "503 Service Unavailable"
     } else {
         "502 Bad Gateway"
+    }
+}
+
+enum Forward {
+    Sent,
+    AgentGone,
+    /// The client hung up while its bytes waited for window that did not move.
+    Stuck,
+}
+
+/// Sends client bytes on, waiting for the connection's window as long as the destination
+/// takes anything. A client that hung up meanwhile, while the window stood still for
+/// `limit`, gives up: nobody is left to care, and a destination that never reads would
+/// otherwise hold the connection, on both sides, for good.
+async fn forward(tunnel: &Tunnel, data: Bytes, client: RawFd, limit: Duration) -> Forward {
+    let outcome = |sent: Result<(), AgentGone>| match sent {
+        Ok(()) => Forward::Sent,
+        Err(AgentGone) => Forward::AgentGone,
+    };
+    let send = tunnel.send_data(data);
+    tokio::pin!(send);
+    // Most sends go out at once, without a timer.
+    if let Some(sent) = send.as_mut().now_or_never() {
+        return outcome(sent);
+    }
+    let check = limit.min(Duration::from_secs(1));
+    let mut last = tunnel.upload_granted();
+    let mut still = Duration::ZERO;
+    loop {
+        tokio::select! {
+            sent = &mut send => return outcome(sent),
+            () = tokio::time::sleep(check) => {}
+        }
+        let now = tunnel.upload_granted();
+        if now != last || !peer_hung_up(client) {
+            last = now;
+            still = Duration::ZERO;
+        } else {
+            still += check;
+            if still >= limit {
+                return Forward::Stuck;
+            }
+        }
     }
 }
 
