@@ -4,6 +4,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod docs;
+mod fuzz;
 mod image;
 mod interop;
 mod setup;
@@ -24,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (Debian packages, bpf-linker, cargo-nextest),
+    /// Install what building and testing need (Debian packages, bpf-linker, cargo-nextest,
+    /// cargo-fuzz),
     /// skipping whatever is already present.
     Setup,
     /// Build the eBPF programs (agent-ebpf) for bpfel-unknown-none with Debian's toolchain.
@@ -41,6 +43,8 @@ enum Task {
     Image(image::Options),
     /// Regenerate docs/flags.md from the binaries' --help.
     Docs,
+    /// Run the coverage-guided fuzz targets in fuzz/ (cargo-fuzz, libFuzzer) for a while each.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
         Task::Interop(opts) => interop::run(&opts),
         Task::Image(opts) => image::run(&opts),
         Task::Docs => docs::run(),
+        Task::Fuzz(opts) => fuzz::run(&opts),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,6 +38,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     bpf_linker()?;
     nextest()?;
+    cargo_fuzz()?;
     python_packages()?;
     Ok(())
 }
@@ -186,20 +187,32 @@ fn bpf_linker() -> Result<()> {
 }
 
 fn nextest() -> Result<()> {
+    cargo_tool("nextest", &["cargo-nextest", "--locked"])
+}
+
+/// cargo-fuzz drives libFuzzer for `cargo xtask fuzz`.
+fn cargo_fuzz() -> Result<()> {
+    cargo_tool("fuzz", &["cargo-fuzz", "--locked", "--version", "0.13.2"])
+}
+
+/// Installs the cargo subcommand `name` with `cargo install ARGS` unless it answers
+/// `--version`.
+fn cargo_tool(name: &str, args: &[&str]) -> Result<()> {
     let present = Command::new("cargo")
-        .args(["nextest", "--version"])
+        .args([name, "--version"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
+    let package = args[0];
     if present {
-        println!("setup: skipped cargo-nextest (present)");
+        println!("setup: skipped {package} (present)");
         return Ok(());
     }
-    println!("setup: installing cargo-nextest");
-    install(Command::new("cargo").args(["install", "cargo-nextest", "--locked"]))
-        .context("cargo install cargo-nextest failed; is crates.io reachable?")?;
-    println!("setup: installed cargo-nextest");
+    println!("setup: installing {package}");
+    install(Command::new("cargo").arg("install").args(args))
+        .with_context(|| format!("cargo install {package} failed; is crates.io reachable?"))?;
+    println!("setup: installed {package}");
     Ok(())
 }
 
