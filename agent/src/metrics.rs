@@ -69,6 +69,7 @@ pub struct Metrics {
     pub stalled_closes: Counter,
     dial_failures: Family<ReasonLabel, Counter>,
     dial_refused: Family<ReasonLabel, Counter>,
+    connect_failures: Family<ReasonLabel, Counter>,
     server_failures: Family<DirectionLabel, Gauge>,
     packets: Family<PacketLabels, Counter>,
     stream_errors: Family<StreamErrorLabels, Counter>,
@@ -125,6 +126,7 @@ impl Metrics {
             stalled_closes: Counter::default(),
             dial_failures: Family::default(),
             dial_refused: Family::default(),
+            connect_failures: Family::default(),
             server_failures: Family::default(),
             rejected: Family::default(),
             stream_errors: Family::default(),
@@ -200,6 +202,11 @@ impl Metrics {
                 metrics.stalled_closes.clone(),
             );
             ours.register(
+                "server_connect_failures",
+                "Failed attempts to open a proxy-server stream, by reason: unreachable, a TLS failure (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_certificate_wrong_name, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, peer_requires_certificate, plaintext_peer, other), unauthenticated, permission_denied, refused, headers_timeout, bad_headers, tls_material, token_file, bad_request",
+                metrics.connect_failures.clone(),
+            );
+            ours.register(
                 "dial_refused",
                 "Dials refused before dialling, by reason (draining, limit, protocol)",
                 metrics.dial_refused.clone(),
@@ -251,6 +258,12 @@ impl Metrics {
 
     pub fn dial_refused(&self, reason: &'static str) {
         self.dial_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn connect_failure(&self, reason: &'static str) {
+        self.connect_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod backpressure;
 pub mod flags;
+pub mod handshake;
 pub mod mailbox;
 pub mod net;
 pub mod process_metrics;

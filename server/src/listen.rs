@@ -23,6 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use tether_runtime::handshake::{HandshakeFailure, looks_like_tls};
 use tether_runtime::net::AcceptBackoff;
 use tether_runtime::read_ahead::ReadAhead;
 
@@ -59,7 +60,7 @@ pub fn uds_incoming(
     role: &'static str,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-) -> ReceiverStream<io::Result<UnixStream>> {
+) -> ReceiverStream<io::Result<UdsConn>> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         let mut backoff = AcceptBackoff::new();
@@ -71,7 +72,12 @@ pub fn uds_incoming(
             match accepted {
                 Ok((stream, _)) => {
                     backoff.reset();
-                    if tx.send(Ok(stream)).await.is_err() {
+                    let conn = UdsConn {
+                        stream,
+                        checked: false,
+                        metrics: metrics.clone(),
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                 }
@@ -84,6 +90,98 @@ pub fn uds_incoming(
     });
     ReceiverStream::new(rx)
 }
+
+/// AsyncWrite for a connection wrapper: every write goes straight to its `stream`.
+macro_rules! write_through {
+    ($conn:ty) => {
+        impl AsyncWrite for $conn {
+            fn poll_write(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.stream).poll_write(cx, buf)
+            }
+
+            fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.stream).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.stream).poll_shutdown(cx)
+            }
+
+            fn poll_write_vectored(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.stream.is_write_vectored()
+            }
+        }
+    };
+}
+
+/// A connection on the plaintext Unix socket (HTTP CONNECT or gRPC without TLS). A TLS
+/// client that reaches it by mistake would get a protocol error that names neither TLS nor
+/// the socket; its first bytes are checked once, and such a client is counted, told off in
+/// the log, and cut off.
+pub struct UdsConn {
+    stream: UnixStream,
+    checked: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::os::fd::AsRawFd for UdsConn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.stream)
+    }
+}
+
+impl tonic::transport::server::Connected for UdsConn {
+    type ConnectInfo = <UnixStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for UdsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut self.stream).poll_read(cx, buf))?;
+        if !self.checked && buf.filled().len() > before {
+            self.checked = true;
+            if looks_like_tls(&buf.filled()[before..]) {
+                self.metrics
+                    .handshake_failure("frontend_uds", "tls_on_plaintext_socket");
+                tracing::warn!(
+                    "a TLS client connected to the frontend's Unix socket, which speaks \
+                     plaintext: point TLS clients at --server-port, or let this one use the \
+                     socket without TLS (kube-apiserver's egress selector: transport.uds)"
+                );
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "TLS client on the plaintext Unix socket",
+                )));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+write_through!(UdsConn);
 
 /// How a TLS listener treats its connections.
 #[derive(Clone, Copy, Debug)]
@@ -149,11 +247,23 @@ pub fn tls_incoming(
                         let _ = conn_tx.send(Ok(conn)).await;
                     }
                     Ok(Err(err)) => {
-                        metrics.reject("tls_handshake_failed");
-                        tracing::warn!(role, %peer, error = %err, "TLS handshake failed");
+                        let failure =
+                            HandshakeFailure::find(&err).unwrap_or(HandshakeFailure::Other);
+                        metrics.handshake_failure(role, failure.label());
+                        tracing::warn!(
+                            role,
+                            %peer,
+                            reason = failure.label(),
+                            error = %err,
+                            "TLS handshake failed: {}",
+                            failure.explain(&format!(
+                                "the {} at {peer}",
+                                if role == "agent" { "agent" } else { "client" }
+                            ))
+                        );
                     }
                     Err(_) => {
-                        metrics.reject("tls_handshake_timeout");
+                        metrics.handshake_failure(role, "timeout");
                         tracing::warn!(role, %peer, "TLS handshake timed out");
                     }
                 }
@@ -301,32 +411,4 @@ impl AsyncRead for TlsConn {
     }
 }
 
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-}
+write_through!(TlsConn);

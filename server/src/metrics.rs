@@ -39,6 +39,12 @@ struct ListenerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     segment: &'static str,
     packet_type: &'static str,
@@ -67,6 +73,7 @@ pub struct Metrics {
     pub stalled_closes: Counter,
     full_receive_channels: Family<MethodLabel, Gauge>,
     accept_errors: Family<ListenerLabel, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
     grpc_connections: Family<MethodLabel, Gauge>,
     ready_backends: Family<StrategyLabel, Gauge>,
     dial_failures: Family<ReasonLabel, Gauge>,
@@ -96,6 +103,7 @@ impl Metrics {
             stalled_closes: Counter::default(),
             full_receive_channels: Family::default(),
             accept_errors: Family::default(),
+            handshake_failures: Family::default(),
             grpc_connections: Family::default(),
             ready_backends: Family::default(),
             dial_failures: Family::default(),
@@ -201,6 +209,11 @@ impl Metrics {
                 metrics.accept_errors.clone(),
             );
             ours.register(
+                "tls_handshake_failures",
+                "Failed TLS handshakes, by listener (agent, frontend, frontend_uds for a TLS client on the plaintext Unix socket) and reason (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_sent_no_certificate, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, plaintext_peer, tls_on_plaintext_socket, timeout, other)",
+                metrics.handshake_failures.clone(),
+            );
+            ours.register(
                 "token_reviews",
                 "Agent token checks, by outcome: reviewed (kube-apiserver asked), cached (a review reused until the token expires), refused_busy (over the review rate, deadline or per-address share), failed",
                 metrics.token_reviews.clone(),
@@ -248,6 +261,12 @@ impl Metrics {
     pub fn accept_error(&self, listener: &'static str) {
         self.accept_errors
             .get_or_create(&ListenerLabel { listener })
+            .inc();
+    }
+
+    pub fn handshake_failure(&self, listener: &'static str, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { listener, reason })
             .inc();
     }
 

@@ -15,6 +15,15 @@ pub struct Pki {
     issuer: Issuer<'static, KeyPair>,
 }
 
+/// A certificate made to fail its validity check.
+#[derive(Clone, Copy, Debug)]
+pub enum Validity {
+    /// Valid in 2000 only.
+    Expired,
+    /// Valid from 2090.
+    NotYetValid,
+}
+
 /// A certificate and its key on disk.
 pub struct Pair {
     pub cert: PathBuf,
@@ -97,6 +106,32 @@ impl Pki {
         Ok(self.pair(name))
     }
 
+    /// A certificate `name` from this CA that is expired or not yet valid: for a server
+    /// (the `server` certificate's names) or for a client (`sans`).
+    pub fn outside_validity(&self, name: &str, validity: Validity, server: bool) -> Result<Pair> {
+        let (sans, usage) = if server {
+            (
+                vec![
+                    "localhost".to_owned(),
+                    "127.0.0.1".to_owned(),
+                    "::1".to_owned(),
+                ],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            )
+        } else {
+            (vec![name.to_owned()], ExtendedKeyUsagePurpose::ClientAuth)
+        };
+        leaf_valid(
+            self.dir.path(),
+            name,
+            &self.issuer,
+            &sans,
+            usage,
+            Some(validity),
+        )?;
+        Ok(self.pair(name))
+    }
+
     pub fn ca(&self) -> PathBuf {
         self.dir.path().join("ca.pem")
     }
@@ -120,6 +155,17 @@ fn leaf(
     sans: &[String],
     usage: ExtendedKeyUsagePurpose,
 ) -> Result<()> {
+    leaf_valid(dir, name, issuer, sans, usage, None)
+}
+
+fn leaf_valid(
+    dir: &Path,
+    name: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    sans: &[String],
+    usage: ExtendedKeyUsagePurpose,
+    validity: Option<Validity>,
+) -> Result<()> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.distinguished_name.push(DnType::CommonName, name);
@@ -131,6 +177,17 @@ fn leaf(
         })
         .collect::<Result<_>>()?;
     params.extended_key_usages = vec![usage];
+    match validity {
+        Some(Validity::Expired) => {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        Some(Validity::NotYetValid) => {
+            params.not_before = rcgen::date_time_ymd(2090, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        }
+        None => {}
+    }
     let cert = params.signed_by(&key, issuer)?;
     std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
     std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;

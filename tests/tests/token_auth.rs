@@ -19,6 +19,8 @@ use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
 use tether_tests::fake_agent::{self, FakeAgent};
 use tether_tests::frontend::http_connect;
+use tether_tests::peers::metric;
+use tether_tests::process::wait_until;
 use tether_tests::procs::{Agent, http_get};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -227,11 +229,29 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
         let mut extra = vec!["--agent-id=intruder".to_owned()];
         extra.extend(token.map(|t| token_file(dir.path(), t)));
         let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let _agent = Agent::start(&cluster.agent_args(&extra_refs)).unwrap();
+        let agent = Agent::start(&cluster.agent_args(&extra_refs)).unwrap();
         let line = logs
             .wait_for(expected, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("no rejection saying {expected:?}"));
         assert!(line.contains("rejected agent stream"), "{line}");
+        // The agent says the same, and counts it.
+        let line = agent
+            .logged
+            .logs
+            .wait_for(
+                "the proxy server refused the stream (Unauthenticated)",
+                Duration::from_secs(10),
+            )
+            .unwrap_or_else(|| panic!("the agent did not report its refusal ({expected:?})"));
+        assert!(line.contains(expected), "{line}");
+        assert!(
+            wait_until(Duration::from_secs(10), || metric(
+                agent.health_port,
+                r#"tether_agent_server_connect_failures_total{reason="unauthenticated"} "#
+            )
+            .is_some_and(|n| n >= 1.0)),
+            "the agent did not count the refusal"
+        );
     }
     let (status, _) = http_get(cluster.server.health_port, "/readyz").unwrap();
     assert_eq!(status, 500, "a refused agent made the server ready");

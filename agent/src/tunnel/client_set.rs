@@ -101,6 +101,7 @@ impl ClientSet {
             Ok(connected) => connected,
             Err(err) => {
                 self.metrics.server_failure("to_server");
+                self.metrics.connect_failure(err.reason());
                 return Err(err);
             }
         };

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tether_proto::Packet;
 use tether_proto::metadata;
+use tether_runtime::handshake::HandshakeFailure;
 use tether_runtime::read_ahead::ReadAhead;
 use tether_runtime::tls::{self, Identity, TlsError};
 use tokio::net::TcpStream;
@@ -48,6 +49,17 @@ pub enum ConnectError {
     #[error("cannot reach the proxy server at {address}")]
     Transport {
         address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error(
+        "TLS with the proxy server at {address} failed: {}{}",
+        failure.explain("the proxy server"),
+        flags_to_check(*failure)
+    )]
+    Handshake {
+        address: String,
+        failure: HandshakeFailure,
         #[source]
         source: tonic::transport::Error,
     },
@@ -93,9 +105,16 @@ pub async fn connect(
     } else {
         format!("{host}:{}", config.server_port)
     };
-    let transport_error = |source| ConnectError::Transport {
-        address: address.clone(),
-        source,
+    let transport_error = |source: tonic::transport::Error| match HandshakeFailure::find(&source) {
+        Some(failure) => ConnectError::Handshake {
+            address: address.clone(),
+            failure,
+            source,
+        },
+        None => ConnectError::Transport {
+            address: address.clone(),
+            source,
+        },
     };
     let endpoint = Endpoint::from_shared(format!("http://{address}"))
         .map_err(transport_error)?
@@ -127,10 +146,7 @@ pub async fn connect(
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
                 probe_peer(&tcp, probe_interval)?;
-                let mut stream = tls
-                    .connect(name, ReadAhead::new(tcp))
-                    .await
-                    .map_err(explain_tls)?;
+                let mut stream = tls.connect(name, ReadAhead::new(tcp)).await?;
                 // rustls stops taking plaintext at 64 KiB of unsent records by default, so a
                 // 256 KiB DATA frame left in four writes, each waking the server.
                 stream
@@ -241,22 +257,39 @@ fn probe_peer(tcp: &TcpStream, interval: Duration) -> io::Result<()> {
 
 /// Puts the usual fix beside a certificate the agent could not verify; rustls' own text
 /// ("invalid peer certificate: BadSignature") names the symptom only.
-fn explain_tls(err: io::Error) -> io::Error {
-    let hint = match err
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
-        | Some(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::NotValidForNameContext { .. },
-        )) => "the proxy server's certificate does not name --proxy-server-host",
-        Some(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
-        )) => "the proxy server's certificate has expired",
-        Some(rustls::Error::InvalidCertificate(_)) => {
-            "the proxy server's certificate is not signed by a CA in --ca-cert"
+/// The agent's flags behind each TLS failure it can see.
+fn flags_to_check(failure: HandshakeFailure) -> &'static str {
+    use HandshakeFailure::*;
+    match failure {
+        PeerCertificateUnknownCa => {
+            " (--ca-cert must hold the CA that signed the server's agent-port certificate)"
         }
-        _ => return err,
-    };
-    io::Error::new(err.kind(), format!("{hint} ({err})"))
+        PeerCertificateWrongName => " (it must name --proxy-server-host)",
+        OurCertificateExpired | OurCertificateUnknownCa | OurCertificateRefused => {
+            " (--agent-cert and --agent-key)"
+        }
+        PeerRequiresCertificate => " (set --agent-cert and --agent-key)",
+        Plaintext => " (--proxy-server-port must be the server's agent port)",
+        _ => "",
+    }
+}
+
+impl ConnectError {
+    /// The metric label for this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ConnectError::Tls(_) => "tls_material",
+            ConnectError::Token { .. } => "token_file",
+            ConnectError::Header { .. } | ConnectError::BadRequest(_) => "bad_request",
+            ConnectError::Transport { .. } => "unreachable",
+            ConnectError::Handshake { failure, .. } => failure.label(),
+            ConnectError::Refused { status } => match status.code() {
+                Code::Unauthenticated => "unauthenticated",
+                Code::PermissionDenied => "permission_denied",
+                _ => "refused",
+            },
+            ConnectError::HeadersTimeout(_) => "headers_timeout",
+            ConnectError::BadHeaders(_) => "bad_headers",
+        }
+    }
 }
