@@ -48,6 +48,22 @@ impl Default for AcceptBackoff {
     }
 }
 
+/// Makes a connection notice a peer that vanished without a FIN or RST (its host died, a
+/// partition): an idle connection sends a TCP keepalive probe every `interval`, and one whose
+/// peer acknowledges nothing for `misses + 1` intervals, idle or not, is closed by the kernel.
+pub fn probe_peer(tcp: &tokio::net::TcpStream, interval: Duration, misses: u32) -> io::Result<()> {
+    // The kernel counts keepalive time in whole seconds.
+    let interval = interval.max(Duration::from_secs(1));
+    let socket = socket2::SockRef::from(tcp);
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(interval)
+            .with_interval(interval)
+            .with_retries(misses),
+    )?;
+    socket.set_tcp_user_timeout(Some(interval * (misses + 1)))
+}
+
 /// Whether the peer of stream socket `fd` has closed its side (or the connection broke),
 /// without reading anything: a Unix socket says so as soon as the peer closes; TCP once the
 /// peer's FIN has arrived behind its data.

@@ -147,6 +147,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         "agent",
         TlsLimits {
             idle_timeout: Some(config.agent_idle_timeout),
+            probe: Some(config.agent_probe_interval),
         },
         metrics.clone(),
         shutdown.clone(),
@@ -226,7 +227,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 listener,
                 tls.clone(),
                 "frontend",
-                TlsLimits { idle_timeout: None },
+                TlsLimits {
+                    idle_timeout: None,
+                    probe: None,
+                },
                 metrics.clone(),
                 stop_frontends.clone(),
             );

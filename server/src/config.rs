@@ -136,6 +136,12 @@ pub struct Args {
     /// agent opens its stream right after the TLS handshake).
     #[arg(long, env = "TETHER_AGENT_IDLE_TIMEOUT", value_parser = go_duration, default_value = "60s", help_heading = "Limits (tether)")]
     pub agent_idle_timeout: Duration,
+    /// How often an agent connection's peer is checked: an idle connection sends a TCP
+    /// keepalive probe every interval, and one whose agent acknowledges nothing for four
+    /// intervals is closed, so an agent whose node died or was cut off stops receiving dials
+    /// long before an HTTP/2 keepalive (--keepalive-time) would notice (at least 1s).
+    #[arg(long, env = "TETHER_AGENT_PROBE_INTERVAL", value_parser = go_duration, default_value = "5s", help_heading = "Limits (tether)")]
+    pub agent_probe_interval: Duration,
     /// Bytes queued toward one frontend connection. Past it, an agent without flow control
     /// (upstream) is not read again until that frontend catches up; a flow-controlled (tether)
     /// agent has broken its window, and that connection alone is closed.
@@ -320,6 +326,7 @@ pub struct Config {
     pub stall_timeout: Duration,
     pub half_close_timeout: Duration,
     pub agent_idle_timeout: Duration,
+    pub agent_probe_interval: Duration,
     pub health_host: String,
     pub health_port: u16,
     pub admin_host: String,
@@ -522,6 +529,13 @@ impl Config {
                 ),
             });
         }
+        if args.agent_probe_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                flag: "agent-probe-interval",
+                value: format!("{:?}", args.agent_probe_interval),
+                why: "must be at least 1s (the kernel counts keepalive time in seconds)".into(),
+            });
+        }
         if args.stall_timeout < Duration::from_millis(100) {
             return Err(ConfigError::Invalid {
                 flag: "stall-timeout",
@@ -553,6 +567,7 @@ impl Config {
             stall_timeout: args.stall_timeout,
             half_close_timeout: args.half_close_timeout,
             agent_idle_timeout: args.agent_idle_timeout,
+            agent_probe_interval: args.agent_probe_interval,
             health_host: args.health_bind_address.clone(),
             health_port: args.health_port,
             admin_host: args.admin_bind_address.clone(),

@@ -188,7 +188,13 @@ write_through!(UdsConn);
 pub struct TlsLimits {
     /// A connection that carries no stream this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// Probe the peer this often and give it up after four silent intervals (`None`: leave
+    /// it to HTTP/2 keepalive).
+    pub probe: Option<Duration>,
 }
+
+/// Silent probe intervals after which a peer is given up, as the agent does.
+const PROBE_MISSES: u32 = 3;
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (at most
 /// [`MAX_HANDSHAKES`] at once), so one slow or hostile client cannot hold up the others.
@@ -227,6 +233,11 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
+            if let Some(interval) = limits.probe
+                && let Err(err) = tether_runtime::net::probe_peer(&tcp, interval, PROBE_MISSES)
+            {
+                tracing::warn!(role, %peer, error = %err, "cannot set TCP keepalive on a connection");
+            }
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
             let metrics = metrics.clone();

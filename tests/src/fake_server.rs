@@ -101,7 +101,10 @@ impl FakeServer {
             listener,
             tls,
             "fake",
-            tether_server::listen::TlsLimits { idle_timeout: None },
+            tether_server::listen::TlsLimits {
+                idle_timeout: None,
+                probe: None,
+            },
             metrics,
             Default::default(),
         );

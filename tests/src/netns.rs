@@ -42,6 +42,17 @@ impl Netns {
         run(Command::new("ip").arg("-n").arg(&self.name).args(args))
     }
 
+    /// Drops, in this namespace's firewall, every incoming TCP segment whose `side`
+    /// (`--sport` or `--dport`) is `port`: a peer that goes silent without a FIN or RST.
+    pub fn swallow_tcp(&self, side: &str, port: u16) -> Result<()> {
+        run(Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "iptables", "-I", "INPUT", "-p", "tcp",
+            ])
+            .args([side, &port.to_string(), "-j", "DROP"]))?;
+        Ok(())
+    }
+
     /// Runs `f` on a thread that has entered this namespace. Sockets it creates stay in the
     /// namespace after it returns.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {

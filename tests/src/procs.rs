@@ -337,3 +337,52 @@ pub fn wait_ready(port: u16, limit: Duration) -> bool {
         http_get(port, "/readyz").is_ok_and(|(s, _)| s == 200)
     })
 }
+
+/// A server with `server_args` and an agent (no guard, quick reconnects, `agent_extra`)
+/// connected to it, both in `netns`; returns once the server is ready.
+pub fn connected_in(
+    netns: &Netns,
+    ca: &std::path::Path,
+    server_args: &[&str],
+    agent_extra: &[&str],
+) -> Result<(Server, Agent)> {
+    let server = Server::start_in(netns, server_args)?;
+    let proxy_port = format!("--proxy-server-port={}", server.agent_port);
+    let ca = format!("--ca-cert={}", ca.display());
+    let mut args = AGENT_WITHOUT_GUARD.to_vec();
+    args.extend([
+        proxy_port.as_str(),
+        ca.as_str(),
+        "--sync-interval=100ms",
+        "--sync-interval-cap=1s",
+    ]);
+    args.extend_from_slice(agent_extra);
+    let agent = Agent::start_in(netns, &args)?;
+    let health = server.health_port;
+    if !netns.run(|| wait_ready(health, Duration::from_secs(10)))? {
+        bail!("the agent never connected");
+    }
+    Ok((server, agent))
+}
+
+/// Arguments for an HTTP CONNECT server on the Unix socket `uds` with `pki`'s server pair and
+/// unauthenticated agents, plus `extra`. Leaked: they live as long as the test process.
+pub fn connect_server_args(
+    pki: &crate::pki::Pki,
+    uds: &std::path::Path,
+    extra: &[&str],
+) -> Vec<&'static str> {
+    let pair = pki.pair("server");
+    let mut args = vec![
+        format!("--cluster-cert={}", pair.cert.display()),
+        format!("--cluster-key={}", pair.key.display()),
+        "--allow-unauthenticated-agents".into(),
+        format!("--uds-name={}", uds.display()),
+        "--server-port=0".into(),
+        "--mode=http-connect".into(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args.into_iter()
+        .map(|a| &*Box::leak(a.into_boxed_str()))
+        .collect()
+}

@@ -33,6 +33,13 @@ const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 16 << 20;
 /// Unanswered probe intervals after which a server stream is given up.
+///
+/// `--probe-interval`, done by the kernel: an idle stream sends a TCP keepalive probe every
+/// interval, and a peer that acknowledges nothing, data or probe, for `PROBE_MISSES` + 1 intervals
+/// fails the socket, which ends the stream and sends the agent back to its sync loop. Upstream
+/// checks its gRPC channel's state instead, which only changes once an HTTP/2 ping times out,
+/// and pings cannot come often: gRPC servers drop clients that ping more than every few
+/// minutes. Keepalive probes are answered by the peer's kernel and cost one empty segment.
 const PROBE_MISSES: u32 = 3;
 /// Upstream's proto declares no package.
 const CONNECT_PATH: &str = "/AgentService/Connect";
@@ -145,7 +152,7 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
-                probe_peer(&tcp, probe_interval)?;
+                tether_runtime::net::probe_peer(&tcp, probe_interval, PROBE_MISSES)?;
                 let mut stream = tls.connect(name, ReadAhead::new(tcp)).await?;
                 // rustls stops taking plaintext at 64 KiB of unsent records by default, so a
                 // 256 KiB DATA frame left in four writes, each waking the server.
@@ -236,28 +243,8 @@ pub async fn connect(
     })
 }
 
-/// `--probe-interval`, done by the kernel: an idle stream sends a TCP keepalive probe every
-/// interval, and a peer that acknowledges nothing, data or probe, for PROBE_MISSES + 1 intervals
-/// fails the socket, which ends the stream and sends the agent back to its sync loop. Upstream
-/// checks its gRPC channel's state instead, which only changes once an HTTP/2 ping times out,
-/// and pings cannot come often: gRPC servers drop clients that ping more than every few
-/// minutes. Keepalive probes are answered by the peer's kernel and cost one empty segment.
-fn probe_peer(tcp: &TcpStream, interval: Duration) -> io::Result<()> {
-    // The kernel counts keepalive time in whole seconds.
-    let interval = interval.max(Duration::from_secs(1));
-    let socket = socket2::SockRef::from(tcp);
-    socket.set_tcp_keepalive(
-        &socket2::TcpKeepalive::new()
-            .with_time(interval)
-            .with_interval(interval)
-            .with_retries(PROBE_MISSES),
-    )?;
-    socket.set_tcp_user_timeout(Some(interval * (PROBE_MISSES + 1)))
-}
-
-/// Puts the usual fix beside a certificate the agent could not verify; rustls' own text
-/// ("invalid peer certificate: BadSignature") names the symptom only.
-/// The agent's flags behind each TLS failure it can see.
+/// The agent's flags behind each TLS failure it can see: rustls' own text ("invalid peer
+/// certificate: BadSignature") names the symptom only.
 fn flags_to_check(failure: HandshakeFailure) -> &'static str {
     use HandshakeFailure::*;
     match failure {
