@@ -330,3 +330,17 @@ pub async fn never_reads() -> SocketAddr {
         .expect("bind");
     hold_everything(socket.listen(1024).expect("listen"))
 }
+
+/// A server on 127.0.0.1 that reads everything it is sent and throws it away.
+pub async fn discard() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut stream, &mut tokio::io::sink()).await;
+            });
+        }
+    });
+    addr
+}

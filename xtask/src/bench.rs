@@ -1,6 +1,6 @@
-//! `cargo xtask bench tunnel|guard`: release builds, each measured against a baseline in the
-//! same run (direct TCP for the tunnel; no-op XDP programs and iptables for the guard).
-//! Results go in docs/benchmarks.md by hand, with the command.
+//! `cargo xtask bench tunnel|guard|soak`: release builds, each measured against a baseline in
+//! the same run (direct TCP for the tunnel; no-op XDP programs and iptables for the guard), or
+//! watched over time (the soak). Results go in docs/benchmarks.md by hand, with the command.
 
 use std::process::Command;
 
@@ -25,6 +25,9 @@ pub struct Options {
     pub upstream_bin: Option<std::path::PathBuf>,
     /// Tunnel: only these phases (download, upload, rtt, dial, idle, hol).
     pub phases: Vec<String>,
+    /// Soak: how long to run, printing a line a minute.
+    #[arg(long, default_value_t = 30)]
+    pub minutes: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -34,6 +37,9 @@ pub enum What {
     /// The XDP guard: cost per packet against a no-op floor, drop rate on a veth against a
     /// no-op XDP_DROP and an iptables raw rule.
     Guard,
+    /// tether-server + tether-agent under mixed traffic for --minutes, printing throughput,
+    /// round-trip p99, RSS, descriptors and tasks once a minute (not part of CI).
+    Soak,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -55,6 +61,13 @@ pub fn run(opts: &Options) -> Result<()> {
             }
             cmd.args(&opts.phases);
             run_checked(&mut cmd)
+        }
+        What::Soak => {
+            release_build(&["tether-server", "tether-agent", "soak"])?;
+            run_checked(
+                Command::new(root.join("target/release/soak"))
+                    .args(["--minutes", &opts.minutes.to_string()]),
+            )
         }
         What::Guard => {
             run_checked(Command::new("cargo").current_dir(&root).args([
