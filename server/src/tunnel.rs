@@ -147,10 +147,14 @@ impl Tunnel {
         self.flow.get().is_some()
     }
 
-    /// What the agent has let this frontend send so far (flow control only): it grows as
-    /// long as the destination takes anything.
-    pub fn upload_granted(&self) -> Option<u64> {
-        self.flow.get().map(|flow| flow.window.granted())
+    /// A value that changes whenever either direction moves: the reply into the frontend's
+    /// socket (however slowly the frontend reads), or the destination taking the upload (as
+    /// the agent's grants show, with flow control).
+    pub fn motion(&self) -> (u64, Option<u64>) {
+        (
+            self.progress.mark(),
+            self.flow.get().map(|flow| flow.window.granted()),
+        )
     }
 
     /// Frontend bytes for the agent. Waits for the connection's window (with flow control)

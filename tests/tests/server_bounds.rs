@@ -203,9 +203,10 @@ async fn a_grpc_client_that_leaves_while_blocked_releases_its_connection() {
     );
 }
 
-/// After a CONNECT client's half-close, a destination that answers slowly is given all the
-/// time it needs while its reply moves; one that neither reads nor answers is closed once
-/// both directions have stood still for --half-close-timeout.
+/// After a CONNECT client's half-close, a destination that answers slowly, or a client that
+/// reads a large answer slowly, is given all the time it needs while the reply moves; a
+/// destination that neither reads nor answers is closed once both directions have stood still
+/// for --half-close-timeout.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_half_closed_connection_lasts_while_it_moves() {
     let cluster = Cluster::start(
@@ -239,6 +240,32 @@ async fn a_half_closed_connection_lasts_while_it_moves() {
         .unwrap()
         .unwrap();
     assert_eq!(reply, b"0123456789", "a slow reply was cut short");
+
+    // A client that reads a large reply slowly after its half-close is not cut either.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let big = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).await.unwrap();
+        stream.write_all(&vec![9u8; 1 << 20]).await.unwrap();
+    });
+    let mut client = http_connect(&cluster.target, &big.to_string())
+        .await
+        .unwrap()
+        .unwrap();
+    client.write_all(b"request").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match client.read(&mut buf).await.unwrap() {
+            0 => break,
+            n => got += n,
+        }
+    }
+    assert_eq!(got, 1 << 20, "a slowly read reply was cut short");
 
     let silent = backend::never_reads().await;
     let mut client = http_connect(&cluster.target, &silent.to_string())

@@ -6,7 +6,6 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -194,12 +193,9 @@ async fn pump<S>(
             }
         }
     };
-    // Events from the agent so far, which the half-closed wait watches.
-    let replies = AtomicU64::new(0);
     // Returns whether the client went away (as opposed to the agent closing).
     let downstream = async {
         while let Some(event) = tunnel.mailbox.pop().await {
-            replies.fetch_add(1, Ordering::Relaxed);
             match event {
                 // The agent's FIN: the destination will send nothing more.
                 ToFrontend::Data(data) if data.is_empty() => {
@@ -243,14 +239,13 @@ async fn pump<S>(
                 if tunnel.send_fin().await.is_err() {
                     true
                 } else {
-                    let progress = || (replies.load(Ordering::Relaxed), tunnel.upload_granted());
-                    let mut last = progress();
+                    let mut last = tunnel.motion();
                     loop {
                         tokio::select! {
                             gone = &mut downstream => break gone,
                             () = tokio::time::sleep(half_close_timeout) => {}
                         }
-                        let now = progress();
+                        let now = tunnel.motion();
                         if now == last {
                             metrics.reject("connect_half_close_timeout");
                             tracing::info!(
@@ -315,14 +310,14 @@ pub fn status_for(error: &str) -> &'static str {
 enum Forward {
     Sent,
     AgentGone,
-    /// The client hung up while its bytes waited for window that did not move.
+    /// The client hung up while its bytes waited for window, and nothing moved.
     Stuck,
 }
 
-/// Sends client bytes on, waiting for the connection's window as long as the destination
-/// takes anything. A client that hung up meanwhile, while the window stood still for
-/// `limit`, gives up: nobody is left to care, and a destination that never reads would
-/// otherwise hold the connection, on both sides, for good.
+/// Sends client bytes on, waiting for the connection's window as long as it takes. A client
+/// that hung up meanwhile gives up once neither direction has moved for `limit`: nobody is
+/// left to care, and a destination that never reads would otherwise hold the connection, on
+/// both sides, for good.
 async fn forward(tunnel: &Tunnel, data: Bytes, client: RawFd, limit: Duration) -> Forward {
     let outcome = |sent: Result<(), AgentGone>| match sent {
         Ok(()) => Forward::Sent,
@@ -335,14 +330,14 @@ async fn forward(tunnel: &Tunnel, data: Bytes, client: RawFd, limit: Duration) -
         return outcome(sent);
     }
     let check = limit.min(Duration::from_secs(1));
-    let mut last = tunnel.upload_granted();
+    let mut last = tunnel.motion();
     let mut still = Duration::ZERO;
     loop {
         tokio::select! {
             sent = &mut send => return outcome(sent),
             () = tokio::time::sleep(check) => {}
         }
-        let now = tunnel.upload_granted();
+        let now = tunnel.motion();
         if now != last || !peer_hung_up(client) {
             last = now;
             still = Duration::ZERO;
