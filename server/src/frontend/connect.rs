@@ -4,6 +4,7 @@
 //! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before tunnel data (it rejects
 //! a 200 followed by buffered bytes), and upstream's status lines for each failure.
 
+use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -239,23 +240,17 @@ async fn pump<S>(
                 if tunnel.send_fin().await.is_err() {
                     true
                 } else {
-                    let mut last = tunnel.motion();
-                    loop {
-                        tokio::select! {
-                            gone = &mut downstream => break gone,
-                            () = tokio::time::sleep(half_close_timeout) => {}
-                        }
-                        let now = tunnel.motion();
-                        if now == last {
+                    match unless_still(tunnel, half_close_timeout, || true, &mut downstream).await {
+                        Some(gone) => gone,
+                        None => {
                             metrics.reject("connect_half_close_timeout");
                             tracing::info!(
                                 connect_id = tunnel.connect_id(),
                                 timeout = ?half_close_timeout,
                                 "half-closed connection idle in both directions; closed"
                             );
-                            break true;
+                            true
                         }
-                        last = now;
                     }
                 }
             }
@@ -329,22 +324,38 @@ async fn forward(tunnel: &Tunnel, data: Bytes, client: RawFd, limit: Duration) -
     if let Some(sent) = send.as_mut().now_or_never() {
         return outcome(sent);
     }
+    match unless_still(tunnel, limit, || peer_hung_up(client), send).await {
+        Some(sent) => outcome(sent),
+        None => Forward::Stuck,
+    }
+}
+
+/// Runs `work` to its end, or gives it up (`None`) once the tunnel has stood still, neither
+/// direction moving, for `limit` while `gone` holds. Looked at once a second, or more often
+/// for a shorter limit.
+async fn unless_still<T>(
+    tunnel: &Tunnel,
+    limit: Duration,
+    gone: impl Fn() -> bool,
+    work: impl Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(work);
     let check = limit.min(Duration::from_secs(1));
     let mut last = tunnel.motion();
     let mut still = Duration::ZERO;
     loop {
         tokio::select! {
-            sent = &mut send => return outcome(sent),
+            done = &mut work => return Some(done),
             () = tokio::time::sleep(check) => {}
         }
         let now = tunnel.motion();
-        if now != last || !peer_hung_up(client) {
+        if now != last || !gone() {
             last = now;
             still = Duration::ZERO;
         } else {
             still += check;
             if still >= limit {
-                return Forward::Stuck;
+                return None;
             }
         }
     }
