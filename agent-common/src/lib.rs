@@ -8,7 +8,7 @@
 /// Version of the pinned maps' layout: their names, types, key and value layouts, capacities
 /// and what their values mean. Bump it with any such change, so an agent never adopts maps a
 /// different release pinned and instead replaces them (see the agent's `dataplane::pins`).
-pub const PIN_LAYOUT: u32 = 2;
+pub const PIN_LAYOUT: u32 = 3;
 
 /// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
@@ -20,7 +20,8 @@ pub const INTERFACE_COUNTERS_MAP: &str = "IF_COUNTERS";
 pub const INTERFACE_SLOTS: u32 = 256;
 /// One [`GuardConfig`] at index 0.
 pub const CONFIG_MAP: &str = "CONFIG";
-/// LPM tries of control-plane source prefixes.
+/// LPM tries of control-plane source prefixes: the policy of record. The program asks them
+/// only where the control-plane table in [`GuardConfig`] defers.
 pub const CONTROL_PLANE_V4_MAP: &str = "CP_V4";
 pub const CONTROL_PLANE_V6_MAP: &str = "CP_V6";
 /// LPM tries of sources still allowed to reach protected ports directly.
@@ -180,16 +181,61 @@ impl Mode {
 
 /// Runtime settings the program reads on every packet.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct GuardConfig {
     /// A [`Mode`] value.
     pub mode: u32,
     /// [`tunnel_bit`]s of the IP protocols dropped as [`Reason::Encapsulated`] from the
     /// control plane.
     pub tunnels: u32,
-    /// Here rather than in a map of its own: the program looks the config up for every packet
-    /// anyway, and a second lookup is a fifth of what established traffic costs.
-    pub hint: ControlPlaneHint,
+    /// The control-plane table's first level, one `TABLE_*` entry per IPv4 /16 (indexed by
+    /// the address's first two octets). The table is here rather than in maps of its own:
+    /// the program looks the config up for every packet anyway, and each further lookup
+    /// costs established traffic a fifth of what it costs now.
+    pub v4_top: [u8; 65536],
+    /// The same for IPv6, by the first 16 bits; it has no levels below it (a prefix longer
+    /// than /16 makes its entry [`TABLE_TRIE`]).
+    pub v6_top: [u8; 65536],
+    /// The second IPv4 level: blocks of entries by the third octet, for /16s that hold part
+    /// of the control plane. Indexed by the entry that names the block, so any byte is in
+    /// bounds as the verifier sees it; the first [`TABLE_BLOCK`] are never named.
+    pub v4_mid: [[u8; 256]; 256],
+    /// The last IPv4 level: bitmaps by the fourth octet (see [`low_block_holds`]), for /24s
+    /// that hold part of the control plane; indexed as `v4_mid`.
+    pub v4_low: [[u64; 4]; 256],
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            mode: Mode::Off as u32,
+            tunnels: 0,
+            v4_top: [TABLE_NONE; 65536],
+            v6_top: [TABLE_NONE; 65536],
+            v4_mid: [[TABLE_NONE; 256]; 256],
+            v4_low: [[0; 4]; 256],
+        }
+    }
+}
+
+/// Entries of the control-plane table. Most sources are decided by one or three array reads
+/// instead of a trie walk (which costs a control-plane SYN drop about what the rest of its
+/// path does); what the table cannot hold it leaves to the tries.
+///
+/// No control-plane prefix reaches into this part of the address space.
+pub const TABLE_NONE: u8 = 0;
+/// All of this part of the address space is control plane.
+pub const TABLE_ALL: u8 = 1;
+/// Ask the trie: the blocks ran out, or the policy is changing.
+pub const TABLE_TRIE: u8 = 2;
+/// Entries from here up name the next level's block of the same index.
+pub const TABLE_BLOCK: u8 = 3;
+/// Blocks that can be named in each of [`GuardConfig::v4_mid`] and [`GuardConfig::v4_low`].
+pub const TABLE_BLOCKS: u32 = u8::MAX as u32 + 1 - TABLE_BLOCK as u32;
+
+/// Whether a [`GuardConfig::v4_low`] bitmap holds the address whose last octet is `octet`.
+pub const fn low_block_holds(bits: &[u64; 4], octet: u8) -> bool {
+    bits[(octet >> 6) as usize] & (1 << (octet & 63)) != 0
 }
 
 /// IP protocols that carry a whole packet inside, as `GuardConfig::tunnels` bits.
@@ -203,43 +249,6 @@ pub const fn tunnel_bit(protocol: u8) -> u32 {
         47 => 4,
         50 => 8,
         _ => 0,
-    }
-}
-
-/// Bits, one per /16 (by its first two octets), set where a control-plane IPv4 prefix lies.
-/// The program looks here before the trie: traffic from a /16 with no control-plane prefix,
-/// most of what a node receives, skips the trie lookup.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ControlPlaneHint {
-    pub words: [u64; 1024],
-}
-
-impl Default for ControlPlaneHint {
-    fn default() -> Self {
-        ControlPlaneHint { words: [0; 1024] }
-    }
-}
-
-impl ControlPlaneHint {
-    /// Marks every /16 the IPv4 prefix `address/len` touches.
-    pub fn cover(&mut self, address: [u8; 4], len: u8) {
-        let first = u32::from(u16::from_be_bytes([address[0], address[1]]));
-        let count = if len >= 16 {
-            1
-        } else {
-            1u32 << (16 - u32::from(len))
-        };
-        let first = first & !(count - 1);
-        for slash16 in first..first + count {
-            self.words[(slash16 >> 6) as usize] |= 1 << (slash16 & 63);
-        }
-    }
-
-    /// Whether the /16 whose first two octets are `top` may hold a control-plane source.
-    pub const fn may_contain(&self, top: [u8; 2]) -> bool {
-        let slash16 = u16::from_be_bytes(top) as usize;
-        self.words[slash16 >> 6] & (1 << (slash16 & 63)) != 0
     }
 }
 
@@ -300,7 +309,9 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::offset_of!(Counter, packets) == 0);
     assert!(core::mem::offset_of!(Counter, bytes) == 8);
-    assert!(core::mem::size_of::<GuardConfig>() == 8 + 8192);
+    assert!(core::mem::size_of::<GuardConfig>() == 8 + 2 * 65536 + 256 * (256 + 32));
+    assert!(core::mem::offset_of!(GuardConfig, v4_low) % 8 == 0);
+    assert!(core::mem::offset_of!(GuardConfig, v4_top) == 8);
     assert!(core::mem::offset_of!(GuardConfig, mode) == 0);
     assert!(core::mem::size_of::<Reason>() == 4);
     assert!(core::mem::size_of::<DropEvent>() == 48);
@@ -310,7 +321,6 @@ const _: () = {
     assert!(core::mem::offset_of!(DropEvent, family) == 40);
     assert!(core::mem::offset_of!(DropEvent, suppressed) == 44);
     assert!(core::mem::size_of::<EventBudget>() == 16);
-    assert!(core::mem::size_of::<ControlPlaneHint>() == 8192);
     assert!(core::mem::size_of::<InterfaceCounters>() == 8 + 16 * COUNTER_SLOTS as usize);
 };
 
@@ -410,9 +420,6 @@ unsafe impl aya::Pod for GuardConfig {}
 unsafe impl aya::Pod for DropEvent {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for ControlPlaneHint {}
-// SAFETY: as above.
-#[cfg(feature = "user")]
 unsafe impl aya::Pod for InterfaceCounters {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
@@ -456,22 +463,5 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|s| *s));
-    }
-
-    #[test]
-    fn hint_covers_exactly_the_prefixes_slash16s() {
-        let mut hint = ControlPlaneHint::default();
-        hint.cover([10, 77, 0, 1], 32);
-        hint.cover([172, 16, 0, 0], 12);
-        assert!(hint.may_contain([10, 77]));
-        assert!(!hint.may_contain([10, 76]));
-        assert!(!hint.may_contain([10, 78]));
-        assert!(hint.may_contain([172, 16]));
-        assert!(hint.may_contain([172, 31]));
-        assert!(!hint.may_contain([172, 32]));
-        assert!(!hint.may_contain([172, 15]));
-        let mut everything = ControlPlaneHint::default();
-        everything.cover([0, 0, 0, 0], 0);
-        assert!(everything.words.iter().all(|w| *w == u64::MAX));
     }
 }

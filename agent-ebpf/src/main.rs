@@ -11,7 +11,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, bpf_sock_tuple, xdp_action};
+use aya_ebpf::bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, bpf_sock_tuple, xdp_action};
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp};
 use aya_ebpf::macros::{map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
@@ -19,9 +19,10 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
-    COUNTER_SLOTS, ControlPlaneHint, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND,
-    EVENTS_RING_BYTES, EventBudget, GuardConfig, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS,
-    MAX_PREFIXES, Mode, PORT_PROTECTED, PORT_TUNNEL, Reason, counter_slot, tunnel_bit,
+    COUNTER_SLOTS, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND, EVENTS_RING_BYTES,
+    EventBudget, GuardConfig, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode,
+    PORT_PROTECTED, PORT_TUNNEL, Reason, TABLE_ALL, TABLE_NONE, TABLE_TRIE, counter_slot,
+    low_block_holds, tunnel_bit,
 };
 
 #[map(name = "COUNTERS")]
@@ -30,7 +31,8 @@ static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SL
 static IF_COUNTERS: PerCpuArray<InterfaceCounters> =
     PerCpuArray::with_max_entries(INTERFACE_SLOTS, 0);
 #[map(name = "CONFIG")]
-static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, 0);
+// Mappable: the agent changes single fields in place (see its `dataplane::shared_config`).
+static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map(name = "CP_V4")]
 static CP_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);
 #[map(name = "CP_V6")]
@@ -68,6 +70,7 @@ const MAX_EXTENSION_HEADERS: usize = 8;
 const MAX_L4_OFFSET: usize = 512;
 
 #[xdp]
+#[inline(always)]
 pub fn tether_guard(ctx: XdpContext) -> u32 {
     let Some(config) = CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
@@ -77,7 +80,20 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let mut transport = Transport::default();
-    let verdict = classify(&ctx, config, &mut transport);
+    let verdict = match plain_tcp(&ctx, config) {
+        Some(false) => {
+            count(&ctx, Reason::Pass, false);
+            return xdp_action::XDP_PASS;
+        }
+        Some(true) => {
+            transport = Transport {
+                protocol: IPPROTO_TCP,
+                l4: PLAIN_TCP_AT as u16,
+            };
+            Verdict::new(Reason::ControlPlaneSyn, true)
+        }
+        None => classify(&ctx, config, &mut transport),
+    };
     let drop = verdict.drop && mode == Mode::Enforce as u32;
     count(&ctx, verdict.reason, drop);
     if verdict.drop {
@@ -139,14 +155,14 @@ impl Packet<'_> {
     }
 }
 
-/// Where the source address sits in the packet. It is read only when a verdict needs it:
-/// established traffic from outside the control plane's /16s, the bulk of what passes, reads
-/// only the first two octets.
+/// Where the source address sits in the packet, with the config whose control-plane table
+/// is asked before the tries. The address is read only when a verdict needs it: established
+/// traffic from outside the control plane's /16s, the bulk of what passes, reads only its
+/// first two octets.
 #[derive(Clone, Copy)]
 enum Source<'a> {
-    /// With the /16 hint from the config, checked before the IPv4 trie.
-    V4(usize, &'a ControlPlaneHint),
-    V6(usize),
+    V4(usize, &'a GuardConfig),
+    V6(usize, &'a GuardConfig),
 }
 
 impl Source<'_> {
@@ -155,14 +171,16 @@ impl Source<'_> {
     #[inline(always)]
     fn in_control_plane(self, ctx: &XdpContext) -> bool {
         match self {
-            // The first two octets decide most packets without the trie.
-            Source::V4(at, hint) => {
-                array::<2>(ctx, at).is_some_and(|top| hint.may_contain(top))
-                    && array::<4>(ctx, at).is_some_and(|a| CP_V4.get(&Key::new(32, a)).is_some())
+            Source::V4(at, config) => {
+                array::<4>(ctx, at).is_some_and(|a| v4_in_control_plane(config, a))
             }
-            Source::V6(at) => {
-                array::<16>(ctx, at).is_some_and(|a| CP_V6.get(&Key::new(128, a)).is_some())
-            }
+            Source::V6(at, config) => array::<16>(ctx, at).is_some_and(|a| {
+                match config.v6_top[usize::from(u16::from_be_bytes([a[0], a[1]]))] {
+                    TABLE_NONE => false,
+                    TABLE_ALL => true,
+                    _ => CP_V6.get(&Key::new(128, a)).is_some(),
+                }
+            }),
         }
     }
 
@@ -184,7 +202,7 @@ impl Source<'_> {
             Source::V4(at, _) => {
                 array::<4>(ctx, at).is_some_and(|a| ALLOW_V4.get(&Key::new(32, a)).is_some())
             }
-            Source::V6(at) => {
+            Source::V6(at, _) => {
                 array::<16>(ctx, at).is_some_and(|a| ALLOW_V6.get(&Key::new(128, a)).is_some())
             }
         }
@@ -209,7 +227,7 @@ impl Source<'_> {
                 tuple[8..12].copy_from_slice(&ports);
                 12
             }
-            Source::V6(at) => {
+            Source::V6(at, _) => {
                 let Some(addresses) = array::<32>(ctx, at) else {
                     return false;
                 };
@@ -238,6 +256,34 @@ impl Source<'_> {
         // SAFETY: releases the reference the lookup took, exactly once.
         unsafe { bpf_sk_release(socket.cast()) };
         state == TCP_LISTEN || state == TCP_NEW_SYN_RECV
+    }
+}
+
+/// Whether the control plane holds an IPv4 address: the table says, or leaves it to the trie.
+#[inline(always)]
+fn v4_in_control_plane(config: &GuardConfig, address: [u8; 4]) -> bool {
+    match config.v4_top[usize::from(u16::from_be_bytes([address[0], address[1]]))] {
+        TABLE_NONE => false,
+        TABLE_ALL => true,
+        TABLE_TRIE => v4_in_trie(address),
+        block => v4_in_block(config, address, block),
+    }
+}
+
+#[inline(always)]
+fn v4_in_trie(address: [u8; 4]) -> bool {
+    CP_V4.get(&Key::new(32, address)).is_some()
+}
+
+/// The table's lower levels for a /16 that holds part of the control plane: its block of
+/// /24s, then the /24's bitmap of addresses.
+#[inline(always)]
+fn v4_in_block(config: &GuardConfig, address: [u8; 4], block: u8) -> bool {
+    match config.v4_mid[usize::from(block)][usize::from(address[2])] {
+        TABLE_NONE => false,
+        TABLE_ALL => true,
+        TABLE_TRIE => v4_in_trie(address),
+        low => low_block_holds(&config.v4_low[usize::from(low)], address[3]),
     }
 }
 
@@ -273,6 +319,67 @@ fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
     Some(unsafe { &*((start + offset) as *const [u8; N]) })
 }
 
+/// Where [`plain_tcp`] finds the TCP header.
+const PLAIN_TCP_AT: usize = ETH_HLEN + 20;
+
+/// Most of what a node receives, and a SYN flood from the control plane, decided after one
+/// bounds check: TCP in an untagged IPv4 packet without options or fragmentation. A segment
+/// that opens nothing from a /16 without any control-plane source passes (`Some(false)`); a
+/// SYN from the control plane is dropped (`Some(true)`). `classify` decides these the same
+/// way in more steps, and everything else.
+#[inline(always)]
+fn plain_tcp(ctx: &XdpContext, config: &GuardConfig) -> Option<bool> {
+    let headers = window::<{ PLAIN_TCP_AT + 20 }>(ctx, 0)?;
+    if headers[12..14] != ETH_P_IP.to_be_bytes() {
+        let plain6 = headers[12..14] == ETH_P_IPV6.to_be_bytes() && plain_tcp6(ctx, config);
+        return plain6.then_some(false);
+    }
+    // Version 4, a 20-byte header.
+    let plain = headers[ETH_HLEN] == 0x45
+        // Neither more fragments nor an offset.
+        && headers[ETH_HLEN + 6] & 0x3f == 0
+        && headers[ETH_HLEN + 7] == 0
+        && headers[ETH_HLEN + 9] == IPPROTO_TCP
+        && headers[PLAIN_TCP_AT + 12] >> 4 >= 5;
+    if !plain {
+        return None;
+    }
+    let source = [
+        headers[ETH_HLEN + 12],
+        headers[ETH_HLEN + 13],
+        headers[ETH_HLEN + 14],
+        headers[ETH_HLEN + 15],
+    ];
+    let flags = headers[PLAIN_TCP_AT + 13];
+    if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
+        // From the control plane's /16s, the listener check in `classify` decides.
+        let top = config.v4_top[usize::from(u16::from_be_bytes([source[0], source[1]]))];
+        return (top == TABLE_NONE).then_some(false);
+    }
+    // Not from the control plane, the port check in `classify` decides.
+    v4_in_control_plane(config, source).then_some(true)
+}
+
+/// For IPv6, what passes in `plain_tcp`: a segment that opens nothing, with TCP right after
+/// the fixed header, from a first 16 bits that hold no control-plane prefix. SYNs take the
+/// long way: an IPv6 prefix longer than /16 is in the trie.
+#[inline(always)]
+fn plain_tcp6(ctx: &XdpContext, config: &GuardConfig) -> bool {
+    const AT: usize = ETH_HLEN + 40;
+    let Some(headers) = window::<{ AT + 20 }>(ctx, 0) else {
+        return false;
+    };
+    let flags = headers[AT + 13];
+    headers[ETH_HLEN] >> 4 == 6
+        && headers[ETH_HLEN + 6] == IPPROTO_TCP
+        && headers[AT + 12] >> 4 >= 5
+        && (flags & TCP_SYN == 0 || flags & TCP_ACK != 0)
+        && config.v6_top[usize::from(u16::from_be_bytes([
+            headers[ETH_HLEN + 8],
+            headers[ETH_HLEN + 9],
+        ]))] == TABLE_NONE
+}
+
 #[inline(always)]
 fn classify(ctx: &XdpContext, config: &GuardConfig, found: &mut Transport) -> Verdict {
     let Some(mut ethertype) = be16(ctx, 12) else {
@@ -296,7 +403,7 @@ fn classify(ctx: &XdpContext, config: &GuardConfig, found: &mut Transport) -> Ve
     }
     match ethertype {
         ETH_P_IP => ipv4(ctx, offset, config, found),
-        ETH_P_IPV6 => ipv6(ctx, offset, config.tunnels, found),
+        ETH_P_IPV6 => ipv6(ctx, offset, config, found),
         // A third tag is nothing the node's stack would deliver as IP.
         ETH_P_8021Q | ETH_P_8021AD => malformed(false),
         // ARP and everything else is not ours to judge.
@@ -306,7 +413,7 @@ fn classify(ctx: &XdpContext, config: &GuardConfig, found: &mut Transport) -> Ve
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport) -> Verdict {
-    let source = Source::V4(l3 + 12, &config.hint);
+    let source = Source::V4(l3 + 12, config);
     let Some(header) = window::<20>(ctx, l3) else {
         return source.malformed(ctx);
     };
@@ -339,8 +446,8 @@ fn ipv4(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Verdict {
-    let source = Source::V6(l3 + 8);
+fn ipv6(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport) -> Verdict {
+    let source = Source::V6(l3 + 8, config);
     let Some(header) = window::<40>(ctx, l3) else {
         return source.malformed(ctx);
     };
@@ -350,7 +457,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, tunnels: u32, found: &mut Transport) -> Ver
     let mut packet = Packet {
         source,
         first_fragment: false,
-        tunnels,
+        tunnels: config.tunnels,
     };
     let mut next = header[6];
     let mut offset = l3 + 40;

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tether_agent_common::PIN_LAYOUT;
 use tether_tests::bpffs::Bpffs;
 use tether_tests::guard_site::{CP, DirectProbe, NODE, Site, log_field};
 use tether_tests::netns::Netns;
@@ -457,10 +458,12 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
     };
     kill(site.guarded_agent());
 
+    // This release's pins, under `v<PIN_LAYOUT>/`.
+    let current = |path: &str| root.join(format!("v{PIN_LAYOUT}/{path}"));
     // The first release's layout: no version directory.
-    std::fs::rename(root.join("v2/maps"), root.join("maps")).unwrap();
-    std::fs::rename(root.join("v2/program"), root.join("program")).unwrap();
-    std::fs::remove_dir(root.join("v2")).unwrap();
+    std::fs::rename(current("maps"), root.join("maps")).unwrap();
+    std::fs::rename(current("program"), root.join("program")).unwrap();
+    std::fs::remove_dir(current("")).unwrap();
     let (code, _) = site.guard_cli("status");
     assert_ne!(code, 0, "status read a guard of another layout");
     let second = restart_under_probe();
@@ -474,11 +477,11 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
         .expect("the replacement was not logged");
     assert_eq!(
         log_field(&replaced, "found"),
-        "pin layout v1 (this agent uses v2)"
+        format!("pin layout v1 (this agent uses v{PIN_LAYOUT})")
     );
     assert!(!second.logged.logs.contains("adopted the pinned guard"));
     assert!(!root.join("maps").exists() && !root.join("program").exists());
-    assert!(root.join("v2/maps/COUNTERS").exists());
+    assert!(current("maps/COUNTERS").exists());
     let (code, after) = site.guard_cli("status");
     assert_eq!(code, 0, "{after}");
     assert!(after.contains("mode:                enforce"), "{after}");
@@ -486,8 +489,8 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
 
     // Same layout number, but PORTS is pinned as an LPM trie: a release that changed a map
     // and forgot to bump the layout.
-    std::fs::hard_link(root.join("v2/maps/CP_V4"), root.join("v2/maps/odd")).unwrap();
-    std::fs::rename(root.join("v2/maps/odd"), root.join("v2/maps/PORTS")).unwrap();
+    std::fs::hard_link(current("maps/CP_V4"), current("maps/odd")).unwrap();
+    std::fs::rename(current("maps/odd"), current("maps/PORTS")).unwrap();
     let third = restart_under_probe();
     let replaced = third
         .logged
@@ -498,7 +501,8 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
         )
         .expect("the replacement was not logged");
     assert!(
-        log_field(&replaced, "found").starts_with("pin layout v2 whose map PORTS differs"),
+        log_field(&replaced, "found")
+            .starts_with(&format!("pin layout v{PIN_LAYOUT} whose map PORTS differs")),
         "{replaced}"
     );
     assert!(site.direct(Duration::from_millis(500)).is_err());

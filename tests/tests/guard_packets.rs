@@ -575,6 +575,24 @@ fn truncated_packets_are_malformed_and_dropped_only_from_the_control_plane() {
         Reason::Malformed,
         false,
     );
+    // The first octets say control plane (fd00::/8 is whole /16s), but the address is cut:
+    // an unreadable source is nobody's.
+    let ip6_cut = cut(
+        frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(CP6, NODE6, TCP, 20),
+            &tcp(443, SYN, 0),
+        ]),
+        14 + 8 + 10,
+    );
+    expect(
+        &mut g,
+        "cut inside the IPv6 source address",
+        &ip6_cut,
+        XDP_PASS,
+        Reason::Malformed,
+        false,
+    );
     let options_cut = cut(
         frame(&[
             &ethernet(&[], ETH_IP),
@@ -751,6 +769,111 @@ fn policy_changes_apply_at_runtime() {
         Reason::Pass,
         false,
     );
+}
+
+/// Control-plane membership is answered by the table's levels (/16, /24, address) and, where
+/// the table has no room or no levels (IPv6 past /16), by the tries: each answer, in the
+/// kernel, agrees with the prefixes, also after a change that rewrites every block.
+#[test]
+fn control_plane_table_levels_and_trie_agree_with_the_prefixes() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let verdict = |g: &mut Dataplane, source: [u8; 4]| g.run_packet(&syn4(source, 443)).unwrap();
+    let verdict6 = |g: &mut Dataplane, source: [u8; 16]| {
+        let packet = frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(source, NODE6, TCP, 20),
+            &tcp(443, SYN, 0),
+        ]);
+        g.run_packet(&packet).unwrap()
+    };
+    let check = |g: &mut Dataplane, cases: &[([u8; 4], bool)]| {
+        for (source, control_plane) in cases {
+            let want = if *control_plane { XDP_DROP } else { XDP_PASS };
+            assert_eq!(verdict(g, *source), want, "{source:?}");
+        }
+    };
+    // One /32 in each of 300 /16s, more than the table has blocks for: some are left to the
+    // trie, and every one must still be dropped.
+    let scattered: Vec<_> = (0..300u16)
+        .map(|i| {
+            let [a, b] = (0x6400 + i).to_be_bytes();
+            [a, b, 1, 1]
+        })
+        .collect();
+    let mut control_plane: Vec<tether_agent::dataplane::Cidr> = [
+        "10.88.0.1/32",
+        "10.88.0.64/26",
+        "10.88.7.0/24",
+        "10.89.0.0/17",
+        "172.16.0.0/12",
+        "fd00::/16",
+        "2001:db8:1::/48",
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
+    control_plane.extend(scattered.iter().map(|a| tether_agent::dataplane::Cidr {
+        addr: std::net::Ipv4Addr::from(*a).into(),
+        len: 32,
+    }));
+    g.set_policy(&Policy {
+        control_plane,
+        ..Policy::default()
+    })
+    .unwrap();
+    check(
+        &mut g,
+        &[
+            ([10, 88, 0, 1], true),
+            ([10, 88, 0, 2], false),
+            ([10, 88, 0, 64], true),
+            ([10, 88, 0, 127], true),
+            ([10, 88, 0, 128], false),
+            ([10, 88, 7, 9], true),
+            ([10, 88, 8, 9], false),
+            ([10, 89, 127, 1], true),
+            ([10, 89, 128, 1], false),
+            ([172, 31, 0, 1], true),
+            ([172, 32, 0, 1], false),
+            ([192, 168, 7, 7], false),
+        ],
+    );
+    for source in &scattered {
+        assert_eq!(verdict(&mut g, *source), XDP_DROP, "{source:?}");
+        let mut neighbour = *source;
+        neighbour[3] = 2;
+        assert_eq!(verdict(&mut g, neighbour), XDP_PASS, "{neighbour:?}");
+    }
+    let v6 = |text: &str| text.parse::<std::net::Ipv6Addr>().unwrap().octets();
+    assert_eq!(verdict6(&mut g, v6("fd00::9")), XDP_DROP);
+    assert_eq!(verdict6(&mut g, v6("fd01::9")), XDP_PASS);
+    assert_eq!(verdict6(&mut g, v6("2001:db8:1::9")), XDP_DROP);
+    assert_eq!(verdict6(&mut g, v6("2001:db8:2::9")), XDP_PASS);
+
+    // Blocks are handed out anew: 10.88's block now holds other addresses.
+    g.set_policy(&Policy {
+        control_plane: ["10.88.0.2/32", "10.90.0.0/24"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect(),
+        ..Policy::default()
+    })
+    .unwrap();
+    check(
+        &mut g,
+        &[
+            ([10, 88, 0, 1], false),
+            ([10, 88, 0, 2], true),
+            ([10, 88, 0, 64], false),
+            ([10, 88, 7, 9], false),
+            ([10, 89, 0, 1], false),
+            ([10, 90, 0, 200], true),
+            ([10, 90, 1, 1], false),
+            ([172, 16, 0, 1], false),
+            ([100, 0, 1, 1], false),
+        ],
+    );
+    assert_eq!(verdict6(&mut g, v6("fd00::9")), XDP_PASS);
 }
 
 /// Each drop is reported through the ring buffer with its addresses, ports and reason, at most

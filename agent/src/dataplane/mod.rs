@@ -6,6 +6,8 @@ mod cidr;
 mod dial;
 mod events;
 mod pins;
+mod shared_config;
+mod table;
 
 use std::borrow::Borrow;
 use std::ffi::CString;
@@ -15,7 +17,7 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::xdp::XdpLink;
 use aya::programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode};
@@ -23,9 +25,9 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tether_agent_common::{
     ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, ControlPlaneHint, Counter, EVENTS_MAP, GUARD_PROGRAM, GuardConfig,
-    INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode,
-    PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP, Reason, counter_slot, tunnel_bit,
+    COUNTERS_MAP, Counter, EVENTS_MAP, GUARD_PROGRAM, INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS,
+    InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode, PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL,
+    PORTS_MAP, Reason, counter_slot, tunnel_bit,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -34,6 +36,8 @@ pub use dial::{DialHooks, DialHooksError};
 pub use events::{DropEvents, GuardEvent};
 use pins::{Found, MapShape};
 pub use pins::{PinnedGuard, Pins, Status};
+use shared_config::SharedConfig;
+use table::Table;
 pub use tether_proto::cidr::{BadCidr, Cidr};
 
 /// The eBPF object `cargo xtask build-ebpf` produced; `build.rs` refuses a missing or stale one.
@@ -77,6 +81,8 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("cannot map the guard's config into memory (BPF_F_MMAPABLE needs Linux 5.5 or newer)")]
+    MapConfig(#[source] io::Error),
     #[error("could not start reading eBPF logs")]
     Logs(#[source] io::Error),
     #[error("could not read the guard's drop events")]
@@ -475,27 +481,12 @@ impl Dataplane {
 
     /// Switches enforce / monitor / off; takes effect on the next packet.
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), DataplaneError> {
-        self.change_config(|config| config.mode = mode as u32)
+        self.config()?.set_mode(mode as u32);
+        Ok(())
     }
 
-    /// Changes part of the config, keeping the rest as the program reads it now.
-    fn change_config(
-        &mut self,
-        change: impl FnOnce(&mut GuardConfig),
-    ) -> Result<(), DataplaneError> {
-        let map = self.map_mut(CONFIG_MAP)?;
-        let mut config = Array::<_, GuardConfig>::try_from(map).map_err(map_error(CONFIG_MAP))?;
-        change_config(&mut config, change)
-    }
-
-    fn set_hint(&mut self, prefixes: &[&[Cidr]]) -> Result<(), DataplaneError> {
-        let mut hint = ControlPlaneHint::default();
-        for cidr in prefixes.iter().flat_map(|p| p.iter()) {
-            if let IpAddr::V4(address) = cidr.addr {
-                hint.cover(address.octets(), cidr.len);
-            }
-        }
-        self.change_config(|config| config.hint = hint)
+    fn config(&mut self) -> Result<SharedConfig, DataplaneError> {
+        SharedConfig::new(self.map_mut(CONFIG_MAP)?)
     }
 
     /// Replaces the policy in the maps the program reads (no reload; entries not in `policy`
@@ -526,16 +517,17 @@ impl Dataplane {
                 return Err(DataplaneError::PolicyTooLarge { what, count, max });
             }
         }
-        // The hint may only ever claim too much: it covers old and new prefixes while the
-        // trie changes, and only the new ones after.
-        let old = self.control_plane_prefixes()?;
-        self.set_hint(&[&old, &policy.control_plane])?;
+        // Where the table's answer changes, the program asks the tries while they change; the
+        // new table goes in once they hold the new policy.
+        let table = Table::compile(&policy.control_plane);
+        let mut config = self.config()?;
+        table.defer_changes(&mut config.tables());
         self.replace_prefixes(
             CONTROL_PLANE_V4_MAP,
             CONTROL_PLANE_V6_MAP,
             &policy.control_plane,
         )?;
-        self.set_hint(&[&policy.control_plane])?;
+        table.install(&mut config.tables());
         self.replace_prefixes(ALLOW_V4_MAP, ALLOW_V6_MAP, &policy.allowed)?;
         let map = self.map_mut(PORTS_MAP)?;
         let mut map = HashMap::<_, u16, u8>::try_from(map).map_err(map_error(PORTS_MAP))?;
@@ -554,14 +546,8 @@ impl Dataplane {
             .tunnel_protocols
             .iter()
             .fold(0, |bits, p| bits | tunnel_bit(*p));
-        self.change_config(|config| config.tunnels = tunnels)
-    }
-
-    /// The IPv4 control-plane prefixes the trie holds now.
-    fn control_plane_prefixes(&mut self) -> Result<Vec<Cidr>, DataplaneError> {
-        let trie = LpmTrie::<_, [u8; 4], u8>::try_from(self.map_mut(CONTROL_PLANE_V4_MAP)?)
-            .map_err(map_error(CONTROL_PLANE_V4_MAP))?;
-        trie_prefixes(&trie, IpAddr::from).map_err(map_error(CONTROL_PLANE_V4_MAP))
+        config.set_tunnels(tunnels);
+        Ok(())
     }
 
     fn replace_prefixes(
@@ -743,16 +729,6 @@ fn read_counters<T: Borrow<MapData>>(
             })
         })
         .collect()
-}
-
-/// Reads the config, applies `change`, writes it back: mode, tunnels and hint are set apart.
-fn change_config<T: std::borrow::BorrowMut<MapData>>(
-    config: &mut Array<T, GuardConfig>,
-    change: impl FnOnce(&mut GuardConfig),
-) -> Result<(), DataplaneError> {
-    let mut value = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
-    change(&mut value);
-    config.set(0, value, 0).map_err(map_error(CONFIG_MAP))
 }
 
 /// The prefixes an LPM trie holds.

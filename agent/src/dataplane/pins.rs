@@ -13,18 +13,18 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::MapInfo;
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use aya::pin::PinError;
 use aya::programs::links::{FdLink, PinnedLink};
 use tether_agent_common::{
     ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, GuardConfig, Mode, PIN_LAYOUT, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP,
-    TUNNEL_PROTOCOLS, tunnel_bit,
+    COUNTERS_MAP, Mode, PIN_LAYOUT, PORT_PROTECTED, PORT_TUNNEL, PORTS_MAP, TUNNEL_PROTOCOLS,
+    tunnel_bit,
 };
 
+use super::shared_config::SharedConfig;
 use super::{
-    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, change_config,
-    map_error, trie_prefixes,
+    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, map_error, trie_prefixes,
 };
 
 /// `statfs` magic of a BPF filesystem (linux/magic.h).
@@ -271,9 +271,8 @@ impl PinnedGuard {
 
     /// Sets the mode the pinned program reads on every packet.
     pub fn set_mode(&self, mode: Mode) -> Result<(), DataplaneError> {
-        let mut config = Array::<MapData, GuardConfig>::try_from(self.open_map(CONFIG_MAP)?)
-            .map_err(map_error(CONFIG_MAP))?;
-        change_config(&mut config, |config| config.mode = mode as u32)
+        SharedConfig::new(&self.open_map(CONFIG_MAP)?)?.set_mode(mode as u32);
+        Ok(())
     }
 
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
@@ -285,10 +284,8 @@ impl PinnedGuard {
     }
 
     pub fn status(&self) -> Result<Status, DataplaneError> {
-        let config = Array::<MapData, GuardConfig>::try_from(self.open_map(CONFIG_MAP)?)
-            .map_err(map_error(CONFIG_MAP))?;
-        let config = config.get(&0, 0).map_err(map_error(CONFIG_MAP))?;
-        let mode = config.mode;
+        let config = SharedConfig::new(&self.open_map(CONFIG_MAP)?)?;
+        let (mode, tunnels) = (config.mode(), config.tunnels());
         let mode = [Mode::Off, Mode::Monitor, Mode::Enforce]
             .into_iter()
             .find(|m| *m as u32 == mode);
@@ -326,7 +323,7 @@ impl PinnedGuard {
                 tunnel_protocols: TUNNEL_PROTOCOLS
                     .iter()
                     .map(|(protocol, _)| *protocol)
-                    .filter(|p| config.tunnels & tunnel_bit(*p) != 0)
+                    .filter(|p| tunnels & tunnel_bit(*p) != 0)
                     .collect(),
                 tunnel_ports: with(PORT_TUNNEL),
             },

@@ -8,8 +8,9 @@
 //! 2. Drop rate on a veth pair between two namespaces: an in-kernel generator
 //!    (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES on an `XDP_TX` program) pinned to CPU 0
 //!    sends control-plane SYNs; the receiver's threaded NAPI, pinned to CPU 1, runs the guard,
-//!    a no-op `XDP_DROP`, or a no-op `XDP_PASS` followed by one iptables raw rule. The three
-//!    are interleaved round by round and compared by median.
+//!    a no-op `XDP_DROP`, an `XDP_DROP` after reading the headers a SYN filter reads, or a
+//!    no-op `XDP_PASS` followed by one iptables raw rule. The four are interleaved round by
+//!    round and compared by median.
 //!
 //! Policy for both: 16 IPv4 and 8 IPv6 control-plane prefixes, 6 protected ports.
 
@@ -75,7 +76,7 @@ fn main() -> Result<()> {
             object.display()
         )
     })?;
-    for name in ["bench_pass", "bench_drop", "bench_tx"] {
+    for name in ["bench_pass", "bench_drop", "bench_read_drop", "bench_tx"] {
         xdp(&mut bench, name)?
             .load()
             .with_context(|| format!("loading {name}"))?;
@@ -434,6 +435,7 @@ fn iptables(ns: &Netns, action: &str) -> Result<()> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
     NoopDrop,
+    ReadDrop,
     Guard,
     Iptables,
 }
@@ -442,6 +444,7 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::NoopDrop => "no-op XDP_DROP",
+            Variant::ReadDrop => "read headers, XDP_DROP",
             Variant::Guard => "guard (enforce)",
             Variant::Iptables => "iptables raw rule",
         }
@@ -462,6 +465,7 @@ fn attach(bench: &mut Ebpf, link: &Link, variant: Variant) -> Result<Receiver> {
             return Ok(Receiver::Guard(guard));
         }
         Variant::NoopDrop => "bench_drop",
+        Variant::ReadDrop => "bench_read_drop",
         Variant::Iptables => {
             iptables(&link.receiver, "-A")?;
             // XDP_PASS only gives the veth a NAPI instance to receive XDP frames with; the
@@ -479,7 +483,13 @@ fn attach(bench: &mut Ebpf, link: &Link, variant: Variant) -> Result<Receiver> {
 fn drop_rate(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
     let link = Link::new()?;
     let syn = segment(SYN);
-    let variants = [Variant::NoopDrop, Variant::Guard, Variant::Iptables];
+    let variants = [
+        Variant::NoopDrop,
+        Variant::ReadDrop,
+        Variant::Guard,
+        Variant::Iptables,
+    ];
+    const GUARD: usize = 2;
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut sent = Vec::new();
     for _ in 0..sizes.rounds {
@@ -519,14 +529,14 @@ fn drop_rate(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
     // Ratios per round, as for the per-packet figures: neighbouring runs share the machine's
     // mood.
     let guard_over = |other: usize| {
-        let mut ratios: Vec<f64> = rates[1]
+        let mut ratios: Vec<f64> = rates[GUARD]
             .iter()
             .zip(&rates[other])
             .map(|(g, o)| g / o)
             .collect();
         median(&mut ratios)
     };
-    let ratios = [guard_over(0), 1.0, guard_over(2)];
+    let ratios = [guard_over(0), guard_over(1), 1.0, guard_over(3)];
     println!(
         "   {:<24}{:>14}{:>16}",
         "receiver (CPU 1)", "median Mpps", "guard / this"
