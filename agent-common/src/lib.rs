@@ -233,6 +233,12 @@ pub const TABLE_BLOCK: u8 = 3;
 /// Blocks that can be named in each of [`GuardConfig::v4_mid`] and [`GuardConfig::v4_low`].
 pub const TABLE_BLOCKS: u32 = u8::MAX as u32 + 1 - TABLE_BLOCK as u32;
 
+/// The slot in [`GuardConfig::v4_top`] or [`GuardConfig::v6_top`] of an address whose first two
+/// octets these are: one place for the kernel's reads and the agent's writes to agree on.
+pub const fn top_slot(first: u8, second: u8) -> usize {
+    u16::from_be_bytes([first, second]) as usize
+}
+
 /// Whether a [`GuardConfig::v4_low`] bitmap holds the address whose last octet is `octet`.
 pub const fn low_block_holds(bits: &[u64; 4], octet: u8) -> bool {
     bits[(octet >> 6) as usize] & (1 << (octet & 63)) != 0

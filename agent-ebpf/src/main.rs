@@ -22,7 +22,7 @@ use tether_agent_common::{
     COUNTER_SLOTS, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND, EVENTS_RING_BYTES,
     EventBudget, GuardConfig, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode,
     PORT_PROTECTED, PORT_TUNNEL, Reason, TABLE_ALL, TABLE_NONE, TABLE_TRIE, counter_slot,
-    low_block_holds, tunnel_bit,
+    low_block_holds, top_slot, tunnel_bit,
 };
 
 #[map(name = "COUNTERS")]
@@ -174,13 +174,13 @@ impl Source<'_> {
             Source::V4(at, config) => {
                 array::<4>(ctx, at).is_some_and(|a| v4_in_control_plane(config, a))
             }
-            Source::V6(at, config) => array::<16>(ctx, at).is_some_and(|a| {
-                match config.v6_top[usize::from(u16::from_be_bytes([a[0], a[1]]))] {
+            Source::V6(at, config) => {
+                array::<16>(ctx, at).is_some_and(|a| match config.v6_top[top_slot(a[0], a[1])] {
                     TABLE_NONE => false,
                     TABLE_ALL => true,
                     _ => CP_V6.get(&Key::new(128, a)).is_some(),
-                }
-            }),
+                })
+            }
         }
     }
 
@@ -262,7 +262,7 @@ impl Source<'_> {
 /// Whether the control plane holds an IPv4 address: the table says, or leaves it to the trie.
 #[inline(always)]
 fn v4_in_control_plane(config: &GuardConfig, address: [u8; 4]) -> bool {
-    match config.v4_top[usize::from(u16::from_be_bytes([address[0], address[1]]))] {
+    match config.v4_top[top_slot(address[0], address[1])] {
         TABLE_NONE => false,
         TABLE_ALL => true,
         TABLE_TRIE => v4_in_trie(address),
@@ -353,7 +353,7 @@ fn plain_tcp(ctx: &XdpContext, config: &GuardConfig) -> Option<bool> {
     let flags = headers[PLAIN_TCP_AT + 13];
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         // From the control plane's /16s, the listener check in `classify` decides.
-        let top = config.v4_top[usize::from(u16::from_be_bytes([source[0], source[1]]))];
+        let top = config.v4_top[top_slot(source[0], source[1])];
         return (top == TABLE_NONE).then_some(false);
     }
     // Not from the control plane, the port check in `classify` decides.
@@ -374,10 +374,7 @@ fn plain_tcp6(ctx: &XdpContext, config: &GuardConfig) -> bool {
         && headers[ETH_HLEN + 6] == IPPROTO_TCP
         && headers[AT + 12] >> 4 >= 5
         && (flags & TCP_SYN == 0 || flags & TCP_ACK != 0)
-        && config.v6_top[usize::from(u16::from_be_bytes([
-            headers[ETH_HLEN + 8],
-            headers[ETH_HLEN + 9],
-        ]))] == TABLE_NONE
+        && config.v6_top[top_slot(headers[ETH_HLEN + 8], headers[ETH_HLEN + 9])] == TABLE_NONE
 }
 
 #[inline(always)]

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use tether_agent_common::{TABLE_ALL, TABLE_BLOCK, TABLE_BLOCKS, TABLE_NONE, TABLE_TRIE};
+use tether_agent_common::{TABLE_ALL, TABLE_BLOCK, TABLE_BLOCKS, TABLE_NONE, TABLE_TRIE, top_slot};
 
 use super::Cidr;
 use super::cidr::masked;
@@ -30,9 +30,9 @@ pub(super) struct Table {
 
 /// The 2^(bits - len) consecutive indexes, of `bits`-bit numbers, that the prefix
 /// `value/len` of those numbers covers.
-fn covered(value: u32, len: u8, bits: u8) -> std::ops::Range<usize> {
+fn covered(value: usize, len: u8, bits: u8) -> std::ops::Range<usize> {
     let count = 1usize << (bits - len.min(bits));
-    let first = value as usize & !(count - 1);
+    let first = value & !(count - 1);
     first..first + count
 }
 
@@ -55,31 +55,31 @@ impl Table {
             mid: Vec::new(),
             low: Vec::new(),
         };
-        let mut partial: BTreeMap<u16, Vec<([u8; 4], u8)>> = BTreeMap::new();
+        let mut partial: BTreeMap<usize, Vec<([u8; 4], u8)>> = BTreeMap::new();
         for cidr in prefixes {
             match cidr.addr {
                 IpAddr::V4(address) => {
                     let address = masked(address.octets(), cidr.len);
-                    let top = u16::from_be_bytes([address[0], address[1]]);
+                    let top = top_slot(address[0], address[1]);
                     if cidr.len <= 16 {
-                        table.v4_top[covered(u32::from(top), cidr.len, 16)].fill(TABLE_ALL);
+                        table.v4_top[covered(top, cidr.len, 16)].fill(TABLE_ALL);
                     } else {
                         partial.entry(top).or_default().push((address, cidr.len));
                     }
                 }
                 IpAddr::V6(address) => {
                     let address = masked(address.octets(), cidr.len);
-                    let top = u16::from_be_bytes([address[0], address[1]]);
+                    let top = top_slot(address[0], address[1]);
                     if cidr.len <= 16 {
-                        table.v6_top[covered(u32::from(top), cidr.len, 16)].fill(TABLE_ALL);
-                    } else if table.v6_top[usize::from(top)] == TABLE_NONE {
-                        table.v6_top[usize::from(top)] = TABLE_TRIE;
+                        table.v6_top[covered(top, cidr.len, 16)].fill(TABLE_ALL);
+                    } else if table.v6_top[top] == TABLE_NONE {
+                        table.v6_top[top] = TABLE_TRIE;
                     }
                 }
             }
         }
         for (top, prefixes) in partial {
-            let entry = &mut table.v4_top[usize::from(top)];
+            let entry = &mut table.v4_top[top];
             if *entry == TABLE_ALL {
                 continue;
             }
@@ -92,10 +92,10 @@ impl Table {
             let mut lows: BTreeMap<u8, [u64; 4]> = BTreeMap::new();
             for (address, len) in prefixes {
                 if len <= 24 {
-                    mid[covered(u32::from(address[2]), len - 16, 8)].fill(TABLE_ALL);
+                    mid[covered(usize::from(address[2]), len - 16, 8)].fill(TABLE_ALL);
                 } else {
                     let bits = lows.entry(address[2]).or_default();
-                    for octet in covered(u32::from(address[3]), len - 24, 8) {
+                    for octet in covered(usize::from(address[3]), len - 24, 8) {
                         bits[octet >> 6] |= 1 << (octet & 63);
                     }
                 }
@@ -157,7 +157,7 @@ impl Table {
         match address {
             IpAddr::V4(address) => {
                 let [a, b, c, d] = address.octets();
-                let top = self.v4_top[usize::from(u16::from_be_bytes([a, b]))];
+                let top = self.v4_top[top_slot(a, b)];
                 if let Some(answer) = decided(top) {
                     return answer;
                 }
@@ -170,7 +170,7 @@ impl Table {
             }
             IpAddr::V6(address) => {
                 let [a, b, ..] = address.octets();
-                match self.v6_top[usize::from(u16::from_be_bytes([a, b]))] {
+                match self.v6_top[top_slot(a, b)] {
                     TABLE_NONE => Some(false),
                     TABLE_ALL => Some(true),
                     _ => None,
@@ -285,9 +285,7 @@ mod tests {
         };
         new.defer_changes(&mut current);
         assert!(current.v4_top.iter().all(|e| *e < TABLE_BLOCK));
-        let top = |current: &Tables<'_>, a: u8, b: u8| {
-            current.v4_top[usize::from(u16::from_be_bytes([a, b]))]
-        };
+        let top = |current: &Tables<'_>, a: u8, b: u8| current.v4_top[top_slot(a, b)];
         assert_eq!(top(&current, 10, 88), TABLE_TRIE);
         assert_eq!(top(&current, 10, 90), TABLE_TRIE);
         // Old and new agree on these, so they keep answering throughout.
