@@ -93,12 +93,17 @@ impl Site {
     }
 
     /// An agent of this site, plus `extra` flags, as the only process of `cgroup`, where it
-    /// puts its dial hooks; connected to the server.
-    pub fn agent_in_cgroup(&self, cgroup: &crate::cgroup::TestCgroup, extra: &[String]) -> Agent {
+    /// puts its dial hooks; holding only `caps` when given; connected to the server.
+    pub fn agent_in_cgroup(
+        &self,
+        cgroup: &crate::cgroup::TestCgroup,
+        caps: Option<&[&str]>,
+        extra: &[String],
+    ) -> Agent {
         let mut args = self.agent_args(&[]);
         args.extend(extra.iter().cloned());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let agent = Agent::start_in_cgroup(&self.node, cgroup, &refs).unwrap();
+        let agent = Agent::start_in_cgroup(&self.node, cgroup, caps, &refs).unwrap();
         self.wait_connected(&agent);
         agent
     }

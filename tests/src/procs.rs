@@ -188,6 +188,15 @@ pub const AGENT_WITHOUT_GUARD: [&str; 2] =
 /// policy.
 pub const DIALS_LOOPBACK: &str = "--dial-allow=127.0.0.0/8,::1,0.0.0.0/0,::/0";
 
+/// Runs the program `cmd` goes on to name under setpriv, with only `caps` (setpriv names, e.g.
+/// `bpf`): as root, a process keeps only what its bounding set allows across exec.
+fn keeping_only(cmd: &mut Command, caps: &[&str]) {
+    let keep: String = caps.iter().map(|c| format!(",+{c}")).collect();
+    cmd.arg("setpriv")
+        .arg(format!("--bounding-set=-all{keep}"))
+        .arg(format!("--inh-caps=-all{keep}"));
+}
+
 /// Kernel enforcement of the dial policy goes on the agent's cgroup, or one it creates beside
 /// the test's processes: only tests that give an agent a cgroup of its own turn it on.
 pub const NO_DIAL_HOOKS: &str = "--dial-policy-cgroup=off";
@@ -209,26 +218,27 @@ impl Agent {
     /// [`Agent::start_in`] with only the capabilities `caps` (setpriv names, e.g. `bpf`):
     /// as root, a process keeps only what its bounding set allows across exec.
     pub fn start_in_with_caps(netns: &Netns, caps: &[&str], args: &[&str]) -> Result<Self> {
-        let keep: String = caps.iter().map(|c| format!(",+{c}")).collect();
         let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", netns.path()))
-            .arg("setpriv")
-            .arg(format!("--bounding-set=-all{keep}"))
-            .arg(format!("--inh-caps=-all{keep}"))
-            .arg(built("tether-agent")?);
+        cmd.arg(format!("--net={}", netns.path()));
+        keeping_only(&mut cmd, caps);
+        cmd.arg(built("tether-agent")?);
         Self::spawn(cmd, args)
     }
 
     /// [`Agent::start_in`], as the only process of `cgroup` (as in a container), with the dial
-    /// policy enforced there by the kernel.
+    /// policy enforced there by the kernel; holding only `caps` when given.
     pub fn start_in_cgroup(
         netns: &Netns,
         cgroup: &crate::cgroup::TestCgroup,
+        caps: Option<&[&str]>,
         args: &[&str],
     ) -> Result<Self> {
         let mut cmd = cgroup.command(std::path::Path::new("nsenter"));
-        cmd.arg(format!("--net={}", netns.path()))
-            .arg(built("tether-agent")?)
+        cmd.arg(format!("--net={}", netns.path()));
+        if let Some(caps) = caps {
+            keeping_only(&mut cmd, caps);
+        }
+        cmd.arg(built("tether-agent")?)
             .arg("--dial-policy-cgroup=auto");
         Self::spawn(cmd, args)
     }

@@ -125,7 +125,7 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
         "--dial-deny=198.51.100.0/24".into(),
     ];
     extra.push("--worker-threads=2".into());
-    let agent = site.agent_in_cgroup(&cgroup, &extra);
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
     let enforced = agent
         .logged
         .logs
@@ -213,7 +213,7 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
         "the hooks ended with the agent"
     );
     // ...and the next agent takes them over, attaching its own before removing the old.
-    let again = site.agent_in_cgroup(&cgroup, &extra);
+    let again = site.agent_in_cgroup(&cgroup, None, &extra);
     let enforced = again
         .logged
         .logs
@@ -310,7 +310,7 @@ async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
         "--dial-deny=198.51.100.0/24".into(),
     ];
     extra.push(format!("--service-map-file={}", map.display()));
-    let agent = site.agent_in_cgroup(&cgroup, &extra);
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
     let target = Target::Uds(site.socket.clone());
 
     assert_spread_evenly(&target).await;
@@ -493,19 +493,38 @@ fn wait_applied(agent: &tether_tests::procs::Agent, backends: usize) {
     }
 }
 
+/// The three backends, and a stand-in API whose EndpointSlice lists them all.
+fn three_backends_behind_the_api(site: &Site, dir: &std::path::Path) -> ApiServer {
+    three_backends(site);
+    ApiServer::start(
+        site,
+        dir,
+        web_slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"], 1),
+    )
+}
+
+/// backend-3 leaves the EndpointSlice by a watch event: once the agent applies the map, no
+/// new connection goes to it.
+async fn remove_backend_3(api: &ApiServer, agent: &tether_tests::procs::Agent, target: &Target) {
+    api.slice_event("MODIFIED", &web_slice(&["10.244.0.1", "10.244.0.2"], 2));
+    wait_applied(agent, 2);
+    for _ in 0..30 {
+        assert_ne!(
+            through_service(target).await,
+            "backend-3",
+            "a backend removed from the slice got a new connection"
+        );
+    }
+}
+
 /// The Service map from the Kubernetes API (a stand-in for kube-apiserver): the Service's
 /// EndpointSlice spreads dials over its three backends, and a backend removed from the slice
 /// by a watch event gets no new connection.
 #[tokio::test(flavor = "multi_thread")]
 async fn services_and_endpointslices_from_the_api_steer_dials() {
     let site = Site::new("kb");
-    three_backends(&site);
     let dir = tempfile::tempdir().unwrap();
-    let api = ApiServer::start(
-        &site,
-        dir.path(),
-        web_slice(&["10.244.0.1", "10.244.0.2", "10.244.0.3"], 1),
-    );
+    let api = three_backends_behind_the_api(&site, dir.path());
     let cgroup = tether_tests::cgroup::TestCgroup::new("kb").unwrap();
     let mut extra: Vec<String> = vec![
         "--guard-mode=off".into(),
@@ -516,21 +535,12 @@ async fn services_and_endpointslices_from_the_api_steer_dials() {
         "--services-kubeconfig={}",
         api.kubeconfig.display()
     ));
-    let agent = site.agent_in_cgroup(&cgroup, &extra);
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
     wait_applied(&agent, 3);
     let target = Target::Uds(site.socket.clone());
 
     assert_spread_evenly(&target).await;
-
-    api.slice_event("MODIFIED", &web_slice(&["10.244.0.1", "10.244.0.2"], 2));
-    wait_applied(&agent, 2);
-    for _ in 0..30 {
-        let name = through_service(&target).await;
-        assert_ne!(
-            name, "backend-3",
-            "a backend removed from the slice got a new connection"
-        );
-    }
+    remove_backend_3(&api, &agent, &target).await;
     drop(agent);
 }
 
@@ -548,6 +558,7 @@ fn beside_other_processes_the_agent_polices_only_a_child_cgroup_of_its_own() {
         .unwrap();
     let agent = site.agent_in_cgroup(
         &cgroup,
+        None,
         &[
             "--guard-mode=off".into(),
             "--dial-deny=198.51.100.0/24".into(),
@@ -577,4 +588,67 @@ fn beside_other_processes_the_agent_polices_only_a_child_cgroup_of_its_own() {
     drop(agent);
     let _ = neighbour.kill();
     let _ = neighbour.wait();
+}
+
+/// What the DaemonSet ships, under exactly its capabilities (BPF, NET_ADMIN, PERFMON): the
+/// guard, the dial hooks on the agent's cgroup and Services from the API. The hooks attach,
+/// the kernel refuses a denied connect(), and after the agent gives up its capabilities a
+/// watch event still reaches the Service map.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dial_hooks_run_with_only_the_daemonsets_capabilities() {
+    let site = Site::new("dq");
+    let _metadata = metadata_listener(&site);
+    let dir = tempfile::tempdir().unwrap();
+    let api = three_backends_behind_the_api(&site, dir.path());
+    let cgroup = tether_tests::cgroup::TestCgroup::new("dq").unwrap();
+    let extra = [
+        "--guard-interface=eth0".to_owned(),
+        format!("--control-plane-cidr={}/32", tether_tests::guard_site::CP),
+        "--dial-deny=198.51.100.0/24".to_owned(),
+        "--services-from-kubernetes".to_owned(),
+        format!("--services-kubeconfig={}", api.kubeconfig.display()),
+    ];
+    let agent = site.agent_in_cgroup(&cgroup, Some(&["bpf", "net_admin", "perfmon"]), &extra);
+    for step in [
+        "XDP guard attached",
+        "dial policy enforced in the kernel",
+        "dropped every other capability",
+    ] {
+        assert!(
+            agent
+                .logged
+                .logs
+                .wait_for(step, Duration::from_secs(5))
+                .is_some(),
+            "never logged {step:?}: {:?}",
+            agent.logged.logs.lines()
+        );
+    }
+    // The bounding set is the DaemonSet's: CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.logged.process.pid())).unwrap();
+    let bounding = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .unwrap();
+    assert_eq!(
+        u64::from_str_radix(bounding.trim(), 16).unwrap(),
+        (1 << 12) | (1 << 38) | (1 << 39)
+    );
+    wait_applied(&agent, 3);
+    assert_eq!(connect_from(&site, Some(&cgroup), METADATA), "EPERM");
+
+    let target = Target::Uds(site.socket.clone());
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(through_service(&target).await);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    remove_backend_3(&api, &agent, &target).await;
+    assert!(
+        !agent.logged.logs.contains("Operation not permitted"),
+        "{:?}",
+        agent.logged.logs.lines()
+    );
 }
