@@ -82,12 +82,6 @@ pub fn refusing_port() -> (socket2::Socket, SocketAddr) {
     (socket, addr)
 }
 
-/// A port on 127.0.0.1 where nothing listens.
-pub fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
-}
-
 /// A server on 127.0.0.1 that writes bytes as fast as the connection takes them.
 pub async fn flood() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -113,7 +113,8 @@ async fn five_hundred_connections_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn closed_port_error_text_reaches_the_client() {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
-    let closed = backend::closed_port().to_string();
+    let (_refusing, closed) = backend::refusing_port();
+    let closed = closed.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let error = GrpcTunnel::dial(&mut client, &closed)
         .await
@@ -196,7 +197,7 @@ async fn a_stalled_destination_pushes_back_on_its_own_connection_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reconnects_after_the_server_restarts() {
     let pki = Pki::new(&[]).unwrap();
-    let port = backend::closed_port().port();
+    let port = tether_tests::peers::free_port().unwrap();
     let uds = pki.dir().join("s.sock");
     let agent_port = format!("--agent-port={port}");
     let args = connect_server_args(&pki, &uds, &[&agent_port]);
@@ -393,7 +394,8 @@ async fn survives_a_hostile_server() {
         .send(Packet::dial_response(1, 1, ""))
         .await
         .unwrap();
-    let closed = backend::closed_port().to_string();
+    let (_refusing, closed) = backend::refusing_port();
+    let closed = closed.to_string();
     const DIALS: usize = 10_000;
     let sender = stream.to_agent.clone();
     tokio::spawn(async move {

@@ -53,7 +53,8 @@ async fn both_binaries_export_upstreams_names_and_the_process_set() {
     tunnel.next().await.unwrap();
     tunnel.close().await.unwrap();
     tunnel.read_to_close().await.unwrap();
-    let closed = backend::closed_port().to_string();
+    let (_refusing, closed) = backend::refusing_port();
+    let closed = closed.to_string();
     assert!(
         GrpcTunnel::dial(&mut client, &closed)
             .await

@@ -65,7 +65,8 @@ async fn http_get_through_connect_over_mtls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dial_to_a_closed_port_returns_the_agents_error_promptly() {
-    let closed = backend::closed_port().to_string();
+    let (_refusing, closed) = backend::refusing_port();
+    let closed = closed.to_string();
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let start = Instant::now();

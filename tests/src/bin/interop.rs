@@ -420,7 +420,8 @@ async fn closed_port(pair: &Pair, report: &mut Report) {
     report
         .check(name, async {
             let setup = Setup::with_agent(pair, Mode::Grpc, Transport::Uds)?;
-            let closed = backend::closed_port().to_string();
+            let (_refusing, closed) = backend::refusing_port();
+            let closed = closed.to_string();
             let mut client = grpc_client(setup.target()?).await?;
             match GrpcTunnel::dial(&mut client, &closed).await? {
                 Err(error) => ensure!(
@@ -716,7 +717,8 @@ async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
                 let setup = Setup::with_agent(&pair, Mode::Grpc, Transport::Uds)?;
                 let echo = backend::echo().await.to_string();
                 grpc_echo(setup.target()?, &echo, 1 << 16).await?;
-                let closed = backend::closed_port().to_string();
+                let (_refusing, closed) = backend::refusing_port();
+                let closed = closed.to_string();
                 let mut client = grpc_client(setup.target()?).await?;
                 let _ = GrpcTunnel::dial(&mut client, &closed).await?;
                 // A frontend message that is not a Packet: a stream error on both servers.
