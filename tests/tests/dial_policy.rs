@@ -101,6 +101,23 @@ fn connect_from(
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// What an operator runs to ask the live agent: `tether-agent dial-policy check TARGET`, in
+/// the node's namespace; its output and errors.
+fn policy_check(site: &Site, agent: &tether_tests::procs::Agent, target: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", site.node.path()))
+        .arg(tether_tests::procs::built("tether-agent").unwrap())
+        .args(["dial-policy", "check", target])
+        .arg(format!("--admin-server-port={}", agent.admin_port))
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The cloud metadata address, bound in the node's namespace, with a listener.
 fn metadata_listener(site: &Site) -> TcpListener {
     site.node
@@ -157,21 +174,7 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     );
     assert_eq!(denied, Some(1));
 
-    // What an operator runs to ask the live agent.
-    let check = |target: &str| {
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", site.node.path()))
-            .arg(tether_tests::procs::built("tether-agent").unwrap())
-            .args(["dial-policy", "check", target])
-            .arg(format!("--admin-server-port={}", agent.admin_port))
-            .output()
-            .unwrap();
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
+    let check = |target: &str| policy_check(&site, &agent, target);
     assert_eq!(
         check(METADATA),
         "169.254.169.254:80: deny\n\
@@ -355,14 +358,7 @@ async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
         let name = through_service(&target).await;
         assert_ne!(name, "backend-3", "a removed backend got a new connection");
     }
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", site.node.path()))
-        .arg(tether_tests::procs::built("tether-agent").unwrap())
-        .args(["dial-policy", "check", "10.96.0.10:80"])
-        .arg(format!("--admin-server-port={}", agent.admin_port))
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
+    let report = policy_check(&site, &agent, "10.96.0.10:80");
     assert!(
         report.contains(
             "service 10.96.0.10:80/tcp: steered in turn to 10.244.0.1:8080, 10.244.0.2:8080\n"
@@ -431,9 +427,11 @@ impl ApiServer {
                             r#"{{"kind":"ServiceList","apiVersion":"v1","metadata":{{"resourceVersion":"1"}},"items":[{WEB_SERVICE}]}}"#
                         )
                     };
+                    // One request per connection, said so: a client that reused this one
+                    // for its watch would find it closed.
                     write!(
                         stream,
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
                     )
                     .unwrap();
@@ -651,4 +649,143 @@ async fn the_dial_hooks_run_with_only_the_daemonsets_capabilities() {
         "{:?}",
         agent.logged.logs.lines()
     );
+}
+
+/// For each `(how, address)`, what a process in the node's namespace (inside `cgroup`) gets
+/// from the kernel at once: "EPERM" when a hook refuses, anything else when the call went
+/// ahead (in progress, or no route out of the namespace). `how` is `tcp` (a non-blocking
+/// connect), `udp` (an unconnected sendto) or `udp-connect`.
+fn kernel_says(
+    site: &Site,
+    cgroup: &tether_tests::cgroup::TestCgroup,
+    calls: &[(&str, &str)],
+) -> Vec<String> {
+    let script = "import errno, socket, sys\n\
+         for line in sys.stdin.read().splitlines():\n\
+         \x20   how, addr = line.split(' ', 1)\n\
+         \x20   host, port = addr.rsplit(':', 1)\n\
+         \x20   host = host.strip('[]')\n\
+         \x20   family = socket.AF_INET6 if ':' in host else socket.AF_INET\n\
+         \x20   kind = socket.SOCK_STREAM if how == 'tcp' else socket.SOCK_DGRAM\n\
+         \x20   s = socket.socket(family, kind)\n\
+         \x20   s.setblocking(False)\n\
+         \x20   try:\n\
+         \x20       if how == 'udp':\n\
+         \x20           s.sendto(b'x', (host, int(port)))\n\
+         \x20       else:\n\
+         \x20           s.connect((host, int(port)))\n\
+         \x20       print('went ahead')\n\
+         \x20   except OSError as e:\n\
+         \x20       went = {errno.EINPROGRESS, errno.ENETUNREACH, errno.EHOSTUNREACH}\n\
+         \x20       print('EPERM' if e.errno == errno.EPERM else 'went ahead' if e.errno in went else repr(e))\n\
+         \x20   s.close()\n";
+    let mut child = cgroup
+        .command(std::path::Path::new("nsenter"))
+        .arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input: String = calls
+        .iter()
+        .map(|(how, addr)| format!("{how} {addr}\n"))
+        .collect();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        said.len(),
+        calls.len(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    said
+}
+
+/// The kernel hooks and the agent's own policy decide alike, across IPv4 and IPv6, port
+/// ranges, overlapping prefixes, a tie (deny wins), IPv4 reached through mapped IPv6 and an
+/// IPv4 rule written as a mapped prefix, the defaults, and what no rule names under an allow
+/// list; for TCP and UDP connect() and unconnected UDP sendto(). Each destination is also
+/// checked against the decision the rules were written for.
+#[test]
+fn the_kernel_and_the_agent_decide_every_destination_alike() {
+    let site = Site::new("dm");
+    let cgroup = tether_tests::cgroup::TestCgroup::new("dm").unwrap();
+    let extra: Vec<String> = [
+        "--guard-mode=off",
+        "--dial-allow=10.1.0.0/16:80-90",
+        "--dial-deny=10.1.2.0/24",
+        "--dial-allow=10.1.2.3:85",
+        "--dial-allow=10.1.2.4:85",
+        "--dial-deny=10.1.2.4:85",
+        "--dial-deny=[::ffff:10.1.3.0/120]",
+        "--dial-allow=[fd00:1::/64]:443",
+        "--dial-deny=[fd00:1::/64]:443-444",
+        "--dial-allow=[fd00:1::/64]:440-449",
+        "--dial-deny=fd00:1::5",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
+    agent
+        .logged
+        .logs
+        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
+        .expect("the hooks were not attached");
+
+    let (allow, deny) = ("allow", "deny");
+    let cases = [
+        ("tcp", "10.1.0.1:80", allow),
+        ("tcp", "10.1.0.1:91", deny), // no rule: an allow list was given
+        ("tcp", "10.1.2.3:85", allow), // a /32 before the /24's deny
+        ("tcp", "10.1.2.3:86", deny),
+        ("tcp", "10.1.2.4:85", deny), // the same rule both ways: deny wins
+        ("tcp", "10.1.5.5:90", allow),
+        ("tcp", "10.1.3.5:85", deny), // the mapped prefix is the IPv4 one
+        ("tcp", "169.254.169.254:80", deny),
+        ("tcp", "127.0.0.1:10250", deny),
+        ("tcp", "192.0.2.1:80", deny),
+        ("tcp", "[fd00:1::1]:443", allow), // one port before its range
+        ("tcp", "[fd00:1::1]:444", deny),  // the narrower range before the wider
+        ("tcp", "[fd00:1::1]:445", allow),
+        ("tcp", "[fd00:1::5]:443", deny), // a /128 before the /64
+        ("tcp", "[fd00:2::1]:443", deny),
+        ("tcp", "[::1]:80", deny),
+        ("tcp", "[::ffff:10.1.0.1]:80", allow), // IPv4 through an IPv6 socket
+        ("tcp", "[::ffff:10.1.2.3]:86", deny),
+        ("tcp", "[::ffff:169.254.169.254]:80", deny),
+        ("udp", "10.1.0.1:80", allow),
+        ("udp", "10.1.2.3:86", deny),
+        ("udp", "169.254.169.254:53", deny),
+        ("udp", "[fd00:1::1]:444", deny),
+        ("udp", "[fd00:1::1]:443", allow),
+        ("udp-connect", "10.1.2.4:85", deny),
+        ("udp-connect", "[fd00:1::1]:445", allow),
+    ];
+    let calls: Vec<(&str, &str)> = cases.iter().map(|(how, addr, _)| (*how, *addr)).collect();
+    let kernel = kernel_says(&site, &cgroup, &calls);
+    for ((how, addr, intended), kernel) in cases.iter().zip(&kernel) {
+        assert!(
+            kernel == "EPERM" || kernel == "went ahead",
+            "{how} {addr}: {kernel}"
+        );
+        let report = policy_check(&site, &agent, addr);
+        let agent_says = report
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_default();
+        assert_eq!(agent_says, *intended, "agent on {addr}: {report}");
+        let refused = kernel == "EPERM";
+        assert_eq!(
+            refused,
+            *intended == deny,
+            "kernel on {how} {addr}: {kernel}; agent: {report}"
+        );
+    }
 }
