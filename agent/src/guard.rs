@@ -253,6 +253,19 @@ impl Links {
         dataplane: &mut Dataplane,
         mode: Mode,
     ) -> Result<(), GuardError> {
+        // Counter slots first: a packet dropped on an interface just after its attach is
+        // counted against it too. What is guarded keeps its slot; the call after the attaches
+        // settles the slots on what ended up guarded.
+        let claim: Vec<String> = self
+            .guarded
+            .keys()
+            .chain(wanted.iter().filter(|i| !self.guarded.contains_key(*i)))
+            .filter(|i| crate::dataplane::interface_index(i).is_ok())
+            .cloned()
+            .collect();
+        if let Err(err) = dataplane.count_interfaces(&claim) {
+            tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot claim drop counters before attaching; counting starts once attached");
+        }
         let mut now = BTreeMap::new();
         for interface in wanted {
             let Some(index) = crate::dataplane::interface_index(&interface).ok() else {
