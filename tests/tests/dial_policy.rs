@@ -652,9 +652,9 @@ async fn the_dial_hooks_run_with_only_the_daemonsets_capabilities() {
 }
 
 /// For each `(how, address)`, what a process in the node's namespace (inside `cgroup`) gets
-/// from the kernel at once: "EPERM" when a hook refuses, anything else when the call went
-/// ahead (in progress, or no route out of the namespace). `how` is `tcp` (a non-blocking
-/// connect), `udp` (an unconnected sendto) or `udp-connect`.
+/// from the kernel at once: "EPERM" when a hook refuses, "went ahead" when the call did (sent,
+/// in progress, or no route out of the namespace), and any other error as Python shows it.
+/// `how` is `tcp` (a non-blocking connect), `udp` (an unconnected sendto) or `udp-connect`.
 fn kernel_says(
     site: &Site,
     cgroup: &tether_tests::cgroup::TestCgroup,
