@@ -253,22 +253,38 @@ impl Links {
         dataplane: &mut Dataplane,
         mode: Mode,
     ) -> Result<(), GuardError> {
-        // Counter slots first: a packet dropped on an interface just after its attach is
-        // counted against it too. What is guarded keeps its slot; the call after the attaches
-        // settles the slots on what ended up guarded.
-        let claim: Vec<String> = self
-            .guarded
-            .keys()
-            .chain(wanted.iter().filter(|i| !self.guarded.contains_key(*i)))
-            .filter(|i| crate::dataplane::interface_index(i).is_ok())
-            .cloned()
+        let wanted: Vec<(String, Option<u32>)> = wanted
+            .into_iter()
+            .map(|interface| {
+                let index = crate::dataplane::interface_index(&interface).ok();
+                (interface, index)
+            })
             .collect();
-        if let Err(err) = dataplane.count_interfaces(&claim) {
-            tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot claim drop counters before attaching; counting starts once attached");
+        let attaching: Vec<&String> = wanted
+            .iter()
+            .filter(|(interface, index)| {
+                index.is_some() && self.guarded.get(interface) != index.as_ref()
+            })
+            .map(|(interface, _)| interface)
+            .collect();
+        // Counter slots before attaching: a packet dropped on an interface just after its
+        // attach is counted against it too. What is guarded keeps its slot; the call after the
+        // attaches settles the slots on what ended up guarded.
+        if !attaching.is_empty() {
+            let claim: Vec<String> = self
+                .guarded
+                .keys()
+                .filter(|i| crate::dataplane::interface_index(i).is_ok())
+                .chain(attaching)
+                .cloned()
+                .collect();
+            if let Err(err) = dataplane.count_interfaces(&claim) {
+                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot claim drop counters before attaching; counting starts once attached");
+            }
         }
         let mut now = BTreeMap::new();
-        for interface in wanted {
-            let Some(index) = crate::dataplane::interface_index(&interface).ok() else {
+        for (interface, index) in wanted {
+            let Some(index) = index else {
                 if self.named.contains(&interface) {
                     return Err(DataplaneError::NoSuchInterface { interface }.into());
                 }
