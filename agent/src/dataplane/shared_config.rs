@@ -1,7 +1,7 @@
 //! The guard's config map, mapped into this process.
 //!
 //! The program reads [`GuardConfig`] on every packet; with its control-plane table it is
-//! 128 KiB. Reading and writing it whole through the map syscalls would put that on the stack
+//! 200 KiB. Reading and writing it whole through the map syscalls would put that on the stack
 //! twice for every mode change and rewrite the table each time, racing any other writer (the
 //! `guard` command beside a running agent). Mapped (`BPF_F_MMAPABLE`), each change is a store
 //! to the fields it changes, which the program sees on its next packet.
