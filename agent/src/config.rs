@@ -85,7 +85,10 @@ pub struct PinArgs {
 const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tether";
 
 /// What the agent may dial for the control plane. Built in: link-local (169.254.0.0/16,
-/// fe80::/10, where cloud metadata endpoints live) and loopback (127.0.0.0/8, ::1) are denied;
+/// fe80::/10, where cloud metadata endpoints live), loopback (127.0.0.0/8, ::1), the
+/// unspecified addresses Linux connects to the node itself (0.0.0.0/8, ::/96) and the cloud
+/// metadata endpoints outside link-local (fd00:ec2::254, 100.100.100.200, 168.63.129.16, …;
+/// docs/threat-model.md lists them) are denied;
 /// everything else is allowed unless --dial-allow is given. The most specific rule decides
 /// (longer prefix, then narrower ports; deny wins a tie). The proxy server and the nameservers
 /// in /etc/resolv.conf are always allowed on their ports.

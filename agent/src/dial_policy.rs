@@ -175,7 +175,9 @@ impl FromStr for Target {
     }
 }
 
-/// The built-in denials: link-local (cloud metadata lives there) and loopback.
+/// The built-in denials: link-local (cloud metadata lives there), loopback, the unspecified
+/// addresses Linux connects to the node itself, and the cloud metadata endpoints outside
+/// link-local.
 fn defaults() -> Vec<Rule> {
     let deny = |addr: IpAddr, len, what| Rule {
         action: Action::Deny,
@@ -185,7 +187,7 @@ fn defaults() -> Vec<Rule> {
     };
     let link_local = "link-local, which holds cloud metadata endpoints";
     let loopback = "loopback, the node's local-only services";
-    vec![
+    let mut rules = vec![
         deny(Ipv4Addr::new(169, 254, 0, 0).into(), 16, link_local),
         deny(
             Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0).into(),
@@ -194,8 +196,78 @@ fn defaults() -> Vec<Rule> {
         ),
         deny(Ipv4Addr::new(127, 0, 0, 0).into(), 8, loopback),
         deny(Ipv6Addr::LOCALHOST.into(), 128, loopback),
-    ]
+        // connect() to 0.0.0.0 or :: reaches the local host (its loopback listeners too),
+        // and a mapped `::ffff:0.0.0.0` is judged as the IPv4 it is. The IPv4-compatible
+        // form (`::a.b.c.d`, deprecated) has no use but to smuggle an address past a rule.
+        deny(
+            Ipv4Addr::UNSPECIFIED.into(),
+            8,
+            "this network (0.0.0.0/8): Linux connects 0.0.0.0 to the node itself",
+        ),
+        deny(
+            Ipv6Addr::UNSPECIFIED.into(),
+            96,
+            "unspecified and IPv4-compatible IPv6: Linux connects :: to the node itself",
+        ),
+    ];
+    rules.extend(
+        CLOUD_METADATA
+            .iter()
+            .map(|(addr, len, what)| deny(*addr, *len, what)),
+    );
+    rules
 }
+
+/// Cloud metadata and credential endpoints outside link-local, denied like link-local: each
+/// hands the node's (or its pods') cloud credentials to whoever asks from the node.
+/// docs/threat-model.md names where each is documented.
+const CLOUD_METADATA: [(IpAddr, u8, &str); 9] = [
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+        128,
+        "cloud metadata: AWS instance metadata over IPv6",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
+        128,
+        "cloud metadata: EKS Pod Identity credentials over IPv6",
+    ),
+    (
+        IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+        32,
+        "cloud metadata: Alibaba Cloud instance metadata",
+    ),
+    (
+        IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
+        32,
+        "cloud metadata: Azure WireServer",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd20, 0xce, 0, 0, 0, 0, 0, 0x254)),
+        128,
+        "cloud metadata: Google Cloud metadata server over IPv6",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xc1, 0, 0, 0, 0, 0xa9fe, 0xa9fe)),
+        128,
+        "cloud metadata: Oracle Cloud instance metadata over IPv6",
+    ),
+    (
+        IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
+        32,
+        "cloud metadata: Oracle Cloud at Customer instance metadata",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0xa9fe, 0xa9fe, 0, 0, 0, 0, 1)),
+        128,
+        "cloud metadata: Akamai (Linode) metadata over IPv6",
+    ),
+    (
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x42, 0, 0, 0, 0, 0, 0x42)),
+        128,
+        "cloud metadata: Scaleway instance metadata over IPv6",
+    ),
+];
 
 /// The ordered rules and what happens to a destination none of them matches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -383,7 +455,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_deny_link_local_and_loopback_and_allow_the_rest() {
+    fn defaults_deny_link_local_loopback_unspecified_and_metadata_and_allow_the_rest() {
         let p = policy(&[], &[]);
         assert!(!allowed(&p, "169.254.169.254:80"));
         assert!(!allowed(&p, "[fe80::a9fe:a9fe]:80"));
@@ -393,8 +465,21 @@ mod tests {
             !allowed(&p, "[::ffff:169.254.169.254]:80"),
             "the mapped form is IPv4"
         );
+        for local in [
+            "0.0.0.0:10250",
+            "0.255.0.1:10250",
+            "[::]:10250",
+            "[::ffff:0.0.0.0]:10250",
+            "[::127.0.0.1]:10250",
+        ] {
+            assert!(!allowed(&p, local), "{local} reaches the node itself");
+        }
+        assert!(!allowed(&p, "[fd00:ec2::254]:80"));
+        assert!(!allowed(&p, "100.100.100.200:80"));
+        assert!(allowed(&p, "100.100.100.201:80"));
         assert!(allowed(&p, "10.0.3.7:10250"));
         assert!(allowed(&p, "[fd00::7]:10250"));
+        assert!(allowed(&p, "[::1:0:0:1]:80"), "just past ::/96");
         let verdict = p.decide("169.254.169.254:80".parse().unwrap());
         assert_eq!(
             p.refusal("169.254.169.254:80".parse().unwrap(), verdict),

@@ -789,3 +789,87 @@ fn the_kernel_and_the_agent_decide_every_destination_alike() {
         );
     }
 }
+
+/// Destinations the kernel turns into the node itself, and cloud metadata endpoints outside
+/// link-local: none is reachable through the tunnel or from the agent's cgroup under the
+/// built-in rules. Linux connects an unspecified destination (`0.0.0.0`, `::`, and `::` or
+/// `0.0.0.0` written as mapped or compatible IPv6) to the local host, where a listener bound
+/// only to loopback takes it; AWS's IPv6 and Alibaba Cloud's metadata addresses are bound in
+/// the node's namespace with listeners of their own.
+#[tokio::test(flavor = "multi_thread")]
+async fn unspecified_destinations_and_cloud_metadata_are_refused() {
+    let site = Site::new("du");
+    let cgroup = tether_tests::cgroup::TestCgroup::new("du").unwrap();
+    // Loopback-only listeners: what 0.0.0.0 and :: reach.
+    let local4 = site
+        .node
+        .run(|| TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let port = local4.local_addr().unwrap().port();
+    let local6 = site
+        .node
+        .run(|| TcpListener::bind(("::1", port)))
+        .unwrap()
+        .unwrap();
+    let mut metadata = Vec::new();
+    for (address, len) in [("fd00:ec2::254", 128), ("100.100.100.200", 32)] {
+        site.node
+            .ip(&["addr", "add", &format!("{address}/{len}"), "dev", "lo"])
+            .unwrap();
+        let listener = site
+            .node
+            .run(|| TcpListener::bind((address, 80)))
+            .unwrap()
+            .unwrap();
+        metadata.push(listener);
+    }
+    let listeners: Vec<&TcpListener> = [&local4, &local6].into_iter().chain(&metadata).collect();
+    for listener in &listeners {
+        listener.set_nonblocking(true).unwrap();
+    }
+
+    // The built-in rules alone (an unrelated deny keeps the harness from adding its own).
+    let extra = ["--guard-mode=off", "--dial-deny=198.51.100.0/24"].map(str::to_owned);
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
+    let target = Target::Uds(site.socket.clone());
+    let unspecified = [
+        format!("0.0.0.0:{port}"),
+        format!("0.1.2.3:{port}"),
+        format!("[::]:{port}"),
+        format!("[::ffff:0.0.0.0]:{port}"),
+        format!("[::0.0.0.0]:{port}"),
+        format!("[::127.0.0.1]:{port}"),
+    ];
+    let cloud = ["[fd00:ec2::254]:80", "100.100.100.200:80"].map(str::to_owned);
+    for destination in unspecified.iter().chain(&cloud) {
+        let response = http_connect(&target, destination)
+            .await
+            .unwrap()
+            .err()
+            .unwrap_or_else(|| panic!("{destination} was reached through the tunnel"));
+        assert!(
+            response.starts_with("HTTP/1.1 502 Bad Gateway\r\n")
+                && response.contains("denied by tether-agent's dial policy: deny"),
+            "{destination}: {response:?}"
+        );
+    }
+
+    // A process in the agent's cgroup that calls connect() and sendto() itself.
+    let calls: Vec<(&str, &str)> = unspecified
+        .iter()
+        .chain(&cloud)
+        .flat_map(|a| [("tcp", a.as_str()), ("udp", a.as_str())])
+        .collect();
+    for ((how, addr), kernel) in calls.iter().zip(kernel_says(&site, &cgroup, &calls)) {
+        assert_eq!(kernel, "EPERM", "{how} {addr} from the agent's cgroup");
+    }
+    for listener in listeners {
+        assert!(
+            listener.accept().is_err(),
+            "{} saw a connection",
+            listener.local_addr().unwrap()
+        );
+    }
+    drop(agent);
+}
