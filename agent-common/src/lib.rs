@@ -66,8 +66,11 @@ pub const EVENT_CLOCK_EVERY: u32 = 32;
 /// Size of the events ring in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 64 * 1024;
 
-/// Name of the XDP program that guards an interface.
+/// Name of the XDP program that guards an interface whose frames carry an Ethernet header.
 pub const GUARD_PROGRAM: &str = "tether_guard";
+/// Name of the XDP program that guards an interface whose frames begin with the IP header
+/// (tun, WireGuard, ipip, sit, PPP, raw IP).
+pub const GUARD_IP_PROGRAM: &str = "tether_guard_ip";
 
 /// Capacity of each prefix trie and of the port set.
 pub const MAX_PREFIXES: u32 = 1024;

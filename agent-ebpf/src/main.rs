@@ -66,12 +66,34 @@ const TCP_NEW_SYN_RECV: u32 = 12;
 const CURRENT_NETNS: u64 = u64::MAX;
 /// IPv6 extension headers followed before giving up (and calling the packet unparseable).
 const MAX_EXTENSION_HEADERS: usize = 8;
-/// Largest L3 + extension-header offset parsed; keeps offsets bounded for the verifier.
-const MAX_L4_OFFSET: usize = 512;
+/// Longest IPv6 header chain (fixed header and extension headers) walked before giving up
+/// (and calling the packet unparseable). Measured from the IP header, so a packet is judged
+/// alike behind any link-layer header.
+const MAX_CHAIN: usize = 512;
+/// Farthest a transport header can start (behind Ethernet and two VLAN tags); keeps offsets
+/// bounded for the verifier.
+const MAX_L4_OFFSET: usize = ETH_HLEN + 8 + MAX_CHAIN;
 
 #[xdp]
-#[inline(always)]
 pub fn tether_guard(ctx: XdpContext) -> u32 {
+    guard::<ETH_HLEN, { ETH_HLEN + 40 }, { ETH_HLEN + 60 }>(&ctx)
+}
+
+/// The guard for devices whose frames begin with the IP header (tun, WireGuard, ipip, sit,
+/// PPP, raw-IP modems): the same verdicts, read from offset 0. The agent picks it by the
+/// device's type; read with the Ethernet layout, two octets of the source address would be
+/// taken for an ethertype and everything would pass.
+#[xdp]
+pub fn tether_guard_ip(ctx: XdpContext) -> u32 {
+    guard::<0, 40, 60>(&ctx)
+}
+
+/// `L2` is where the IP header starts (the link-layer header's length); `PLAIN4` and `PLAIN6`
+/// are `L2` plus an option-less IPv4 or IPv6 header and a TCP header, the windows the fast
+/// paths read (passed in, as array lengths cannot be computed from a generic).
+#[inline(always)]
+fn guard<const L2: usize, const PLAIN4: usize, const PLAIN6: usize>(ctx: &XdpContext) -> u32 {
+    const { assert!(PLAIN4 == L2 + 40 && PLAIN6 == L2 + 60) };
     let Some(config) = CONFIG.get(0) else {
         return xdp_action::XDP_PASS;
     };
@@ -80,25 +102,25 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let mut transport = Transport::default();
-    let verdict = match plain_tcp(&ctx, config) {
+    let verdict = match plain_tcp::<L2, PLAIN4, PLAIN6>(ctx, config) {
         Some(false) => {
-            count(&ctx, Reason::Pass, false);
+            count(ctx, Reason::Pass, false);
             return xdp_action::XDP_PASS;
         }
         Some(true) => {
             transport = Transport {
                 protocol: IPPROTO_TCP,
-                l4: PLAIN_TCP_AT as u16,
+                l4: (L2 + 20) as u16,
             };
             Verdict::new(Reason::ControlPlaneSyn, true)
         }
-        None => classify(&ctx, config, &mut transport),
+        None => classify::<L2>(ctx, config, &mut transport),
     };
     let drop = verdict.drop && mode == Mode::Enforce as u32;
-    count(&ctx, verdict.reason, drop);
+    count(ctx, verdict.reason, drop);
     if verdict.drop {
-        count_interface(&ctx, verdict.reason, drop);
-        report(&ctx, verdict.reason, &transport, drop);
+        count_interface(ctx, verdict.reason, drop);
+        report::<L2>(ctx, verdict.reason, &transport, drop);
     }
     if drop {
         xdp_action::XDP_DROP
@@ -292,13 +314,29 @@ fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     array::<2>(ctx, offset).map(u16::from_be_bytes)
 }
 
+/// The packet's start and end, read afresh for each bounds check. Were they ordinary loads,
+/// the compiler would treat them as one value throughout the program and drop a check that an
+/// earlier one implies (an address read after a check further into the packet, say); the
+/// verifier tracks ranges per register and cannot follow that, and rejects the program.
+#[inline(always)]
+fn bounds(ctx: &XdpContext) -> (usize, usize) {
+    // SAFETY: the context pointer is the kernel's xdp_md for this run; both fields are
+    // readable (the verifier rewrites these loads to the packet's pointers).
+    unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    }
+}
+
 /// Reads N bytes at `offset`, or `None` past the end. Every read is at least two bytes wide:
 /// LLVM turns a one-byte bound check `p + 1 > end` into `p >= end`, for which the verifier
 /// grants no range at a variable offset.
 #[inline(always)]
 fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
-    let start = ctx.data();
-    if start + offset + N > ctx.data_end() {
+    let (start, end) = bounds(ctx);
+    if start + offset + N > end {
         return None;
     }
     // SAFETY: all N bytes lie inside the packet (checked above); read_unaligned because
@@ -310,8 +348,8 @@ fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
 /// header (N is at least two, for the reason `array` gives).
 #[inline(always)]
 fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
-    let start = ctx.data();
-    if start + offset + N > ctx.data_end() {
+    let (start, end) = bounds(ctx);
+    if start + offset + N > end {
         return None;
     }
     // SAFETY: all N bytes lie inside the packet (checked above), which outlives the program
@@ -319,38 +357,49 @@ fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
     Some(unsafe { &*((start + offset) as *const [u8; N]) })
 }
 
-/// Where [`plain_tcp`] finds the TCP header.
-const PLAIN_TCP_AT: usize = ETH_HLEN + 20;
-
 /// Most of what a node receives, and a SYN flood from the control plane, decided after one
 /// bounds check: TCP in an untagged IPv4 packet without options or fragmentation. A segment
 /// that opens nothing from a /16 without any control-plane source passes (`Some(false)`); a
 /// SYN from the control plane is dropped (`Some(true)`). `classify` decides these the same
 /// way in more steps, and everything else.
 #[inline(always)]
-fn plain_tcp(ctx: &XdpContext, config: &GuardConfig) -> Option<bool> {
-    let headers = window::<{ PLAIN_TCP_AT + 20 }>(ctx, 0)?;
-    if headers[12..14] != ETH_P_IP.to_be_bytes() {
-        let plain6 = headers[12..14] == ETH_P_IPV6.to_be_bytes() && plain_tcp6(ctx, config);
+fn plain_tcp<const L2: usize, const PLAIN4: usize, const PLAIN6: usize>(
+    ctx: &XdpContext,
+    config: &GuardConfig,
+) -> Option<bool> {
+    let headers = window::<PLAIN4>(ctx, 0)?;
+    let ipv4 = if L2 == ETH_HLEN {
+        headers[12..14] == ETH_P_IP.to_be_bytes()
+    } else {
+        headers[0] >> 4 == 4
+    };
+    if !ipv4 {
+        let ipv6 = if L2 == ETH_HLEN {
+            headers[12..14] == ETH_P_IPV6.to_be_bytes()
+        } else {
+            headers[0] >> 4 == 6
+        };
+        let plain6 = ipv6 && plain_tcp6::<L2, PLAIN6>(ctx, config);
         return plain6.then_some(false);
     }
+    let tcp = L2 + 20;
     // Version 4, a 20-byte header.
-    let plain = headers[ETH_HLEN] == 0x45
+    let plain = headers[L2] == 0x45
         // Neither more fragments nor an offset.
-        && headers[ETH_HLEN + 6] & 0x3f == 0
-        && headers[ETH_HLEN + 7] == 0
-        && headers[ETH_HLEN + 9] == IPPROTO_TCP
-        && headers[PLAIN_TCP_AT + 12] >> 4 >= 5;
+        && headers[L2 + 6] & 0x3f == 0
+        && headers[L2 + 7] == 0
+        && headers[L2 + 9] == IPPROTO_TCP
+        && headers[tcp + 12] >> 4 >= 5;
     if !plain {
         return None;
     }
     let source = [
-        headers[ETH_HLEN + 12],
-        headers[ETH_HLEN + 13],
-        headers[ETH_HLEN + 14],
-        headers[ETH_HLEN + 15],
+        headers[L2 + 12],
+        headers[L2 + 13],
+        headers[L2 + 14],
+        headers[L2 + 15],
     ];
-    let flags = headers[PLAIN_TCP_AT + 13];
+    let flags = headers[tcp + 13];
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         // From the control plane's /16s, the listener check in `classify` decides.
         let top = config.v4_top[top_slot(source[0], source[1])];
@@ -364,21 +413,40 @@ fn plain_tcp(ctx: &XdpContext, config: &GuardConfig) -> Option<bool> {
 /// the fixed header, from a first 16 bits that hold no control-plane prefix. SYNs take the
 /// long way: an IPv6 prefix longer than /16 is in the trie.
 #[inline(always)]
-fn plain_tcp6(ctx: &XdpContext, config: &GuardConfig) -> bool {
-    const AT: usize = ETH_HLEN + 40;
-    let Some(headers) = window::<{ AT + 20 }>(ctx, 0) else {
+fn plain_tcp6<const L2: usize, const PLAIN6: usize>(
+    ctx: &XdpContext,
+    config: &GuardConfig,
+) -> bool {
+    let at = L2 + 40;
+    let Some(headers) = window::<PLAIN6>(ctx, 0) else {
         return false;
     };
-    let flags = headers[AT + 13];
-    headers[ETH_HLEN] >> 4 == 6
-        && headers[ETH_HLEN + 6] == IPPROTO_TCP
-        && headers[AT + 12] >> 4 >= 5
+    let flags = headers[at + 13];
+    headers[L2] >> 4 == 6
+        && headers[L2 + 6] == IPPROTO_TCP
+        && headers[at + 12] >> 4 >= 5
         && (flags & TCP_SYN == 0 || flags & TCP_ACK != 0)
-        && config.v6_top[top_slot(headers[ETH_HLEN + 8], headers[ETH_HLEN + 9])] == TABLE_NONE
+        && config.v6_top[top_slot(headers[L2 + 8], headers[L2 + 9])] == TABLE_NONE
 }
 
 #[inline(always)]
-fn classify(ctx: &XdpContext, config: &GuardConfig, found: &mut Transport) -> Verdict {
+fn classify<const L2: usize>(
+    ctx: &XdpContext,
+    config: &GuardConfig,
+    found: &mut Transport,
+) -> Verdict {
+    if L2 != ETH_HLEN {
+        // The device hands over IP alone; the version says which. Anything else (MPLS on a
+        // tun device, say) is not delivered as IP, as on Ethernet.
+        let Some([first, _]) = array::<2>(ctx, 0) else {
+            return malformed(false);
+        };
+        return match first >> 4 {
+            4 => ipv4(ctx, 0, config, found),
+            6 => ipv6(ctx, 0, config, found),
+            _ => PASS,
+        };
+    }
     let Some(mut ethertype) = be16(ctx, 12) else {
         return malformed(false);
     };
@@ -499,7 +567,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport
             _ => break,
         };
         offset += step;
-        if offset > MAX_L4_OFFSET {
+        if offset - l3 > MAX_CHAIN {
             return source.unparseable(ctx);
         }
     }
@@ -658,7 +726,7 @@ fn count_interface(ctx: &XdpContext, reason: Reason, dropped: bool) {
 /// Runs only on the drop path, so it re-reads the addresses instead of carrying them through
 /// the fast path's parse.
 #[inline(always)]
-fn report(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool) {
+fn report<const L2: usize>(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -700,7 +768,7 @@ fn report(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool
         ..DropEvent::default()
     };
     budget.suppressed = 0;
-    addresses(ctx, &mut event);
+    addresses::<L2>(ctx, &mut event);
     let l4 = usize::from(transport.l4);
     if matches!(transport.protocol, IPPROTO_TCP | IPPROTO_UDP) && l4 <= MAX_L4_OFFSET {
         if let Some(port) = be16(ctx, l4) {
@@ -716,21 +784,30 @@ fn report(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool
 
 /// Fills in the family and addresses, skipping VLAN tags as `classify` does.
 #[inline(always)]
-fn addresses(ctx: &XdpContext, event: &mut DropEvent) {
-    let Some(mut ethertype) = be16(ctx, 12) else {
-        return;
-    };
-    let mut l3 = ETH_HLEN;
-    for _ in 0..2 {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
-        }
-        let Some(inner) = be16(ctx, l3 + 2) else {
+fn addresses<const L2: usize>(ctx: &XdpContext, event: &mut DropEvent) {
+    let mut l3 = L2;
+    let ethertype = if L2 == ETH_HLEN {
+        let Some(mut ethertype) = be16(ctx, 12) else {
             return;
         };
-        ethertype = inner;
-        l3 += 4;
-    }
+        for _ in 0..2 {
+            if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+                break;
+            }
+            let Some(inner) = be16(ctx, l3 + 2) else {
+                return;
+            };
+            ethertype = inner;
+            l3 += 4;
+        }
+        ethertype
+    } else {
+        match array::<2>(ctx, 0) {
+            Some([first, _]) if first >> 4 == 4 => ETH_P_IP,
+            Some([first, _]) if first >> 4 == 6 => ETH_P_IPV6,
+            _ => return,
+        }
+    };
     if ethertype == ETH_P_IP {
         if let Some(both) = array::<8>(ctx, l3 + 12) {
             event.family = 4;

@@ -54,6 +54,15 @@ pub enum GuardError {
     #[error(transparent)]
     Watch(#[from] interfaces::WatchError),
     #[error(
+        "cannot guard --guard-interface {interface}: the guard cannot read frames of its device \
+         type, {device_type} (it reads Ethernet, tun, WireGuard, ipip, sit, PPP and raw-IP \
+         devices); filter it with a host firewall instead"
+    )]
+    UnreadableDevice {
+        interface: String,
+        device_type: interfaces::DeviceType,
+    },
+    #[error(
         "cannot resolve --proxy-server-host {host} for the default --control-plane-cidr; \
          set --control-plane-cidr"
     )]
@@ -155,8 +164,9 @@ pub async fn start(
         named: settings.interfaces.clone(),
         control_plane: policy.control_plane.clone(),
         guarded: BTreeMap::new(),
+        refused: BTreeMap::new(),
     };
-    let wanted = links.wanted();
+    let wanted = links.wanted()?;
     if wanted.is_empty() {
         return Err(GuardError::NoRoute);
     }
@@ -237,11 +247,15 @@ struct Links {
     /// Interface → the ifindex it had when the guard was attached: a name that comes back
     /// with another index is a new device and needs attaching again.
     guarded: BTreeMap<String, u32>,
+    /// Interfaces that carry the control plane's traffic but whose frames the guard cannot
+    /// read, by the ifindex they were refused at: said once per device, not per change.
+    refused: BTreeMap<String, u32>,
 }
 
 impl Links {
-    fn wanted(&self) -> Vec<String> {
+    fn wanted(&self) -> Result<Vec<interfaces::Wanted>, GuardError> {
         interfaces::carrying(&self.control_plane, &self.named)
+            .map_err(|err| GuardError::Watch(interfaces::WatchError::from(err)))
     }
 
     /// Attaches to `wanted` (what [`Links::wanted`] read) and detaches from the interfaces
@@ -249,23 +263,49 @@ impl Links {
     /// by its routes it is logged, and the rest are still guarded.
     fn reconcile(
         &mut self,
-        wanted: Vec<String>,
+        wanted: Vec<interfaces::Wanted>,
         dataplane: &mut Dataplane,
         mode: Mode,
     ) -> Result<(), GuardError> {
-        let wanted: Vec<(String, Option<u32>)> = wanted
-            .into_iter()
-            .map(|interface| {
-                let index = crate::dataplane::interface_index(&interface).ok();
-                (interface, index)
-            })
-            .collect();
-        let attaching: Vec<&String> = wanted
+        let mut readable = Vec::new();
+        let mut refused = BTreeMap::new();
+        for want in wanted {
+            let Some(link) = want.link else {
+                if self.named.contains(&want.name) {
+                    return Err(DataplaneError::NoSuchInterface {
+                        interface: want.name,
+                    }
+                    .into());
+                }
+                continue;
+            };
+            match link.layout() {
+                Ok(layout) => readable.push((want.name, link.index, layout)),
+                Err(device_type) if self.named.contains(&want.name) => {
+                    return Err(GuardError::UnreadableDevice {
+                        interface: want.name,
+                        device_type,
+                    });
+                }
+                Err(device_type) => {
+                    if self.refused.get(&want.name) != Some(&link.index) {
+                        tracing::error!(
+                            interface = want.name,
+                            device_type = %device_type,
+                            "cannot guard an interface that routes to the control plane: the guard cannot read \
+                             frames of its device type, so traffic arriving on it is NOT guarded; route the \
+                             control plane through another interface or filter this one with a host firewall"
+                        );
+                    }
+                    refused.insert(want.name, link.index);
+                }
+            }
+        }
+        self.refused = refused;
+        let attaching: Vec<&String> = readable
             .iter()
-            .filter(|(interface, index)| {
-                index.is_some() && self.guarded.get(interface) != index.as_ref()
-            })
-            .map(|(interface, _)| interface)
+            .filter(|(interface, index, _)| self.guarded.get(interface) != Some(index))
+            .map(|(interface, _, _)| interface)
             .collect();
         // Counter slots before attaching: a packet dropped on an interface just after its
         // attach is counted against it too. What is guarded keeps its slot; the call after the
@@ -283,22 +323,17 @@ impl Links {
             }
         }
         let mut now = BTreeMap::new();
-        for (interface, index) in wanted {
-            let Some(index) = index else {
-                if self.named.contains(&interface) {
-                    return Err(DataplaneError::NoSuchInterface { interface }.into());
-                }
-                continue;
-            };
+        for (interface, index, layout) in readable {
             if self.guarded.get(&interface) == Some(&index) {
                 now.insert(interface, index);
                 continue;
             }
-            match dataplane.attach(&interface) {
+            match dataplane.attach(&interface, layout) {
                 Ok(attached) => {
                     tracing::info!(
                         interface,
                         attach = attached.label(),
+                        layout = layout.label(),
                         mode = mode.label(),
                         named = self.named.contains(&interface),
                         "XDP guard attached"
@@ -357,8 +392,10 @@ async fn follow(
 ) -> Result<(), GuardError> {
     loop {
         changes.next().await?;
-        let wanted = links.wanted();
-        if let Err(err) = links.reconcile(wanted, &mut dataplane, mode) {
+        let result = links
+            .wanted()
+            .and_then(|wanted| links.reconcile(wanted, &mut dataplane, mode));
+        if let Err(err) = result {
             tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
         }
     }

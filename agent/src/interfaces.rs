@@ -1,12 +1,22 @@
 //! Which interfaces can carry the control plane's traffic to this node, and when that may have
 //! changed: every interface with a route that overlaps a control-plane prefix (the default
-//! route overlaps them all) plus the ones the operator names. Routes are read from the main
-//! tables in /proc; changes are announced by rtnetlink.
+//! route overlaps them all) plus the ones the operator names. Routes are read from every
+//! routing table and every nexthop of a multipath route, through rtnetlink: policy routing
+//! (`ip rule` into other tables, as cloud VPC CNIs do for secondary interfaces) and ECMP
+//! uplinks carry the control plane's traffic as much as the main table's first nexthop does.
+//! Changes are announced by rtnetlink too.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::OwnedFd;
 
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use nix::sys::socket::{
     AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
 };
@@ -14,32 +24,117 @@ use tether_proto::cidr::Cidr;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// A route of the main table: where a prefix goes.
+use crate::dataplane::Layout;
+
+/// A unicast route: where a prefix goes, and through which interfaces (one per nexthop).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub destination: Cidr,
-    pub interface: String,
+    pub interfaces: Vec<u32>,
+    pub table: u32,
 }
 
-/// Interfaces that can carry traffic from `control_plane`, plus `named`, sorted.
-pub fn carrying(control_plane: &[Cidr], named: &[String]) -> Vec<String> {
-    select(&routes(), control_plane, named)
+/// `RT_TABLE_MAIN`.
+const MAIN_TABLE: u32 = 254;
+
+/// An interface the guard should be on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub name: String,
+    /// `None` when no interface has the name (only an operator-named one can be missing).
+    pub link: Option<Link>,
 }
 
-fn routes() -> Vec<Route> {
-    let read = |path| std::fs::read_to_string(path).unwrap_or_default();
-    let mut routes = routes_v4(&read("/proc/net/route"));
-    routes.extend(routes_v6(&read("/proc/net/ipv6_route")));
-    routes
+/// An interface as rtnetlink describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// Its device type (`ARPHRD_*`), which says where its frames' IP header is.
+    pub device_type: u16,
 }
 
-/// The node's own addresses: those on the interfaces of its default routes, without loopback
-/// and link-local ones; sorted.
-pub fn node_addresses() -> Vec<IpAddr> {
-    let uplinks: BTreeSet<String> = routes()
+impl Link {
+    /// How the guard reads this interface's frames, or `Err` with the device type's name when
+    /// the guard cannot read them.
+    pub fn layout(&self) -> Result<Layout, DeviceType> {
+        layout(self.device_type)
+    }
+}
+
+/// A device type the guard has no program for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceType(pub u16);
+
+impl std::fmt::Display for DeviceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.0 {
+            ARPHRD_IPGRE => "ipgre",
+            ARPHRD_IP6GRE => "ip6gre",
+            ARPHRD_INFINIBAND => "infiniband",
+            ARPHRD_LOOPBACK => "loopback",
+            ARPHRD_VOID => "void",
+            _ => "unknown",
+        };
+        write!(f, "{name} (ARPHRD {})", self.0)
+    }
+}
+
+// Device types (linux/if_arp.h).
+const ARPHRD_ETHER: u16 = 1;
+const ARPHRD_INFINIBAND: u16 = 32;
+const ARPHRD_PPP: u16 = 512;
+const ARPHRD_RAWIP: u16 = 519;
+const ARPHRD_TUNNEL: u16 = 768;
+const ARPHRD_TUNNEL6: u16 = 769;
+const ARPHRD_LOOPBACK: u16 = 772;
+const ARPHRD_SIT: u16 = 776;
+const ARPHRD_IPGRE: u16 = 778;
+const ARPHRD_IP6GRE: u16 = 823;
+const ARPHRD_NONE: u16 = 0xfffe;
+const ARPHRD_VOID: u16 = 0xffff;
+
+/// Ethernet (veth, bridges, bonds, VLANs, vxlan, macvlan, ipvlan, tap) carries a 14-byte
+/// header; tun, WireGuard and xfrm (NONE), raw-IP modems, PPP, ipip, ip6tnl and sit hand the
+/// stack the IP header first. GRE devices are left out: one without a remote address (NBMA)
+/// hands XDP the outer IP and GRE headers, so the guard would judge the tunnel's endpoint
+/// instead of the packet inside.
+fn layout(device_type: u16) -> Result<Layout, DeviceType> {
+    match device_type {
+        ARPHRD_ETHER => Ok(Layout::Ethernet),
+        ARPHRD_NONE | ARPHRD_RAWIP | ARPHRD_PPP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT => {
+            Ok(Layout::Ip)
+        }
+        other => Err(DeviceType(other)),
+    }
+}
+
+/// Interfaces that can carry traffic from `control_plane`, plus `named`, sorted by name.
+pub fn carrying(control_plane: &[Cidr], named: &[String]) -> io::Result<Vec<Wanted>> {
+    let links = links()?;
+    let names = select(&routes()?, &links, control_plane, named);
+    Ok(names
         .into_iter()
-        .filter(|r| r.destination.len == 0 && r.interface != "lo")
-        .map(|r| r.interface)
+        .map(|name| Wanted {
+            link: links.values().find(|l| l.name == name).cloned(),
+            name,
+        })
+        .collect())
+}
+
+/// The node's own addresses: those on the interfaces of its default routes in the main table,
+/// without loopback and link-local ones; sorted.
+pub fn node_addresses() -> Vec<IpAddr> {
+    let (Ok(routes), Ok(links)) = (routes(), links()) else {
+        return Vec::new();
+    };
+    let uplinks: BTreeSet<&str> = routes
+        .iter()
+        .filter(|r| r.destination.len == 0 && r.table == MAIN_TABLE)
+        .flat_map(|r| &r.interfaces)
+        .filter_map(|index| links.get(index))
+        .map(|link| link.name.as_str())
+        .filter(|name| *name != "lo")
         .collect();
     let mut found: Vec<IpAddr> = addresses()
         .into_iter()
@@ -48,7 +143,7 @@ pub fn node_addresses() -> Vec<IpAddr> {
                 IpAddr::V4(a) => a.is_link_local(),
                 IpAddr::V6(a) => a.is_unicast_link_local(),
             };
-            uplinks.contains(interface) && !link_local && !address.is_loopback()
+            uplinks.contains(interface.as_str()) && !link_local && !address.is_loopback()
         })
         .map(|(_, address)| address)
         .collect();
@@ -75,72 +170,148 @@ pub fn addresses() -> Vec<(String, IpAddr)> {
         .collect()
 }
 
-fn select(routes: &[Route], control_plane: &[Cidr], named: &[String]) -> Vec<String> {
+fn select(
+    routes: &[Route],
+    links: &BTreeMap<u32, Link>,
+    control_plane: &[Cidr],
+    named: &[String],
+) -> Vec<String> {
     let mut names: BTreeSet<String> = named.iter().cloned().collect();
     for route in routes {
         let overlaps = control_plane
             .iter()
             .any(|cp| route.destination.contains(cp.addr) || cp.contains(route.destination.addr));
-        if overlaps && route.interface != "lo" {
-            names.insert(route.interface.clone());
+        if !overlaps {
+            continue;
+        }
+        for index in &route.interfaces {
+            if let Some(link) = links.get(index)
+                && link.name != "lo"
+            {
+                names.insert(link.name.clone());
+            }
         }
     }
     names.into_iter().collect()
 }
 
-/// `/proc/net/route`: Iface, Destination, Gateway, Flags, …, Mask (columns 0, 1, 3, 7), the
-/// addresses as the host-order hex of their network-order bytes.
-fn routes_v4(table: &str) -> Vec<Route> {
-    const RTF_UP: u32 = 0x1;
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let hex = |i: usize| cols.get(i).and_then(|c| u32::from_str_radix(c, 16).ok());
-            if hex(3)? & RTF_UP == 0 {
-                return None;
+/// Every interface of this network namespace, by index.
+fn links() -> io::Result<BTreeMap<u32, Link>> {
+    let replies = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|reply| match reply {
+            RouteNetlinkMessage::NewLink(link) => {
+                let name = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })?;
+                Some((
+                    link.header.index,
+                    Link {
+                        index: link.header.index,
+                        name,
+                        device_type: u16::from(link.header.link_layer_type),
+                    },
+                ))
             }
-            let address = Ipv4Addr::from(hex(1)?.to_le_bytes());
-            let len = u8::try_from(hex(7)?.count_ones()).ok()?;
-            Some(Route {
-                destination: Cidr {
-                    addr: IpAddr::V4(address),
-                    len,
-                },
-                interface: (*cols.first()?).to_owned(),
-            })
+            _ => None,
         })
-        .collect()
+        .collect())
 }
 
-/// `/proc/net/ipv6_route`: destination, prefix length, …, flags, interface (columns 0, 1, 8,
-/// 9), in hex. The kernel lists an unreachable default on `lo`; `select` skips `lo`.
-fn routes_v6(table: &str) -> Vec<Route> {
-    const RTF_UP: u32 = 0x1;
-    table
-        .lines()
-        .filter_map(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let flags = u32::from_str_radix(cols.get(8)?, 16).ok()?;
-            if flags & RTF_UP == 0 {
-                return None;
-            }
-            let address = Ipv6Addr::from(u128::from_str_radix(cols.first()?, 16).ok()?);
-            Some(Route {
-                destination: Cidr {
-                    addr: IpAddr::V6(address),
-                    len: u8::from_str_radix(cols.get(1)?, 16).ok()?,
-                },
-                interface: (*cols.get(9)?).to_owned(),
-            })
+/// The unicast routes of every table, IPv4 and IPv6.
+fn routes() -> io::Result<Vec<Route>> {
+    let replies = dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()))?;
+    Ok(replies
+        .iter()
+        .filter_map(|reply| match reply {
+            RouteNetlinkMessage::NewRoute(route) => unicast(route),
+            _ => None,
         })
-        .collect()
+        .collect())
+}
+
+/// A unicast route's destination and every interface it leaves through; `None` for the other
+/// kinds (local, broadcast, blackhole, unreachable…), which carry nothing out of an
+/// interface.
+fn unicast(route: &RouteMessage) -> Option<Route> {
+    if route.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let len = route.header.destination_prefix_length;
+    let mut destination = None;
+    let mut table = u32::from(route.header.table);
+    let mut interfaces = Vec::new();
+    for attribute in &route.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                destination = Some(IpAddr::V4(*a));
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                destination = Some(IpAddr::V6(*a));
+            }
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Oif(index) => interfaces.push(*index),
+            RouteAttribute::MultiPath(hops) => {
+                interfaces.extend(hops.iter().map(|hop| hop.interface_index));
+            }
+            _ => {}
+        }
+    }
+    let addr = match (destination, route.header.address_family) {
+        (Some(addr), _) => addr,
+        (None, netlink_packet_route::AddressFamily::Inet) => Ipv4Addr::UNSPECIFIED.into(),
+        (None, netlink_packet_route::AddressFamily::Inet6) => Ipv6Addr::UNSPECIFIED.into(),
+        (None, _) => return None,
+    };
+    interfaces.sort_unstable();
+    interfaces.dedup();
+    Some(Route {
+        destination: Cidr { addr, len },
+        interfaces,
+        table,
+    })
+}
+
+/// Sends one rtnetlink dump request and collects every reply until the dump is done.
+fn dump(request: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(request));
+    packet.finalize();
+    let mut buf = vec![0; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    let mut replies = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full()?;
+        let mut rest = datagram.as_slice();
+        while !rest.is_empty() {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err.to_string()))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(replies),
+                NetlinkPayload::Error(err) if err.code.is_some() => return Err(err.to_io()),
+                NetlinkPayload::InnerMessage(reply) => replies.push(reply),
+                _ => {}
+            }
+            if length == 0 || length > rest.len() {
+                break;
+            }
+            rest = &rest[length..];
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot subscribe to rtnetlink for interface and route changes")]
-pub struct WatchError(#[source] std::io::Error);
+#[error("cannot read or follow interfaces and routes through rtnetlink")]
+pub struct WatchError(#[from] std::io::Error);
 
 /// Wakes when links or routes change in this network namespace.
 pub struct Changes {
@@ -206,69 +377,93 @@ mod tests {
         text.parse().unwrap()
     }
 
-    #[test]
-    fn v4_routes_are_read_with_their_prefixes() {
-        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-            eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-            eth1\t0000580A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-            eth2\t0000590A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        assert_eq!(
-            routes_v4(table),
-            [
-                Route {
-                    destination: cidr("0.0.0.0/0"),
-                    interface: "eth0".into()
-                },
-                Route {
-                    destination: cidr("10.88.0.0/24"),
-                    interface: "eth1".into()
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn v6_routes_are_read_with_their_prefixes() {
-        let zero = "00000000000000000000000000000000";
-        let table = format!(
-            "{zero} 00 {zero} 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003 ens5\n\
-             fd770000000000000000000000000000 40 {zero} 00 {zero} 00000100 00000001 00000000 00000001 ens6\n\
-             {zero} 00 {zero} 00 {zero} ffffffff 00000001 00000000 00200200 lo\n"
-        );
-        let routes = routes_v6(&table);
-        assert_eq!(routes[1].destination, cidr("fd77::/64"));
-        assert_eq!(routes[1].interface, "ens6");
-        assert_eq!(routes.len(), 2, "the route that is not up is left out");
+    /// Links 1 (lo), 2 (eth1), … 5 (eth4), 6 (eth5), 7 (wg0, a WireGuard device).
+    fn links() -> BTreeMap<u32, Link> {
+        ["lo", "eth1", "eth2", "eth3", "eth4", "eth5", "wg0"]
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let index = u32::try_from(i).unwrap() + 1;
+                let device_type = match name {
+                    "lo" => ARPHRD_LOOPBACK,
+                    "wg0" => ARPHRD_NONE,
+                    _ => ARPHRD_ETHER,
+                };
+                (
+                    index,
+                    Link {
+                        index,
+                        name: name.into(),
+                        device_type,
+                    },
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn interfaces_routing_to_the_control_plane_are_chosen() {
-        let route = |d: &str, i: &str| Route {
+        let route = |d: &str, interfaces: &[u32], table| Route {
             destination: cidr(d),
-            interface: i.into(),
+            interfaces: interfaces.to_vec(),
+            table,
         };
+        let links = links();
         let routes = [
-            route("10.88.0.0/24", "eth1"),
-            route("10.0.0.0/8", "eth2"),
-            route("192.168.0.0/16", "eth3"),
-            route("fd77::/64", "eth4"),
-            route("::/0", "lo"),
+            route("10.88.0.0/24", &[2], MAIN_TABLE),
+            route("10.0.0.0/8", &[3], MAIN_TABLE),
+            route("192.168.0.0/16", &[4], MAIN_TABLE),
+            route("fd77::/64", &[5], MAIN_TABLE),
+            route("::/0", &[1], MAIN_TABLE),
+            // A policy-routing table and a multipath route.
+            route("0.0.0.0/0", &[6, 7], 100),
+        ];
+        let select = |cp: &[Cidr], named: &[String]| select(&routes, &links, cp, named);
+        assert_eq!(
+            select(&[cidr("10.88.0.1/32")], &[]),
+            ["eth1", "eth2", "eth5", "wg0"],
+            "a route covering the prefix, a wider one, and each nexthop of another table's default"
+        );
+        assert_eq!(
+            select(&[cidr("fd77::1/128")], &["eth9".into()]),
+            ["eth4", "eth9"],
+            "named interfaces are guarded whatever they route; lo never"
+        );
+        assert!(select(&[cidr("172.16.0.0/12")], &[]) == ["eth5", "wg0"]);
+        assert_eq!(links[&7].layout(), Ok(Layout::Ip));
+        assert_eq!(links[&2].layout(), Ok(Layout::Ethernet));
+        assert_eq!(
+            layout(ARPHRD_IPGRE).unwrap_err().to_string(),
+            "ipgre (ARPHRD 778)"
+        );
+    }
+
+    #[test]
+    fn every_nexthop_of_a_route_message_is_read() {
+        use netlink_packet_route::AddressFamily;
+        use netlink_packet_route::route::RouteNextHop;
+        let hop = |index| {
+            let mut hop = RouteNextHop::default();
+            hop.interface_index = index;
+            hop
+        };
+        let mut message = RouteMessage::default();
+        message.header.address_family = AddressFamily::Inet;
+        message.header.kind = RouteType::Unicast;
+        message.header.table = 252;
+        message.attributes = vec![
+            RouteAttribute::Table(1000),
+            RouteAttribute::MultiPath(vec![hop(4), hop(3), hop(4)]),
         ];
         assert_eq!(
-            select(&routes, &[cidr("10.88.0.1/32")], &[]),
-            ["eth1", "eth2"],
-            "a route covering the prefix, and a wider one"
+            unicast(&message),
+            Some(Route {
+                destination: cidr("0.0.0.0/0"),
+                interfaces: vec![3, 4],
+                table: 1000,
+            })
         );
-        assert_eq!(
-            select(&routes, &[cidr("10.0.0.0/8")], &[]),
-            ["eth1", "eth2"],
-            "a narrower route inside the prefix carries part of it"
-        );
-        assert_eq!(
-            select(&routes, &[cidr("fd77::1/128")], &["eth9".into()]),
-            ["eth4", "eth9"],
-            "named interfaces are guarded whatever they route"
-        );
-        assert!(select(&routes, &[cidr("172.16.0.0/12")], &[]).is_empty());
+        message.header.kind = RouteType::Local;
+        assert_eq!(unicast(&message), None, "local routes carry nothing out");
     }
 }

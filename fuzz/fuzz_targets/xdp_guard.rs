@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use tether_agent::dataplane::{Dataplane, KernelLogs, Policy};
+use tether_agent::dataplane::{Dataplane, KernelLogs, Layout, Policy};
 use tether_agent_common::{Mode, Reason};
 
 const XDP_DROP: u32 = 1;
@@ -21,7 +21,8 @@ const PROTECTED: [u16; 2] = [10250, 10255];
 const TUNNEL_PROTOCOLS: [u8; 4] = [4, 41, 47, 50];
 const TUNNEL_PORTS: [u16; 3] = [4789, 6081, 8472];
 const MAX_EXTENSION_HEADERS: usize = 8;
-const MAX_L4_OFFSET: usize = 512;
+const MAX_CHAIN: usize = 512;
+const MAX_L4_OFFSET: usize = 14 + 8 + MAX_CHAIN;
 
 struct Guard {
     dataplane: Dataplane,
@@ -239,7 +240,7 @@ fn ipv6(f: &Frame, l3: usize) -> Expected {
             _ => (usize::from(len) + 1) * 8,
         };
         next = following;
-        if at > MAX_L4_OFFSET {
+        if at - l3 > MAX_CHAIN {
             return src.unparseable(f);
         }
     }
@@ -297,15 +298,15 @@ fn transport(f: &Frame, src: Src, protocol: u8, l4: usize, first_fragment: bool)
 }
 
 fuzz_target!(|data: &[u8]| {
-    // The first byte picks the mode; the rest is the frame (the kernel wants a whole
-    // Ethernet header, and frames fit a page).
-    let Some((&mode, frame)) = data.split_first() else {
+    // The first byte picks the mode (and the device layout, below); the rest is the frame (the
+    // kernel wants a whole Ethernet header, and frames fit a page).
+    let Some((&flags, frame)) = data.split_first() else {
         return;
     };
     if frame.len() < 14 || frame.len() > 1600 {
         return;
     }
-    let mode = if mode & 1 == 0 {
+    let mode = if flags & 1 == 0 {
         Mode::Enforce
     } else {
         Mode::Monitor
@@ -315,8 +316,25 @@ fuzz_target!(|data: &[u8]| {
         guard.dataplane.set_mode(mode).expect("mode");
         guard.mode = mode;
     }
+    // The second bit runs the guard for IP-first devices on the frame without its Ethernet
+    // header, when the header names the version the IP header has: the same packet must get
+    // the same verdict on either device. (The test run wants 14 bytes at least.)
+    let version = frame.get(14).map(|b| b >> 4);
+    let ip_first = flags & 2 != 0
+        && frame.len() >= 28
+        && matches!(
+            (&frame[12..14], version),
+            ([0x08, 0x00], Some(4)) | ([0x86, 0xdd], Some(6))
+        );
     let before = guard.dataplane.counters().expect("counters");
-    let action = guard.dataplane.run_packet(frame).expect("test run");
+    let action = if ip_first {
+        guard
+            .dataplane
+            .run_packet_as(Layout::Ip, &frame[14..])
+            .expect("test run")
+    } else {
+        guard.dataplane.run_packet(frame).expect("test run")
+    };
     let after = guard.dataplane.counters().expect("counters");
     let Expected(reason, drop) = model(&Frame(frame));
     let enforce = mode == Mode::Enforce;
@@ -334,6 +352,6 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(
         (action, moved.as_slice()),
         (want_action, &[(reason, drop && enforce)][..]),
-        "the guard disagrees with the model ({reason:?}, drop {drop}, {mode:?}) on {frame:02x?}"
+        "the guard disagrees with the model ({reason:?}, drop {drop}, {mode:?}, IP first {ip_first}) on {frame:02x?}"
     );
 });

@@ -19,6 +19,7 @@ pub mod process;
 pub mod procs;
 pub mod raw_h2;
 pub mod rtt;
+pub mod tun;
 
 /// Fails the calling test loudly unless it runs as root: privileged tests never pass by
 /// skipping.

@@ -460,3 +460,216 @@ fn every_interface_that_routes_to_the_control_plane_is_guarded() {
         .expect("a vanished interface kept its pin");
     assert!(!site.bpffs.root().join("links/eth2").exists());
 }
+
+/// Whether `packet` (IP first) is a SYN-ACK to `to`, port `port`.
+fn is_syn_ack_to(packet: &[u8], to: std::net::IpAddr, port: u16) -> bool {
+    let (destination, protocol, l4): (&[u8], u8, usize) = match packet.first() {
+        Some(b) if b >> 4 == 4 && packet.len() >= 40 => (
+            &packet[16..20],
+            packet[9],
+            usize::from(packet[0] & 0x0f) * 4,
+        ),
+        Some(b) if b >> 4 == 6 && packet.len() >= 60 => (&packet[24..40], packet[6], 40),
+        _ => return false,
+    };
+    let to = match to {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    protocol == 6
+        && destination == to
+        && packet.get(l4 + 2..l4 + 4) == Some(&port.to_be_bytes()[..])
+        && packet.get(l4 + 13).is_some_and(|f| f & 0x12 == 0x12)
+}
+
+/// A node whose route to part of the control plane is a tun device (as a WireGuard, OpenVPN
+/// or IPsec-VTI uplink is): its frames begin with the IP header, and the agent must guard it
+/// with the program that reads them so. A SYN from the control plane written into the device
+/// gets no SYN-ACK; one from elsewhere does, so the device does carry connections.
+#[test]
+fn an_uplink_without_an_ethernet_header_is_guarded() {
+    use std::net::IpAddr;
+    use tether_tests::packets::{SYN, TCP, ipv4, ipv6, tcp, with_checksums};
+
+    let site = Site::new("tun");
+    let mut tun = tether_tests::tun::Tun::create(&site.node, "tun0").unwrap();
+    site.node
+        .ip(&["addr", "add", "10.99.0.2/24", "dev", "tun0"])
+        .unwrap();
+    site.node
+        .ip(&["addr", "add", "fd99::2/64", "dev", "tun0", "nodad"])
+        .unwrap();
+    let listener = site
+        .node
+        .run(|| TcpListener::bind("[::]:0"))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (cp4, other4): (IpAddr, IpAddr) =
+        ("10.99.0.1".parse().unwrap(), "10.99.0.5".parse().unwrap());
+    let (cp6, other6): (IpAddr, IpAddr) = ("fd99::1".parse().unwrap(), "fd99::5".parse().unwrap());
+    // Each attempt from its own port: a half-open connection of an earlier one resends its
+    // SYN-ACK.
+    let mut source_port = 41000;
+    let mut answered = |from: IpAddr| {
+        source_port += 1;
+        let mut segment = tcp(port, SYN, 0);
+        segment[..2].copy_from_slice(&u16::to_be_bytes(source_port));
+        let syn = match from {
+            IpAddr::V4(a) => [ipv4(a.octets(), [10, 99, 0, 2], TCP, 20, 0, 0), segment].concat(),
+            IpAddr::V6(a) => [
+                ipv6(
+                    a.octets(),
+                    "fd99::2".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                    TCP,
+                    20,
+                ),
+                segment,
+            ]
+            .concat(),
+        };
+        tun.inject(&with_checksums(syn)).unwrap();
+        !tun.sent_within(Duration::from_millis(400), |p| {
+            is_syn_ack_to(p, from, source_port)
+        })
+        .is_empty()
+    };
+    assert!(
+        answered(cp4) && answered(cp6),
+        "the tun device does not deliver connections at all"
+    );
+
+    // No --guard-interface: the routes through tun0 to the control plane make it an uplink.
+    let agent = site.agent(&[
+        "--guard-mode=enforce",
+        &format!("--control-plane-cidr={CP}/32,{cp4}/32,{cp6}/128"),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !site.guard_cli("status").1.contains("tun0 (program") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guard never went on tun0: {}",
+            site.guard_cli("status").1
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !answered(cp4),
+        "an IPv4 SYN from the control plane got through tun0"
+    );
+    assert!(
+        !answered(cp6),
+        "an IPv6 SYN from the control plane got through tun0"
+    );
+    assert!(
+        answered(other4) && answered(other6),
+        "tun0 no longer carries other connections"
+    );
+    let dropped = metric_in(
+        &site.node,
+        agent.health_port,
+        r#"tether_agent_guard_interface_packets_total{interface="tun0",reason="control_plane_syn",action="drop"}"#,
+    );
+    assert!(dropped >= Some(2), "tun0's drops: {dropped:?}");
+    drop(listener);
+}
+
+/// Routes outside the main table and every nexthop of a multipath route carry the control
+/// plane's traffic too: a node whose route to one control-plane address is a multipath route
+/// over two interfaces, and whose route to another sits in a table an `ip rule` chooses (as
+/// cloud VPC CNIs route through secondary interfaces), is guarded on all three; a direct
+/// connection over the policy-routed one is dropped.
+#[test]
+fn every_nexthop_and_every_routing_table_is_guarded() {
+    let site = site("rt");
+    // Two interfaces for the multipath route; their far ends need not lead anywhere.
+    for (near, far) in [("mp0", "mp0p"), ("mp1", "mp1p")] {
+        site.node
+            .ip(&["link", "add", near, "type", "veth", "peer", "name", far])
+            .unwrap();
+        for link in [near, far] {
+            site.node.ip(&["link", "set", link, "up"]).unwrap();
+        }
+    }
+    site.node
+        .ip(&[
+            "route",
+            "add",
+            "10.98.0.0/24",
+            "nexthop",
+            "dev",
+            "mp0",
+            "nexthop",
+            "dev",
+            "mp1",
+        ])
+        .unwrap();
+    // A control-plane address reached only through table 100: host addresses (/32) keep the
+    // kernel from adding a main-table route for the link.
+    let other = Netns::new("rt-cp2").unwrap();
+    veth(
+        &other,
+        "eth0",
+        "10.97.0.1/32",
+        &site.node,
+        "pr0",
+        "10.97.0.2/32",
+    )
+    .unwrap();
+    other
+        .ip(&["route", "add", "10.97.0.2/32", "dev", "eth0"])
+        .unwrap();
+    site.node
+        .ip(&["route", "add", "10.97.0.0/24", "dev", "pr0", "table", "100"])
+        .unwrap();
+    site.node
+        .ip(&["rule", "add", "to", "10.97.0.0/24", "table", "100"])
+        .unwrap();
+    let _kubelet = site
+        .node
+        .run(|| TcpListener::bind("10.97.0.2:10250"))
+        .unwrap()
+        .unwrap();
+    let direct = || {
+        other
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &"10.97.0.2:10250".parse().unwrap(),
+                    Duration::from_millis(500),
+                )
+                .is_ok()
+            })
+            .unwrap()
+    };
+    assert!(direct(), "the policy-routed interface does not work at all");
+
+    let agent = site.agent(&[&format!(
+        "--control-plane-cidr={CP}/32,10.98.0.1/32,10.97.0.1/32"
+    )]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, status) = site.guard_cli("status");
+        if ["eth0", "mp0", "mp1", "pr0"]
+            .iter()
+            .all(|i| status.contains(&format!("{i} (program")))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every interface to the control plane is guarded: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !direct(),
+        "the control plane got in over the policy-routed interface"
+    );
+    assert!(
+        metric_in(
+            &site.node,
+            agent.health_port,
+            r#"tether_agent_guard_interface_packets_total{interface="pr0",reason="control_plane_syn",action="drop"}"#,
+        ) >= Some(1)
+    );
+}

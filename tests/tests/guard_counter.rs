@@ -45,7 +45,10 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     let (mut dataplane, mut logs) = Dataplane::load(None).unwrap();
     // Enforce with an empty policy: everything passes and is counted.
     dataplane.set_mode(Mode::Enforce).unwrap();
-    let mode = node.run(|| dataplane.attach("eth0")).unwrap().unwrap();
+    let mode = node
+        .run(|| dataplane.attach("eth0", tether_agent::dataplane::Layout::Ethernet))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         mode.label(),
         "native",

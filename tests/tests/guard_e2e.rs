@@ -463,6 +463,8 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
     // The first release's layout: no version directory.
     std::fs::rename(current("maps"), root.join("maps")).unwrap();
     std::fs::rename(current("program"), root.join("program")).unwrap();
+    // It had no program for IP-first devices.
+    std::fs::remove_file(current("tether_guard_ip")).unwrap();
     std::fs::remove_dir(current("")).unwrap();
     let (code, _) = site.guard_cli("status");
     assert_ne!(code, 0, "status read a guard of another layout");

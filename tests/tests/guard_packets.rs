@@ -5,7 +5,7 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use tether_agent::dataplane::{Dataplane, KernelLogs, Policy};
+use tether_agent::dataplane::{Dataplane, KernelLogs, Layout, Policy};
 use tether_agent_common::{Mode, Reason};
 use tether_tests::packets::*;
 use tether_tests::require_root;
@@ -1040,4 +1040,180 @@ fn control_plane_segments_reach_connections_not_listeners() {
         drop((own, kubelet, kubelet6));
     })
     .unwrap();
+}
+
+/// Which counter one run moved: (reason, dropped).
+fn run_counted(dataplane: &mut Dataplane, layout: Layout, packet: &[u8]) -> (u32, Reason, bool) {
+    let before = dataplane.counters().unwrap();
+    let action = dataplane.run_packet_as(layout, packet).unwrap();
+    let after = dataplane.counters().unwrap();
+    let moved: Vec<(Reason, bool)> = before
+        .iter()
+        .zip(&after)
+        .flat_map(|(b, a)| {
+            let passed = a.passed.packets - b.passed.packets;
+            let dropped = a.dropped.packets - b.dropped.packets;
+            [(a.reason, false, passed), (a.reason, true, dropped)]
+        })
+        .filter(|(_, _, n)| *n > 0)
+        .map(|(reason, dropped, n)| {
+            assert_eq!(n, 1, "one run moved {} by {n}", reason.label());
+            (reason, dropped)
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "one run moved {moved:?}");
+    (action, moved[0].0, moved[0].1)
+}
+
+/// Devices whose frames begin with the IP header (tun, WireGuard, ipip, sit, PPP) get the
+/// guard for that layout, which decides every packet as the Ethernet guard decides the same
+/// packet behind an Ethernet header. Read with the Ethernet layout, the same bytes would all
+/// pass: two octets of the source address stand where the ethertype is looked for.
+#[test]
+fn ip_first_frames_get_the_verdicts_ethernet_frames_get() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let v4 = |src, protocol, l4: &[u8], fragment| {
+        frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(src, NODE4, protocol, l4.len(), 0, fragment),
+            l4,
+        ])
+    };
+    let v6 = |src, next, l4: &[u8]| {
+        frame(&[
+            &ethernet(&[], ETH_IPV6),
+            &ipv6(src, NODE6, next, l4.len()),
+            l4,
+        ])
+    };
+    let cases: Vec<(&str, Vec<u8>, Reason, bool)> = vec![
+        (
+            "control-plane SYN",
+            v4(CP4, TCP, &tcp(443, SYN, 0), 0),
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "control-plane SYN with IP options",
+            frame(&[
+                &ethernet(&[], ETH_IP),
+                &ipv4(CP4, NODE4, TCP, 20, 2, 0),
+                &tcp(443, SYN, 0),
+            ]),
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "established segment from elsewhere",
+            v4(OTHER4, TCP, &tcp(443, ACK, 0), 0),
+            Reason::Pass,
+            false,
+        ),
+        (
+            "SYN to a protected port from elsewhere",
+            v4(OTHER4, TCP, &tcp(10250, SYN, 0), 0),
+            Reason::ProtectedPort,
+            true,
+        ),
+        (
+            "SYN to a protected port from an allowed source",
+            v4(ALLOWED4, TCP, &tcp(10250, SYN, 0), 0),
+            Reason::Pass,
+            false,
+        ),
+        (
+            "UDP to a protected port from elsewhere",
+            v4(OTHER4, UDP, &udp(10255, 4), 0),
+            Reason::ProtectedPort,
+            true,
+        ),
+        (
+            "VXLAN from the control plane",
+            v4(CP4, UDP, &udp(4789, 8), 0),
+            Reason::Encapsulated,
+            true,
+        ),
+        (
+            "IPIP from the control plane",
+            v4(CP4, 4, &ipv4(CP4, NODE4, TCP, 0, 0, 0), 0),
+            Reason::Encapsulated,
+            true,
+        ),
+        (
+            "a later fragment from the control plane",
+            v4(CP4, TCP, &[0; 16], 0x0010),
+            Reason::Fragment,
+            true,
+        ),
+        (
+            "IPv6 control-plane SYN",
+            v6(CP6, TCP, &tcp(443, SYN, 0)),
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "IPv6 control-plane SYN behind extension headers",
+            frame(&[
+                &ethernet(&[], ETH_IPV6),
+                &ipv6(CP6, NODE6, 0, 36),
+                &ipv6_extension(TCP, 2),
+                &tcp(443, SYN, 0),
+            ]),
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "IPv6 established segment from elsewhere",
+            v6(OTHER6, TCP, &tcp(443, ACK, 0)),
+            Reason::Pass,
+            false,
+        ),
+        (
+            "IPv6 SYN to a protected port from elsewhere",
+            v6(OTHER6, TCP, &tcp(10255, SYN, 0)),
+            Reason::ProtectedPort,
+            true,
+        ),
+        (
+            "control-plane SYN cut inside its TCP header",
+            v4(CP4, TCP, &tcp(443, SYN, 0)[..10], 0),
+            Reason::Malformed,
+            true,
+        ),
+    ];
+    for (name, ethernet_frame, reason, dropped) in cases {
+        let action = if dropped { XDP_DROP } else { XDP_PASS };
+        let want = (action, reason, dropped);
+        assert_eq!(
+            run_counted(&mut g, Layout::Ethernet, &ethernet_frame),
+            want,
+            "{name}, behind Ethernet"
+        );
+        let ip = &ethernet_frame[14..];
+        assert_eq!(
+            run_counted(&mut g, Layout::Ip, ip),
+            want,
+            "{name}, IP first"
+        );
+        if dropped {
+            assert_eq!(
+                g.run_packet(ip).unwrap(),
+                XDP_PASS,
+                "{name}: the Ethernet guard cannot read an IP-first frame"
+            );
+        }
+    }
+    // Not IP (MPLS on a tun device, say) is not the guard's to judge, as on Ethernet; an IPv4
+    // header cut short before its addresses is malformed, from no one it could name (the
+    // kernel's test runs take nothing shorter than 14 bytes).
+    assert_eq!(
+        run_counted(&mut g, Layout::Ip, &[0x10; 40]),
+        (XDP_PASS, Reason::Pass, false)
+    );
+    let mut short = [0u8; 14];
+    short[0] = 0x45;
+    assert_eq!(
+        run_counted(&mut g, Layout::Ip, &short),
+        (XDP_PASS, Reason::Malformed, false)
+    );
 }

@@ -25,9 +25,9 @@ use aya::{Ebpf, EbpfError, EbpfLoader};
 use aya_log::EbpfLogger;
 use tether_agent_common::{
     ALLOW_V4_MAP, ALLOW_V6_MAP, CONFIG_MAP, CONTROL_PLANE_V4_MAP, CONTROL_PLANE_V6_MAP,
-    COUNTERS_MAP, Counter, EVENTS_MAP, GUARD_PROGRAM, INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS,
-    InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode, PINNED_MAPS, PORT_PROTECTED, PORT_TUNNEL,
-    PORTS_MAP, Reason, counter_slot, tunnel_bit,
+    COUNTERS_MAP, Counter, EVENTS_MAP, GUARD_IP_PROGRAM, GUARD_PROGRAM, INTERFACE_COUNTERS_MAP,
+    INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode, PINNED_MAPS, PORT_PROTECTED,
+    PORT_TUNNEL, PORTS_MAP, Reason, counter_slot, tunnel_bit,
 };
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -155,6 +155,33 @@ pub struct InterfaceCounts {
     pub counts: Vec<ReasonCounts>,
 }
 
+/// Where an interface's frames put the IP header, which picks the guard program for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// After a 14-byte Ethernet header (and any VLAN tags).
+    Ethernet,
+    /// At the start: tun, WireGuard, ipip, sit, PPP and raw-IP devices.
+    Ip,
+}
+
+impl Layout {
+    const ALL: [Layout; 2] = [Layout::Ethernet, Layout::Ip];
+
+    fn program(self) -> &'static str {
+        match self {
+            Layout::Ethernet => GUARD_PROGRAM,
+            Layout::Ip => GUARD_IP_PROGRAM,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Layout::Ethernet => "ethernet",
+            Layout::Ip => "ip",
+        }
+    }
+}
+
 /// How the guard ended up on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attached {
@@ -239,15 +266,16 @@ impl Dataplane {
             pins,
             unpinned,
         };
-        let program = dataplane.guard_program()?;
-        program
-            .load()
-            .map_err(|source| DataplaneError::ProgramLoad {
-                name: GUARD_PROGRAM,
-                source,
+        for layout in Layout::ALL {
+            dataplane.guard_program(layout)?.load().map_err(|source| {
+                DataplaneError::ProgramLoad {
+                    name: layout.program(),
+                    source,
+                }
             })?;
+        }
         if dataplane.unpinned.is_none() {
-            dataplane.pin_program()?;
+            dataplane.pin_programs()?;
         }
         Ok((dataplane, KernelLogs { logger }))
     }
@@ -257,16 +285,20 @@ impl Dataplane {
         self.pins.is_none() || self.unpinned.is_some()
     }
 
-    fn pin_program(&mut self) -> Result<(), DataplaneError> {
-        let Some(path) = self.pins.as_ref().map(Pins::program) else {
+    fn pin_programs(&mut self) -> Result<(), DataplaneError> {
+        let Some(pins) = self.pins.clone() else {
             return Ok(());
         };
-        // The pin names the program now running; the old one lives on only through links
-        // that are about to be switched over.
-        pins::remove_if_present(&path)?;
-        self.guard_program()?
-            .pin(&path)
-            .map_err(|err| pins::pin_error("cannot pin the guard program at", &path, err))
+        for layout in Layout::ALL {
+            let path = pins.program(layout.program());
+            // The pin names the program now running; the old one lives on only through links
+            // that are about to be switched over.
+            pins::remove_if_present(&path)?;
+            self.guard_program(layout)?
+                .pin(&path)
+                .map_err(|err| pins::pin_error("cannot pin the guard program at", &path, err))?;
+        }
+        Ok(())
     }
 
     /// Pins new maps and the program once every guarded link runs this program, replacing
@@ -284,20 +316,21 @@ impl Dataplane {
                 .pin(&path)
                 .map_err(|err| pins::pin_error("cannot pin eBPF map at", &path, err))?;
         }
-        self.pin_program()?;
+        self.pin_programs()?;
         Ok(replaced)
     }
 
-    /// Puts the guard on `interface` in the calling thread's network namespace.
+    /// Puts the guard for frames of `layout` on `interface` in the calling thread's network
+    /// namespace.
     ///
     /// When pinned and a link from an earlier agent is pinned for the interface, the program on
     /// that link is replaced atomically: enforcement has no gap. Otherwise it attaches natively
     /// when the driver supports XDP, in generic mode if not, and pins the new link.
-    pub fn attach(&mut self, interface: &str) -> Result<Attached, DataplaneError> {
+    pub fn attach(&mut self, interface: &str, layout: Layout) -> Result<Attached, DataplaneError> {
         let if_index = interface_index(interface)?;
         let link_pin = self.pins.as_ref().map(|p| p.link(interface));
         if let Some(path) = link_pin.as_deref().filter(|p| p.exists()) {
-            match self.replace_on_link(path) {
+            match self.replace_on_link(path, layout) {
                 Ok(()) => return Ok(Attached::Replaced),
                 Err(err) => {
                     // A link whose interface went away cannot be updated; start afresh.
@@ -306,7 +339,7 @@ impl Dataplane {
                 }
             }
         }
-        let program = self.guard_program()?;
+        let program = self.guard_program(layout)?;
         let (link, attached) = match program.attach_to_if_index(if_index, XdpMode::Driver) {
             Ok(link) => (link, Attached::Native),
             Err(native) => {
@@ -339,7 +372,11 @@ impl Dataplane {
         Ok(attached)
     }
 
-    fn replace_on_link(&mut self, path: &std::path::Path) -> Result<(), DataplaneError> {
+    fn replace_on_link(
+        &mut self,
+        path: &std::path::Path,
+        layout: Layout,
+    ) -> Result<(), DataplaneError> {
         let pinned = PinnedLink::from_pin(path).map_err(|err| DataplaneError::Pin {
             action: "cannot open the pinned XDP link",
             path: path.to_owned(),
@@ -350,7 +387,7 @@ impl Dataplane {
             path: path.to_owned(),
             source: io::Error::other(err),
         })?;
-        let program = self.guard_program()?;
+        let program = self.guard_program(layout)?;
         let attach_error = |source| DataplaneError::Attach {
             interface: path.display().to_string(),
             source,
@@ -578,10 +615,15 @@ impl Dataplane {
         replace_trie(&mut trie6, &wanted6).map_err(map_error(v6))
     }
 
-    /// Runs the guard once on `packet` in the kernel (BPF_PROG_TEST_RUN); returns the XDP
-    /// action. The packet is not sent anywhere.
+    /// Runs the Ethernet guard once on `packet` in the kernel (BPF_PROG_TEST_RUN); returns the
+    /// XDP action. The packet is not sent anywhere.
     pub fn run_packet(&mut self, packet: &[u8]) -> Result<u32, DataplaneError> {
-        let program = self.guard_program()?;
+        self.run_packet_as(Layout::Ethernet, packet)
+    }
+
+    /// [`Dataplane::run_packet`] with the guard for frames of `layout`.
+    pub fn run_packet_as(&mut self, layout: Layout, packet: &[u8]) -> Result<u32, DataplaneError> {
+        let program = self.guard_program(layout)?;
         let mut out = vec![0u8; packet.len() + 256];
         let result = program
             .test_run(TestRunOptions {
@@ -600,7 +642,7 @@ impl Dataplane {
         packet: &[u8],
         repeat: u32,
     ) -> Result<(u32, std::time::Duration), DataplaneError> {
-        let program = self.guard_program()?;
+        let program = self.guard_program(Layout::Ethernet)?;
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(packet),
@@ -617,12 +659,13 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing { kind: "map", name })
     }
 
-    fn guard_program(&mut self) -> Result<&mut Xdp, DataplaneError> {
+    fn guard_program(&mut self, layout: Layout) -> Result<&mut Xdp, DataplaneError> {
+        let name = layout.program();
         let missing = DataplaneError::Missing {
             kind: "XDP program",
-            name: GUARD_PROGRAM,
+            name,
         };
-        match self.ebpf.program_mut(GUARD_PROGRAM) {
+        match self.ebpf.program_mut(name) {
             Some(program) => program.try_into().map_err(|_| missing),
             None => Err(missing),
         }

@@ -2,7 +2,8 @@
 //! a running agent (`tether-agent guard status|detach`).
 //!
 //! Layout under the root: `v<PIN_LAYOUT>/maps/<MAP>` for every map in `PINNED_MAPS`,
-//! `v<PIN_LAYOUT>/program` for the program the links run, and `links/<interface>` for each
+//! `v<PIN_LAYOUT>/program` and `v<PIN_LAYOUT>/tether_guard_ip` for the programs the links run
+//! (on Ethernet and on IP-first devices), and `links/<interface>` for each
 //! interface's XDP link. Links hold no layout, so they outlive a layout change: the new
 //! program takes them over. The first release pinned its maps and program straight under the
 //! root; that is layout 1.
@@ -56,8 +57,13 @@ impl Pins {
         self.root.join("links").join(interface)
     }
 
-    pub(super) fn program(&self) -> PathBuf {
-        self.layout().join("program")
+    /// The Ethernet program keeps the name the first layouts gave their one program.
+    pub(super) fn program(&self, name: &str) -> PathBuf {
+        if name == tether_agent_common::GUARD_PROGRAM {
+            self.layout().join("program")
+        } else {
+            self.layout().join(name)
+        }
     }
 
     /// Whether an earlier agent left a guard here, of any layout.

@@ -461,7 +461,8 @@ fn attach(bench: &mut Ebpf, link: &Link, variant: Variant) -> Result<Receiver> {
     let program = match variant {
         Variant::Guard => {
             let mut guard = guard()?;
-            link.receiver.run(|| guard.attach("trx0"))??;
+            link.receiver
+                .run(|| guard.attach("trx0", tether_agent::dataplane::Layout::Ethernet))??;
             return Ok(Receiver::Guard(guard));
         }
         Variant::NoopDrop => "bench_drop",
