@@ -169,15 +169,21 @@ fn rewrite6(ctx: &SockAddrContext, to: &Endpoint) {
     }
 }
 
-/// The backend a connect to `dialled` goes to, when it is a Service's: `Err` refuses the
-/// connect (no ready backend, or one the policy denies), `Ok(None)` leaves it alone.
-fn steer(ctx: &SockAddrContext, dialled: &Endpoint) -> Result<Option<Endpoint>, ()> {
+/// The backend a connect to `dialled` goes to, when `target` (the dialled address, or the
+/// IPv4 address inside a mapped one) is a Service's: `Err` refuses the connect (no ready
+/// backend, or one the policy denies), `Ok(None)` leaves it alone. `dialled` is what
+/// `getpeername()` shows afterwards.
+fn steer(
+    ctx: &SockAddrContext,
+    dialled: &Endpoint,
+    target: &Endpoint,
+) -> Result<Option<Endpoint>, ()> {
     // SAFETY: as in `port`.
     let protocol = unsafe { core::ptr::read_volatile(&(*ctx.sock_addr).protocol) } as u8;
     let key = ServiceKey {
-        addr: dialled.addr,
-        port: dialled.port,
-        family: dialled.family,
+        addr: target.addr,
+        port: target.port,
+        family: target.family,
         protocol,
     };
     let Some(service) = SERVICES.get_ptr(&key) else {
@@ -198,7 +204,7 @@ fn steer(ctx: &SockAddrContext, dialled: &Endpoint) -> Result<Option<Endpoint>, 
     };
     let slot = service.first + (turn % u64::from(service.count)) as u32;
     let backend = *BACKENDS.get(slot).ok_or(())?;
-    if backend.family != dialled.family
+    if backend.family != target.family
         || decide(backend.family, backend.addr, backend.port) == DENY
     {
         return Err(());
@@ -222,7 +228,8 @@ pub fn tether_dial_connect4(ctx: SockAddrContext) -> i32 {
     if check4(&ctx) == DENY {
         return DENY;
     }
-    match steer(&ctx, &destination4(&ctx)) {
+    let dialled = destination4(&ctx);
+    match steer(&ctx, &dialled, &dialled) {
         Ok(Some(backend)) => rewrite4(&ctx, &backend),
         Ok(None) => {}
         Err(()) => return DENY,
@@ -235,7 +242,30 @@ pub fn tether_dial_connect6(ctx: SockAddrContext) -> i32 {
     if check6(&ctx) == DENY {
         return DENY;
     }
-    match steer(&ctx, &destination6(&ctx)) {
+    let dialled = destination6(&ctx);
+    // An IPv6 socket reaches an IPv4 Service through its mapped address: steered like the
+    // IPv4 address itself, to the backend's mapped address. Left alone, whatever steers
+    // after these hooks (kube-proxy's NAT, another program) would pick a backend the policy
+    // never judged.
+    let mapped = dialled.addr[0] == 0 && dialled.addr[1] == 0 && dialled.addr[2] == MAPPED_PREFIX;
+    let target = if mapped {
+        Endpoint {
+            addr: [dialled.addr[3], 0, 0, 0],
+            family: 4,
+            ..dialled
+        }
+    } else {
+        dialled
+    };
+    match steer(&ctx, &dialled, &target) {
+        Ok(Some(backend)) if mapped => rewrite6(
+            &ctx,
+            &Endpoint {
+                addr: [0, 0, MAPPED_PREFIX, backend.addr[0]],
+                family: 6,
+                ..backend
+            },
+        ),
         Ok(Some(backend)) => rewrite6(&ctx, &backend),
         Ok(None) => {}
         Err(()) => return DENY,

@@ -282,19 +282,37 @@ fn apply_services(
     map: ServiceMap,
     source: &str,
 ) -> Result<(), crate::dataplane::DialHooksError> {
-    hooks
+    let steered = hooks
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .set_services(&map)?;
     tracing::info!(
         source,
-        services = map.len(),
-        backends = map.values().map(Vec::len).sum::<usize>(),
+        services = steered.len(),
+        backends = steered.values().map(Vec::len).sum::<usize>(),
         "service map applied"
     );
+    if steered.len() < map.len() {
+        let left_out: Vec<String> = map
+            .keys()
+            .filter(|s| !steered.contains_key(s))
+            .take(10)
+            .map(ToString::to_string)
+            .collect();
+        tracing::error!(
+            source,
+            not_steered = map.len() - steered.len(),
+            first = ?left_out,
+            max_services = tether_agent_common::MAX_SERVICES,
+            max_backends = tether_agent_common::MAX_BACKENDS / 2,
+            "the service map holds more than the kernel hooks can: these Services are not \
+             steered, and their dials go to the Service address as the node routes it \
+             (kube-proxy's rules, if any), judged by the dial policy on that address only"
+        );
+    }
     *current
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = map;
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = steered;
     Ok(())
 }
 

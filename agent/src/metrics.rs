@@ -13,7 +13,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tether_agent_common::Counter as KernelCounter;
@@ -403,6 +403,19 @@ impl Collector for DialPolicyCollector {
             };
             ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
         }
+        let not_steered = self
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .not_steered();
+        ConstGauge::new(i64::try_from(not_steered).unwrap_or(i64::MAX)).encode(
+            encoder.encode_descriptor(
+                "tether_agent_services_not_steered",
+                "Services of the current service map that the kernel hooks cannot hold (more than 4096 Services or 8192 backends), so are not steered",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
         Ok(())
     }
 }

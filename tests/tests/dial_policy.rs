@@ -873,3 +873,94 @@ async fn unspecified_destinations_and_cloud_metadata_are_refused() {
     }
     drop(agent);
 }
+
+/// Service steering has no gap an IPv6 socket or a large cluster opens: a dial to the
+/// IPv4-mapped form of a Service address (`[::ffff:VIP]:port`) is steered like the address
+/// itself (left alone, whatever steers next would pick a backend the policy never judged),
+/// and a map past the hooks' limits steers all that fits, says what did not, and keeps
+/// following changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn mapped_service_addresses_are_steered_and_an_oversized_map_keeps_what_fits() {
+    let site = Site::new("sm");
+    three_backends(&site);
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("services");
+    // 4 097 Services (the hooks hold 4 096): the Service under test sorts first, the last of
+    // the filler does not fit.
+    let write_map = |backends: &str| {
+        let mut text = format!("10.96.0.10:80/tcp {backends}\n");
+        for i in 0..4096u32 {
+            let [_, _, c, d] = (0x0a61_0000 + i).to_be_bytes();
+            text.push_str(&format!("10.97.{c}.{d}:80/tcp 10.244.0.1:8080\n"));
+        }
+        std::fs::write(&map, text).unwrap();
+    };
+    write_map("10.244.0.1:8080 10.244.0.2:8080 10.244.0.3:8080");
+    let cgroup = tether_tests::cgroup::TestCgroup::new("sm").unwrap();
+    let extra: Vec<String> = vec![
+        "--guard-mode=off".into(),
+        "--dial-deny=198.51.100.0/24".into(),
+        format!("--service-map-file={}", map.display()),
+    ];
+    let agent = site.agent_in_cgroup(&cgroup, None, &extra);
+    let target = Target::Uds(site.socket.clone());
+    let not_steered = || {
+        metric_in(
+            &site.node,
+            agent.health_port,
+            "tether_agent_services_not_steered",
+        )
+    };
+    assert_eq!(not_steered(), Some(1));
+
+    let through_mapped = || async {
+        use tokio::io::AsyncReadExt;
+        let mut io = http_connect(&target, "[::ffff:10.96.0.10]:80")
+            .await
+            .unwrap()
+            .unwrap_or_else(|response| panic!("the mapped Service dial failed: {response}"));
+        let mut name = String::new();
+        io.read_to_string(&mut name).await.unwrap();
+        name
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        seen.insert(through_mapped().await);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["backend-1", "backend-2", "backend-3"]
+    );
+    // An IPv6 socket in the agent's cgroup sees the mapped Service address it dialled.
+    let script = "import socket\ns = socket.create_connection(('::ffff:10.96.0.10', 80), 3)\nprint(s.getpeername()[:2], s.recv(64).decode())\n";
+    let out = cgroup
+        .command(std::path::Path::new("nsenter"))
+        .arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", script])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.starts_with("('::ffff:10.96.0.10', 80) backend-"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Still too large, and changed: the change is steered.
+    write_map("10.244.0.1:8080");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !policy_check(&site, &agent, "10.96.0.10:80")
+        .contains("service 10.96.0.10:80/tcp: steered in turn to 10.244.0.1:8080\n")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the changed map was not applied: {}",
+            policy_check(&site, &agent, "10.96.0.10:80")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..10 {
+        assert_eq!(through_mapped().await, "backend-1");
+    }
+    assert_eq!(not_steered(), Some(1));
+}

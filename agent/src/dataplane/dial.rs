@@ -60,10 +60,6 @@ pub enum DialHooksError {
         #[source]
         source: aya::programs::links::LinkError,
     },
-    #[error(
-        "the service map has {services} Services and {backends} backends; the hooks hold at most {MAX_SERVICES} and {HALF}"
-    )]
-    TooManyServices { services: usize, backends: usize },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -75,6 +71,26 @@ pub struct DialHooks {
     ids: HashMap<Service, u32>,
     /// Which half of the backend array the Services point at.
     upper: bool,
+    /// Services of the last map that did not fit the hooks' maps, so are not steered.
+    not_steered: usize,
+}
+
+/// The Services of `services` the hooks can hold, in the map's order, and those left out:
+/// at most [`MAX_SERVICES`] Services and half the backend array (the other half is the one
+/// being replaced). A Service is steered to all of its backends or not at all.
+pub fn fit(services: &ServiceMap) -> (ServiceMap, Vec<Service>) {
+    let mut kept = ServiceMap::new();
+    let mut left_out = Vec::new();
+    let mut backends = 0;
+    for (service, list) in services {
+        if kept.len() < MAX_SERVICES as usize && backends + list.len() <= HALF as usize {
+            backends += list.len();
+            kept.insert(*service, list.clone());
+        } else {
+            left_out.push(*service);
+        }
+    }
+    (kept, left_out)
 }
 
 /// An address as the hooks hold it: network byte order, word by word.
@@ -212,19 +228,17 @@ impl DialHooks {
             ebpf,
             ids: HashMap::new(),
             upper: false,
+            not_steered: 0,
         })
     }
 
     /// Makes `services` what the hooks steer: backends that left are gone from the next
-    /// connect on, new ones take their turn.
-    pub fn set_services(&mut self, services: &ServiceMap) -> Result<(), DialHooksError> {
-        let backends: usize = services.values().map(Vec::len).sum();
-        if services.len() > MAX_SERVICES as usize || backends > HALF as usize {
-            return Err(DialHooksError::TooManyServices {
-                services: services.len(),
-                backends,
-            });
-        }
+    /// connect on, new ones take their turn. What does not fit (see [`fit`]) is left out,
+    /// and only it: the rest is steered as the map says. Returns what is steered.
+    pub fn set_services(&mut self, services: &ServiceMap) -> Result<ServiceMap, DialHooksError> {
+        let (services, left_out) = fit(services);
+        self.not_steered = left_out.len();
+        let services = &services;
         let base = if self.upper { 0 } else { HALF };
         {
             let map = map_mut(&mut self.ebpf, "BACKENDS")?;
@@ -240,22 +254,30 @@ impl DialHooks {
         let map = map_mut(&mut self.ebpf, "SERVICES")?;
         let mut table: AyaHashMap<&mut MapData, ServiceKey, ServiceValue> =
             AyaHashMap::try_from(map).map_err(super::map_error("SERVICES"))?;
+        let wanted: std::collections::HashSet<ServiceKey> =
+            services.keys().map(service_key).collect();
         let stale: Vec<ServiceKey> = table
             .keys()
             .filter_map(Result::ok)
-            .filter(|key| !services.keys().any(|s| service_key(s) == *key))
+            .filter(|key| !wanted.contains(key))
             .collect();
         for key in stale {
             let _ = table.remove(&key);
         }
+        // Counter slots kept by the Services that stay; new ones take the free slots in turn
+        // (a map of thousands of Services must not cost a scan of every slot per Service).
+        let mut taken = vec![false; MAX_SERVICES as usize];
+        for id in self.ids.values() {
+            taken[*id as usize] = true;
+        }
+        let mut free = (0..MAX_SERVICES).filter(|id| !taken[*id as usize]);
         let mut first = base;
         for (service, list) in services {
             let id = match self.ids.get(service) {
                 Some(id) => *id,
                 None => {
-                    let id = (0..MAX_SERVICES)
-                        .find(|id| !self.ids.values().any(|used| used == id))
-                        .unwrap_or(0);
+                    // `fit` keeps at most MAX_SERVICES, so a slot is always free.
+                    let id = free.next().unwrap_or(0);
                     self.ids.insert(*service, id);
                     id
                 }
@@ -272,7 +294,12 @@ impl DialHooks {
             first += list.len() as u32;
         }
         self.upper = !self.upper;
-        Ok(())
+        Ok(services.clone())
+    }
+
+    /// How many Services of the last map the hooks could not hold.
+    pub fn not_steered(&self) -> usize {
+        self.not_steered
     }
 
     /// Connects steered so far, per Service.
@@ -400,5 +427,45 @@ mod tests {
         let r = rule("::1");
         assert_eq!(r.mask, [u32::MAX; 4]);
         assert_eq!(r.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    fn service(i: u32, port: u16) -> Service {
+        Service {
+            addr: SocketAddr::new(Ipv4Addr::from(0x0a60_0000 + i).into(), port),
+            protocol: crate::services::Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn a_map_too_large_keeps_whole_services_up_to_the_limits() {
+        let backend: SocketAddr = "10.244.0.1:8080".parse().unwrap();
+        let many: ServiceMap = (0..MAX_SERVICES + 3)
+            .map(|i| (service(i, 80), vec![backend]))
+            .collect();
+        let (kept, left_out) = fit(&many);
+        assert_eq!(kept.len(), MAX_SERVICES as usize);
+        assert_eq!(
+            left_out,
+            (MAX_SERVICES..MAX_SERVICES + 3)
+                .map(|i| service(i, 80))
+                .collect::<Vec<_>>(),
+            "the last in the map's order are left out"
+        );
+
+        // Backends: a Service that would overflow half the array is left out whole, and a
+        // later, smaller one still fits.
+        let backends = |n: u32| vec![backend; n as usize];
+        let heavy: ServiceMap = [
+            (service(1, 80), backends(HALF - 10)),
+            (service(2, 80), backends(20)),
+            (service(3, 80), backends(10)),
+        ]
+        .into_iter()
+        .collect();
+        let (kept, left_out) = fit(&heavy);
+        assert_eq!(left_out, [service(2, 80)]);
+        assert_eq!(kept.values().map(Vec::len).sum::<usize>(), HALF as usize);
+        let (kept, left_out) = fit(&kept);
+        assert!(left_out.is_empty() && kept.len() == 2, "what fits, fits");
     }
 }
