@@ -88,7 +88,8 @@ pub enum Reason {
     /// Could not be parsed (truncated at some header, bad version or length); dropped only
     /// when it came from a control-plane source.
     Malformed = 1,
-    /// A new inbound TCP connection (SYN without ACK) from a control-plane source.
+    /// A new inbound connection from a control-plane source: a TCP SYN without ACK, an SCTP
+    /// INIT, a DCCP Request.
     ControlPlaneSyn = 2,
     /// A TCP SYN or UDP datagram to a protected port from a source not allowed there.
     ProtectedPort = 3,
@@ -247,8 +248,16 @@ pub const fn low_block_holds(bits: &[u64; 4], octet: u8) -> bool {
     bits[(octet >> 6) as usize] & (1 << (octet & 63)) != 0
 }
 
-/// IP protocols that carry a whole packet inside, as `GuardConfig::tunnels` bits.
-pub const TUNNEL_PROTOCOLS: [(u8, &str); 4] = [(4, "ipip"), (41, "ipv6"), (47, "gre"), (50, "esp")];
+/// IP protocols that carry a whole packet (or frame) inside, as `GuardConfig::tunnels` bits:
+/// IPv4 and IPv6 in IP, GRE, ESP, L2TPv3 and MPLS in IP, each of which Linux decapsulates.
+pub const TUNNEL_PROTOCOLS: [(u8, &str); 6] = [
+    (4, "ipip"),
+    (41, "ipv6"),
+    (47, "gre"),
+    (50, "esp"),
+    (115, "l2tp"),
+    (137, "mpls"),
+];
 
 /// The `GuardConfig::tunnels` bit for an IP protocol (0 for one that is not a tunnel).
 pub const fn tunnel_bit(protocol: u8) -> u32 {
@@ -257,6 +266,8 @@ pub const fn tunnel_bit(protocol: u8) -> u32 {
         41 => 2,
         47 => 4,
         50 => 8,
+        115 => 16,
+        137 => 32,
         _ => 0,
     }
 }

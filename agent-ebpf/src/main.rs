@@ -55,6 +55,12 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DCCP: u8 = 33;
+const IPPROTO_SCTP: u8 = 132;
+/// The first chunk of an SCTP packet that opens an association.
+const SCTP_INIT: u8 = 1;
+/// A DCCP packet that opens a connection (the type in bits 1-4 of the ninth octet).
+const DCCP_REQUEST: u8 = 0;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -666,6 +672,26 @@ fn transport(
                 l4: l4 as u16,
             };
             Verdict::new(reason, true)
+        }
+        // The other connection-oriented transports: what opens a connection from the control
+        // plane is dropped as a SYN is; replies to the node's own pass.
+        IPPROTO_SCTP | IPPROTO_DCCP => {
+            // SCTP: 12-octet common header, then the first chunk's type; DCCP: the packet type
+            // in the ninth octet.
+            let at = if protocol == IPPROTO_SCTP { 12 } else { 8 };
+            let Some([kind, _]) = array::<2>(ctx, l4 + at) else {
+                return packet.truncated(ctx);
+            };
+            let opens = if protocol == IPPROTO_SCTP {
+                kind == SCTP_INIT
+            } else {
+                (kind >> 1) & 0x0f == DCCP_REQUEST
+            };
+            if opens && source.in_control_plane(ctx) {
+                *found = Transport { protocol, l4: 0 };
+                return Verdict::new(Reason::ControlPlaneSyn, true);
+            }
+            PASS
         }
         _ => {
             if tunnel_bit(protocol) & packet.tunnels != 0 && source.in_control_plane(ctx) {

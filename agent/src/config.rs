@@ -175,12 +175,13 @@ pub struct GuardArgs {
         value_delimiter = ','
     )]
     pub allowed: Vec<Cidr>,
-    /// UDP port that carries a tunnel (VXLAN, Geneve, WireGuard); from the control plane it is
-    /// dropped, since the packets inside would reach the node unguarded (repeatable).
-    #[arg(long = "guard-tunnel-port", env = "TETHER_GUARD_TUNNEL_PORT", value_delimiter = ',', default_values_t = [4789u16, 6081, 8472, 51820, 51871])]
+    /// UDP port that carries a tunnel (VXLAN 4789 and 8472, Geneve 6081, WireGuard 51820 and
+    /// 51871, L2TP 1701, IPsec NAT traversal 4500, MPLS in UDP 6635); from the control plane it
+    /// is dropped, since the packets inside would reach the node unguarded (repeatable).
+    #[arg(long = "guard-tunnel-port", env = "TETHER_GUARD_TUNNEL_PORT", value_delimiter = ',', default_values_t = [4789u16, 6081, 8472, 51820, 51871, 1701, 4500, 6635])]
     pub tunnel_ports: Vec<u16>,
-    /// Tunnel the control plane may still send: ipip, ipv6 (IPv6 in IP), gre, esp, or
-    /// udp:PORT. Only for control-plane nodes that are members of the pod overlay: what
+    /// Tunnel the control plane may still send: ipip, ipv6 (IPv6 in IP), gre, esp, l2tp
+    /// (L2TPv3 over IP), mpls (MPLS in IP), or udp:PORT. Only for control-plane nodes that are members of the pod overlay: what
     /// arrives inside it is not guarded (repeatable).
     #[arg(
         long = "guard-allow-tunnel",
@@ -216,7 +217,7 @@ impl std::str::FromStr for AllowedTunnel {
             .iter()
             .find(|(_, name)| *name == text)
             .map(|(protocol, _)| AllowedTunnel::Protocol(*protocol))
-            .ok_or_else(|| format!("{text:?} is not ipip, ipv6, gre, esp or udp:PORT"))
+            .ok_or_else(|| format!("{text:?} is not ipip, ipv6, gre, esp, l2tp, mpls or udp:PORT"))
     }
 }
 

@@ -18,7 +18,7 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const LISTENER_PORT: u16 = 10250;
 const PROTECTED: [u16; 2] = [10250, 10255];
-const TUNNEL_PROTOCOLS: [u8; 4] = [4, 41, 47, 50];
+const TUNNEL_PROTOCOLS: [u8; 6] = [4, 41, 47, 50, 115, 137];
 const TUNNEL_PORTS: [u16; 3] = [4789, 6081, 8472];
 const MAX_EXTENSION_HEADERS: usize = 8;
 const MAX_CHAIN: usize = 512;
@@ -286,6 +286,25 @@ fn transport(f: &Frame, src: Src, protocol: u8, l4: usize, first_fragment: bool)
                 Expected(Reason::ProtectedPort, true)
             } else if TUNNEL_PORTS.contains(&port) && src.control_plane(f) {
                 Expected(Reason::Encapsulated, true)
+            } else {
+                PASS
+            }
+        }
+        // SCTP (the first chunk's type after a 12-octet header) and DCCP (the packet type in
+        // bits 1-4 of the ninth octet): an INIT or a Request from the control plane opens a
+        // connection.
+        132 | 33 => {
+            let at = if protocol == 132 { 12 } else { 8 };
+            let Some([kind, _]) = f.bytes::<2>(l4 + at) else {
+                return src.truncated(f, first_fragment);
+            };
+            let opens = if protocol == 132 {
+                kind == 1
+            } else {
+                (kind >> 1) & 0x0f == 0
+            };
+            if opens && src.control_plane(f) {
+                Expected(Reason::ControlPlaneSyn, true)
             } else {
                 PASS
             }

@@ -673,3 +673,69 @@ fn every_nexthop_and_every_routing_table_is_guarded() {
         ) >= Some(1)
     );
 }
+
+/// What else opens a way in from the control plane: an SCTP INIT and a DCCP Request open
+/// connections as a TCP SYN does, and L2TPv3 and MPLS in IP, L2TP over UDP (1701), IPsec
+/// NAT traversal (4500) and MPLS in UDP (6635) carry packets Linux decapsulates on a device
+/// without the guard. With the default flags each is dropped; the replies to the node's own
+/// SCTP and DCCP connections (INIT-ACK, Response) pass.
+#[test]
+fn other_transports_and_tunnels_from_the_control_plane_are_dropped() {
+    let site = site("tx");
+    let agent = start(&site, "enforce", &[]);
+    let node: SocketAddr = format!("{NODE}:0").parse().unwrap();
+    let raw = |protocol: i32, payload: &[u8]| {
+        site.cp
+            .run(|| {
+                let socket =
+                    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(protocol))).unwrap();
+                socket.send_to(payload, &node.into()).unwrap();
+            })
+            .unwrap();
+    };
+    let drops = || {
+        (
+            counted(&site, &agent, "control_plane_syn", "drop"),
+            counted(&site, &agent, "encapsulated", "drop"),
+        )
+    };
+    let before = drops();
+    // SCTP: ports, verification tag, checksum, then a chunk (type, flags, length).
+    let sctp = |chunk: u8| {
+        let mut packet = vec![0x9c, 0x40, 0x0b, 0x59, 0, 0, 0, 0, 0, 0, 0, 0];
+        packet.extend_from_slice(&[chunk, 0, 0, 20]);
+        packet.resize(32, 0);
+        packet
+    };
+    // DCCP: ports, data offset, CCVal/CsCov, checksum, then the type in bits 1-4.
+    let dccp = |kind: u8| {
+        let mut packet = vec![0x9c, 0x40, 0x0b, 0x59, 4, 0, 0, 0, kind << 1, 0, 0, 0];
+        packet.resize(16, 0);
+        packet
+    };
+    raw(132, &sctp(1));
+    raw(33, &dccp(0));
+    raw(132, &sctp(2));
+    raw(33, &dccp(1));
+    raw(115, &[0; 24]);
+    raw(137, &[0; 24]);
+    for port in [1701, 4500, 6635] {
+        site.cp
+            .run(|| {
+                UdpSocket::bind(format!("{CP}:0"))
+                    .unwrap()
+                    .send_to(&[0; 24], format!("{NODE}:{port}"))
+                    .unwrap();
+            })
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while drops() != (before.0 + 2, before.1 + 5) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "drops (new connections, tunnels) went from {before:?} to {:?}",
+            drops()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

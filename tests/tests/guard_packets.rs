@@ -29,7 +29,10 @@ fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
             control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             protected_ports: vec![10250, 10255],
             allowed: vec!["192.168.7.0/24".parse().unwrap()],
-            tunnel_protocols: vec![4, 41, 47, 50],
+            tunnel_protocols: tether_agent_common::TUNNEL_PROTOCOLS
+                .iter()
+                .map(|(protocol, _)| *protocol)
+                .collect(),
             tunnel_ports: vec![4789, 6081, 8472],
         })
         .unwrap();
@@ -1215,5 +1218,109 @@ fn ip_first_frames_get_the_verdicts_ethernet_frames_get() {
     assert_eq!(
         run_counted(&mut g, Layout::Ip, &short),
         (XDP_PASS, Reason::Malformed, false)
+    );
+}
+
+/// SCTP and DCCP from the control plane: what opens a connection (an INIT chunk, a Request)
+/// is dropped as a SYN is, replies pass, and one too short to tell is malformed. L2TPv3 and
+/// MPLS in IP are tunnels.
+#[test]
+fn sctp_and_dccp_open_connections_as_tcp_does_and_more_tunnels_are_dropped() {
+    let (mut g, _logs) = guard(Mode::Enforce);
+    let packet = |src, protocol, l4: &[u8]| {
+        frame(&[
+            &ethernet(&[], ETH_IP),
+            &ipv4(src, NODE4, protocol, l4.len(), 0, 0),
+            l4,
+        ])
+    };
+    let sctp = |chunk: u8| [[0; 12].as_slice(), &[chunk, 0, 0, 20], &[0; 16]].concat();
+    let dccp = |kind: u8| {
+        [
+            [0, 1, 0, 2, 4, 0, 0, 0, kind << 1, 0, 0, 0].as_slice(),
+            &[0; 4],
+        ]
+        .concat()
+    };
+    let cases: [(&str, Vec<u8>, u32, Reason, bool); 9] = [
+        (
+            "SCTP INIT from the control plane",
+            packet(CP4, 132, &sctp(1)),
+            XDP_DROP,
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "SCTP INIT-ACK from the control plane",
+            packet(CP4, 132, &sctp(2)),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "SCTP INIT from elsewhere",
+            packet(OTHER4, 132, &sctp(1)),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "SCTP cut before its first chunk",
+            packet(CP4, 132, &[0; 12]),
+            XDP_DROP,
+            Reason::Malformed,
+            true,
+        ),
+        (
+            "DCCP Request from the control plane",
+            packet(CP4, 33, &dccp(0)),
+            XDP_DROP,
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "DCCP Response from the control plane",
+            packet(CP4, 33, &dccp(1)),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "DCCP Request from elsewhere",
+            packet(OTHER4, 33, &dccp(0)),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "L2TPv3 from the control plane",
+            packet(CP4, 115, &[0; 16]),
+            XDP_DROP,
+            Reason::Encapsulated,
+            true,
+        ),
+        (
+            "MPLS in IP from the control plane",
+            packet(CP4, 137, &[0; 16]),
+            XDP_DROP,
+            Reason::Encapsulated,
+            true,
+        ),
+    ];
+    for (name, frame, action, reason, dropped) in cases {
+        expect(&mut g, name, &frame, action, reason, dropped);
+    }
+    let sctp6 = frame(&[
+        &ethernet(&[], ETH_IPV6),
+        &ipv6(CP6, NODE6, 132, 32),
+        &sctp(1),
+    ]);
+    expect(
+        &mut g,
+        "IPv6 SCTP INIT from the control plane",
+        &sctp6,
+        XDP_DROP,
+        Reason::ControlPlaneSyn,
+        true,
     );
 }
