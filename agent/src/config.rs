@@ -189,8 +189,8 @@ pub struct GuardArgs {
         value_delimiter = ','
     )]
     pub allow_tunnels: Vec<AllowedTunnel>,
-    /// Directory on a BPF filesystem for the guard's pins and the dial policy's hooks (mount
-    /// the host's /sys/fs/bpf into the pod).
+    /// Directory on a BPF filesystem for the guard's pins and the dial policy's hooks (in a
+    /// pod, mount the host's directory of that name, and only it, at the same path).
     #[arg(long, env = "TETHER_BPFFS_ROOT", default_value = DEFAULT_BPFFS_ROOT)]
     pub bpffs_root: PathBuf,
 }

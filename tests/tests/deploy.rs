@@ -400,3 +400,209 @@ fn the_manifests_agree_with_each_other() {
         "the kustomization's image rewrite applies to the DaemonSet"
     );
 }
+
+/// A pod's spec: a static Pod's own, a DaemonSet's template's.
+fn pod_spec(object: &serde_json::Value) -> &serde_json::Value {
+    if object["kind"] == "Pod" {
+        &object["spec"]
+    } else {
+        &object["spec"]["template"]["spec"]
+    }
+}
+
+/// A mount of a container: where it is inside, and the host path and type behind it when the
+/// volume is a hostPath.
+struct Mount {
+    inside: String,
+    host: Option<(String, String)>,
+    volume: serde_json::Value,
+}
+
+fn mounts(spec: &serde_json::Value, container: &serde_json::Value) -> Vec<Mount> {
+    container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|mount| {
+            let name = mount["name"].as_str().unwrap();
+            let volume = spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == name)
+                .unwrap_or_else(|| panic!("no volume {name}"))
+                .clone();
+            let host = volume["hostPath"]["path"].as_str().map(|path| {
+                let kind = volume["hostPath"]["type"].as_str().unwrap_or("").to_owned();
+                (path.trim_end_matches('/').to_owned(), kind)
+            });
+            Mount {
+                inside: mount["mountPath"]
+                    .as_str()
+                    .unwrap()
+                    .trim_end_matches('/')
+                    .to_owned(),
+                host,
+                volume,
+            }
+        })
+        .collect()
+}
+
+fn container_args(container: &serde_json::Value) -> Vec<String> {
+    ["command", "args"]
+        .iter()
+        .flat_map(|key| container[*key].as_array().into_iter().flatten())
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn flag_value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+        .map(str::to_owned)
+}
+
+/// The host's secrets stay on the host: the server's pod mounts the files it reads, one by
+/// one, and serves agents with a certificate of its own rather than kube-apiserver's; the
+/// agent and its uninstaller mount tether's directory of the BPF filesystem, not the
+/// filesystem with every other program's pins (CNI dataplanes' maps among them).
+#[test]
+fn the_pods_mount_only_what_they_need() {
+    let pki = Path::new("/etc/kubernetes/pki");
+
+    let server = &read_yaml("kubernetes/control-plane/konnectivity-server.yaml")[0];
+    let spec = pod_spec(server);
+    let container = &spec["containers"][0];
+    let mounted = mounts(spec, container);
+    for mount in &mounted {
+        let Some((host, kind)) = &mount.host else {
+            panic!("server: {} is not a hostPath", mount.inside);
+        };
+        let host = Path::new(host);
+        assert!(
+            !pki.starts_with(host),
+            "server: hostPath {} holds all of {}",
+            host.display(),
+            pki.display()
+        );
+        assert_eq!(
+            mount.inside,
+            host.display().to_string(),
+            "server: mounted where the kubeconfig and the flags expect it"
+        );
+        if host.starts_with(pki) {
+            assert_eq!(kind, "File", "server: {} is mounted whole", host.display());
+            let name = host.file_name().unwrap().to_str().unwrap();
+            assert!(
+                name == "ca.crt" || name.starts_with("konnectivity-server"),
+                "server: mounts {} (the cluster's, not tether's)",
+                host.display()
+            );
+        }
+        for secret in [
+            "ca.key",
+            "sa.key",
+            "front-proxy-ca.key",
+            "front-proxy-client.key",
+            "apiserver.key",
+            "etcd",
+        ] {
+            assert!(
+                !host.iter().any(|part| part == secret),
+                "server: mounts {}",
+                host.display()
+            );
+        }
+    }
+    let within_mounts = |path: &str| {
+        mounted
+            .iter()
+            .any(|m| Path::new(path).starts_with(Path::new(&m.inside)))
+    };
+
+    let args = container_args(container);
+    let serving = (
+        flag_value(&args, "cluster-cert").expect("--cluster-cert"),
+        flag_value(&args, "cluster-key").expect("--cluster-key"),
+    );
+    assert_eq!(
+        (serving.0.as_str(), serving.1.as_str()),
+        (
+            "/etc/kubernetes/pki/konnectivity-server-serving.crt",
+            "/etc/kubernetes/pki/konnectivity-server-serving.key"
+        ),
+        "the agent port's own pair, not kube-apiserver's"
+    );
+    let mut files: Vec<String> = args
+        .iter()
+        .filter_map(|a| a.split_once('=').map(|(_, v)| v))
+        .filter(|v| v.starts_with('/'))
+        .map(str::to_owned)
+        .collect();
+    assert!(files.contains(&serving.0) && files.contains(&serving.1));
+    // The kubeconfig names files of its own, which the server reads in the same pod.
+    let kubeconfig_path = flag_value(&args, "kubeconfig").expect("--kubeconfig");
+    let kubeconfig = &read_yaml("kubernetes/control-plane/konnectivity-server.kubeconfig")[0];
+    files.extend(
+        [
+            &kubeconfig["clusters"][0]["cluster"]["certificate-authority"],
+            &kubeconfig["users"][0]["user"]["client-certificate"],
+            &kubeconfig["users"][0]["user"]["client-key"],
+        ]
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned()),
+    );
+    assert_ne!(
+        flag_value(&args, "cluster-cert"),
+        kubeconfig["users"][0]["user"]["client-certificate"]
+            .as_str()
+            .map(str::to_owned),
+        "serving and client certificates are separate pairs"
+    );
+    for file in files.iter().chain([&kubeconfig_path]) {
+        assert!(within_mounts(file), "server: {file} is not mounted");
+    }
+
+    for (manifest, what) in [
+        ("kubernetes/agent-daemonset.yaml", "agent"),
+        ("kubernetes/uninstall/guard-uninstall.yaml", "uninstall"),
+    ] {
+        let object = &read_yaml(manifest)[0];
+        let spec = pod_spec(object);
+        let container = &spec["containers"][0];
+        let mounted = mounts(spec, container);
+        let root = flag_value(&container_args(container), "bpffs-root")
+            .unwrap_or_else(|| "/sys/fs/bpf/tether".to_owned());
+        let bpffs: Vec<&Mount> = mounted
+            .iter()
+            .filter(|m| {
+                m.host.as_ref().is_some_and(|(host, _)| {
+                    let host = Path::new(host);
+                    host.starts_with("/sys/fs/bpf") || Path::new("/sys/fs/bpf").starts_with(host)
+                })
+            })
+            .collect();
+        assert_eq!(
+            bpffs
+                .iter()
+                .map(|m| m.host.clone().unwrap().0)
+                .collect::<Vec<_>>(),
+            ["/sys/fs/bpf/tether"],
+            "{what}: the BPF filesystem's hostPaths"
+        );
+        assert_eq!(bpffs[0].inside, root, "{what}: --bpffs-root is the mount");
+        // The container's /sys is a read-only sysfs where the runtime cannot create the
+        // mount point: something writable is mounted at its parent.
+        let parent = Path::new(&root).parent().unwrap();
+        if parent.starts_with("/sys") {
+            assert!(
+                mounted
+                    .iter()
+                    .any(|m| Path::new(&m.inside) == parent && m.volume.get("emptyDir").is_some()),
+                "{what}: nothing at {} to hold the mount point {root}",
+                parent.display()
+            );
+        }
+    }
+}

@@ -214,7 +214,16 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
     drop(agent);
     drop(second_cp);
 
-    // The uninstall DaemonSet's capabilities are enough to detach the pinned guard.
+    // The uninstall DaemonSet's capabilities are enough to detach the pinned guard, and its
+    // mounts too: it mounts only tether's directory of the BPF filesystem, so --bpffs-root is
+    // a mount point there, which cannot be removed.
+    let root = site.bpffs.root();
+    let bound = Command::new("mount")
+        .args(["--bind"])
+        .args([&root, &root])
+        .status()
+        .unwrap();
+    assert!(bound.success());
     let out = Command::new("nsenter")
         .arg(format!("--net={}", site.node.path()))
         .arg("setpriv")

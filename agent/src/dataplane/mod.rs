@@ -97,7 +97,7 @@ pub enum DataplaneError {
     TestRun(#[source] ProgramError),
     #[error(
         "{path} is not on a BPF filesystem, so --bpffs-root {root} cannot hold the guard's pins; \
-         mount one (mount -t bpf bpf /sys/fs/bpf) or, in a pod, mount the host's /sys/fs/bpf"
+         mount one (mount -t bpf bpf /sys/fs/bpf) or, in a pod, mount the host's /sys/fs/bpf/tether there"
     )]
     NotBpffs { path: PathBuf, root: PathBuf },
     #[error("{action} {path}")]

@@ -382,6 +382,9 @@ impl Pins {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                // The root is a mount point in a pod that mounts only tether's directory of
+                // the host's BPF filesystem: emptied, it is as good as gone.
+                Err(err) if dir == self.root && err.kind() == io::ErrorKind::ResourceBusy => {}
                 Err(source) => {
                     return Err(DataplaneError::Pin {
                         action: "cannot remove",
