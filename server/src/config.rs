@@ -230,6 +230,12 @@ pub struct TokenAuthArgs {
     /// kube-apiserver accepts.
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
+    /// How long a successful TokenReview is reused for the same token (never past the token's
+    /// own expiry): a token revoked (its pod or service account deleted) still opens agent
+    /// streams for up to this long, and streams it opened stay until they end. 0 reviews
+    /// every stream.
+    #[arg(long, env = "TETHER_TOKEN_REVIEW_CACHE_TTL", value_parser = go_duration, default_value = "10m")]
+    pub token_review_cache_ttl: Duration,
 }
 
 /// Upstream flags whose features tether-server does not have. Setting one is an error that
@@ -349,6 +355,7 @@ pub struct TokenAuthSettings {
     pub kubeconfig: Option<PathBuf>,
     pub qps: f64,
     pub burst: u32,
+    pub cache_ttl: Duration,
 }
 
 impl Config {
@@ -646,6 +653,7 @@ impl TokenAuthArgs {
             } else {
                 10
             },
+            cache_ttl: self.token_review_cache_ttl,
         }))
     }
 }

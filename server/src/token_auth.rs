@@ -26,9 +26,6 @@ const REVIEW_DEADLINE: Duration = Duration::from_secs(10);
 const PER_PEER: usize = 4;
 /// Reviews in flight toward kube-apiserver at once.
 const IN_FLIGHT: usize = 32;
-/// A successful review is reused until the token expires, and at most this long (so a
-/// deleted service account is noticed).
-const CACHE_TTL: Duration = Duration::from_secs(600);
 /// Tokens remembered at once; past it, reviews are not cached until entries expire.
 const CACHE_ENTRIES: usize = 16_384;
 
@@ -42,6 +39,9 @@ pub struct TokenAuth {
     namespace: String,
     service_account: String,
     audience: String,
+    /// A successful review is reused until the token expires, and at most this long (so a
+    /// deleted service account is noticed): `--token-review-cache-ttl`.
+    cache_ttl: Duration,
     limiter: Limiter,
     in_flight: Semaphore,
     peers: PeerSlots,
@@ -90,6 +90,11 @@ pub enum AuthError {
     Review(String),
     #[error("kube-apiserver did not authenticate the token for audience {0:?}")]
     NotAuthenticated(String),
+    #[error(
+        "TokenReview authenticated the token but not for audience {wanted:?} (its audiences: {got:?}); \
+         the agent's token must be projected for --authentication-audience"
+    )]
+    WrongAudience { wanted: String, got: Vec<String> },
     #[error("token belongs to {user:?}, not system:serviceaccount:{namespace}:{service_account}")]
     WrongAccount {
         user: String,
@@ -138,6 +143,7 @@ impl TokenAuth {
             namespace: settings.namespace.clone(),
             service_account: settings.service_account.clone(),
             audience: settings.audience.clone(),
+            cache_ttl: settings.cache_ttl,
             limiter: Limiter::new(settings.qps, settings.burst),
             in_flight: Semaphore::new(IN_FLIGHT),
             peers: PeerSlots::default(),
@@ -180,9 +186,13 @@ impl TokenAuth {
                 })?;
                 self.metrics.token_review("reviewed");
                 let now = Instant::now();
-                let until = now + token_lifetime(token).unwrap_or(CACHE_TTL).min(CACHE_TTL);
-                self.cache_lock()
-                    .insert(key.as_ref(), who.clone(), until, now);
+                let ttl = token_lifetime(token)
+                    .unwrap_or(self.cache_ttl)
+                    .min(self.cache_ttl);
+                if !ttl.is_zero() {
+                    self.cache_lock()
+                        .insert(key.as_ref(), who.clone(), now + ttl, now);
+                }
                 who
             }
         };
@@ -264,6 +274,16 @@ impl TokenAuth {
         }
         if status.authenticated != Some(true) {
             return Err(AuthError::NotAuthenticated(self.audience.clone()));
+        }
+        // An authenticator that ignores the requested audience answers with none (or with its
+        // own): the token was then checked against kube-apiserver's audience, and any of the
+        // service account's tokens, one meant for the API itself included, would pass.
+        let audiences = status.audiences.unwrap_or_default();
+        if !audiences.contains(&self.audience) {
+            return Err(AuthError::WrongAudience {
+                wanted: self.audience.clone(),
+                got: audiences,
+            });
         }
         let user = status.user.unwrap_or_default();
         let extra = |key: &str| {

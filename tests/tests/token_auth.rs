@@ -101,6 +101,11 @@ fn review_status(token: &str, audiences: &Value) -> Value {
             json!({"authenticated": false})
         }
         "default-token" if for_us => user("system:serviceaccount:kube-system:default"),
+        // The agent's account, authenticated by an authenticator that ignores the requested
+        // audience (none in the answer), and one checked for the API's own audience.
+        "audience-unaware-token" => json!({"authenticated": true, "user": {"username": agent}}),
+        "api-audience-token" => json!({"authenticated": true, "user": {"username": agent},
+            "audiences": ["https://kubernetes.default.svc.cluster.local"]}),
         "expired-token" => json!({"authenticated": false, "error": "token has expired"}),
         _ => json!({"authenticated": false}),
     }
@@ -223,6 +228,14 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
             Some("unknown-token"),
             r#"kube-apiserver did not authenticate the token for audience \"system:konnectivity-server\""#,
         ),
+        (
+            Some("audience-unaware-token"),
+            r#"TokenReview authenticated the token but not for audience \"system:konnectivity-server\" (its audiences: [])"#,
+        ),
+        (
+            Some("api-audience-token"),
+            r#"not for audience \"system:konnectivity-server\" (its audiences: [\"https://kubernetes.default.svc.cluster.local\"])"#,
+        ),
         (None, "no authorization metadata"),
     ];
     for (token, expected) in cases {
@@ -263,8 +276,8 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
         .trim()
         .parse()
         .unwrap();
-    assert!(rejected >= 4, "{rejected} rejections counted");
-    // Only the three agents with tokens reached kube-apiserver.
+    assert!(rejected >= 6, "{rejected} rejections counted");
+    // Only the agents with tokens reached kube-apiserver.
     let tokens: Vec<String> = api
         .asked()
         .iter()
@@ -272,9 +285,14 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
         .collect();
     assert!(!tokens.is_empty());
     assert!(
-        tokens
-            .iter()
-            .all(|t| ["default-token", "expired-token", "unknown-token"].contains(&t.as_str())),
+        tokens.iter().all(|t| [
+            "default-token",
+            "expired-token",
+            "unknown-token",
+            "audience-unaware-token",
+            "api-audience-token"
+        ]
+        .contains(&t.as_str())),
         "{tokens:?}"
     );
 }
@@ -357,6 +375,20 @@ async fn a_successful_review_is_reused_until_the_token_expires() {
         metrics.contains("tether_server_token_reviews_total{outcome=\"cached\"} 3"),
         "{metrics}"
     );
+    drop(cluster);
+
+    // --token-review-cache-ttl bounds how long a revoked token still gets in; 0 reviews every
+    // stream.
+    let uncached = token_server(&api, &["--token-review-cache-ttl=0s"]);
+    let before = times_asked(&api, "agent-token");
+    for _ in 0..2 {
+        drop(
+            connect_with(&uncached, "a", "agent-token", "")
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(times_asked(&api, "agent-token"), before + 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
