@@ -116,7 +116,27 @@ impl AgentService for Agents {
             },
             self.metrics.clone(),
         );
-        let backend = Backend::new(agent_id, identifiers, outbox, tunnels, self.metrics.clone());
+        for (address, others) in self.registry.conflicts(&identity, &identifiers) {
+            let nodes = others.iter().any(|o| o.starts_with("node "));
+            self.metrics
+                .address_conflict(if nodes { "nodes" } else { "identities" });
+            tracing::warn!(
+                peer = ?peer,
+                agent = %agent_id,
+                identity,
+                %address,
+                also_claimed_by = ?others,
+                "an agent claims an address that is not its node's alone: dials to it are served by no agent until one claim is withdrawn (a node may write addresses into its own Node status)"
+            );
+        }
+        let backend = Backend::new(
+            agent_id,
+            identifiers,
+            identity,
+            outbox,
+            tunnels,
+            self.metrics.clone(),
+        );
         tracing::info!(
             backend = backend.id,
             agent = %backend.agent_id,

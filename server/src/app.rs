@@ -21,9 +21,10 @@ use crate::config::{Config, FrontendTransport, Mode};
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
-use crate::identity::StreamLimit;
+use crate::identity::{Binding, StreamLimit};
 use crate::listen::{TlsLimits, bind_uds, tls_incoming, uds_incoming};
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
 use crate::tunnel::Settings;
@@ -91,7 +92,21 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         Some(settings) => Some(Arc::new(TokenAuth::new(settings, metrics.clone()).await?)),
         None => None,
     };
-    let registry = Arc::new(Registry::new(config.strategies.clone(), metrics.clone()));
+    // Token-bound claims are checked against every Node's status, which a node may write.
+    let nodes = match (&token_auth, config.binding) {
+        (Some(auth), Binding::Token) => {
+            let nodes = Arc::new(Nodes::default());
+            let api = auth.node_api();
+            let (following, stop) = (nodes.clone(), shutdown.clone());
+            tasks.spawn(async move { following.follow(api, stop).await });
+            Some(nodes)
+        }
+        _ => None,
+    };
+    let registry = Arc::new(
+        Registry::new(config.strategies.clone(), metrics.clone())
+            .binding(config.binding != Binding::Off, nodes),
+    );
 
     let bind = |flag: &'static str, host: String, port: u16| async move {
         bind_tcp(&host, port)

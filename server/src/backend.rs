@@ -17,6 +17,9 @@ pub struct Backend {
     pub id: u64,
     pub agent_id: String,
     pub identifiers: Identifiers,
+    /// Who its credential says it is (`identity`'s label: "node X", "certificate Y"), or
+    /// "agent ID" when claims are not bound.
+    pub identity: String,
     draining: AtomicBool,
     tunnels: Arc<Tunnels>,
     outbox: Outbox,
@@ -29,6 +32,7 @@ impl Backend {
     pub fn new(
         agent_id: String,
         identifiers: Identifiers,
+        identity: String,
         outbox: Outbox,
         tunnels: Arc<Tunnels>,
         metrics: Arc<Metrics>,
@@ -37,6 +41,7 @@ impl Backend {
             id: NEXT_BACKEND.fetch_add(1, Ordering::Relaxed),
             agent_id,
             identifiers,
+            identity,
             draining: AtomicBool::new(false),
             tunnels,
             outbox,

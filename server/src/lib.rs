@@ -33,6 +33,7 @@ pub mod frontend;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
+pub mod nodes;
 pub mod outbox;
 pub mod probe;
 pub mod registry;

@@ -80,6 +80,8 @@ pub struct Metrics {
     packets: Family<PacketLabels, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     token_reviews: Family<OutcomeLabel, Counter>,
+    dials_withheld: Family<ReasonLabel, Counter>,
+    address_conflicts: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +112,8 @@ impl Metrics {
             packets: Family::default(),
             rejected: Family::default(),
             token_reviews: Family::default(),
+            dials_withheld: Family::default(),
+            address_conflicts: Family::default(),
             registry: Registry::default(),
         };
         // Registered clones share their values with the fields above.
@@ -223,6 +227,16 @@ impl Metrics {
                 "Bad input refused or ignored, by reason",
                 metrics.rejected.clone(),
             );
+            ours.register(
+                "dials_withheld",
+                "Dials refused rather than sent to an agent, by reason: ambiguous_address (two Nodes list the address, or agents of two bound identities claim it), node_agent_absent (the host belongs to a node whose own agent is not connected)",
+                metrics.dials_withheld.clone(),
+            );
+            ours.register(
+                "address_conflicts",
+                "Agent streams that claimed an address someone else claims too, by who: nodes (another Node's status lists it), identities (an agent of another bound identity claims it); such an address is served by neither",
+                metrics.address_conflicts.clone(),
+            );
         }
         registry.register_collector(Box::new(tether_runtime::process_metrics::ProcessCollector));
         // Present from the start, so a dashboard sees 0 rather than nothing.
@@ -231,6 +245,18 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    pub fn dial_withheld(&self, reason: &'static str) {
+        self.dials_withheld
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn address_conflict(&self, reason: &'static str) {
+        self.address_conflicts
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn dial_failure(&self, reason: &'static str) {

@@ -1,17 +1,116 @@
 //! Every connected agent stream, and how a dial picks one.
+//!
+//! Under destHost, an address or host name belongs to one node, and only that node's agent
+//! is handed its dials:
+//! - an address two Nodes list (with `--bind-agent-identity=token`, from `nodes`), or that
+//!   agents of two different bound identities claim, is served by neither: the dial fails,
+//!   naming the claimants, whichever registered first;
+//! - a host that belongs to a node (a Node's name or address, or what an agent claimed since
+//!   the server started) whose agent is not connected is not handed to a later strategy
+//!   (`default`): that agent could not reach the node's kubelet through its guard anyway,
+//!   and must never see the stream.
 
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, RwLock};
 
-use tether_proto::identifiers::dial_host;
+use tether_proto::identifiers::{Identifiers, dial_host};
 
 use crate::backend::Backend;
 use crate::metrics::Metrics;
+use crate::nodes::Nodes;
 use crate::strategy::Strategy;
+
+/// Hosts remembered as some agent's claim; past it the oldest claims are forgotten.
+const KNOWN_HOSTS: usize = 100_000;
 
 pub struct Registry {
     list: RwLock<Vec<Arc<Backend>>>,
     strategies: Vec<Strategy>,
     metrics: Arc<Metrics>,
+    /// Claims are bound to credentials (`--bind-agent-identity`), so two identities claiming
+    /// one address is a conflict rather than two replicas of one agent.
+    bound: bool,
+    nodes: Option<Arc<Nodes>>,
+    known: Mutex<Claims>,
+}
+
+/// Hosts and addresses agents claimed since the server started, with the identity that
+/// claimed each last; at most [`KNOWN_HOSTS`], the oldest claims forgotten first.
+#[derive(Default)]
+struct Claims {
+    hosts: HashMap<String, (String, u64)>,
+    /// Counts claims, to tell the oldest.
+    clock: u64,
+}
+
+impl Claims {
+    fn remember(&mut self, host: String, identity: &str) {
+        self.clock += 1;
+        if self.hosts.len() >= KNOWN_HOSTS && !self.hosts.contains_key(&host) {
+            let oldest = self
+                .hosts
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(h, _)| h.clone());
+            if let Some(oldest) = oldest {
+                self.hosts.remove(&oldest);
+            }
+        }
+        self.hosts.insert(host, (identity.to_owned(), self.clock));
+    }
+
+    fn owner(&self, host: &str) -> Option<&str> {
+        self.hosts
+            .get(&host_key(host))
+            .map(|(identity, _)| identity.as_str())
+    }
+}
+
+/// Why a dial has no agent.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoAgent {
+    /// Upstream's words, which clients may match.
+    #[error("No agent available")]
+    None,
+    #[error(
+        "No agent available: {host} is claimed by {}; tether-server serves a node's address only when one node claims it",
+        .claimants.join(" and ")
+    )]
+    Ambiguous {
+        host: String,
+        claimants: Vec<String>,
+    },
+    #[error(
+        "No agent available: {host} belongs to {owner}, whose agent is not connected; tether-server does not hand a node's dials to another node's agent"
+    )]
+    Absent { host: String, owner: String },
+}
+
+impl NoAgent {
+    /// For the `tether_server_dials_withheld_total` reason.
+    pub fn withheld(&self) -> Option<&'static str> {
+        match self {
+            NoAgent::None => None,
+            NoAgent::Ambiguous { .. } => Some("ambiguous_address"),
+            NoAgent::Absent { .. } => Some("node_agent_absent"),
+        }
+    }
+}
+
+/// How a host is remembered: host names lowercased, addresses in their canonical text.
+fn host_key(host: &str) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip.to_canonical().to_string(),
+        Err(_) => host.to_ascii_lowercase(),
+    }
+}
+
+fn claimed_hosts(ids: &Identifiers) -> impl Iterator<Item = String> + '_ {
+    ids.hosts
+        .iter()
+        .map(|h| host_key(h))
+        .chain(ids.addresses.iter().map(|a| host_key(&a.to_string())))
 }
 
 impl Registry {
@@ -20,14 +119,60 @@ impl Registry {
             list: RwLock::new(Vec::new()),
             strategies,
             metrics,
+            bound: false,
+            nodes: None,
+            known: Mutex::default(),
         };
         registry.publish();
         registry
     }
 
+    /// Claims are bound to credentials; with `nodes`, addresses are also checked against
+    /// what every Node's status lists.
+    pub fn binding(mut self, bound: bool, nodes: Option<Arc<Nodes>>) -> Self {
+        self.bound = bound;
+        self.nodes = nodes;
+        self
+    }
+
     pub fn add(&self, backend: Arc<Backend>) {
+        {
+            let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+            for host in claimed_hosts(&backend.identifiers) {
+                known.remember(host, &backend.identity);
+            }
+        }
         self.write().push(backend);
         self.publish();
+    }
+
+    /// The addresses in `ids` that do not belong to `identity` alone: each with the other
+    /// claimants (Nodes that list it, other identities whose agents claim it now).
+    pub fn conflicts(&self, identity: &str, ids: &Identifiers) -> Vec<(IpAddr, Vec<String>)> {
+        if !self.bound {
+            return Vec::new();
+        }
+        let list = self.read();
+        ids.addresses
+            .iter()
+            .filter_map(|address| {
+                let mut others: BTreeSet<String> = self
+                    .nodes
+                    .iter()
+                    .flat_map(|nodes| nodes.owners(*address))
+                    .map(|node| format!("node {node}"))
+                    .filter(|owner| owner != identity)
+                    .collect();
+                others.extend(
+                    list.iter()
+                        .filter(|b| {
+                            b.identity != identity && b.identifiers.addresses.contains(address)
+                        })
+                        .map(|b| b.identity.clone()),
+                );
+                (!others.is_empty()).then(|| (*address, others.into_iter().collect()))
+            })
+            .collect()
     }
 
     pub fn remove(&self, id: u64) {
@@ -54,29 +199,89 @@ impl Registry {
 
     /// Picks the agent for a dial to `address`, trying each strategy in order; a draining
     /// agent is used only when it is the only candidate.
-    pub fn pick(&self, address: &str) -> Option<Arc<Backend>> {
+    pub fn pick(&self, address: &str) -> Result<Arc<Backend>, NoAgent> {
+        let picked = self.choose(address);
+        if let Err(refusal) = &picked
+            && let Some(reason) = refusal.withheld()
+        {
+            self.metrics.dial_withheld(reason);
+        }
+        picked
+    }
+
+    fn choose(&self, address: &str) -> Result<Arc<Backend>, NoAgent> {
         let list = self.read();
         let host = dial_host(address);
-        self.strategies.iter().find_map(|strategy| {
+        for strategy in &self.strategies {
             let candidates: Vec<&Arc<Backend>> = list
                 .iter()
                 .filter(|b| strategy.serves(&b.identifiers, host))
                 .collect();
+            if *strategy == Strategy::DestHost {
+                self.unambiguous(host, &candidates)?;
+            }
             let live: Vec<&Arc<Backend>> = candidates
                 .iter()
                 .copied()
                 .filter(|b| !b.draining())
                 .collect();
             let pool = if live.is_empty() { candidates } else { live };
-            match strategy {
+            let chosen = match strategy {
                 // destHost keeps arrival order: the first agent that claimed the host wins.
                 Strategy::DestHost => pool.first().map(|b| (*b).clone()),
                 _ if pool.is_empty() => None,
                 _ => pool
                     .get(rand::random_range(0..pool.len()))
                     .map(|b| (*b).clone()),
+            };
+            if let Some(backend) = chosen {
+                return Ok(backend);
             }
+            if *strategy == Strategy::DestHost
+                && let Some(owner) = self.owner(host)
+            {
+                return Err(NoAgent::Absent {
+                    host: host.to_owned(),
+                    owner,
+                });
+            }
+        }
+        Err(NoAgent::None)
+    }
+
+    /// Refuses a host that two Nodes list, or that agents of two bound identities claim.
+    fn unambiguous(&self, host: &str, candidates: &[&Arc<Backend>]) -> Result<(), NoAgent> {
+        if !self.bound {
+            return Ok(());
+        }
+        let mut claimants: BTreeSet<String> = BTreeSet::new();
+        if let (Some(nodes), Ok(ip)) = (&self.nodes, host.parse::<IpAddr>()) {
+            let owners = nodes.owners(ip.to_canonical());
+            if owners.len() > 1 {
+                claimants.extend(owners.into_iter().map(|n| format!("node {n}")));
+            }
+        }
+        let identities: BTreeSet<&str> = candidates.iter().map(|b| b.identity.as_str()).collect();
+        if identities.len() > 1 {
+            claimants.extend(identities.into_iter().map(str::to_owned));
+        }
+        if claimants.is_empty() {
+            return Ok(());
+        }
+        Err(NoAgent::Ambiguous {
+            host: host.to_owned(),
+            claimants: claimants.into_iter().collect(),
         })
+    }
+
+    /// Who a host belongs to when no agent serves it: a Node, or the identity that claimed it
+    /// last since the server started.
+    fn owner(&self, host: &str) -> Option<String> {
+        if let Some(node) = self.nodes.as_ref().and_then(|n| n.node_of(host)) {
+            return Some(format!("node {node}"));
+        }
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.owner(host).map(str::to_owned)
     }
 
     /// Ready when the first strategy has at least one agent (as upstream).
@@ -128,6 +333,10 @@ mod tests {
     use crate::tunnel::{Settings, Tunnels};
 
     fn backend(ids: &str, metrics: &Arc<Metrics>) -> Arc<Backend> {
+        bound_backend(ids, "agent a", metrics)
+    }
+
+    fn bound_backend(ids: &str, identity: &str, metrics: &Arc<Metrics>) -> Arc<Backend> {
         let (outbox, _stream) = Outbox::new(1, 16);
         let settings = Settings {
             queue_bytes: 1 << 20,
@@ -139,6 +348,7 @@ mod tests {
         Backend::new(
             "a".into(),
             Identifiers::parse(ids).unwrap(),
+            identity.into(),
             outbox.clone(),
             Tunnels::new(outbox, settings, metrics.clone()),
             metrics.clone(),
@@ -152,25 +362,115 @@ mod tests {
             vec![Strategy::DestHost, Strategy::DefaultRoute],
             metrics.clone(),
         );
-        assert!(registry.pick("10.0.0.5:10250").is_none());
+        assert_eq!(registry.pick("10.0.0.5:10250").err(), Some(NoAgent::None));
         assert!(!registry.ready());
         let node = backend("ipv4=10.0.0.5", &metrics);
         let router = backend("default-route=true", &metrics);
         registry.add(node.clone());
         registry.add(router.clone());
         assert!(registry.ready());
-        assert_eq!(registry.pick("10.0.0.5:10250").map(|b| b.id), Some(node.id));
-        assert_eq!(registry.pick("10.9.9.9:80").map(|b| b.id), Some(router.id));
+        let picked = |address: &str| registry.pick(address).ok().map(|b| b.id);
+        assert_eq!(picked("10.0.0.5:10250"), Some(node.id));
+        assert_eq!(picked("10.9.9.9:80"), Some(router.id));
 
         let twin = backend("ipv4=10.0.0.5", &metrics);
         registry.add(twin.clone());
         let _ = node.handle(tether_proto::Packet::drain());
-        assert_eq!(registry.pick("10.0.0.5:1").map(|b| b.id), Some(twin.id));
+        assert_eq!(picked("10.0.0.5:1"), Some(twin.id));
         registry.remove(twin.id);
         assert_eq!(
-            registry.pick("10.0.0.5:1").map(|b| b.id),
+            picked("10.0.0.5:1"),
             Some(node.id),
             "a draining agent is still used when it is the only match"
+        );
+    }
+
+    #[test]
+    fn a_nodes_dials_never_go_to_another_nodes_agent() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Registry::new(vec![Strategy::DestHost, Strategy::Default], metrics.clone());
+        let node = bound_backend("host=node-a&ipv4=10.0.0.5", "node node-a", &metrics);
+        let other = bound_backend("ipv4=10.0.0.6", "node node-b", &metrics);
+        registry.add(node.clone());
+        registry.add(other.clone());
+        assert_eq!(
+            registry.pick("10.0.0.5:10250").ok().map(|b| b.id),
+            Some(node.id)
+        );
+        registry.remove(node.id);
+        for (address, host) in [("10.0.0.5:10250", "10.0.0.5"), ("NODE-A:10250", "NODE-A")] {
+            assert_eq!(
+                registry.pick(address).err(),
+                Some(NoAgent::Absent {
+                    host: host.into(),
+                    owner: "node node-a".into()
+                }),
+                "{address} went to another node's agent"
+            );
+        }
+        assert_eq!(
+            registry.pick("10.9.9.9:80").ok().map(|b| b.id),
+            Some(other.id),
+            "what belongs to no node still goes to any agent"
+        );
+    }
+
+    #[test]
+    fn an_address_two_identities_or_two_nodes_claim_is_served_by_neither() {
+        let metrics = Arc::new(Metrics::new());
+        let nodes = Arc::new(crate::nodes::Nodes::with(&[
+            ("node-a", &["10.0.0.5"]),
+            ("rogue", &["10.0.0.5", "10.0.0.7"]),
+            ("node-c", &["10.0.0.8"]),
+        ]));
+        let registry = Registry::new(vec![Strategy::DestHost, Strategy::Default], metrics.clone())
+            .binding(true, Some(nodes));
+        let rogue = bound_backend(
+            "ipv4=10.0.0.5&ipv4=10.0.0.7&host=rogue",
+            "node rogue",
+            &metrics,
+        );
+        registry.add(rogue.clone());
+        let ambiguous = NoAgent::Ambiguous {
+            host: "10.0.0.5".into(),
+            claimants: vec!["node node-a".into(), "node rogue".into()],
+        };
+        assert_eq!(
+            registry.pick("10.0.0.5:10250").err(),
+            Some(ambiguous.clone()),
+            "the first to register won a contested address"
+        );
+        assert_eq!(
+            registry.conflicts("node rogue", &rogue.identifiers),
+            [("10.0.0.5".parse().unwrap(), vec!["node node-a".to_owned()])]
+        );
+        let victim = bound_backend("ipv4=10.0.0.5&host=node-a", "node node-a", &metrics);
+        registry.add(victim.clone());
+        assert_eq!(registry.pick("10.0.0.5:10250").err(), Some(ambiguous));
+        // The names are the token's, not the Node's status: they stay each node's own.
+        assert_eq!(registry.pick("node-a:10250").map(|b| b.id), Ok(victim.id));
+        assert_eq!(
+            registry.pick("10.0.0.7:22").ok().map(|b| b.id),
+            Some(rogue.id)
+        );
+
+        // Two identities claiming one address no Node lists.
+        let first = bound_backend("ipv4=10.0.0.8", "certificate one", &metrics);
+        let second = bound_backend("ipv4=10.0.0.8", "certificate two", &metrics);
+        registry.add(first.clone());
+        assert_eq!(
+            registry.pick("10.0.0.8:1").ok().map(|b| b.id),
+            Some(first.id)
+        );
+        registry.add(second.clone());
+        assert!(matches!(
+            registry.pick("10.0.0.8:1"),
+            Err(NoAgent::Ambiguous { claimants, .. }) if claimants == ["certificate one", "certificate two"]
+        ));
+        registry.remove(second.id);
+        assert_eq!(
+            registry.pick("10.0.0.8:1").ok().map(|b| b.id),
+            Some(first.id)
         );
     }
 }

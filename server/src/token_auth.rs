@@ -214,6 +214,11 @@ impl TokenAuth {
         Ok(who)
     }
 
+    /// The Nodes, through the same client (for `nodes`, which lists and watches them).
+    pub fn node_api(&self) -> Api<Node> {
+        self.nodes.clone()
+    }
+
     /// The addresses kube-apiserver lists for `node` (needs `get` on nodes).
     pub async fn node_addresses(&self, node: &str) -> Result<Vec<IpAddr>, AuthError> {
         let read = tokio::time::timeout(REVIEW_DEADLINE, self.nodes.get(node))

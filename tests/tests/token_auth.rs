@@ -94,6 +94,13 @@ fn review_status(token: &str, audiences: &Value) -> Value {
                 },
             }})
         }
+        // A projected token of a pod on the rogue node, which lists node-a's address as its own.
+        "rogue-token" if for_us => {
+            json!({"authenticated": true, "audiences": [AUDIENCE], "user": {
+                "username": agent,
+                "extra": {"authentication.kubernetes.io/node-name": ["rogue"]},
+            }})
+        }
         // JWT-shaped tokens carry their expiry.
         jwt if for_us && jwt.starts_with("e30.") => user(agent),
         "slow-token" => {
@@ -138,19 +145,8 @@ fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
-    if request_line.starts_with("GET /api/v1/nodes/node-a ") {
-        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
-        "status": {"addresses": [
-            {"type": "InternalIP", "address": "10.0.0.5"},
-            {"type": "Hostname", "address": "node-a"},
-        ]}})
-        .to_string();
-        let mut stream = stream;
-        let _ = write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{node}",
-            node.len()
-        );
+    if request_line.starts_with("GET /api/v1/nodes") {
+        answer_nodes(stream, &request_line, asked);
         return;
     }
     let mut review: Value = serde_json::from_slice(&body).unwrap();
@@ -169,6 +165,64 @@ fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
         stream,
         "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
         reply.len()
+    );
+}
+
+/// The cluster's Nodes: node-a, and a rogue node whose kubelet wrote node-a's address into
+/// its own status (NodeRestriction lets a kubelet write its Node's status).
+fn node(name: &str) -> Option<Value> {
+    let addresses: &[&str] = match name {
+        "node-a" => &["10.0.0.5"],
+        "rogue" => &["10.0.0.5", "10.0.0.7"],
+        _ => return None,
+    };
+    let mut listed: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"type": "InternalIP", "address": a}))
+        .collect();
+    listed.push(json!({"type": "Hostname", "address": name}));
+    Some(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "resourceVersion": "1"},
+        "status": {"addresses": listed}}))
+}
+
+/// GET of one Node, the list of them, or a watch, which stays open without an event.
+fn answer_nodes(mut stream: std::net::TcpStream, request_line: &str, asked: &Mutex<Vec<Asked>>) {
+    let path = request_line.split(' ').nth(1).unwrap_or_default();
+    asked.lock().unwrap().push(Asked {
+        review: json!({"nodes": path}),
+        authorization: String::new(),
+    });
+    if path.contains("watch=") {
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+        std::thread::sleep(Duration::from_secs(300));
+        return;
+    }
+    let body = match path.trim_start_matches("/api/v1/nodes").split('?').next() {
+        Some("") => {
+            json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"},
+            "items": [node("node-a"), node("rogue")]})
+        }
+        Some(name) => match node(name.trim_start_matches('/')) {
+            Some(node) => node,
+            None => {
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                return;
+            }
+        },
+        None => return,
+    }
+    .to_string();
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
 }
 
@@ -516,4 +570,132 @@ async fn a_token_bound_agent_may_claim_only_its_node() {
     )
     .await;
     assert!(agent.is_ok(), "{:#}", agent.err().unwrap());
+}
+
+/// The first DIAL_REQ `agent` receives within `limit`: its address.
+async fn dial_seen(agent: &mut FakeAgent, limit: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let packet = tokio::time::timeout_at(deadline, agent.from_server.message())
+            .await
+            .ok()?
+            .ok()??;
+        if let tether_proto::Message::DialRequest(dial) = packet.into_message() {
+            return Some(dial.address);
+        }
+    }
+}
+
+/// What the CONNECT frontend answers for a dial to `address`, within a second (a dial an
+/// agent received but never answered yields `None`).
+async fn connect_refusal(cluster: &Cluster, address: &str) -> Option<String> {
+    tokio::time::timeout(
+        Duration::from_secs(1),
+        http_connect(&cluster.target, address),
+    )
+    .await
+    .ok()?
+    .unwrap()
+    .err()
+}
+
+/// A node whose kubelet lists another node's address in its own Node status, and whose agent
+/// registers first claiming it, receives none of that node's dials: an address two Nodes list
+/// is served by no agent (dials to it fail, naming both), dials by the node's name still reach
+/// its own agent, and when that agent is away its dials fail rather than go to another
+/// node's agent through `default`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_listing_anothers_address_receives_none_of_its_dials() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let cluster = token_server(
+        &api,
+        &[
+            "--bind-agent-identity=token",
+            "--proxy-strategies=destHost,default",
+        ],
+    );
+    // Once the server has the Nodes (the claims below are what it is judged on, so a server
+    // that never lists them goes on and fails there).
+    wait_until(Duration::from_secs(5), || {
+        api.asked()
+            .iter()
+            .any(|a| a.review["nodes"] == "/api/v1/nodes?")
+    });
+    let mut rogue = connect_with(
+        &cluster,
+        "rogue",
+        "rogue-token",
+        "host=rogue&ipv4=10.0.0.5&ipv4=10.0.0.7",
+    )
+    .await
+    .unwrap();
+    let refusal = connect_refusal(&cluster, "10.0.0.5:10250")
+        .await
+        .expect("the contested address was dialled through an agent");
+    assert!(
+        refusal.ends_with(
+            "No agent available: 10.0.0.5 is claimed by node node-a and node rogue; tether-server serves a node's address only when one node claims it"
+        ),
+        "{refusal}"
+    );
+    let mut victim = connect_with(
+        &cluster,
+        "node-a",
+        "node-a-token",
+        "host=node-a&ipv4=10.0.0.5",
+    )
+    .await
+    .unwrap();
+    assert!(connect_refusal(&cluster, "10.0.0.5:10250").await.is_some());
+    assert_eq!(
+        dial_seen(&mut rogue, Duration::from_millis(300)).await,
+        None
+    );
+
+    // By name, the victim's own agent; the rogue's own address, the rogue.
+    assert_eq!(connect_refusal(&cluster, "node-a:10250").await, None);
+    assert_eq!(
+        dial_seen(&mut victim, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("node-a:10250")
+    );
+    assert_eq!(connect_refusal(&cluster, "10.0.0.7:22").await, None);
+    assert_eq!(
+        dial_seen(&mut rogue, Duration::from_secs(2))
+            .await
+            .as_deref(),
+        Some("10.0.0.7:22")
+    );
+
+    // The victim's agent goes away: its dials are not handed to the rogue's through default.
+    drop(victim);
+    // The server notices the stream's end shortly; until then the dial still finds it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let refusal = connect_refusal(&cluster, "node-a:10250")
+            .await
+            .unwrap_or_default();
+        if refusal.ends_with("No agent available: node-a belongs to node node-a, whose agent is not connected; tether-server does not hand a node's dials to another node's agent") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{refusal:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        dial_seen(&mut rogue, Duration::from_millis(300)).await,
+        None
+    );
+    let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
+    for series in [
+        r#"tether_server_address_conflicts_total{reason="nodes"}"#,
+        r#"tether_server_dials_withheld_total{reason="ambiguous_address"}"#,
+        r#"tether_server_dials_withheld_total{reason="node_agent_absent"}"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(series)),
+            "{series} missing:\n{metrics}"
+        );
+    }
 }

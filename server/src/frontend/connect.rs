@@ -84,10 +84,13 @@ impl ConnectFrontend {
             let _ = write(stream, &format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ninvalid CONNECT target {target:?}: {why}\r\n")).await;
             return Err(format!("bad target {target:?}"));
         }
-        let Some(backend) = self.registry.pick(&target) else {
-            self.metrics.dial_failure("no_agent");
-            let _ = write(stream, "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: No agent available").await;
-            return Err("no agent available".into());
+        let backend = match self.registry.pick(&target) {
+            Ok(backend) => backend,
+            Err(refusal) => {
+                self.metrics.dial_failure("no_agent");
+                let _ = write(stream, &format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: {refusal}")).await;
+                return Err(refusal.to_string());
+            }
         };
         let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
         let tunnel = backend.open(random);

@@ -61,27 +61,35 @@ impl ProxyService for Frontends {
                 "unsupported protocol {:?}: only tcp is tunnelled",
                 dial.protocol
             )
-        } else if let Some(backend) = self.registry.pick(&dial.address) {
-            let tunnel = backend.open(dial.random);
-            let session = Session {
-                tunnel: tunnel.clone(),
-                metrics: self.metrics.clone(),
-                gone,
-            };
-            self.tracker.spawn(session.run(dial.address, inbound));
-            let mut response = Response::new(
-                Box::pin(outbound(tunnel, self.metrics.clone(), open)) as PacketStream,
-            );
-            if probe && let Ok(agent) = crate::probe::header_value(&backend.agent_id).parse() {
-                response
-                    .metadata_mut()
-                    .insert(crate::probe::AGENT_HEADER, agent);
-            }
-            return Ok(response);
         } else {
-            self.metrics.dial_failure("no_agent");
-            tracing::info!(address = dial.address, "no agent available for dial");
-            "No agent available".into()
+            match self.registry.pick(&dial.address) {
+                Ok(backend) => {
+                    let tunnel = backend.open(dial.random);
+                    let session = Session {
+                        tunnel: tunnel.clone(),
+                        metrics: self.metrics.clone(),
+                        gone,
+                    };
+                    self.tracker.spawn(session.run(dial.address, inbound));
+                    let mut response =
+                        Response::new(
+                            Box::pin(outbound(tunnel, self.metrics.clone(), open)) as PacketStream
+                        );
+                    if probe
+                        && let Ok(agent) = crate::probe::header_value(&backend.agent_id).parse()
+                    {
+                        response
+                            .metadata_mut()
+                            .insert(crate::probe::AGENT_HEADER, agent);
+                    }
+                    return Ok(response);
+                }
+                Err(refusal) => {
+                    self.metrics.dial_failure("no_agent");
+                    tracing::info!(address = dial.address, reason = %refusal, "no agent available for dial");
+                    refusal.to_string()
+                }
+            }
         };
         // Upstream answers a refused dial and then waits for the client to close the stream.
         tokio::spawn(discard(inbound, self.metrics.clone()));
