@@ -88,13 +88,18 @@ impl AgentService for Agents {
                 }
             }
         }
-        let identity = self
-            .bind(&agent_id, &identifiers, conn.as_ref(), node.as_deref())
-            .await
-            .inspect_err(|status| {
-                self.metrics.reject("agent_identity");
-                tracing::warn!(peer = ?peer, agent = %agent_id, error = status.message(), "rejected agent stream: its claims do not match its credential");
-            })?;
+        let refused = |status: Status| {
+            self.metrics.reject("agent_identity");
+            tracing::warn!(peer = ?peer, agent = %agent_id, error = status.message(), "rejected agent stream: its claims do not match its credential");
+            status
+        };
+        let vouched = self
+            .vouch(conn.as_ref(), node.as_deref())
+            .map_err(refused)?;
+        let identity = vouched
+            .as_ref()
+            .map_or_else(|| format!("agent {agent_id}"), |v| v.label.clone());
+        // Before any further call to kube-apiserver: an identity at its limit costs nothing.
         let Some(slot) = self.streams.take(&identity) else {
             self.metrics.reject("agent_identity_streams");
             tracing::warn!(peer = ?peer, agent = %agent_id, identity, limit = self.streams.max(), "rejected agent stream: its identity holds its limit of streams");
@@ -103,6 +108,11 @@ impl AgentService for Agents {
                 self.streams.max()
             )));
         };
+        if let Some(vouched) = vouched {
+            self.check_claims(&agent_id, &identifiers, vouched, node.as_deref())
+                .await
+                .map_err(refused)?;
+        }
         let flow_control = request
             .metadata()
             .get(metadata::FLOW_CONTROL)
@@ -145,6 +155,9 @@ impl AgentService for Agents {
             "agent connected"
         );
         self.registry.add(backend.clone());
+        if let Some(conn) = &conn {
+            conn.prove();
+        }
         let gauge = self.metrics.grpc_connections("Connect");
         gauge.inc();
 
@@ -219,24 +232,23 @@ impl AgentService for Agents {
 }
 
 impl Agents {
-    /// Checks the agent's claims against its credential; returns the identity its streams
-    /// count against.
-    async fn bind(
+    /// What the agent's credential vouches for, as far as it is known without asking
+    /// kube-apiserver (a token-bound node's addresses come later); `None` when claims are
+    /// not bound.
+    fn vouch(
         &self,
-        agent_id: &str,
-        identifiers: &Identifiers,
         conn: Option<&ConnInfo>,
         node: Option<&str>,
-    ) -> Result<String, Status> {
-        let vouched = match self.binding {
-            Binding::Off => return Ok(format!("agent {agent_id}")),
+    ) -> Result<Option<Vouched>, Status> {
+        match self.binding {
+            Binding::Off => Ok(None),
             Binding::Certificate => {
                 let Some(names) = conn.and_then(|c| c.client.as_deref()) else {
                     return Err(Status::permission_denied(
                         "--bind-agent-identity=certificate: the agent presented no client certificate",
                     ));
                 };
-                Vouched::certificate(names)
+                Ok(Some(Vouched::certificate(names)))
             }
             Binding::Token => {
                 let Some(node) = node else {
@@ -244,19 +256,30 @@ impl Agents {
                         "--bind-agent-identity=token: the agent's token is not bound to a pod on a node (use a projected service-account token; Kubernetes 1.30+ names the node)",
                     ));
                 };
-                let addresses = match (&self.token_auth, identifiers.addresses.is_empty()) {
-                    (Some(auth), false) => auth
-                        .node_addresses(node)
-                        .await
-                        .map_err(|err| Status::unavailable(err.to_string()))?,
-                    _ => Vec::new(),
-                };
-                Vouched::node(node, addresses)
+                Ok(Some(Vouched::node(node, Vec::new())))
             }
-        };
+        }
+    }
+
+    /// Checks the agent's claims against what its credential vouches for, reading a
+    /// token-bound node's addresses when it claims any.
+    async fn check_claims(
+        &self,
+        agent_id: &str,
+        identifiers: &Identifiers,
+        mut vouched: Vouched,
+        node: Option<&str>,
+    ) -> Result<(), Status> {
+        if let (Binding::Token, Some(auth), Some(node)) = (self.binding, &self.token_auth, node)
+            && !identifiers.addresses.is_empty()
+        {
+            vouched.addresses = auth
+                .node_addresses(node)
+                .await
+                .map_err(|err| Status::unavailable(err.to_string()))?;
+        }
         identity::check(agent_id, identifiers, &vouched)
-            .map_err(|mismatch| Status::permission_denied(mismatch.to_string()))?;
-        Ok(vouched.label)
+            .map_err(|mismatch| Status::permission_denied(mismatch.to_string()))
     }
 
     fn validate(

@@ -22,7 +22,7 @@ use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
 use crate::identity::{Binding, StreamLimit};
-use crate::listen::{TlsLimits, bind_uds, tls_incoming, uds_incoming};
+use crate::listen::{Pending, TlsLimits, bind_uds, tls_incoming, uds_incoming};
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::registry::Registry;
@@ -163,6 +163,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         TlsLimits {
             idle_timeout: Some(config.agent_idle_timeout),
             probe: Some(config.agent_probe_interval),
+            pending: Some(Pending::new(
+                config.max_pending_agent_connections.0,
+                config.max_pending_agent_connections.1,
+            )),
         },
         metrics.clone(),
         shutdown.clone(),
@@ -245,6 +249,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 TlsLimits {
                     idle_timeout: None,
                     probe: None,
+                    pending: None,
                 },
                 metrics.clone(),
                 stop_frontends.clone(),

@@ -136,6 +136,15 @@ pub struct Args {
     /// agent opens its stream right after the TLS handshake).
     #[arg(long, env = "TETHER_AGENT_IDLE_TIMEOUT", value_parser = go_duration, default_value = "60s", help_heading = "Limits (tether)")]
     pub agent_idle_timeout: Duration,
+    /// Agent-port connections from one source address that have not yet carried an accepted
+    /// agent stream (the TLS handshake and the TokenReview are still to come or under way);
+    /// past it, that source's new connections are closed at once. Raise it for many nodes
+    /// behind one NAT address.
+    #[arg(long, env = "TETHER_MAX_PENDING_AGENT_CONNECTIONS_PER_SOURCE", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits (tether)")]
+    pub max_pending_agent_connections_per_source: u32,
+    /// The same, from all sources together.
+    #[arg(long, env = "TETHER_MAX_PENDING_AGENT_CONNECTIONS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits (tether)")]
+    pub max_pending_agent_connections: u32,
     /// How often an agent connection's peer is checked: an idle connection sends a TCP
     /// keepalive probe every interval, and one whose agent acknowledges nothing for four
     /// intervals is closed, so an agent whose node died or was cut off stops receiving dials
@@ -333,6 +342,8 @@ pub struct Config {
     pub half_close_timeout: Duration,
     pub agent_idle_timeout: Duration,
     pub agent_probe_interval: Duration,
+    /// Unproven agent-port connections: (per source, in all).
+    pub max_pending_agent_connections: (usize, usize),
     pub health_host: String,
     pub health_port: u16,
     pub admin_host: String,
@@ -575,6 +586,10 @@ impl Config {
             half_close_timeout: args.half_close_timeout,
             agent_idle_timeout: args.agent_idle_timeout,
             agent_probe_interval: args.agent_probe_interval,
+            max_pending_agent_connections: (
+                args.max_pending_agent_connections_per_source as usize,
+                args.max_pending_agent_connections as usize,
+            ),
             health_host: args.health_bind_address.clone(),
             health_port: args.health_port,
             admin_host: args.admin_bind_address.clone(),

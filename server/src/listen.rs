@@ -3,8 +3,9 @@
 //! accept loop with a limit on how many are in flight, and a TLS connection that carries no
 //! stream for the idle timeout is closed.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -184,13 +185,76 @@ impl AsyncRead for UdsConn {
 write_through!(UdsConn);
 
 /// How a TLS listener treats its connections.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct TlsLimits {
     /// A connection that carries no stream this long is closed (`None`: never).
     pub idle_timeout: Option<Duration>,
     /// Probe the peer this often and give it up after four silent intervals (`None`: leave
     /// it to HTTP/2 keepalive).
     pub probe: Option<Duration>,
+    /// Connections not yet proven (see [`Pending`]), bounded per source and in all.
+    pub pending: Option<Arc<Pending>>,
+}
+
+/// Agent-port connections that have not yet carried an accepted agent stream: a stranger
+/// holds TLS state and can queue TokenReviews, so there are at most so many per source
+/// address and in all. Past either, a new connection is closed at once (counted); a
+/// connection stops counting once its agent stream is accepted ([`ConnInfo::prove`]).
+#[derive(Debug)]
+pub struct Pending {
+    per_source: usize,
+    total: usize,
+    held: std::sync::Mutex<(HashMap<IpAddr, usize>, usize)>,
+}
+
+impl Pending {
+    pub fn new(per_source: usize, total: usize) -> Arc<Self> {
+        Arc::new(Pending {
+            per_source,
+            total,
+            held: std::sync::Mutex::default(),
+        })
+    }
+
+    /// A place for one more unproven connection from `source`, or why there is none.
+    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<PendingSlot, &'static str> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (per_source, total) = &mut *held;
+        if *total >= self.total {
+            return Err("agent_pending_connections");
+        }
+        let mine = per_source.entry(source).or_default();
+        if *mine >= self.per_source {
+            return Err("agent_pending_connections_per_source");
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(PendingSlot {
+            pending: self.clone(),
+            source,
+        })
+    }
+}
+
+/// One unproven connection's place, given back when it is proven or closed.
+#[derive(Debug)]
+pub struct PendingSlot {
+    pending: Arc<Pending>,
+    source: IpAddr,
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut held = self.pending.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (per_source, total) = &mut *held;
+        *total -= 1;
+        if let Some(mine) = per_source.get_mut(&self.source) {
+            *mine -= 1;
+            if *mine == 0 {
+                per_source.remove(&self.source);
+            }
+        }
+    }
 }
 
 /// Silent probe intervals after which a peer is given up, as the agent does.
@@ -232,6 +296,15 @@ pub fn tls_incoming(
                     continue;
                 }
             };
+            let pending = match limits.pending.as_ref().map(|p| p.admit(peer.ip())) {
+                None => None,
+                Some(Ok(slot)) => Some(slot),
+                Some(Err(reason)) => {
+                    metrics.reject(reason);
+                    tracing::debug!(role, %peer, reason, "closed a connection: too many unproven ones");
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             if let Some(interval) = limits.probe
                 && let Err(err) = tether_runtime::net::probe_peer(&tcp, interval, PROBE_MISSES)
@@ -241,6 +314,7 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let conn_tx = tx.clone();
             let metrics = metrics.clone();
+            let idle_timeout = limits.idle_timeout;
             tokio::spawn(async move {
                 let handshake = acceptor.accept(ReadAhead::new(tcp));
                 let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
@@ -254,7 +328,7 @@ pub fn tls_incoming(
                             .get_mut()
                             .1
                             .set_buffer_limit(Some(tether_proto::MAX_HTTP2_FRAME as usize));
-                        let conn = TlsConn::new(stream, peer, limits.idle_timeout);
+                        let conn = TlsConn::new(stream, peer, idle_timeout, pending);
                         let _ = conn_tx.send(Ok(conn)).await;
                     }
                     Ok(Err(err)) => {
@@ -295,6 +369,8 @@ pub struct ConnInfo {
     /// What the client certificate names, when the peer presented one.
     pub client: Option<Arc<CertNames>>,
     streams: Arc<Streams>,
+    /// Its place among the unproven connections, until [`ConnInfo::prove`].
+    pending: Arc<std::sync::Mutex<Option<PendingSlot>>>,
 }
 
 #[derive(Debug, Default)]
@@ -308,6 +384,14 @@ struct Streams {
 }
 
 impl ConnInfo {
+    /// The connection carries an accepted agent stream: it no longer counts as unproven.
+    pub fn prove(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+    }
+
     /// Counts a stream on this connection until the returned guard is dropped.
     pub fn stream(&self) -> StreamGuard {
         self.streams.open.fetch_add(1, Ordering::AcqRel);
@@ -346,6 +430,7 @@ impl TlsConn {
         stream: TlsStream<ReadAhead<TcpStream>>,
         peer: SocketAddr,
         idle_timeout: Option<Duration>,
+        pending: Option<PendingSlot>,
     ) -> Self {
         let client = stream
             .get_ref()
@@ -360,6 +445,7 @@ impl TlsConn {
                 peer,
                 client,
                 streams: Arc::default(),
+                pending: Arc::new(std::sync::Mutex::new(pending)),
             },
             idle: idle_timeout.map(|timeout| Idle {
                 timeout,

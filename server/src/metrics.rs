@@ -219,7 +219,7 @@ impl Metrics {
             );
             ours.register(
                 "token_reviews",
-                "Agent token checks, by outcome: reviewed (kube-apiserver asked), cached (a review reused until the token expires), refused_busy (over the review rate, deadline or per-address share), failed",
+                "Agent token checks, by outcome: reviewed (kube-apiserver asked), cached (a review reused until the token expires), refused_busy (over the review rate, deadline, per-address share or failure allowance), refused_again (a token refused moments ago), failed",
                 metrics.token_reviews.clone(),
             );
             ours.register(

@@ -22,8 +22,24 @@ use crate::metrics::Metrics;
 /// An agent whose review could not start within this is refused at once (and retries with
 /// its backoff) rather than waiting past its own 30 s timeout for an answer it would ignore.
 const REVIEW_DEADLINE: Duration = Duration::from_secs(10);
+/// A source address none of whose reviews succeeded lately waits at most this long for a
+/// turn: strangers never queue so deep that an agent that already proved itself waits
+/// behind them past its deadline.
+const STRANGER_DEADLINE: Duration = Duration::from_secs(2);
 /// Reviews one peer address may have queued or in flight: an agent needs one at a time.
 const PER_PEER: usize = 4;
+/// A source whose review succeeded counts as proven this long.
+const PROVEN_FOR: Duration = Duration::from_secs(3600);
+/// Failed reviews a source may have in a burst; past it, one more each [`FAILURE_REFILL`].
+/// An agent with a bad token retries far slower than that; a source that sends junk tokens
+/// is held to it, so sixteen of them together cannot take kube-apiserver's reviews from the
+/// rest.
+const FAILURE_BURST: f64 = 8.0;
+const FAILURE_REFILL: Duration = Duration::from_secs(5);
+/// A token kube-apiserver refused is refused again without asking for this long.
+const REFUSED_FOR: Duration = Duration::from_secs(10);
+/// Source addresses remembered at once (their standing, not their tokens).
+const SOURCES: usize = 65_536;
 /// Reviews in flight toward kube-apiserver at once.
 const IN_FLIGHT: usize = 32;
 /// Tokens remembered at once; past it, reviews are not cached until entries expire.
@@ -45,8 +61,73 @@ pub struct TokenAuth {
     limiter: Limiter,
     in_flight: Semaphore,
     peers: PeerSlots,
-    cache: Mutex<Cache>,
+    cache: Mutex<Cache<Authenticated>>,
+    /// Digests of tokens kube-apiserver just refused.
+    refused: Mutex<Cache<()>>,
+    sources: Mutex<Sources>,
     metrics: Arc<Metrics>,
+}
+
+/// What the server has seen of each source address's reviews lately.
+#[derive(Default)]
+struct Sources(HashMap<IpAddr, Standing>);
+
+#[derive(Clone, Copy)]
+struct Standing {
+    /// A review from it succeeded, so it is served before strangers until then.
+    proven_until: Option<Instant>,
+    /// Failures it may still have (a bucket of [`FAILURE_BURST`]), as of `at`.
+    failures_left: f64,
+    at: Instant,
+}
+
+impl Standing {
+    fn failures_left(&self, now: Instant) -> f64 {
+        let refilled = now.duration_since(self.at).as_secs_f64() / FAILURE_REFILL.as_secs_f64();
+        (self.failures_left + refilled).min(FAILURE_BURST)
+    }
+}
+
+impl Sources {
+    /// Whether `source` may have a review now, and how long it may wait for a turn.
+    fn admit(&self, source: IpAddr, now: Instant) -> Result<Duration, AuthError> {
+        let Some(standing) = self.0.get(&source) else {
+            return Ok(STRANGER_DEADLINE);
+        };
+        let left = standing.failures_left(now);
+        if left < 1.0 {
+            return Err(AuthError::Failing(FAILURE_REFILL.mul_f64(1.0 - left)));
+        }
+        if standing.proven_until.is_some_and(|until| until > now) {
+            Ok(REVIEW_DEADLINE)
+        } else {
+            Ok(STRANGER_DEADLINE)
+        }
+    }
+
+    fn record(&mut self, source: IpAddr, succeeded: bool, now: Instant) {
+        if self.0.len() >= SOURCES && !self.0.contains_key(&source) {
+            self.0.retain(|_, s| {
+                s.failures_left(now) < FAILURE_BURST
+                    || s.proven_until.is_some_and(|until| until > now)
+            });
+            if self.0.len() >= SOURCES {
+                return;
+            }
+        }
+        let standing = self.0.entry(source).or_insert(Standing {
+            proven_until: None,
+            failures_left: FAILURE_BURST,
+            at: now,
+        });
+        standing.failures_left = standing.failures_left(now);
+        standing.at = now;
+        if succeeded {
+            standing.proven_until = Some(now + PROVEN_FOR);
+        } else {
+            standing.failures_left -= 1.0;
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +161,10 @@ pub enum AuthError {
     Busy(Duration),
     #[error("{0} TokenReviews from this address are already queued or in flight")]
     PeerBusy(usize),
+    #[error("too many TokenReviews from this address failed lately; the next is taken in {0:?}")]
+    Failing(Duration),
+    #[error("kube-apiserver refused this token moments ago")]
+    RecentlyRefused,
     #[error("cannot read node {node:?} to check the agent's addresses: {source}")]
     Node {
         node: String,
@@ -108,7 +193,22 @@ impl AuthError {
     pub fn is_overload(&self) -> bool {
         matches!(
             self,
-            AuthError::Busy(_) | AuthError::PeerBusy(_) | AuthError::Timeout(_)
+            AuthError::Busy(_)
+                | AuthError::PeerBusy(_)
+                | AuthError::Timeout(_)
+                | AuthError::Failing(_)
+        )
+    }
+
+    /// A verdict on the token itself (not on the server's load or kube-apiserver's health),
+    /// which counts against the address that sent it.
+    fn blames_the_token(&self) -> bool {
+        matches!(
+            self,
+            AuthError::Review(_)
+                | AuthError::NotAuthenticated(_)
+                | AuthError::WrongAudience { .. }
+                | AuthError::WrongAccount { .. }
         )
     }
 }
@@ -148,6 +248,8 @@ impl TokenAuth {
             in_flight: Semaphore::new(IN_FLIGHT),
             peers: PeerSlots::default(),
             cache: Mutex::new(Cache::default()),
+            refused: Mutex::new(Cache::default()),
+            sources: Mutex::new(Sources::default()),
             metrics,
         })
     }
@@ -177,7 +279,31 @@ impl TokenAuth {
                 who
             }
             None => {
-                let who = self.review(token, peer).await.inspect_err(|err| {
+                if lock(&self.refused)
+                    .get(key.as_ref(), Instant::now())
+                    .is_some()
+                {
+                    self.metrics.token_review("refused_again");
+                    return Err(AuthError::RecentlyRefused);
+                }
+                let reviewed = self
+                    .review(token, peer)
+                    .await
+                    .and_then(|who| self.check_account(who));
+                let now = Instant::now();
+                if let Some(peer) = peer {
+                    match &reviewed {
+                        Ok(_) => lock(&self.sources).record(peer, true, now),
+                        Err(err) if err.blames_the_token() => {
+                            lock(&self.sources).record(peer, false, now);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                let who = reviewed.inspect_err(|err| {
+                    if err.blames_the_token() {
+                        lock(&self.refused).insert(key.as_ref(), (), now + REFUSED_FOR, now);
+                    }
                     self.metrics.token_review(if err.is_overload() {
                         "refused_busy"
                     } else {
@@ -185,7 +311,6 @@ impl TokenAuth {
                     });
                 })?;
                 self.metrics.token_review("reviewed");
-                let now = Instant::now();
                 let ttl = token_lifetime(token)
                     .unwrap_or(self.cache_ttl)
                     .min(self.cache_ttl);
@@ -196,6 +321,11 @@ impl TokenAuth {
                 who
             }
         };
+        self.check_account(who)
+    }
+
+    /// Only the configured service account gets in.
+    fn check_account(&self, who: Authenticated) -> Result<Authenticated, AuthError> {
         let parts: Vec<&str> = who.user.split(':').collect();
         if parts
             != [
@@ -237,21 +367,25 @@ impl TokenAuth {
             .collect())
     }
 
-    fn cache_lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+    fn cache_lock(&self) -> std::sync::MutexGuard<'_, Cache<Authenticated>> {
         self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// One TokenReview, within this peer's share and the deadline.
+    /// One TokenReview, within this peer's share and standing and the deadline.
     async fn review(&self, token: &str, peer: Option<IpAddr>) -> Result<Authenticated, AuthError> {
-        let _slot = match peer {
-            Some(peer) => Some(self.peers.take(peer).ok_or(AuthError::PeerBusy(PER_PEER))?),
-            None => None,
+        let (_slot, patience) = match peer {
+            Some(peer) => {
+                let slot = self.peers.take(peer).ok_or(AuthError::PeerBusy(PER_PEER))?;
+                let patience = lock(&self.sources).admit(peer, Instant::now())?;
+                (Some(slot), patience)
+            }
+            None => (None, REVIEW_DEADLINE),
         };
         let started = Instant::now();
         let turn = async {
-            self.limiter.wait(REVIEW_DEADLINE).await?;
+            self.limiter.wait(patience).await?;
             self.in_flight
                 .acquire()
                 .await
@@ -306,6 +440,12 @@ impl TokenAuth {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long until a JWT's `exp`, read without checking the signature: kube-apiserver has just
 /// vouched for the token, this only bounds how long that answer is reused.
 fn token_lifetime(token: &str) -> Option<Duration> {
@@ -322,12 +462,18 @@ fn token_lifetime(token: &str) -> Option<Duration> {
     Some(Duration::from_secs(exp.checked_sub(now)?))
 }
 
-/// Successful reviews by token digest.
-#[derive(Default)]
-struct Cache(HashMap<Vec<u8>, (Authenticated, Instant)>);
+/// Review outcomes by token digest, each until its own expiry: who succeeded, and (`()`)
+/// which tokens were just refused.
+struct Cache<T>(HashMap<Vec<u8>, (T, Instant)>);
 
-impl Cache {
-    fn get(&mut self, key: &[u8], now: Instant) -> Option<Authenticated> {
+impl<T> Default for Cache<T> {
+    fn default() -> Self {
+        Cache(HashMap::new())
+    }
+}
+
+impl<T: Clone> Cache<T> {
+    fn get(&mut self, key: &[u8], now: Instant) -> Option<T> {
         match self.0.get(key) {
             Some((who, until)) if *until > now => Some(who.clone()),
             Some(_) => {
@@ -338,7 +484,7 @@ impl Cache {
         }
     }
 
-    fn insert(&mut self, key: &[u8], who: Authenticated, until: Instant, now: Instant) {
+    fn insert(&mut self, key: &[u8], who: T, until: Instant, now: Instant) {
         if until <= now {
             return;
         }
@@ -561,6 +707,35 @@ mod tests {
             now,
         );
         assert_eq!(cache.get(b"gone", now), None);
+    }
+
+    #[test]
+    fn a_source_that_keeps_failing_is_held_back_and_a_proven_one_waits_longer() {
+        let mut sources = Sources::default();
+        let (junk, honest): (IpAddr, IpAddr) =
+            ("10.0.0.66".parse().unwrap(), "10.0.0.5".parse().unwrap());
+        let now = Instant::now();
+        assert_eq!(sources.admit(junk, now).unwrap(), STRANGER_DEADLINE);
+        for _ in 0..8 {
+            assert!(sources.admit(junk, now).is_ok());
+            sources.record(junk, false, now);
+        }
+        let Err(AuthError::Failing(wait)) = sources.admit(junk, now) else {
+            panic!("a ninth failure in a row was let through");
+        };
+        assert_eq!(wait, FAILURE_REFILL);
+        assert!(
+            sources.admit(junk, now + FAILURE_REFILL).is_ok(),
+            "it refills"
+        );
+
+        sources.record(honest, true, now);
+        assert_eq!(sources.admit(honest, now).unwrap(), REVIEW_DEADLINE);
+        assert_eq!(
+            sources.admit(honest, now + PROVEN_FOR).unwrap(),
+            STRANGER_DEADLINE,
+            "proof lapses"
+        );
     }
 
     #[test]

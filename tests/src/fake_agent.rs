@@ -11,7 +11,6 @@ use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use tether_proto::Packet;
 use tether_proto::agent::agent_service_client::AgentServiceClient;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,12 +64,19 @@ impl FakeAgent {
 /// One TLS connection to the agent port on 127.0.0.1:`port`, trusting `ca`; agent streams
 /// opened on it share it.
 pub async fn channel(port: u16, ca: &Path) -> Result<Channel> {
+    channel_from(std::net::Ipv4Addr::LOCALHOST, port, ca).await
+}
+
+/// [`channel`] from `source`, an address on loopback: as many agents as addresses.
+pub async fn channel_from(source: std::net::Ipv4Addr, port: u16, ca: &Path) -> Result<Channel> {
     let tls = tls_connector(ca)?;
     Ok(Endpoint::from_static("http://agent-port")
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let tls = tls.clone();
             async move {
-                let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind((source, 0).into())?;
+                let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
                 let name = ServerName::try_from("localhost").map_err(io::Error::other)?;
                 Ok::<_, io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
             }

@@ -104,6 +104,7 @@ impl FakeServer {
             tether_server::listen::TlsLimits {
                 idle_timeout: None,
                 probe: None,
+                pending: None,
             },
             metrics,
             Default::default(),

@@ -87,15 +87,38 @@ fn probe_connections_are_capped_and_timed_out() {
     );
 }
 
+/// A connection to the agent port from `source` (an address on loopback).
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let bind: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    socket.bind(&bind.into()).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    socket.into()
+}
+
 /// Hundreds of clients that connect to the agent port and never start TLS hold at most the
-/// handshake limit of the server's file descriptors; agents still get in once they leave.
+/// handshake limit of the server's file descriptors, and one source address at most its
+/// share of unproven connections; agents still get in once they leave.
 #[tokio::test(flavor = "multi_thread")]
 async fn stalled_handshakes_are_limited() {
     let cluster = Cluster::server_only(Mode::HttpConnect, Transport::Uds, &[]).unwrap();
     let pid = cluster.server.logged.process.pid();
+    let port = cluster.server.agent_port;
     let base = open_fds(pid);
+    // One source: its 32 unproven connections, no more.
+    let from_one: Vec<TcpStream> = (0..100).map(|_| connect_from("127.0.0.2", port)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = open_fds(pid) - base;
+    assert!(
+        (30..=34).contains(&held),
+        "100 stalled connections from one address hold {held} descriptors (limit 32 per source)"
+    );
+    drop(from_one);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Ten sources, 30 each: the handshake limit.
     let stalled: Vec<TcpStream> = (0..300)
-        .map(|_| TcpStream::connect(("127.0.0.1", cluster.server.agent_port)).unwrap())
+        .map(|i| connect_from(&format!("127.0.1.{}", i % 10 + 1), port))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let held = open_fds(pid) - base;

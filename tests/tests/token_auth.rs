@@ -699,3 +699,114 @@ async fn a_node_listing_anothers_address_receives_none_of_its_dials() {
         );
     }
 }
+
+/// Junk tokens from sixteen addresses, four streams at a time each, for as long as the test
+/// lasts: they cannot keep out an agent that proved itself before and comes back with a
+/// fresh token (its pod restarted), and the server's memory stays bounded. Strangers only
+/// ever queue a short way for a review, a source whose tokens keep failing is held back, and
+/// unproven connections are capped per address.
+#[tokio::test(flavor = "multi_thread")]
+async fn junk_token_floods_from_many_addresses_do_not_keep_an_honest_agent_out() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let cluster = token_server(&api, &[]);
+    let port = cluster.server.agent_port;
+    let pid = cluster.server.logged.process.pid();
+    drop(
+        connect_with(&cluster, "honest", &jwt(3600), "")
+            .await
+            .unwrap(),
+    );
+    let rss_before = tether_tests::process::rss_kib(pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attempts = Arc::new(AtomicU64::new(0));
+    let mut flood = Vec::new();
+    for source in 1..=16u8 {
+        for lane in 0..4u32 {
+            let (stop, attempts, ca) = (stop.clone(), attempts.clone(), cluster.pki.ca());
+            flood.push(tokio::spawn(async move {
+                let from = std::net::Ipv4Addr::new(127, 0, 3, source);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(channel) = fake_agent::channel_from(from, port, &ca).await else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    // Stream after stream on one connection, each with a token never seen.
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        attempts.fetch_add(1, Ordering::Relaxed);
+                        let bearer = format!("Bearer junk-{source}-{lane}-{n}");
+                        let opened = FakeAgent::open_with(
+                            channel.clone(),
+                            "junk",
+                            &[("authorization", bearer.as_str())],
+                        )
+                        .await;
+                        if opened.is_ok() {
+                            panic!("a junk token got in");
+                        }
+                        let transport = opened
+                            .err()
+                            .is_some_and(|e| format!("{e:#}").contains("transport"));
+                        if transport {
+                            break;
+                        }
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The honest agent comes back with a fresh token, retrying as an agent does.
+    let started = std::time::Instant::now();
+    let mut refusals = Vec::new();
+    loop {
+        match connect_with(&cluster, "honest", &jwt(3601), "").await {
+            Ok(_) => break,
+            Err(err) => refusals.push(format!("{err:#}")),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the honest agent is kept out: {} refusals, the last {:?}",
+            refusals.len(),
+            refusals.last()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let took = started.elapsed();
+    let rss_during = tether_tests::process::rss_kib(pid);
+    stop.store(true, Ordering::Relaxed);
+    for task in flood {
+        let _ = task.await;
+    }
+    let junk_reviews = api
+        .asked()
+        .iter()
+        .filter(|a| {
+            a.review["spec"]["token"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("junk-"))
+        })
+        .count();
+    assert!(
+        took < Duration::from_secs(4),
+        "the honest agent took {took:?} to get back in ({} refusals, the last {:?})",
+        refusals.len(),
+        refusals.last()
+    );
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "the server grew from {rss_before} KiB to {rss_during} KiB under the flood"
+    );
+    // Each address fails eight reviews, then one per five seconds.
+    let elapsed = 3 + took.as_secs();
+    assert!(
+        junk_reviews as u64 <= 16 * (8 + elapsed / 5 + 1),
+        "{junk_reviews} junk tokens reached kube-apiserver in about {elapsed} s ({} attempts)",
+        attempts.load(Ordering::Relaxed)
+    );
+}
