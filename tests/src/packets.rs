@@ -100,25 +100,27 @@ pub fn frame(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
+/// The internet checksum (RFC 1071) over `parts` laid end to end (each of even length but
+/// the last).
+pub fn internet_checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = parts
+        .iter()
+        .flat_map(|part| part.chunks(2))
+        .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// An IP packet (no link-layer header) carrying TCP, with the checksums the kernel verifies
 /// filled in: for packets written into a tun device, which reach the stack as they are.
 pub fn with_checksums(mut packet: Vec<u8>) -> Vec<u8> {
-    let fold = |mut sum: u32| {
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    };
-    let add = |bytes: &[u8]| -> u32 {
-        bytes
-            .chunks(2)
-            .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
-            .sum()
-    };
     let (l4, pseudo) = if packet[0] >> 4 == 4 {
         let header = usize::from(packet[0] & 0x0f) * 4;
         packet[10..12].fill(0);
-        let sum = fold(add(&packet[..header]));
+        let sum = internet_checksum(&[&packet[..header]]);
         packet[10..12].copy_from_slice(&sum.to_be_bytes());
         let length = u16::try_from(packet.len() - header).unwrap_or(u16::MAX);
         let mut pseudo = packet[12..20].to_vec();
@@ -133,7 +135,7 @@ pub fn with_checksums(mut packet: Vec<u8>) -> Vec<u8> {
         (40, pseudo)
     };
     packet[l4 + 16..l4 + 18].fill(0);
-    let sum = fold(add(&pseudo) + add(&packet[l4..]));
+    let sum = internet_checksum(&[&pseudo, &packet[l4..]]);
     packet[l4 + 16..l4 + 18].copy_from_slice(&sum.to_be_bytes());
     packet
 }

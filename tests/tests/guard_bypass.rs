@@ -219,27 +219,6 @@ fn a_tunnel_from_the_control_plane_is_no_way_in() {
     drop(pod);
 }
 
-/// The internet checksum over the IPv4 pseudo-header and a TCP segment.
-fn tcp_checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
-    let mut data = Vec::new();
-    data.extend_from_slice(&src.octets());
-    data.extend_from_slice(&dst.octets());
-    data.extend_from_slice(&[0, 6]);
-    data.extend_from_slice(&u16::try_from(segment.len()).unwrap().to_be_bytes());
-    data.extend_from_slice(segment);
-    if data.len() % 2 == 1 {
-        data.push(0);
-    }
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// Sends a bare ACK from the control plane to `port` on the node, as a raw segment, and
 /// returns whether the node answered it with a RST (what a listener does with an ACK it has
 /// no handshake for).
@@ -256,7 +235,14 @@ fn bare_ack_answered(site: &Site, port: u16) -> bool {
             segment.extend_from_slice(&port.to_be_bytes());
             segment.extend_from_slice(&[0, 0, 0x10, 0, 0, 0, 0x20, 0]);
             segment.extend_from_slice(&[5 << 4, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
-            let checksum = tcp_checksum(cp, node, &segment);
+            let length = u16::try_from(segment.len()).unwrap().to_be_bytes();
+            let checksum = tether_tests::packets::internet_checksum(&[
+                &cp.octets(),
+                &node.octets(),
+                &[0, 6],
+                &length,
+                &segment,
+            ]);
             segment[16..18].copy_from_slice(&checksum.to_be_bytes());
             let to = SocketAddr::V4(SocketAddrV4::new(node, 0));
             raw.send_to(&segment, &to.into()).unwrap();
@@ -682,7 +668,6 @@ fn every_nexthop_and_every_routing_table_is_guarded() {
 #[test]
 fn other_transports_and_tunnels_from_the_control_plane_are_dropped() {
     let site = site("tx");
-    let agent = start(&site, "enforce", &[]);
     let node: SocketAddr = format!("{NODE}:0").parse().unwrap();
     let raw = |protocol: i32, payload: &[u8]| {
         site.cp
@@ -693,13 +678,6 @@ fn other_transports_and_tunnels_from_the_control_plane_are_dropped() {
             })
             .unwrap();
     };
-    let drops = || {
-        (
-            counted(&site, &agent, "control_plane_syn", "drop"),
-            counted(&site, &agent, "encapsulated", "drop"),
-        )
-    };
-    let before = drops();
     // SCTP: ports, verification tag, checksum, then a chunk (type, flags, length).
     let sctp = |chunk: u8| {
         let mut packet = vec![0x9c, 0x40, 0x0b, 0x59, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -713,29 +691,51 @@ fn other_transports_and_tunnels_from_the_control_plane_are_dropped() {
         packet.resize(16, 0);
         packet
     };
-    raw(132, &sctp(1));
-    raw(33, &dccp(0));
-    raw(132, &sctp(2));
-    raw(33, &dccp(1));
-    raw(115, &[0; 24]);
-    raw(137, &[0; 24]);
-    for port in [1701, 4500, 6635] {
-        site.cp
-            .run(|| {
-                UdpSocket::bind(format!("{CP}:0"))
-                    .unwrap()
-                    .send_to(&[0; 24], format!("{NODE}:{port}"))
-                    .unwrap();
-            })
-            .unwrap();
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while drops() != (before.0 + 2, before.1 + 5) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "drops (new connections, tunnels) went from {before:?} to {:?}",
-            drops()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let send_all = || {
+        raw(132, &sctp(1));
+        raw(33, &dccp(0));
+        raw(132, &sctp(2));
+        raw(33, &dccp(1));
+        raw(115, &[0; 24]);
+        raw(137, &[0; 24]);
+        for port in [1701, 4500, 6635] {
+            site.cp
+                .run(|| {
+                    UdpSocket::bind(format!("{CP}:0"))
+                        .unwrap()
+                        .send_to(&[0; 24], format!("{NODE}:{port}"))
+                        .unwrap();
+                })
+                .unwrap();
+        }
+    };
+    // Counted (new connections, tunnels) as `action`.
+    let counts = |agent: &Agent, action: &str| {
+        (
+            counted(&site, agent, "control_plane_syn", action),
+            counted(&site, agent, "encapsulated", action),
+        )
+    };
+    let expect = |agent: &Agent, action: &str, before: (u64, u64)| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while counts(agent, action) != (before.0 + 2, before.1 + 5) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{action}: (new connections, tunnels) went from {before:?} to {:?}",
+                counts(agent, action)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // Monitor mode counts each as what enforce would drop, and drops nothing.
+    let monitor = start(&site, "monitor", &[]);
+    let before = counts(&monitor, "pass");
+    send_all();
+    expect(&monitor, "pass", before);
+    assert_eq!(counts(&monitor, "drop"), (0, 0));
+    drop(monitor);
+    let enforce = start(&site, "enforce", &[]);
+    let before = counts(&enforce, "drop");
+    send_all();
+    expect(&enforce, "drop", before);
 }
