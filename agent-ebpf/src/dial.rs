@@ -204,8 +204,7 @@ fn steer(
     };
     let slot = service.first + (turn % u64::from(service.count)) as u32;
     let backend = *BACKENDS.get(slot).ok_or(())?;
-    if backend.family != target.family
-        || decide(backend.family, backend.addr, backend.port) == DENY
+    if backend.family != target.family || decide(backend.family, backend.addr, backend.port) == DENY
     {
         return Err(());
     }

@@ -80,7 +80,10 @@ const MAX_CHAIN: usize = 512;
 /// bounded for the verifier.
 const MAX_L4_OFFSET: usize = ETH_HLEN + 8 + MAX_CHAIN;
 
+// `inline(always)` on an entry point reaches the function aya's macro wraps: without it the
+// whole guard becomes a BPF-to-BPF call, which costs the fast path a third of its time.
 #[xdp]
+#[inline(always)]
 pub fn tether_guard(ctx: XdpContext) -> u32 {
     guard::<ETH_HLEN, { ETH_HLEN + 40 }, { ETH_HLEN + 60 }>(&ctx)
 }
@@ -90,6 +93,7 @@ pub fn tether_guard(ctx: XdpContext) -> u32 {
 /// device's type; read with the Ethernet layout, two octets of the source address would be
 /// taken for an ethertype and everything would pass.
 #[xdp]
+#[inline(always)]
 pub fn tether_guard_ip(ctx: XdpContext) -> u32 {
     guard::<0, 40, 60>(&ctx)
 }
@@ -200,10 +204,10 @@ impl Source<'_> {
     fn in_control_plane(self, ctx: &XdpContext) -> bool {
         match self {
             Source::V4(at, config) => {
-                array::<4>(ctx, at).is_some_and(|a| v4_in_control_plane(config, a))
+                reread::<4>(ctx, at).is_some_and(|a| v4_in_control_plane(config, a))
             }
             Source::V6(at, config) => {
-                array::<16>(ctx, at).is_some_and(|a| match config.v6_top[top_slot(a[0], a[1])] {
+                reread::<16>(ctx, at).is_some_and(|a| match config.v6_top[top_slot(a[0], a[1])] {
                     TABLE_NONE => false,
                     TABLE_ALL => true,
                     _ => CP_V6.get(&Key::new(128, a)).is_some(),
@@ -228,10 +232,10 @@ impl Source<'_> {
     fn allowed_on_protected_ports(self, ctx: &XdpContext) -> bool {
         match self {
             Source::V4(at, _) => {
-                array::<4>(ctx, at).is_some_and(|a| ALLOW_V4.get(&Key::new(32, a)).is_some())
+                reread::<4>(ctx, at).is_some_and(|a| ALLOW_V4.get(&Key::new(32, a)).is_some())
             }
             Source::V6(at, _) => {
-                array::<16>(ctx, at).is_some_and(|a| ALLOW_V6.get(&Key::new(128, a)).is_some())
+                reread::<16>(ctx, at).is_some_and(|a| ALLOW_V6.get(&Key::new(128, a)).is_some())
             }
         }
     }
@@ -240,7 +244,7 @@ impl Source<'_> {
     /// listener's half-open request) on this node, rather than by a connection.
     #[inline(always)]
     fn lands_on_listener(self, ctx: &XdpContext, l4: usize) -> bool {
-        let Some(ports) = array::<4>(ctx, l4) else {
+        let Some(ports) = reread::<4>(ctx, l4) else {
             return false;
         };
         // bpf_sock_tuple's IPv6 form; the IPv4 form is its first 12 bytes. Addresses and ports
@@ -248,7 +252,7 @@ impl Source<'_> {
         let mut tuple = [0u8; 36];
         let size = match self {
             Source::V4(at, _) => {
-                let Some(addresses) = array::<8>(ctx, at) else {
+                let Some(addresses) = reread::<8>(ctx, at) else {
                     return false;
                 };
                 tuple[..8].copy_from_slice(&addresses);
@@ -256,7 +260,7 @@ impl Source<'_> {
                 12
             }
             Source::V6(at, _) => {
-                let Some(addresses) = array::<32>(ctx, at) else {
+                let Some(addresses) = reread::<32>(ctx, at) else {
                     return false;
                 };
                 tuple[..32].copy_from_slice(&addresses);
@@ -320,29 +324,13 @@ fn be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
     array::<2>(ctx, offset).map(u16::from_be_bytes)
 }
 
-/// The packet's start and end, read afresh for each bounds check. Were they ordinary loads,
-/// the compiler would treat them as one value throughout the program and drop a check that an
-/// earlier one implies (an address read after a check further into the packet, say); the
-/// verifier tracks ranges per register and cannot follow that, and rejects the program.
-#[inline(always)]
-fn bounds(ctx: &XdpContext) -> (usize, usize) {
-    // SAFETY: the context pointer is the kernel's xdp_md for this run; both fields are
-    // readable (the verifier rewrites these loads to the packet's pointers).
-    unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    }
-}
-
 /// Reads N bytes at `offset`, or `None` past the end. Every read is at least two bytes wide:
 /// LLVM turns a one-byte bound check `p + 1 > end` into `p >= end`, for which the verifier
 /// grants no range at a variable offset.
 #[inline(always)]
 fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
-    let (start, end) = bounds(ctx);
-    if start + offset + N > end {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
         return None;
     }
     // SAFETY: all N bytes lie inside the packet (checked above); read_unaligned because
@@ -350,12 +338,35 @@ fn array<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
     Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
 }
 
+/// [`array`] for a field nearer the packet's start than a check already made (the source
+/// address after the transport header, say). With the ordinary loads the compiler drops
+/// such a check, as the earlier one implies it, and reads through a register the verifier
+/// gave no range; where the IP header's offset is a constant (IP-first devices) the verifier
+/// then refuses the program. Reading the packet's start and end afresh keeps the check. The
+/// fast paths never need it.
+#[inline(always)]
+fn reread<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+    // SAFETY: the context pointer is the kernel's xdp_md for this run; both fields are
+    // readable (the verifier rewrites these loads to the packet's pointers).
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    if start + offset + N > end {
+        return None;
+    }
+    // SAFETY: as in `array`.
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const [u8; N]) })
+}
+
 /// The N bytes at `offset`, in place, or `None` past the end: one bounds check for a whole
 /// header (N is at least two, for the reason `array` gives).
 #[inline(always)]
 fn window<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&[u8; N]> {
-    let (start, end) = bounds(ctx);
-    if start + offset + N > end {
+    let start = ctx.data();
+    if start + offset + N > ctx.data_end() {
         return None;
     }
     // SAFETY: all N bytes lie inside the packet (checked above), which outlives the program
@@ -797,10 +808,10 @@ fn report<const L2: usize>(ctx: &XdpContext, reason: Reason, transport: &Transpo
     addresses::<L2>(ctx, &mut event);
     let l4 = usize::from(transport.l4);
     if matches!(transport.protocol, IPPROTO_TCP | IPPROTO_UDP) && l4 <= MAX_L4_OFFSET {
-        if let Some(port) = be16(ctx, l4) {
+        if let Some(port) = reread::<2>(ctx, l4).map(u16::from_be_bytes) {
             event.source_port = port;
         }
-        if let Some(port) = be16(ctx, l4 + 2) {
+        if let Some(port) = reread::<2>(ctx, l4 + 2).map(u16::from_be_bytes) {
             event.destination_port = port;
         }
     }
@@ -813,14 +824,14 @@ fn report<const L2: usize>(ctx: &XdpContext, reason: Reason, transport: &Transpo
 fn addresses<const L2: usize>(ctx: &XdpContext, event: &mut DropEvent) {
     let mut l3 = L2;
     let ethertype = if L2 == ETH_HLEN {
-        let Some(mut ethertype) = be16(ctx, 12) else {
+        let Some(mut ethertype) = reread::<2>(ctx, 12).map(u16::from_be_bytes) else {
             return;
         };
         for _ in 0..2 {
             if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
                 break;
             }
-            let Some(inner) = be16(ctx, l3 + 2) else {
+            let Some(inner) = reread::<2>(ctx, l3 + 2).map(u16::from_be_bytes) else {
                 return;
             };
             ethertype = inner;
@@ -828,20 +839,20 @@ fn addresses<const L2: usize>(ctx: &XdpContext, event: &mut DropEvent) {
         }
         ethertype
     } else {
-        match array::<2>(ctx, 0) {
+        match reread::<2>(ctx, 0) {
             Some([first, _]) if first >> 4 == 4 => ETH_P_IP,
             Some([first, _]) if first >> 4 == 6 => ETH_P_IPV6,
             _ => return,
         }
     };
     if ethertype == ETH_P_IP {
-        if let Some(both) = array::<8>(ctx, l3 + 12) {
+        if let Some(both) = reread::<8>(ctx, l3 + 12) {
             event.family = 4;
             event.source[..4].copy_from_slice(&both[..4]);
             event.destination[..4].copy_from_slice(&both[4..]);
         }
     } else if ethertype == ETH_P_IPV6 {
-        if let Some(both) = array::<32>(ctx, l3 + 8) {
+        if let Some(both) = reread::<32>(ctx, l3 + 8) {
             event.family = 6;
             event.source.copy_from_slice(&both[..16]);
             event.destination.copy_from_slice(&both[16..]);
