@@ -71,6 +71,7 @@ async fn run(input: Input) {
     let backend = Backend::new(
         "fuzz-agent".into(),
         Identifiers::default(),
+        "agent fuzz-agent".into(),
         outbox,
         tunnels,
         metrics,
