@@ -292,10 +292,16 @@ pub struct RunArgs {
     #[arg(long, value_parser = go_duration, default_value = "10s", help_heading = "Server set")]
     pub sync_interval_cap: Duration,
     /// How often each server stream's peer is checked: an idle stream sends a TCP keepalive
-    /// probe every interval, and a stream whose server acknowledges nothing for four intervals
-    /// is closed and dialled again (at least 1s).
+    /// probe every interval (at least 1s). How long the server may stay silent before the
+    /// stream is given up is --peer-timeout.
     #[arg(long, value_parser = go_duration, default_value = "1s", help_heading = "Server set")]
     pub probe_interval: Duration,
+    /// A server stream whose server acknowledges nothing, neither data nor keepalive probe,
+    /// for this long is closed and dialled again. Long enough that an ordinary network blip
+    /// (a few seconds of dropped packets) costs no tunnelled session; shorter moves off a dead
+    /// server sooner.
+    #[arg(long, env = "TETHER_PEER_TIMEOUT", value_parser = go_duration, default_value = "30s", help_heading = "Server set")]
+    pub peer_timeout: Duration,
     /// Keep dialling after reaching the server count, to discover new replicas.
     #[arg(long, value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false", help_heading = "Server set")]
     pub sync_forever: bool,
@@ -446,6 +452,7 @@ pub struct Config {
     pub sync_interval: Duration,
     pub sync_interval_cap: Duration,
     pub probe_interval: Duration,
+    pub peer_timeout: Duration,
     pub sync_forever: bool,
     pub flow_control: bool,
     pub conn_queue_bytes: usize,
@@ -544,6 +551,13 @@ impl Config {
                 "keepalive-time",
                 format!("{:?}", args.keepalive_time),
                 "must be at least 30s: grpc-go servers answer faster pings with GOAWAY too_many_pings".into(),
+            ));
+        }
+        if args.peer_timeout < args.probe_interval.max(Duration::from_secs(1)) * 2 {
+            return Err(invalid(
+                "peer-timeout",
+                format!("{:?}", args.peer_timeout),
+                "must be at least twice --probe-interval: a probe or two must be able to go unanswered".into(),
             ));
         }
         if args.agent_identifiers != "none"
@@ -645,6 +659,7 @@ impl Config {
             sync_interval: args.sync_interval,
             sync_interval_cap: args.sync_interval_cap,
             probe_interval: args.probe_interval,
+            peer_timeout: args.peer_timeout,
             sync_forever: args.sync_forever,
             flow_control: args.flow_control,
             conn_queue_bytes,

@@ -50,18 +50,27 @@ impl Default for AcceptBackoff {
 
 /// Makes a connection notice a peer that vanished without a FIN or RST (its host died, a
 /// partition): an idle connection sends a TCP keepalive probe every `interval`, and one whose
-/// peer acknowledges nothing for `misses + 1` intervals, idle or not, is closed by the kernel.
-pub fn probe_peer(tcp: &tokio::net::TcpStream, interval: Duration, misses: u32) -> io::Result<()> {
-    // The kernel counts keepalive time in whole seconds.
+/// peer acknowledges nothing, data or probe, for `timeout`, idle or not, is closed by the
+/// kernel. A network that drops everything for less than `timeout` (a blip) costs nothing.
+pub fn probe_peer(
+    tcp: &tokio::net::TcpStream,
+    interval: Duration,
+    timeout: Duration,
+) -> io::Result<()> {
+    // The kernel counts keepalive time in whole seconds, and at most 127 probes.
     let interval = interval.max(Duration::from_secs(1));
+    let timeout = timeout.max(interval * 2);
+    let probes = u32::try_from(timeout.as_secs() / interval.as_secs().max(1))
+        .unwrap_or(u32::MAX)
+        .clamp(1, 127);
     let socket = socket2::SockRef::from(tcp);
     socket.set_tcp_keepalive(
         &socket2::TcpKeepalive::new()
             .with_time(interval)
             .with_interval(interval)
-            .with_retries(misses),
+            .with_retries(probes),
     )?;
-    socket.set_tcp_user_timeout(Some(interval * (misses + 1)))
+    socket.set_tcp_user_timeout(Some(timeout))
 }
 
 /// Whether the peer of stream socket `fd` has closed its side (or the connection broke),

@@ -257,7 +257,8 @@ impl Drop for PendingSlot {
     }
 }
 
-/// Silent probe intervals after which a peer is given up, as the agent does.
+/// Silent probe intervals after which an agent is given up: four of `--agent-probe-interval`
+/// (20 s by default, longer than an ordinary network blip).
 const PROBE_MISSES: u32 = 3;
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (at most
@@ -307,7 +308,8 @@ pub fn tls_incoming(
             };
             let _ = tcp.set_nodelay(true);
             if let Some(interval) = limits.probe
-                && let Err(err) = tether_runtime::net::probe_peer(&tcp, interval, PROBE_MISSES)
+                && let Err(err) =
+                    tether_runtime::net::probe_peer(&tcp, interval, interval * (PROBE_MISSES + 1))
             {
                 tracing::warn!(role, %peer, error = %err, "cannot set TCP keepalive on a connection");
             }

@@ -465,3 +465,111 @@ fn an_agent_that_vanishes_is_given_up_by_the_server() {
         "the server gave the agent up after {took:?}; four probe intervals are 4s"
     );
 }
+
+/// Drops every packet on `netns`'s eth0, both ways, until the returned guard goes: a network
+/// that blackholes without a word (no RST, no ICMP), as a failing link or a routing flap does.
+struct Blackhole<'a>(&'a tether_tests::netns::Netns);
+
+impl<'a> Blackhole<'a> {
+    fn on(netns: &'a tether_tests::netns::Netns) -> Self {
+        let rules = "table inet blip {\n\
+            chain in { type filter hook input priority -300; iifname \"eth0\" drop; }\n\
+            chain out { type filter hook output priority -300; oifname \"eth0\" drop; }\n\
+            }\n";
+        let mut nft = std::process::Command::new("ip")
+            .args(["netns", "exec", netns.name(), "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut nft.stdin.take().unwrap(), rules.as_bytes()).unwrap();
+        assert!(nft.wait().unwrap().success(), "nft refused the blackhole");
+        Blackhole(netns)
+    }
+}
+
+impl Drop for Blackhole<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                self.0.name(),
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "blip",
+            ])
+            .status();
+    }
+}
+
+/// A ten-second network blip between the node and the control plane while a session is open
+/// (an exec's stream: a line each 200 ms, echoed): the tunnel rides it out, as upstream's pair
+/// does, and every line arrives, in order, once the network is back. The agent gives a silent
+/// server `--peer-timeout` (30 s), the server a silent agent four `--agent-probe-interval`s
+/// (20 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ten_second_blip_costs_no_session() {
+    use tether_tests::guard_site::{NODE, Site};
+    let site = Site::new("blip");
+    let echo = site
+        .node
+        .run(|| std::net::TcpListener::bind(format!("{NODE}:0")))
+        .unwrap()
+        .unwrap();
+    let port = echo.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in echo.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    let _agent = site.agent(&["--guard-mode=off"]);
+    let target = Target::Uds(site.socket.clone());
+    let io = http_connect(&target, &format!("{NODE}:{port}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (mut reader, mut writer) = tokio::io::split(io);
+    let lines: Vec<String> = (0..80)
+        .map(|i| format!("line {i:03} of the session\n"))
+        .collect();
+    let sent: String = lines.concat();
+    let echoed = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < sent.len() {
+            match tokio::time::timeout(Duration::from_secs(45), reader.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        (String::from_utf8_lossy(&got).into_owned(), sent)
+    });
+    let started = Instant::now();
+    let mut blackhole = None;
+    for (i, line) in lines.iter().enumerate() {
+        // From the tenth line on, ten seconds of silence on the wire.
+        if i == 10 {
+            blackhole = Some(Blackhole::on(&site.node));
+        }
+        if blackhole.is_some() && started.elapsed() > Duration::from_secs(12) {
+            blackhole = None;
+        }
+        writer.write_all(line.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(blackhole);
+    let (got, sent) = echoed.await.unwrap();
+    assert_eq!(
+        got.len(),
+        sent.len(),
+        "the session ended or lost bytes across the blip; it got:\n{got}"
+    );
+    assert_eq!(got, sent);
+}

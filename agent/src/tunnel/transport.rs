@@ -32,15 +32,13 @@ use crate::config::{Config, read_token};
 const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 16 << 20;
-/// Unanswered probe intervals after which a server stream is given up.
-///
-/// `--probe-interval`, done by the kernel: an idle stream sends a TCP keepalive probe every
-/// interval, and a peer that acknowledges nothing, data or probe, for `PROBE_MISSES` + 1 intervals
-/// fails the socket, which ends the stream and sends the agent back to its sync loop. Upstream
-/// checks its gRPC channel's state instead, which only changes once an HTTP/2 ping times out,
-/// and pings cannot come often: gRPC servers drop clients that ping more than every few
-/// minutes. Keepalive probes are answered by the peer's kernel and cost one empty segment.
-const PROBE_MISSES: u32 = 3;
+// `--probe-interval` and `--peer-timeout` are done by the kernel: an idle stream sends a TCP
+// keepalive probe every interval, and a server that acknowledges nothing, data or probe, for
+// the timeout fails the socket, which ends the stream and sends the agent back to its sync
+// loop. Upstream checks its gRPC channel's state instead, which only changes once an HTTP/2
+// ping times out, and pings cannot come often: gRPC servers drop clients that ping more than
+// every few minutes. Keepalive probes are answered by the peer's kernel and cost one empty
+// segment.
 /// Upstream's proto declares no package.
 const CONNECT_PATH: &str = "/AgentService/Connect";
 const STREAM_WINDOW: u32 = 8 << 20;
@@ -138,7 +136,7 @@ pub async fn connect(
     let connector = {
         let address = address.clone();
         let host = host.clone();
-        let probe_interval = config.probe_interval;
+        let (probe_interval, peer_timeout) = (config.probe_interval, config.peer_timeout);
         tower::service_fn(move |_: Uri| {
             let tls = TlsConnector::from(tls.clone());
             let address = address.clone();
@@ -152,7 +150,7 @@ pub async fn connect(
                 })?;
                 let tcp = TcpStream::connect(&address).await?;
                 tcp.set_nodelay(true)?;
-                tether_runtime::net::probe_peer(&tcp, probe_interval, PROBE_MISSES)?;
+                tether_runtime::net::probe_peer(&tcp, probe_interval, peer_timeout)?;
                 let mut stream = tls.connect(name, ReadAhead::new(tcp)).await?;
                 // rustls stops taking plaintext at 64 KiB of unsent records by default, so a
                 // 256 KiB DATA frame left in four writes, each waking the server.
