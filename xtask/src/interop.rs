@@ -31,6 +31,9 @@ pub fn run(opts: &Options) -> Result<()> {
             );
         }
     }
+    // The agent embeds the eBPF object of its own profile (debug here), which a checkout
+    // where only the release one was built does not have.
+    crate::build_ebpf::run(&crate::build_ebpf::Options { release: false })?;
     let root = workspace_root();
     run_checked(Command::new("cargo").current_dir(&root).args([
         "build",
