@@ -4,7 +4,8 @@
 //! reject a TLS connection that negotiated no protocol.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -154,8 +155,93 @@ impl Identity {
     }
 }
 
-/// Server side: our identity, optionally requiring client certificates signed by `client_ca`;
-/// TLS 1.2 and 1.3 unless `tls13_only`.
+/// How often a listener looks whether its certificate or key file changed.
+const RELOAD_CHECK: Duration = Duration::from_secs(5);
+
+/// A listener's identity, read again from its files when they change (at most every
+/// [`RELOAD_CHECK`], on the next handshake), so a renewed certificate (kubeadm renews its
+/// certificates every year) is served without a restart. A changed pair that does not load
+/// (half written, key and certificate apart) is logged, and the one served until then stays.
+#[derive(Debug)]
+struct Reloading {
+    cert: PemFile,
+    key: PemFile,
+    served: Mutex<Served>,
+}
+
+#[derive(Debug)]
+struct Served {
+    key: Arc<rustls::sign::CertifiedKey>,
+    /// The files' modification times when `key` was read.
+    stamp: Option<(SystemTime, SystemTime)>,
+    checked: Instant,
+}
+
+impl Reloading {
+    fn new(identity: &Identity) -> Result<Self, TlsError> {
+        let cert = identity.cert.clone();
+        let key = identity.key.clone();
+        let stamp = stamp(&cert, &key);
+        Ok(Reloading {
+            served: Mutex::new(Served {
+                key: identity.certified_key()?,
+                stamp,
+                checked: Instant::now(),
+            }),
+            cert,
+            key,
+        })
+    }
+
+    fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        if served.checked.elapsed() >= RELOAD_CHECK {
+            served.checked = Instant::now();
+            let now = stamp(&self.cert, &self.key);
+            if now.is_some() && now != served.stamp {
+                match Identity::load(self.cert.clone(), self.key.clone())
+                    .and_then(|identity| identity.certified_key())
+                {
+                    Ok(key) => {
+                        served.key = key;
+                        served.stamp = now;
+                        tracing::info!(
+                            cert = %self.cert.path.display(),
+                            "serving the certificate renewed in --{}",
+                            self.cert.flag
+                        );
+                    }
+                    Err(err) => tracing::warn!(
+                        error = %crate::error_chain(&err),
+                        "the certificate or key changed but does not load; still serving the previous one"
+                    ),
+                }
+            }
+        }
+        served.key.clone()
+    }
+}
+
+fn stamp(cert: &PemFile, key: &PemFile) -> Option<(SystemTime, SystemTime)> {
+    let modified = |file: &PemFile| {
+        std::fs::metadata(&file.path)
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    Some((modified(cert)?, modified(key)?))
+}
+
+impl rustls::server::ResolvesServerCert for Reloading {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// Server side: our identity (read again when its files change), optionally requiring client
+/// certificates signed by `client_ca`; TLS 1.2 and 1.3 unless `tls13_only`.
 pub fn server_config(
     identity: &Identity,
     client_ca: Option<&PemFile>,
@@ -182,9 +268,7 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(identity.chain.clone(), identity.private_key.clone_key())
-        .map_err(|source| rejected(&identity.cert, source))?;
+    let mut config = builder.with_cert_resolver(Arc::new(Reloading::new(identity)?));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

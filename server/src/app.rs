@@ -87,7 +87,13 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             "agents are not authenticated (--allow-unauthenticated-agents): anyone who reaches the agent port can register as an agent and receive tunnelled connections"
         );
     }
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics
+        .registry
+        .register_collector(Box::new(crate::metrics::CertificateExpiry(
+            config.served_certificates.clone(),
+        )));
+    let metrics = Arc::new(metrics);
     let token_auth = match &config.token_auth {
         Some(settings) => Some(Arc::new(TokenAuth::new(settings, metrics.clone()).await?)),
         None => None,

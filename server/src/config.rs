@@ -330,6 +330,8 @@ pub struct Config {
     pub agent_host: String,
     pub agent_port: u16,
     pub agent_tls: Arc<ServerConfig>,
+    /// The certificate files the listeners serve (read again when they change), by flag.
+    pub served_certificates: Vec<(&'static str, PathBuf)>,
     pub keepalive: Duration,
     pub server_id: String,
     pub server_count: u32,
@@ -573,6 +575,15 @@ impl Config {
             agent_host: args.agent_bind_address.clone(),
             agent_port: args.agent_port,
             agent_tls,
+            served_certificates: [
+                ("cluster-cert", &args.cluster_cert),
+                ("server-cert", &args.server_cert),
+            ]
+            .into_iter()
+            .filter(|(_, path)| !path.is_empty())
+            .filter(|(flag, _)| *flag == "cluster-cert" || args.uds_name.is_empty())
+            .map(|(flag, path)| (flag, PathBuf::from(path)))
+            .collect(),
             keepalive: args.keepalive_time,
             server_id,
             server_count: args.server_count,

@@ -344,3 +344,49 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// When each certificate the listeners serve expires, read from its file at scrape time (the
+/// listeners serve a changed file within seconds).
+#[derive(Debug)]
+pub struct CertificateExpiry(pub Vec<(&'static str, std::path::PathBuf)>);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CertificateLabel {
+    certificate: &'static str,
+}
+
+impl prometheus_client::collector::Collector for CertificateExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "tether_server_certificate_expiry_timestamp_seconds",
+            "When the certificate a listener serves expires (Unix time), by its flag: cluster-cert (the agent port), server-cert (the TCP frontend)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (flag, path) in &self.0 {
+            let Some(not_after) = not_after(path) else {
+                continue;
+            };
+            let labels = CertificateLabel { certificate: flag };
+            prometheus_client::encoding::EncodeMetric::encode(
+                &prometheus_client::metrics::gauge::ConstGauge::new(not_after),
+                family.encode_family(&labels)?,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The first certificate's notAfter in a PEM file.
+fn not_after(path: &std::path::Path) -> Option<i64> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .ok()?
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}

@@ -106,6 +106,23 @@ impl Pki {
         Ok(self.pair(name))
     }
 
+    /// A further server certificate, `name`, with the `server` certificate's names: what a
+    /// renewal puts in its place.
+    pub fn server(&self, name: &str) -> Result<Pair> {
+        let sans: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        leaf(
+            self.dir.path(),
+            name,
+            &self.issuer,
+            &sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        Ok(self.pair(name))
+    }
+
     /// A certificate `name` from this CA that is expired or not yet valid: for a server
     /// (the `server` certificate's names) or for a client (`sans`).
     pub fn outside_validity(&self, name: &str, validity: Validity, server: bool) -> Result<Pair> {

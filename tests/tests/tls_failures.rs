@@ -295,3 +295,67 @@ async fn plaintext_and_tls_mixups_are_named() {
         "tether_server_tls_handshake_failures_total{listener=\"frontend_uds\",reason=\"tls_on_plaintext_socket\"} "
     ));
 }
+
+/// The certificate the agent port presents to a new connection.
+async fn presented(port: u16, ca: &std::path::Path) -> Vec<u8> {
+    let tls = tether_tests::fake_agent::tls_connector(ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der(pem: &std::path::Path) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_file_iter(pem)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec()
+}
+
+/// kubeadm renews certificates in place every year: the server notices a renewed
+/// `--cluster-cert`/`--cluster-key` and presents it to new connections without a restart,
+/// keeps presenting the old one while the files do not load together (a certificate
+/// renewed before its key), and exports when the served certificate expires.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewed_certificate_is_served_without_a_restart() {
+    let pki = Pki::new(&[]).unwrap();
+    let served = pki.server("served").unwrap();
+    let server = server(&pki, &served, false);
+    let port = server.agent_port;
+    let original = der(&served.cert);
+    assert_eq!(presented(port, &pki.ca()).await, original);
+
+    let renewed = pki.server("renewed").unwrap();
+    // The certificate first, alone: it does not match the key still in place.
+    std::fs::copy(&renewed.cert, &served.cert).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        presented(port, &pki.ca()).await,
+        original,
+        "a certificate without its key was served"
+    );
+    std::fs::copy(&renewed.key, &served.key).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    while presented(port, &pki.ca()).await != der(&renewed.cert) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let expiry = metric(
+        server.health_port,
+        r#"tether_server_certificate_expiry_timestamp_seconds{certificate="cluster-cert"}"#,
+    )
+    .expect("no certificate expiry metric");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(expiry > now, "the served certificate expires at {expiry}");
+}
