@@ -109,10 +109,12 @@ impl Pki {
     /// A further server certificate, `name`, with the `server` certificate's names: what a
     /// renewal puts in its place.
     pub fn server(&self, name: &str) -> Result<Pair> {
-        let sans: Vec<String> = ["localhost", "127.0.0.1", "::1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        self.server_for(name, &["localhost", "127.0.0.1", "::1"])
+    }
+
+    /// A further server certificate, `name`, for `sans` (DNS names or IP addresses).
+    pub fn server_for(&self, name: &str, sans: &[&str]) -> Result<Pair> {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         leaf(
             self.dir.path(),
             name,

@@ -810,3 +810,101 @@ async fn junk_token_floods_from_many_addresses_do_not_keep_an_honest_agent_out()
         attempts.load(Ordering::Relaxed)
     );
 }
+
+/// kube-apiserver's serving certificate as kubeadm makes it: the Service names, the Service
+/// IP, the advertise address and the host name; not 127.0.0.1, where the shipped kubeconfig
+/// points.
+const KUBEADM_APISERVER_SANS: [&str; 7] = [
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+    "10.96.0.1",
+    "192.0.2.10",
+    "cp-1",
+];
+
+/// The shipped `konnectivity-server.kubeconfig`, pointed at a stand-in kube-apiserver that
+/// presents a certificate with kubeadm's names, its files swapped for the test's: the
+/// server's TokenReviews get through TLS, and an agent gets in with its token.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shipped_kubeconfig_trusts_a_kubeadm_apiserver_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let plain: String = std::fs::read_to_string(&api.kubeconfig).unwrap();
+    let plain_port: u16 = plain
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .unwrap();
+    // kube-apiserver's TLS in front of the stand-in.
+    let pki = tether_tests::pki::Pki::new(&[]).unwrap();
+    let serving = pki
+        .server_for("kubeadm-apiserver", &KUBEADM_APISERVER_SANS)
+        .unwrap();
+    let client = pki.client("system:konnectivity-server", &[]).unwrap();
+    let identity = tether_runtime::tls::Identity::load(
+        tether_runtime::tls::PemFile::new("apiserver-cert", &serving.cert),
+        tether_runtime::tls::PemFile::new("apiserver-key", &serving.key),
+    )
+    .unwrap();
+    let tls = tether_runtime::tls::server_config(&identity, None, &[b"http/1.1"], false).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(("127.0.0.1", plain_port)).await
+                else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/kubernetes/control-plane/konnectivity-server.kubeconfig"),
+    )
+    .unwrap();
+    let kubeconfig = dir.path().join("konnectivity-server.conf");
+    std::fs::write(
+        &kubeconfig,
+        shipped
+            .replace(
+                "https://127.0.0.1:6443",
+                &format!("https://127.0.0.1:{tls_port}"),
+            )
+            .replace(
+                "/etc/kubernetes/pki/ca.crt",
+                &pki.ca().display().to_string(),
+            )
+            .replace(
+                "/etc/kubernetes/pki/konnectivity-server.crt",
+                &client.cert.display().to_string(),
+            )
+            .replace(
+                "/etc/kubernetes/pki/konnectivity-server.key",
+                &client.key.display().to_string(),
+            ),
+    )
+    .unwrap();
+    let mut args = api.server_args();
+    args.retain(|a| !a.starts_with("--kubeconfig="));
+    args.push(format!("--kubeconfig={}", kubeconfig.display()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cluster = Cluster::server_only(Mode::HttpConnect, Transport::Uds, &refs).unwrap();
+    let agent = connect_with(&cluster, "a", "agent-token", "").await;
+    assert!(
+        agent.is_ok(),
+        "the shipped kubeconfig did not reach a kubeadm apiserver: {:#}",
+        agent.err().unwrap()
+    );
+    assert_eq!(times_asked(&api, "agent-token"), 1);
+}
