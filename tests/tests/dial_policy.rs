@@ -588,8 +588,9 @@ fn beside_other_processes_the_agent_polices_only_a_child_cgroup_of_its_own() {
     let _ = neighbour.wait();
 }
 
-/// What the DaemonSet ships, under exactly its capabilities (BPF, NET_ADMIN, PERFMON): the
-/// guard, the dial hooks on the agent's cgroup and Services from the API. The hooks attach,
+/// The DaemonSet's agent under exactly its capabilities (BPF, NET_ADMIN, PERFMON): the guard,
+/// the dial hooks on the agent's cgroup, and Services from the API as an operator turns them
+/// on (`--services-from-kubernetes`). The hooks attach,
 /// the kernel refuses a denied connect(), and after the agent gives up its capabilities a
 /// watch event still reaches the Service map.
 #[tokio::test(flavor = "multi_thread")]
