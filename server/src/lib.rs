@@ -22,8 +22,10 @@
 //! Beside them: `app` wires everything and returns what it bound; `config` turns flags into a
 //! checked `Config`; `listen` accepts TCP/TLS and Unix-socket connections; `strategy` is
 //! `--proxy-strategies`; `token_auth` checks agents' service-account tokens (rate-limited,
-//! cached); `identity` checks an agent's claims against its certificate or token and limits
-//! streams per identity; `metrics`.
+//! cached, strangers kept from starving proven agents); `identity` checks an agent's claims
+//! against its certificate or token and limits streams per identity; `nodes` follows every
+//! Node's addresses for token-bound claims, which `registry` uses to serve an address only
+//! when one node claims it; `metrics`.
 
 pub mod agent_service;
 pub mod app;
