@@ -27,10 +27,9 @@ pub struct Nodes {
     state: RwLock<State>,
 }
 
+/// Empty until the first list arrives: nothing is refused for Nodes not yet seen.
 #[derive(Default)]
 struct State {
-    /// The first list arrived: until then nothing is known and nothing is refused for it.
-    synced: bool,
     addresses: HashMap<String, Vec<IpAddr>>,
     owners: HashMap<IpAddr, BTreeSet<String>>,
 }
@@ -92,10 +91,6 @@ impl Nodes {
         state.addresses.contains_key(&host).then_some(host)
     }
 
-    pub fn synced(&self) -> bool {
-        self.read().synced
-    }
-
     /// Lists the Nodes, then follows their changes until `stop`; lists again whenever the
     /// watch breaks.
     pub async fn follow(&self, api: Api<Node>, stop: CancellationToken) {
@@ -123,7 +118,6 @@ impl Nodes {
             for node in &list.items {
                 state.set(&node.name_any(), addresses_of(node));
             }
-            state.synced = true;
         }
         loop {
             let params = WatchParams::default().timeout(290);
@@ -159,7 +153,7 @@ impl Nodes {
 
 #[cfg(test)]
 impl Nodes {
-    /// A synced cache holding `nodes`, for tests.
+    /// A cache holding `nodes`, for tests.
     pub fn with(nodes: &[(&str, &[&str])]) -> Self {
         let cache = Nodes::default();
         {
@@ -167,7 +161,6 @@ impl Nodes {
             for (name, addresses) in nodes {
                 state.set(name, addresses.iter().map(|a| a.parse().unwrap()).collect());
             }
-            state.synced = true;
         }
         cache
     }
