@@ -95,14 +95,12 @@ impl Pki {
     /// A further client certificate, `name` (its common name) for `sans` (DNS names or IP
     /// addresses), such as a node's agent certificate.
     pub fn client(&self, name: &str, sans: &[&str]) -> Result<Pair> {
+        self.further(name, sans, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn further(&self, name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Result<Pair> {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        leaf(
-            self.dir.path(),
-            name,
-            &self.issuer,
-            &sans,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )?;
+        leaf(self.dir.path(), name, &self.issuer, &sans, usage)?;
         Ok(self.pair(name))
     }
 
@@ -114,15 +112,7 @@ impl Pki {
 
     /// A further server certificate, `name`, for `sans` (DNS names or IP addresses).
     pub fn server_for(&self, name: &str, sans: &[&str]) -> Result<Pair> {
-        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
-        leaf(
-            self.dir.path(),
-            name,
-            &self.issuer,
-            &sans,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )?;
-        Ok(self.pair(name))
+        self.further(name, sans, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
     /// A certificate `name` from this CA that is expired or not yet valid: for a server

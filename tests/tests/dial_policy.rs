@@ -283,6 +283,25 @@ async fn through_service(target: &Target) -> String {
     name
 }
 
+/// What a process in `cgroup` that connects to `host` port 80 itself sees: the peer address
+/// `getpeername()` reports (address and port) and what the other end sent; or the error.
+fn peer_and_answer(site: &Site, cgroup: &tether_tests::cgroup::TestCgroup, host: &str) -> String {
+    let script = format!(
+        "import socket\ns = socket.create_connection(('{host}', 80), 3)\nprint(s.getpeername()[:2], s.recv(64).decode())\n"
+    );
+    let out = cgroup
+        .command(std::path::Path::new("nsenter"))
+        .arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", &script])
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Service steering without kube-proxy: dials to a ClusterIP that no address, route or
 /// iptables rule in the node's namespace knows are rewritten in the kernel to its backends,
 /// in turn; getpeername() still shows the Service; a backend taken out of the map gets no new
@@ -327,19 +346,8 @@ async fn dials_to_a_service_reach_its_backends_evenly_without_kube_proxy() {
     );
 
     // A process in the agent's cgroup sees the address it dialled, not the backend's.
-    let script = "import socket\ns = socket.create_connection(('10.96.0.10', 80), 3)\nprint(s.getpeername(), s.recv(64).decode())\n";
-    let out = cgroup
-        .command(std::path::Path::new("nsenter"))
-        .arg(format!("--net={}", site.node.path()))
-        .args(["python3", "-c", script])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        said.starts_with("('10.96.0.10', 80) backend-"),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = peer_and_answer(&site, &cgroup, "10.96.0.10");
+    assert!(said.starts_with("('10.96.0.10', 80) backend-"), "{said}");
 
     // backend-3 leaves the map: no new connection goes to it.
     std::fs::write(&map, "10.96.0.10:80/tcp 10.244.0.1:8080 10.244.0.2:8080\n").unwrap();
@@ -933,18 +941,10 @@ async fn mapped_service_addresses_are_steered_and_an_oversized_map_keeps_what_fi
         ["backend-1", "backend-2", "backend-3"]
     );
     // An IPv6 socket in the agent's cgroup sees the mapped Service address it dialled.
-    let script = "import socket\ns = socket.create_connection(('::ffff:10.96.0.10', 80), 3)\nprint(s.getpeername()[:2], s.recv(64).decode())\n";
-    let out = cgroup
-        .command(std::path::Path::new("nsenter"))
-        .arg(format!("--net={}", site.node.path()))
-        .args(["python3", "-c", script])
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = peer_and_answer(&site, &cgroup, "::ffff:10.96.0.10");
     assert!(
         said.starts_with("('::ffff:10.96.0.10', 80) backend-"),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{said}"
     );
 
     // Still too large, and changed: the change is steered.
