@@ -84,6 +84,7 @@ const OTHER_YAML: &[&str] = &[
     "kubernetes/control-plane/egress-selector-grpc.yaml",
     "kubernetes/control-plane/egress-selector-http-connect.yaml",
     "kubernetes/control-plane/konnectivity-server.kubeconfig",
+    "kubernetes/control-plane/kubeadm-apiserver.yaml",
 ];
 
 /// The oldest supported Kubernetes (1.30: projected tokens name their node, which
@@ -362,6 +363,31 @@ fn the_manifests_agree_with_each_other() {
             socket.starts_with(m["mountPath"].as_str().unwrap()) && m["name"] == "konnectivity-uds"
         });
     assert!(mounted, "the socket's directory is not the shared hostPath");
+    // kube-apiserver's flag and mounts, as kubeadm's configuration gives them: the egress
+    // selector file inside a mounted directory, and the socket's directory shared.
+    let kubeadm = &read_yaml("kubernetes/control-plane/kubeadm-apiserver.yaml")[0];
+    let api_server = &kubeadm["apiServer"];
+    let selector_file = api_server["extraArgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "egress-selector-config-file")
+        .and_then(|a| a["value"].as_str())
+        .expect("kube-apiserver gets --egress-selector-config-file");
+    let volumes = api_server["extraVolumes"].as_array().unwrap();
+    let mounts = |path: &str| {
+        volumes.iter().any(|v| {
+            path.starts_with(v["mountPath"].as_str().unwrap()) && v["hostPath"] == v["mountPath"]
+        })
+    };
+    assert!(
+        mounts(selector_file),
+        "{selector_file} is not mounted into kube-apiserver"
+    );
+    assert!(
+        mounts(&socket),
+        "{socket} is not shared with kube-apiserver"
+    );
 
     let agent = &read_yaml("kubernetes/agent-daemonset.yaml")[0];
     let agent_args = agent["spec"]["template"]["spec"]["containers"][0]["args"]
