@@ -89,16 +89,24 @@ fn connect_from(
          try:\n    s.connect(('{host}', {port})); print('connected')\n\
          except OSError as e:\n    print(errno.errorcode.get(e.errno, e))\n"
     );
+    let out = python_in_node(site, cgroup, &script);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Runs a Python `script` in the node's namespace, inside `cgroup` when given.
+fn python_in_node(
+    site: &Site,
+    cgroup: Option<&tether_tests::cgroup::TestCgroup>,
+    script: &str,
+) -> std::process::Output {
     let mut cmd = match cgroup {
         Some(cgroup) => cgroup.command(std::path::Path::new("nsenter")),
         None => std::process::Command::new("nsenter"),
     };
-    let out = cmd
-        .arg(format!("--net={}", site.node.path()))
-        .args(["python3", "-c", &script])
+    cmd.arg(format!("--net={}", site.node.path()))
+        .args(["python3", "-c", script])
         .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        .unwrap()
 }
 
 /// What an operator runs to ask the live agent: `tether-agent dial-policy check TARGET`, in
@@ -289,12 +297,7 @@ fn peer_and_answer(site: &Site, cgroup: &tether_tests::cgroup::TestCgroup, host:
     let script = format!(
         "import socket\ns = socket.create_connection(('{host}', 80), 3)\nprint(s.getpeername()[:2], s.recv(64).decode())\n"
     );
-    let out = cgroup
-        .command(std::path::Path::new("nsenter"))
-        .arg(format!("--net={}", site.node.path()))
-        .args(["python3", "-c", &script])
-        .output()
-        .unwrap();
+    let out = python_in_node(site, Some(cgroup), &script);
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
