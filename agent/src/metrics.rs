@@ -1,8 +1,8 @@
 //! Agent metrics: upstream's `konnectivity_network_proxy_agent_*` names and labels (dashboards
 //! and e2e suites scrape them) plus tether's `tether_agent_*`.
 //!
-//! Upstream counters whose names do not end in `_total` are exported as gauges that only go up,
-//! since OpenMetrics would otherwise append `_total` to a counter's name.
+//! Upstream's counters whose names do not end in `_total` (`server_connection_failure_count`)
+//! are [`NamedCounter`]s, so a scrape shows them under upstream's names.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tether_agent_common::Counter as KernelCounter;
+use tether_runtime::exposition::NamedCounter;
 
 use crate::dataplane::{Counters, DialHooks};
 use crate::dial_policy::{Action, DialPolicy};
@@ -70,7 +71,7 @@ pub struct Metrics {
     dial_failures: Family<ReasonLabel, Counter>,
     dial_refused: Family<ReasonLabel, Counter>,
     connect_failures: Family<ReasonLabel, Counter>,
-    server_failures: Family<DirectionLabel, Gauge>,
+    server_failures: Family<DirectionLabel, NamedCounter>,
     packets: Family<PacketLabels, Counter>,
     stream_errors: Family<StreamErrorLabels, Counter>,
     bytes: Family<DirectionLabel, Counter>,

@@ -44,13 +44,12 @@ impl Reply {
         Reply::text(StatusCode::NOT_FOUND, "404 page not found\n")
     }
 
-    /// The registry in the Prometheus/OpenMetrics text format.
+    /// The registry in the Prometheus text format ([`crate::exposition`]).
     pub fn metrics(registry: &Registry) -> Self {
-        let mut body = String::new();
-        match prometheus_client::encoding::text::encode(&mut body, registry) {
-            Ok(()) => Reply {
+        match crate::exposition::text(registry) {
+            Ok(body) => Reply {
                 status: StatusCode::OK,
-                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                content_type: crate::exposition::CONTENT_TYPE,
                 body,
                 location: None,
             },

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod backpressure;
+pub mod exposition;
 pub mod flags;
 pub mod handshake;
 pub mod mailbox;

@@ -1,8 +1,7 @@
 //! Server metrics. Names, types and labels follow upstream's `konnectivity_network_proxy_server_*`
 //! (dashboards and e2e tests scrape them); tether's own additions are `tether_server_*`.
-//!
-//! Upstream counters whose names do not end in `_total` (e.g. `dial_failure_count`) are exported
-//! as gauges that only go up: OpenMetrics would otherwise rename them with a `_total` suffix.
+//! Upstream's counters whose names do not end in `_total` (`dial_failure_count`) are
+//! [`NamedCounter`]s, so a scrape shows them under upstream's names.
 
 use std::sync::atomic::AtomicU64;
 
@@ -12,6 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use tether_runtime::exposition::NamedCounter;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
@@ -76,7 +76,7 @@ pub struct Metrics {
     handshake_failures: Family<HandshakeLabels, Counter>,
     grpc_connections: Family<MethodLabel, Gauge>,
     ready_backends: Family<StrategyLabel, Gauge>,
-    dial_failures: Family<ReasonLabel, Gauge>,
+    dial_failures: Family<ReasonLabel, NamedCounter>,
     packets: Family<PacketLabels, Counter>,
     rejected: Family<ReasonLabel, Counter>,
     token_reviews: Family<OutcomeLabel, Counter>,

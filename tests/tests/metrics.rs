@@ -43,6 +43,18 @@ fn assert_exported(port: u16, samples: &[&str]) {
     assert!(value("process_open_fds ") >= 3.0);
 }
 
+/// Each `(family, type)` has that `# TYPE` line: the types upstream's source gives its metrics
+/// (its two counters named `…_count` included), in the text format it serves.
+fn assert_typed(port: u16, families: &[(&str, &str)]) {
+    let (_, text) = http_get(port, "/metrics").unwrap();
+    for (family, kind) in families {
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {family} {kind}")),
+            "{family} is not a {kind} in:\n{text}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn both_binaries_export_upstreams_names_and_the_process_set() {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
@@ -82,6 +94,21 @@ async fn both_binaries_export_upstreams_names_and_the_process_set() {
     .collect();
     let samples: Vec<&str> = samples.iter().map(String::as_str).collect();
     assert_exported(cluster.server.health_port, &samples);
+    let p = server;
+    assert_typed(
+        cluster.server.health_port,
+        &[
+            (&format!("{p}dial_duration_seconds"), "histogram"),
+            (&format!("{p}frontend_write_duration_seconds"), "histogram"),
+            (&format!("{p}grpc_connections"), "gauge"),
+            (&format!("{p}http_connections"), "gauge"),
+            (&format!("{p}ready_backend_connections"), "gauge"),
+            (&format!("{p}pending_backend_dials"), "gauge"),
+            (&format!("{p}full_receive_channels"), "gauge"),
+            (&format!("{p}dial_failure_count"), "counter"),
+            (&format!("{p}stream_packets_total"), "counter"),
+        ],
+    );
 
     let agent = "konnectivity_network_proxy_agent_";
     let samples: Vec<String> = [
@@ -96,5 +123,39 @@ async fn both_binaries_export_upstreams_names_and_the_process_set() {
     .map(|name| format!("{agent}{name}"))
     .collect();
     let samples: Vec<&str> = samples.iter().map(String::as_str).collect();
-    assert_exported(cluster.agent.as_ref().unwrap().health_port, &samples);
+    let health = cluster.agent.as_ref().unwrap().health_port;
+    assert_exported(health, &samples);
+    let p = agent;
+    assert_typed(
+        health,
+        &[
+            (&format!("{p}dial_duration_seconds"), "histogram"),
+            (&format!("{p}open_server_connections"), "gauge"),
+            (&format!("{p}known_server_count"), "gauge"),
+            (&format!("{p}open_endpoint_connections"), "gauge"),
+            (&format!("{p}endpoint_dial_failure_total"), "counter"),
+            (&format!("{p}stream_packets_total"), "counter"),
+        ],
+    );
+}
+
+/// A scrape is the Prometheus text format upstream serves, under its media type.
+#[test]
+fn the_page_is_prometheus_text() {
+    let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
+    let port = cluster.server.health_port;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut stream, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut page).unwrap();
+    let (head, body) = page.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    assert!(
+        !body.contains("# EOF") && !body.contains("# UNIT"),
+        "{body}"
+    );
 }
