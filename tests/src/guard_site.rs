@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::bpffs::Bpffs;
-use crate::netns::{Netns, veth};
+use crate::netns::{Netns, control_plane_and_node};
 use crate::pki::Pki;
 use crate::procs::{Agent, Server, built, http_get};
 use crate::require_root;
@@ -40,20 +40,7 @@ impl Site {
         require_root();
         let pki = Pki::new(&[CP]).unwrap();
         let socket = pki.dir().join("s.sock");
-        let cp = Netns::new(&format!("g{tag}-cp")).unwrap();
-        let node = Netns::new(&format!("g{tag}-node")).unwrap();
-        veth(
-            &cp,
-            "eth0",
-            &format!("{CP}/24"),
-            &node,
-            "eth0",
-            &format!("{NODE}/24"),
-        )
-        .unwrap();
-        // A default route, so an agent without --guard-interface finds eth0 the way it finds
-        // a node's uplink.
-        node.ip(&["route", "add", "default", "via", CP]).unwrap();
+        let (cp, node) = control_plane_and_node(&format!("g{tag}"), CP, NODE).unwrap();
 
         kubelet(&node, NODE, "hello");
         let server = start_server(&cp, &pki, &socket, &[format!("--agent-bind-address={CP}")]);

@@ -105,6 +105,24 @@ pub fn veth(
     Ok(())
 }
 
+/// A control-plane namespace and a node namespace joined by `eth0` in /24s, the node's default
+/// route via the control plane: an agent without `--guard-interface` finds eth0 the way it
+/// finds a node's uplink.
+pub fn control_plane_and_node(tag: &str, cp: &str, node: &str) -> Result<(Netns, Netns)> {
+    let cp_ns = Netns::new(&format!("{tag}-cp"))?;
+    let node_ns = Netns::new(&format!("{tag}-node"))?;
+    veth(
+        &cp_ns,
+        "eth0",
+        &format!("{cp}/24"),
+        &node_ns,
+        "eth0",
+        &format!("{node}/24"),
+    )?;
+    node_ns.ip(&["route", "add", "default", "via", cp])?;
+    Ok((cp_ns, node_ns))
+}
+
 fn run(cmd: &mut Command) -> Result<Output> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {

@@ -9,13 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use clap::Parser;
+use tether_tests::manifests::{
+    self, Mount, Placement, cluster_env, container_args, deploy, expand, flag_value, mounts,
+    pod_spec, read_yaml,
+};
 use tether_tests::procs::built;
-
-fn deploy(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy")
-        .join(path)
-}
 
 /// The agent's flags in the example environment file, split as systemd splits `$VAR`.
 fn example_args() -> Vec<String> {
@@ -180,56 +178,6 @@ fn deploy_passes_yamllint() {
     );
 }
 
-fn read_yaml(path: &str) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(deploy(path)).unwrap();
-    serde_saphyr::from_multiple(&text).unwrap_or_else(|err| panic!("{path}: {err}"))
-}
-
-/// `KEY=value` lines of the kustomization's env file, as its configMapGenerator reads them.
-fn cluster_env() -> std::collections::BTreeMap<String, String> {
-    std::fs::read_to_string(deploy("kubernetes/cluster.env"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let (k, v) = l.split_once('=').expect("KEY=value");
-            (k.to_owned(), v.to_owned())
-        })
-        .collect()
-}
-
-/// What a container's environment holds on a node: literal values, the downward API's
-/// fields as a node would fill them, ConfigMap keys from cluster.env (which must have them).
-fn container_env(container: &serde_json::Value) -> Vec<(String, String)> {
-    let cluster = cluster_env();
-    let mut env = Vec::new();
-    for var in container["env"].as_array().into_iter().flatten() {
-        let name = var["name"].as_str().unwrap().to_owned();
-        let value = if let Some(value) = var["value"].as_str() {
-            value.to_owned()
-        } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            match field {
-                "spec.nodeName" => "worker-1".to_owned(),
-                "status.hostIP" => "192.0.2.50".to_owned(),
-                other => panic!("{name}: a field this test does not model: {other}"),
-            }
-        } else if let Some(key) = var["valueFrom"]["configMapKeyRef"]["key"].as_str() {
-            assert_eq!(
-                var["valueFrom"]["configMapKeyRef"]["name"], "tether-agent-cluster",
-                "{name}: not the kustomization's generated ConfigMap"
-            );
-            cluster
-                .get(key)
-                .unwrap_or_else(|| panic!("{name}: cluster.env has no {key}"))
-                .clone()
-        } else {
-            panic!("{name}: a source this test does not model: {var}");
-        };
-        env.push((name, value));
-    }
-    env
-}
-
 /// Every environment variable a command line (and its subcommands) reads.
 fn env_names(command: &clap::Command) -> Vec<String> {
     let mut names: Vec<String> = command
@@ -271,7 +219,11 @@ fn every_flag_and_env_var_in_the_manifests_is_accepted() {
                     "/tether-server" => ("tether-server", tether_server::config::Args::command()),
                     other => panic!("{manifest}: unknown binary {other}"),
                 };
-                let env = container_env(container);
+                let placement = Placement {
+                    node_name: "worker-1",
+                    host_ip: "192.0.2.50",
+                };
+                let env = manifests::container_env(container, &placement, &cluster_env());
                 let mut args: Vec<String> = command[1..].to_vec();
                 args.extend(
                     container["args"]
@@ -288,20 +240,7 @@ fn every_flag_and_env_var_in_the_manifests_is_accepted() {
                         "{manifest}: {name} neither reads {var} nor is it used in the arguments"
                     );
                 }
-                let expanded: Vec<String> = args
-                    .iter()
-                    .map(|arg| {
-                        let mut arg = arg.clone();
-                        for (var, value) in &env {
-                            arg = arg.replace(&format!("$({var})"), value);
-                        }
-                        assert!(
-                            !arg.contains("$("),
-                            "{manifest}: undefined variable in {arg}"
-                        );
-                        arg
-                    })
-                    .collect();
+                let expanded = expand(&args, &env);
                 let mut argv = vec![name.to_owned()];
                 argv.extend(expanded);
                 let parsed = match name {
@@ -425,68 +364,6 @@ fn the_manifests_agree_with_each_other() {
         kustomization["images"][0]["name"],
         "the kustomization's image rewrite applies to the DaemonSet"
     );
-}
-
-/// A pod's spec: a static Pod's own, a DaemonSet's template's.
-fn pod_spec(object: &serde_json::Value) -> &serde_json::Value {
-    if object["kind"] == "Pod" {
-        &object["spec"]
-    } else {
-        &object["spec"]["template"]["spec"]
-    }
-}
-
-/// A mount of a container: where it is inside, and the host path and type behind it when the
-/// volume is a hostPath.
-struct Mount {
-    inside: String,
-    host: Option<(String, String)>,
-    volume: serde_json::Value,
-}
-
-fn mounts(spec: &serde_json::Value, container: &serde_json::Value) -> Vec<Mount> {
-    container["volumeMounts"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|mount| {
-            let name = mount["name"].as_str().unwrap();
-            let volume = spec["volumes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["name"] == name)
-                .unwrap_or_else(|| panic!("no volume {name}"))
-                .clone();
-            let host = volume["hostPath"]["path"].as_str().map(|path| {
-                let kind = volume["hostPath"]["type"].as_str().unwrap_or("").to_owned();
-                (path.trim_end_matches('/').to_owned(), kind)
-            });
-            Mount {
-                inside: mount["mountPath"]
-                    .as_str()
-                    .unwrap()
-                    .trim_end_matches('/')
-                    .to_owned(),
-                host,
-                volume,
-            }
-        })
-        .collect()
-}
-
-fn container_args(container: &serde_json::Value) -> Vec<String> {
-    ["command", "args"]
-        .iter()
-        .flat_map(|key| container[*key].as_array().into_iter().flatten())
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn flag_value(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .find_map(|a| a.strip_prefix(&format!("--{name}=")))
-        .map(str::to_owned)
 }
 
 /// The host's secrets stay on the host: the server's pod mounts the files it reads, one by

@@ -8,7 +8,7 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
 use tether_tests::fake_agent::{self, FakeAgent};
 use tether_tests::frontend::http_connect;
+use tether_tests::kube_api::read_request;
 use tether_tests::peers::metric;
 use tether_tests::process::wait_until;
 use tether_tests::procs::{Agent, http_get};
@@ -120,31 +121,12 @@ fn review_status(token: &str, audiences: &Value) -> Value {
 
 fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut length = 0;
-    let mut authorization = String::new();
-    let mut request_line = String::new();
-    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+    let Some(request) = read_request(&mut reader) else {
         return;
-    }
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => length = value.trim().parse().unwrap(),
-                "authorization" => value.trim().clone_into(&mut authorization),
-                _ => {}
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
+    };
+    let request_line = request.line.clone();
+    let authorization = request.header("authorization").unwrap_or("").to_owned();
+    let body = request.body;
     if request_line.starts_with("GET /api/v1/nodes") {
         answer_nodes(stream, &request_line, asked);
         return;
