@@ -263,6 +263,8 @@ pub struct Unsupported {
     pub enable_contention_profiling: Option<String>,
     #[arg(long, hide = true)]
     pub cipher_suites: Option<String>,
+    #[arg(long, hide = true)]
+    pub frontend_write_channel_size: Option<String>,
 }
 
 impl Unsupported {
@@ -297,6 +299,11 @@ impl Unsupported {
                 "cipher-suites",
                 &self.cipher_suites,
                 "Go cipher-suite names do not apply; tether uses rustls' safe defaults",
+            ),
+            (
+                "frontend-write-channel-size",
+                &self.frontend_write_channel_size,
+                "tether bounds what waits for each frontend in bytes: set --frontend-queue-bytes",
             ),
         ];
         refuse_unsupported(&set)

@@ -145,3 +145,80 @@ async fn every_metric_the_binaries_show_is_documented() {
     assert!(page.contains("tether_agent_guard_packets"), "{page}");
     assert_documented("tether-agent with its guard", &page);
 }
+
+/// Each hidden flag of `command` (upstream's flags kept so they get a precise answer) that
+/// `refused` turns away, given a value.
+fn refused_flags(
+    command: &clap::Command,
+    refused: impl Fn(&[String]) -> Option<String>,
+) -> Vec<String> {
+    command
+        .get_arguments()
+        .filter(|a| a.is_hide_set())
+        .filter_map(|a| a.get_long())
+        .filter_map(|flag| {
+            let argv = vec![command.get_name().to_owned(), format!("--{flag}=1")];
+            refused(&argv)
+        })
+        .collect()
+}
+
+/// A klog flag refused where klog would act on it: with logs to a file.
+fn klog_refusal(argv: &[String]) -> Option<String> {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Only {
+        #[command(flatten)]
+        klog: tether_runtime::flags::Klog,
+    }
+    let mut argv = argv.to_vec();
+    argv.push("--logtostderr=false".into());
+    match Only::try_parse_from(&argv).ok()?.klog.output() {
+        Err(tether_runtime::flags::ConfigError::Unsupported { flag, .. }) => Some(flag.to_owned()),
+        _ => None,
+    }
+}
+
+/// Every upstream flag tether refuses is in the operator guide's migration table, with why.
+#[test]
+fn the_migration_table_names_every_refused_upstream_flag() {
+    use clap::{CommandFactory, Parser};
+    use tether_runtime::flags::ConfigError;
+    let refusal = |err: ConfigError| match err {
+        ConfigError::Unsupported { flag, .. } => Some(flag.to_owned()),
+        _ => None,
+    };
+    let mut refused = refused_flags(&tether_agent::config::Args::command(), |argv| {
+        let args = tether_agent::config::Args::try_parse_from(argv).ok()?;
+        klog_refusal(argv).or_else(|| {
+            tether_agent::config::Config::from_args(&args.run)
+                .err()
+                .and_then(refusal)
+        })
+    });
+    refused.extend(refused_flags(
+        &tether_server::config::Args::command(),
+        |argv| {
+            let args = tether_server::config::Args::try_parse_from(argv).ok()?;
+            klog_refusal(argv).or_else(|| {
+                tether_server::config::Config::from_args(&args)
+                    .err()
+                    .and_then(refusal)
+            })
+        },
+    ));
+    assert!(refused.len() > 10, "{refused:?}");
+    let guide = std::fs::read_to_string(root().join("docs/operator-guide.md")).unwrap();
+    let table = guide
+        .split("### Upstream's flags tether reads differently or refuses")
+        .nth(1)
+        .expect("no migration table in the operator guide");
+    for flag in refused {
+        assert!(
+            table.lines().any(|row| row.starts_with('|')
+                && row.contains(&format!("`--{flag}`"))
+                && row.contains("refused")),
+            "--{flag} is refused but no row of the migration table says so"
+        );
+    }
+}
