@@ -5,7 +5,7 @@
 //! `N passed, M failed`; a failed check prints the peers' last log lines. A last argument runs
 //! only the checks whose name contains it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -291,6 +291,40 @@ fn names(port: u16) -> Result<BTreeSet<String>> {
         .filter(|n| n.starts_with("konnectivity_") || n.starts_with("process_"))
         .map(str::to_owned)
         .collect())
+}
+
+/// Each `konnectivity_*` family a `/metrics` page shows: its type and its label names
+/// (histograms' `le` aside).
+fn typed_families(port: u16) -> Result<BTreeMap<String, (String, BTreeSet<String>)>> {
+    let text = peers::metrics_page(port)?;
+    let mut families: BTreeMap<String, (String, BTreeSet<String>)> = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((name, kind)) = line.strip_prefix("# TYPE ").and_then(|l| l.split_once(' ')) {
+            if name.starts_with("konnectivity_") {
+                families.insert(name.to_owned(), (kind.to_owned(), BTreeSet::new()));
+            }
+            continue;
+        }
+        let Some((series, labels)) = line.split_once('{') else {
+            continue;
+        };
+        let family = families.iter_mut().find(|(name, _)| {
+            series == name.as_str()
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| series.strip_suffix(suffix) == Some(name.as_str()))
+        });
+        if let Some((_, (_, names))) = family {
+            for label in labels.split(',') {
+                if let Some((key, _)) = label.split_once('=')
+                    && key != "le"
+                {
+                    names.insert(key.to_owned());
+                }
+            }
+        }
+    }
+    Ok(families)
 }
 
 struct Report {
@@ -693,12 +727,14 @@ async fn slow_readers(pair: &Pair, report: &mut Report) {
 }
 
 /// The same traffic through both implementations of `role`; every metric name upstream shows
-/// must be on tether's page too (lease metrics aside: tether refuses the lease flags).
+/// must be on tether's page too (lease metrics aside: tether refuses the lease flags), and
+/// every family both show has the same type and label names.
 async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
     let name = format!("{role} /metrics has every name upstream's {role} shows");
     report
         .check(name, async {
             let mut pages = Vec::new();
+            let mut typed = Vec::new();
             let theirs = || Impl::Upstream(upstream.to_path_buf());
             for imp in [theirs(), Impl::Tether] {
                 let upstream = upstream.to_path_buf();
@@ -731,6 +767,15 @@ async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
                     _ => setup.server.health_port,
                 };
                 pages.push(names(port)?);
+                typed.push(typed_families(port)?);
+            }
+            for (name, theirs) in &typed[0] {
+                if let Some(ours) = typed[1].get(name) {
+                    ensure!(
+                        ours == theirs,
+                        "{name}: tether shows {ours:?}, upstream {theirs:?} (type, labels)"
+                    );
+                }
             }
             let missing: Vec<&String> = pages[0]
                 .difference(&pages[1])
@@ -740,6 +785,205 @@ async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
             Ok(())
         })
         .await;
+}
+
+/// The flags `--help` of a Go program lists, each with whether it takes a value (pflag prints
+/// a value's type one space after the name, a description two or more spaces after it).
+fn go_flags(help: &str) -> Vec<(String, bool)> {
+    help.lines()
+        .filter_map(|line| {
+            let at = line.find("--")?;
+            line[..at]
+                .trim()
+                .trim_end_matches(',')
+                .trim_start_matches('-')
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
+                .then_some(())?;
+            let rest = &line[at + 2..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                .unwrap_or(rest.len());
+            let after = &rest[end..];
+            let takes_value = after.starts_with(' ') && !after.starts_with("  ");
+            Some((rest[..end].to_owned(), takes_value))
+        })
+        .collect()
+}
+
+/// Every flag upstream's binary takes is one tether's parses (it may then refuse it, with a
+/// reason) or one the operator guide's migration table names: an upstream manifest never meets
+/// a bare "unknown flag".
+async fn upstream_flags(upstream: &Path, report: &mut Report) {
+    for role in ["agent", "server"] {
+        let name = format!(
+            "every flag of upstream's {role} is tether-{role}'s too, or in the guide's migration table"
+        );
+        report
+            .check(name, async {
+                let out = Command::new(upstream.join(role)).arg("--help").output()?;
+                let help = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let flags = go_flags(&help);
+                ensure!(flags.len() > 20, "no flags in upstream's --help:\n{help}");
+                let guide = std::fs::read_to_string(
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operator-guide.md"),
+                )?;
+                let tether = tether_tests::procs::built(&format!("tether-{role}"))?;
+                let mut unknown = Vec::new();
+                for (flag, takes_value) in flags {
+                    let arg = if takes_value {
+                        format!("--{flag}=1")
+                    } else {
+                        format!("--{flag}")
+                    };
+                    let out = Command::new(&tether).arg(&arg).arg("--version").output()?;
+                    let said = String::from_utf8_lossy(&out.stderr);
+                    if said.contains("unexpected argument") && !guide.contains(&format!("`--{flag}`"))
+                    {
+                        unknown.push(flag);
+                    }
+                }
+                ensure!(
+                    unknown.is_empty(),
+                    "tether-{role} does not know, and the migration table does not name: {unknown:?}"
+                );
+                Ok(())
+            })
+            .await;
+    }
+}
+
+const MIGRATION_CP: &str = "10.81.0.1";
+const MIGRATION_NODE: &str = "10.81.0.2";
+
+/// The operator guide's way onto tether and back, on one node behind upstream's server.
+async fn migration(upstream: &Path, report: &mut Report) {
+    let name = "migration: upstream agent, then tether's with an enforcing guard, then `guard detach` and upstream's again: the tunnel works at every step, and the node is directly reachable again at the end".to_owned();
+    report
+        .check(name, async {
+            tokio::task::block_in_place(|| migrate(upstream))
+        })
+        .await;
+}
+
+fn migrate(upstream: &Path) -> Result<()> {
+    use tether_tests::guard_site::{get_through, kubelet};
+    let (cp, node) =
+        tether_tests::netns::control_plane_and_node("mig", MIGRATION_CP, MIGRATION_NODE)?;
+    kubelet(&node, MIGRATION_NODE, "kubelet on the node");
+    let pki = Pki::new(&[MIGRATION_CP])?;
+    let socket = pki.dir().join("s.sock");
+    let (serving, client) = (pki.pair("server"), pki.pair("agent"));
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", cp.path()))
+        .arg(upstream.join("server"))
+        .arg("--mode=http-connect")
+        .arg(format!("--uds-name={}", socket.display()))
+        .args(["--server-port=0", "--agent-port=8132", "--admin-port=8133"])
+        .arg("--health-port=8134")
+        .arg(format!("--cluster-cert={}", serving.cert.display()))
+        .arg(format!("--cluster-key={}", serving.key.display()))
+        .arg(format!("--cluster-ca-cert={}", pki.ca().display()));
+    let server = tether_tests::procs::spawn_collected("upstream-server", &mut cmd, false)?;
+    // The same flags for both agents: what an operator's DaemonSet passes.
+    let agent_args = vec![
+        format!("--ca-cert={}", pki.ca().display()),
+        format!("--agent-cert={}", client.cert.display()),
+        format!("--agent-key={}", client.key.display()),
+        format!("--proxy-server-host={MIGRATION_CP}"),
+        "--proxy-server-port=8132".to_owned(),
+        format!("--agent-identifiers=ipv4={MIGRATION_NODE}"),
+        "--sync-interval=200ms".to_owned(),
+        "--sync-interval-cap=1s".to_owned(),
+    ];
+    let upstream_agent = || -> Result<tether_tests::procs::Logged> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.path()))
+            .arg(upstream.join("agent"))
+            .args(&agent_args);
+        tether_tests::procs::spawn_collected("upstream-agent", &mut cmd, false)
+    };
+    let tunnel_works = || {
+        wait_until(Duration::from_secs(15), || {
+            get_through(&socket, MIGRATION_NODE).is_ok_and(|r| r.contains("kubelet on the node"))
+        })
+    };
+    let direct = || -> Result<bool> {
+        let to = format!("{MIGRATION_NODE}:10250").parse()?;
+        cp.run(|| std::net::TcpStream::connect_timeout(&to, Duration::from_secs(1)).is_ok())
+    };
+    let logs = |what: &str| format!("{what}\n{}", server.logs.lines().join("\n"));
+
+    let before = upstream_agent()?;
+    ensure!(tunnel_works(), logs("no tunnel through upstream's agent"));
+    ensure!(
+        direct()?,
+        "the node is not reachable directly before tether"
+    );
+    drop(before);
+
+    let bpffs = tether_tests::bpffs::Bpffs::mount()?;
+    let cgroup = tether_tests::cgroup::TestCgroup::new("mig")?;
+    let mut args = agent_args.clone();
+    args.extend([
+        "--guard-mode=enforce".to_owned(),
+        "--guard-interface=eth0".to_owned(),
+        format!("--control-plane-cidr={MIGRATION_CP}/32"),
+        format!("--bpffs-root={}", bpffs.root().display()),
+    ]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tether = tether_tests::procs::Agent::start_in_cgroup(
+        &node,
+        &cgroup,
+        Some(&["bpf", "perfmon", "net_admin"]),
+        &refs,
+    )?;
+    ensure!(tunnel_works(), logs("no tunnel through tether's agent"));
+    ensure!(
+        !direct()?,
+        "tether's guard enforces, yet the node is reachable directly"
+    );
+    drop(tether);
+    ensure!(
+        !direct()?,
+        "the pinned guard went with its agent: the node was open before the uninstall step"
+    );
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node.path()))
+        .arg(tether_tests::procs::built("tether-agent")?)
+        .args(["guard", "detach"])
+        .arg(format!("--bpffs-root={}", bpffs.root().display()))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "guard detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<_> = std::fs::read_dir(bpffs.root())
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    ensure!(left.is_empty(), "pins left after guard detach: {left:?}");
+    ensure!(
+        direct()?,
+        "the node is not reachable directly after guard detach"
+    );
+
+    let after = upstream_agent()?;
+    ensure!(
+        tunnel_works(),
+        logs("no tunnel through upstream's agent after tether")
+    );
+    ensure!(
+        direct()?,
+        "the node is not reachable directly with upstream's agent back"
+    );
+    drop(after);
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -783,6 +1027,8 @@ async fn main() -> std::process::ExitCode {
             identity_binding(pair, &mut report).await;
         }
     }
+    upstream_flags(&upstream, &mut report).await;
+    migration(&upstream, &mut report).await;
     metric_names(&upstream, "agent", &mut report).await;
     metric_names(&upstream, "server", &mut report).await;
     println!("{} passed, {} failed", report.passed, report.failed);
