@@ -67,7 +67,12 @@ async fn run(input: Input) {
         dial_timeout: Some(Duration::from_millis(50)),
         flow_control: input.flow_control,
     };
-    let tunnels = Tunnels::new(outbox.clone(), settings, metrics.clone());
+    let tunnels = Tunnels::new(
+        outbox.clone(),
+        settings,
+        metrics.clone(),
+        tokio_util::task::TaskTracker::new(),
+    );
     let backend = Backend::new(
         "fuzz-agent".into(),
         Identifiers::default(),

@@ -31,6 +31,18 @@ pub mod metadata {
     /// flow control with WINDOW packets. Upstream peers ignore unknown metadata, so they never
     /// see a WINDOW packet.
     pub const FLOW_CONTROL: &str = "tether-flow-control";
+    /// tether extension, frontend → server (gRPC metadata or a CONNECT request header): asks
+    /// the server to name the agent that served the dial (`tether-server probe` sends it).
+    pub const PROBE: &str = "tether-probe";
+    /// tether extension, server → frontend: the agent that served a probe's dial, in gRPC
+    /// response metadata or a header of the CONNECT 200.
+    pub const PROBE_AGENT: &str = "tether-agent-id";
+
+    /// An agent ID as the [`PROBE_AGENT`] value: printable ASCII only, so an agent cannot
+    /// inject headers.
+    pub fn probe_agent_value(agent_id: &str) -> String {
+        agent_id.escape_default().to_string()
+    }
 }
 
 /// Bytes of DATA either side may send on a new connection before the receiver grants more,

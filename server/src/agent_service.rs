@@ -125,6 +125,7 @@ impl AgentService for Agents {
                 ..self.settings
             },
             self.metrics.clone(),
+            self.tracker.clone(),
         );
         for (address, others) in self.registry.conflicts(&identity, &identifiers) {
             let nodes = others.iter().any(|o| o.starts_with("node "));

@@ -176,6 +176,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         },
         metrics.clone(),
         shutdown.clone(),
+        &tasks,
     );
     let agent_server = GrpcServer::builder()
         .http2_keepalive_interval(Some(config.keepalive))
@@ -217,6 +218,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 "frontend",
                 metrics.clone(),
                 stop_frontends.clone(),
+                &tasks,
             );
             match mode {
                 Mode::Grpc => {
@@ -259,6 +261,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 },
                 metrics.clone(),
                 stop_frontends.clone(),
+                &tasks,
             );
             match mode {
                 Mode::Grpc => {
@@ -395,6 +398,11 @@ impl Server {
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.tasks.wait()).await;
         left
+    }
+
+    /// Tasks still running: none after [`Server::drain`], unless one is stuck.
+    pub fn tasks_left(&self) -> usize {
+        self.frontends.len() + self.tasks.len()
     }
 }
 

@@ -207,7 +207,7 @@ pub enum Command {
     /// Dial HOST:PORT through a running server's frontend as kube-apiserver does and report
     /// whether it is reachable through the tunnel, the agent that served it, the dial time and
     /// the error verbatim. Exit code 0 reachable, 1 not, 2 the server could not be asked.
-    Probe(crate::probe::ProbeArgs),
+    Probe(ProbeArgs),
 }
 
 /// Agents authenticated by their service-account token: each Connect's bearer token is checked
@@ -702,4 +702,40 @@ fn random_id() -> String {
         &hex[16..20],
         &hex[20..32]
     )
+}
+
+/// `tether-server probe`: one dial through a running server, as kube-apiserver makes it.
+#[derive(clap::Args, Debug)]
+pub struct ProbeArgs {
+    /// Destination to reach through the tunnel, named as kube-apiserver names it: HOST:PORT,
+    /// IPv6 in brackets (e.g. 10.0.3.7:10250 for that node's kubelet).
+    pub target: String,
+    /// Frontend protocol; the server's --mode.
+    #[arg(long, value_enum, default_value = "grpc")]
+    pub mode: Mode,
+    /// The server's frontend Unix socket (its --uds-name), as kube-apiserver reaches it.
+    #[arg(long, conflicts_with = "server")]
+    pub uds_name: Option<PathBuf>,
+    /// The server's mTLS TCP frontend, HOST:PORT (its --server-port).
+    #[arg(long, requires_all = ["ca_cert", "client_cert", "client_key"])]
+    pub server: Option<String>,
+    /// CA that signed the frontend's certificate (the egress selector's caBundle).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate the frontend accepts (signed by the server's --server-ca-cert).
+    #[arg(long)]
+    pub client_cert: Option<PathBuf>,
+    /// Key of --client-cert.
+    #[arg(long)]
+    pub client_key: Option<PathBuf>,
+    /// Name to check in the frontend's certificate; default: the host of --server.
+    #[arg(long)]
+    pub tls_server_name: Option<String>,
+    /// Give up after this long: reaching the server, the dial, and --http-get each.
+    #[arg(long, value_parser = go_duration, default_value = "10s")]
+    pub timeout: Duration,
+    /// Once connected, send `GET PATH` in plain HTTP/1.1 through the tunnel and print the
+    /// reply's status line (for destinations that speak plain HTTP).
+    #[arg(long, value_name = "PATH")]
+    pub http_get: Option<String>,
 }

@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use tether_runtime::handshake::{HandshakeFailure, looks_like_tls};
 use tether_runtime::net::AcceptBackoff;
@@ -61,9 +62,10 @@ pub fn uds_incoming(
     role: &'static str,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    tasks: &TaskTracker,
 ) -> ReceiverStream<io::Result<UdsConn>> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut backoff = AcceptBackoff::new();
         loop {
             let accepted = tokio::select! {
@@ -270,11 +272,13 @@ pub fn tls_incoming(
     limits: TlsLimits,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    tasks: &TaskTracker,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    tokio::spawn(async move {
+    let handshaking = tasks.clone();
+    tasks.spawn(async move {
         let mut backoff = AcceptBackoff::new();
         loop {
             let slot = tokio::select! {
@@ -317,7 +321,7 @@ pub fn tls_incoming(
             let conn_tx = tx.clone();
             let metrics = metrics.clone();
             let idle_timeout = limits.idle_timeout;
-            tokio::spawn(async move {
+            handshaking.spawn(async move {
                 let handshake = acceptor.accept(ReadAhead::new(tcp));
                 let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
                 drop(slot);

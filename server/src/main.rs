@@ -46,7 +46,12 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
     tracing::info!(deadline = ?deadline, "shutting down: no new frontend connections; waiting for open tunnels");
     tokio::select! {
         left = server.drain(deadline) => {
-            tracing::info!(closed_early = left, "shutdown complete");
+            let running = server.tasks_left();
+            if running > 0 {
+                tracing::error!(tasks = running, "tasks still running at exit");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!(closed_early = left, "shutdown complete: every task ended");
             ExitCode::SUCCESS
         }
         _ = signals.next() => {

@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tether_proto::proxy::proxy_service_client::ProxyServiceClient;
 use tether_proto::{Message, Packet};
-use tether_runtime::flags::go_duration;
 use tether_runtime::tls::{self, Identity, PemFile};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
@@ -25,55 +24,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Endpoint, Uri};
 
-use crate::config::Mode;
+use crate::config::{Mode, ProbeArgs};
 
-/// Request marker asking the server to name the agent that served the dial.
-pub const PROBE_HEADER: &str = "tether-probe";
-/// Where the server names it: gRPC response metadata, or a header of the CONNECT 200.
-pub const AGENT_HEADER: &str = "tether-agent-id";
-
-/// An agent ID as a header value: printable ASCII only, so an agent cannot inject headers.
-pub fn header_value(agent_id: &str) -> String {
-    agent_id.escape_default().to_string()
-}
+use tether_proto::metadata::{PROBE as PROBE_HEADER, PROBE_AGENT as AGENT_HEADER};
 
 /// Largest reply read back for `--http-get`.
 const MAX_REPLY: usize = 64 * 1024;
-
-#[derive(clap::Args, Debug)]
-pub struct ProbeArgs {
-    /// Destination to reach through the tunnel, named as kube-apiserver names it: HOST:PORT,
-    /// IPv6 in brackets (e.g. 10.0.3.7:10250 for that node's kubelet).
-    pub target: String,
-    /// Frontend protocol; the server's --mode.
-    #[arg(long, value_enum, default_value = "grpc")]
-    pub mode: Mode,
-    /// The server's frontend Unix socket (its --uds-name), as kube-apiserver reaches it.
-    #[arg(long, conflicts_with = "server")]
-    pub uds_name: Option<PathBuf>,
-    /// The server's mTLS TCP frontend, HOST:PORT (its --server-port).
-    #[arg(long, requires_all = ["ca_cert", "client_cert", "client_key"])]
-    pub server: Option<String>,
-    /// CA that signed the frontend's certificate (the egress selector's caBundle).
-    #[arg(long)]
-    pub ca_cert: Option<PathBuf>,
-    /// Client certificate the frontend accepts (signed by the server's --server-ca-cert).
-    #[arg(long)]
-    pub client_cert: Option<PathBuf>,
-    /// Key of --client-cert.
-    #[arg(long)]
-    pub client_key: Option<PathBuf>,
-    /// Name to check in the frontend's certificate; default: the host of --server.
-    #[arg(long)]
-    pub tls_server_name: Option<String>,
-    /// Give up after this long: reaching the server, the dial, and --http-get each.
-    #[arg(long, value_parser = go_duration, default_value = "10s")]
-    pub timeout: Duration,
-    /// Once connected, send `GET PATH` in plain HTTP/1.1 through the tunnel and print the
-    /// reply's status line (for destinations that speak plain HTTP).
-    #[arg(long, value_name = "PATH")]
-    pub http_get: Option<String>,
-}
 
 /// What the probe found; its exit code tells scripts which.
 pub enum Outcome {

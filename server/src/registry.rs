@@ -350,7 +350,12 @@ mod tests {
             Identifiers::parse(ids).unwrap(),
             identity.into(),
             outbox.clone(),
-            Tunnels::new(outbox, settings, metrics.clone()),
+            Tunnels::new(
+                outbox,
+                settings,
+                metrics.clone(),
+                tokio_util::task::TaskTracker::new(),
+            ),
             metrics.clone(),
         )
     }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
 
 use bytes::Bytes;
 use tether_proto::Packet;
@@ -204,7 +205,7 @@ impl Tunnel {
         }
         if let Some(limit) = tunnels.settings.dial_timeout {
             let tunnel = Arc::downgrade(self);
-            tokio::spawn(async move {
+            tunnels.timers.spawn(async move {
                 tokio::time::sleep(limit).await;
                 if let Some(tunnel) = tunnel.upgrade() {
                     tunnel.end(End::DialTimeout);
@@ -278,6 +279,8 @@ pub struct Tunnels {
     budget: Arc<Budget>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// Dial timers (`--backend-dial-timeout`).
+    timers: TaskTracker,
     me: Weak<Tunnels>,
 }
 
@@ -296,7 +299,12 @@ struct Entry {
 }
 
 impl Tunnels {
-    pub fn new(outbox: Outbox, settings: Settings, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        outbox: Outbox,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        timers: TaskTracker,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|me| Tunnels {
             outbox,
             tables: Mutex::new(Tables::default()),
@@ -304,6 +312,7 @@ impl Tunnels {
             budget: Arc::new(Budget::new(settings.buffer_bytes)),
             settings,
             metrics,
+            timers,
             me: me.clone(),
         })
     }

@@ -108,6 +108,7 @@ impl FakeServer {
             },
             metrics,
             Default::default(),
+            &tokio_util::task::TaskTracker::new(),
         );
         let presented = Arc::new(Mutex::new(Vec::new()));
         let (streams_tx, streams) = mpsc::channel(16);

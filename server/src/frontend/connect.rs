@@ -275,8 +275,8 @@ fn naming_agent(response: String, probe: bool, agent_id: &str) -> String {
     }
     let header = format!(
         "\r\n{}: {}\r\n",
-        crate::probe::AGENT_HEADER,
-        crate::probe::header_value(agent_id)
+        tether_proto::metadata::PROBE_AGENT,
+        tether_proto::metadata::probe_agent_value(agent_id)
     );
     response.replacen("\r\n", &header, 1)
 }

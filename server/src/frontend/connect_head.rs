@@ -73,7 +73,7 @@ impl HeadReader {
                 let probe = request
                     .headers
                     .iter()
-                    .any(|h| h.name.eq_ignore_ascii_case(crate::probe::PROBE_HEADER));
+                    .any(|h| h.name.eq_ignore_ascii_case(tether_proto::metadata::PROBE));
                 let rest = self.buf.split_off(len);
                 Ok(Some((Head { target, probe }, rest)))
             }

@@ -34,7 +34,9 @@ impl ProxyService for Frontends {
         &self,
         request: Request<Streaming<Packet>>,
     ) -> Result<Response<PacketStream>, Status> {
-        let probe = request.metadata().contains_key(crate::probe::PROBE_HEADER);
+        let probe = request
+            .metadata()
+            .contains_key(tether_proto::metadata::PROBE);
         let mut inbound = request.into_inner();
         // The first packet must be the dial; everything else hangs off it.
         let first = match inbound.message().await {
@@ -76,11 +78,12 @@ impl ProxyService for Frontends {
                             Box::pin(outbound(tunnel, self.metrics.clone(), open)) as PacketStream
                         );
                     if probe
-                        && let Ok(agent) = crate::probe::header_value(&backend.agent_id).parse()
+                        && let Ok(agent) =
+                            tether_proto::metadata::probe_agent_value(&backend.agent_id).parse()
                     {
                         response
                             .metadata_mut()
-                            .insert(crate::probe::AGENT_HEADER, agent);
+                            .insert(tether_proto::metadata::PROBE_AGENT, agent);
                     }
                     return Ok(response);
                 }
@@ -92,7 +95,7 @@ impl ProxyService for Frontends {
             }
         };
         // Upstream answers a refused dial and then waits for the client to close the stream.
-        tokio::spawn(discard(inbound, self.metrics.clone()));
+        self.tracker.spawn(discard(inbound, self.metrics.clone()));
         let answer = Packet::dial_response(dial.random, 0, refusal);
         self.metrics.packet("to_client", answer.type_name());
         let answered = futures_util::stream::once(async move {
