@@ -3,21 +3,20 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::StatusCode;
 use tether_runtime::admin::{self, Query, Reply, Routes};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, DialCgroup};
-use crate::dataplane::DialHooks;
-use crate::dial_policy::{self, DialPolicy};
+use crate::config::Config;
+use crate::dial_plane::{DialPlane, DialPlaneError};
 use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
-use crate::services::{FileWatch, ServiceMap};
 use crate::tunnel::client_set::ClientSet;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,30 +30,8 @@ pub enum StartError {
     },
     #[error("XDP guard")]
     Guard(#[from] GuardError),
-    #[error("dial policy: cannot choose the cgroup to enforce it on (--dial-policy-cgroup)")]
-    DialCgroup(#[from] crate::cgroup::CgroupError),
-    #[error(
-        "dial policy: cannot enforce it in the kernel (--dial-policy-cgroup=off enforces it in userspace only)"
-    )]
-    DialHooks(#[from] crate::dataplane::DialHooksError),
-    #[error(
-        "--service-map-file and --services-from-kubernetes: Services are steered by the kernel hooks, which --dial-policy-cgroup=off turns off"
-    )]
-    ServicesWithoutHooks,
-    #[error("--services-from-kubernetes: cannot set up the Kubernetes client: {0}")]
-    Kubernetes(String),
-    #[error("--service-map-file: cannot read {file}")]
-    ServiceMapRead {
-        file: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("--service-map-file: {file}")]
-    ServiceMap {
-        file: String,
-        #[source]
-        source: crate::services::BadServiceMap,
-    },
+    #[error(transparent)]
+    DialPlane(#[from] DialPlaneError),
 }
 
 pub struct Agent {
@@ -64,82 +41,33 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     stop: watch::Sender<bool>,
     guard: Option<Guard>,
-    /// The dial policy's kernel hooks: attached while this lives.
-    _dial_hooks: Option<Arc<std::sync::Mutex<DialHooks>>>,
+    /// The dial policy and its kernel hooks: attached while this lives.
+    _dial_plane: Arc<DialPlane>,
+    /// Every long-lived task but the guard's, stopped by `shutdown`.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 pub async fn start(config: Config) -> Result<Agent, StartError> {
+    let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
     // The guard goes first: a node that cannot be guarded as configured should not come up.
-    let mut guard = guard::start(&config.guard, &config.server_host, config.server_port).await?;
+    let mut guard = guard::start(
+        &config.guard,
+        &config.server_host,
+        config.server_port,
+        &tasks,
+        &shutdown,
+    )
+    .await?;
     let mut metrics = Metrics::new();
     if let Some(counters) = guard.as_mut().and_then(Guard::take_counters) {
         metrics.register_guard(counters);
     }
-    let dial_policy = Arc::new(dial_policy(&config).await);
     // Before the first dial: from here on the kernel refuses what the policy denies.
-    // Loaded, given their Services, and only then attached: an agent that replaces pinned
-    // hooks never leaves its cgroup with an empty Service map.
-    let dial_hooks = match &config.dial_cgroup {
-        DialCgroup::Off => None,
-        _ => Some(Arc::new(std::sync::Mutex::new(DialHooks::load(
-            &dial_policy,
-        )?))),
-    };
-    let services = Arc::new(std::sync::Mutex::new(ServiceMap::new()));
-    if config.services_from_kubernetes {
-        let Some(hooks) = &dial_hooks else {
-            return Err(StartError::ServicesWithoutHooks);
-        };
-        let client = kubernetes_client(config.services_kubeconfig.as_deref()).await?;
-        let first = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(follow_kubernetes(
-            client,
-            hooks.clone(),
-            services.clone(),
-            first.clone(),
-        ));
-        if tokio::time::timeout(FIRST_SERVICES, first.notified())
-            .await
-            .is_err()
-        {
-            tracing::warn!(waited = ?FIRST_SERVICES, "no Services from the API yet; the hooks go on without them and are filled when the list arrives");
-        }
-    }
-    match (&config.service_map_file, &dial_hooks) {
-        (None, _) => {}
-        (Some(_), None) => return Err(StartError::ServicesWithoutHooks),
-        (Some(path), Some(hooks)) => {
-            let mut watch = FileWatch::new(path);
-            // The first reading is part of starting: a Service dial works from the first one.
-            reload_services(&mut watch, hooks, &services)?;
-            let (hooks, services) = (hooks.clone(), services.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(crate::services::RELOAD_EVERY).await;
-                    if let Err(err) = reload_services(&mut watch, &hooks, &services) {
-                        tracing::error!(file = %watch.path().display(), error = %tether_runtime::error_chain(&err), "cannot apply the service map; the previous one stays");
-                    }
-                }
-            });
-        }
-    }
-    if let Some(hooks) = &dial_hooks {
-        let cgroup = match &config.dial_cgroup {
-            DialCgroup::Path(path) => path.clone(),
-            _ => crate::cgroup::for_hooks()?,
-        };
-        // Pinned where the guard is, when that is a BPF filesystem the agent can use.
-        let pins = crate::dataplane::Pins::new(&config.guard.bpffs_root).dial_links();
-        let pinnable = config.guard.bpffs_root.parent().is_some_and(Path::exists);
-        let replaced = hooks
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .attach(&cgroup, pinnable.then_some(pins.as_path()))?;
-        if !pinnable {
-            tracing::warn!(bpffs_root = %config.guard.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
-        }
-        tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
-        metrics.register_dial_policy(hooks.clone(), &dial_policy);
+    let server = (config.server_host.as_str(), config.server_port);
+    let dial_plane = Arc::new(DialPlane::start(&config.dial, server, &tasks, &shutdown).await?);
+    if let Some(hooks) = dial_plane.hooks() {
+        metrics.register_dial_policy(hooks.clone(), &dial_plane.policy);
     }
     let metrics = Arc::new(metrics);
     let bind = |flag: &'static str, host: String, port: u16| async move {
@@ -166,15 +94,19 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     .await?;
 
     let config = Arc::new(config);
-    let clients = ClientSet::new(config.clone(), metrics.clone(), dial_policy.clone());
+    let clients = ClientSet::new(config.clone(), metrics.clone(), dial_plane.policy.clone());
     let (stop, stop_rx) = watch::channel(false);
-    let supervisor = tokio::spawn(clients.clone().run(stop_rx.clone()));
+    let supervisor = tasks.spawn(clients.clone().run(stop_rx.clone()));
     let mut vital = vec![("server set", supervisor.abort_handle())];
     vital.extend(guard.iter().flat_map(Guard::tasks));
     let open = clients.clone();
-    tokio::spawn(tether_runtime::trim_memory_when_idle(move || {
-        open.open_connections()
-    }));
+    tasks.spawn(
+        shutdown
+            .clone()
+            .run_until_cancelled_owned(tether_runtime::trim_memory_when_idle(move || {
+                open.open_connections()
+            })),
+    );
 
     let routes: Arc<dyn Routes> = Arc::new(HealthRoutes {
         clients: clients.clone(),
@@ -182,17 +114,19 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         vital,
         stopping: stop_rx,
     });
-    tokio::spawn(admin::serve(health, routes, std::future::pending()));
+    tasks.spawn(admin::serve(
+        health,
+        routes,
+        shutdown.clone().cancelled_owned(),
+    ));
     let admin_routes: Arc<dyn Routes> = Arc::new(AdminRoutes {
         health_port: health_addr.port(),
-        dial_policy: dial_policy.clone(),
-        dial_hooks: dial_hooks.clone(),
-        services: services.clone(),
+        dial_plane: dial_plane.clone(),
     });
-    tokio::spawn(admin::serve(
+    tasks.spawn(admin::serve(
         admin_listener,
         admin_routes,
-        std::future::pending(),
+        shutdown.clone().cancelled_owned(),
     ));
     tracing::info!(
         server = format!("{}:{}", config.server_host, config.server_port),
@@ -209,142 +143,10 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         metrics,
         stop,
         guard,
-        _dial_hooks: dial_hooks,
+        _dial_plane: dial_plane,
+        tasks,
+        shutdown,
     })
-}
-
-async fn kubernetes_client(path: Option<&std::path::Path>) -> Result<kube::Client, StartError> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let config = match path {
-        Some(path) => {
-            let kubeconfig =
-                Kubeconfig::read_from(path).map_err(|e| StartError::Kubernetes(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| StartError::Kubernetes(e.to_string()))?
-        }
-        None => kube::Config::incluster().map_err(|e| StartError::Kubernetes(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| StartError::Kubernetes(e.to_string()))
-}
-
-/// How long starting waits for the first list of Services before attaching the hooks.
-const FIRST_SERVICES: Duration = Duration::from_secs(10);
-
-/// Keeps the hooks' Service map equal to the cluster's, re-listing after any error; `first`
-/// is told when a map was applied.
-async fn follow_kubernetes(
-    client: kube::Client,
-    hooks: Arc<std::sync::Mutex<DialHooks>>,
-    current: Arc<std::sync::Mutex<ServiceMap>>,
-    first: Arc<tokio::sync::Notify>,
-) {
-    loop {
-        let apply = |map: ServiceMap| match apply_services(&hooks, &current, map, "kubernetes") {
-            Ok(()) => first.notify_one(),
-            Err(err) => {
-                tracing::error!(error = %tether_runtime::error_chain(&err), "cannot apply the cluster's Services; the previous map stays");
-            }
-        };
-        if let Err(err) = crate::services::kubernetes::follow(client.clone(), apply).await {
-            tracing::warn!(error = %err, "lost the Services watch; listing again in 2s");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-}
-
-/// Reads the service map when it changed and hands it to the hooks.
-fn reload_services(
-    watch: &mut FileWatch,
-    hooks: &std::sync::Mutex<DialHooks>,
-    current: &std::sync::Mutex<ServiceMap>,
-) -> Result<(), StartError> {
-    let Some(read) = watch.changed() else {
-        return Ok(());
-    };
-    let file = watch.path().display().to_string();
-    let text = read.map_err(|source| StartError::ServiceMapRead {
-        file: file.clone(),
-        source,
-    })?;
-    let map = crate::services::parse(&text).map_err(|source| StartError::ServiceMap {
-        file: file.clone(),
-        source,
-    })?;
-    Ok(apply_services(hooks, current, map, &file)?)
-}
-
-/// Hands `map` to the hooks and, once they have it, makes it the one `dial-policy check`
-/// shows; `source` (the file, or "kubernetes") goes into the log line.
-fn apply_services(
-    hooks: &std::sync::Mutex<DialHooks>,
-    current: &std::sync::Mutex<ServiceMap>,
-    map: ServiceMap,
-    source: &str,
-) -> Result<(), crate::dataplane::DialHooksError> {
-    let steered = hooks
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .set_services(&map)?;
-    tracing::info!(
-        source,
-        services = steered.len(),
-        backends = steered.values().map(Vec::len).sum::<usize>(),
-        "service map applied"
-    );
-    if steered.len() < map.len() {
-        let left_out: Vec<String> = map
-            .keys()
-            .filter(|s| !steered.contains_key(s))
-            .take(10)
-            .map(ToString::to_string)
-            .collect();
-        tracing::error!(
-            source,
-            not_steered = map.len() - steered.len(),
-            first = ?left_out,
-            max_services = tether_agent_common::MAX_SERVICES,
-            max_backends = tether_agent_common::MAX_BACKENDS / 2,
-            "the service map holds more than the kernel hooks can: these Services are not \
-             steered, and their dials go to the Service address as the node routes it \
-             (kube-proxy's rules, if any), judged by the dial policy on that address only"
-        );
-    }
-    *current
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner) = steered;
-    Ok(())
-}
-
-/// The operator's rules, the defaults, and what the agent itself must reach: the proxy server
-/// (as it resolves now) and the nameservers its lookups use.
-async fn dial_policy(config: &Config) -> DialPolicy {
-    let server: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((
-        config.server_host.as_str(),
-        config.server_port,
-    ))
-    .await
-    {
-        Ok(addrs) => addrs.collect(),
-        Err(err) => {
-            tracing::warn!(server = config.server_host, error = %err, "cannot resolve the proxy server now; its address is not exempt from --dial-allow");
-            Vec::new()
-        }
-    };
-    let nameservers = std::fs::read_to_string("/etc/resolv.conf")
-        .map(|text| dial_policy::nameservers(&text))
-        .unwrap_or_default();
-    let policy = DialPolicy::new(
-        &config.dial_allow,
-        &config.dial_deny,
-        dial_policy::needed(&server, &nameservers),
-    );
-    tracing::info!(
-        rules = ?policy.rules().iter().map(ToString::to_string).collect::<Vec<_>>(),
-        otherwise = if policy.denies_by_default() { "deny" } else { "allow" },
-        "dial policy"
-    );
-    policy
 }
 
 impl Agent {
@@ -360,14 +162,16 @@ impl Agent {
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.clients.drain();
         let _ = self.stop.send(true);
-        let start = Instant::now();
-        loop {
-            let open = self.clients.open_connections();
-            if open == 0 || start.elapsed() >= deadline {
-                return open;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.clients.drained(deadline).await
+    }
+
+    /// After [`Agent::drain`] and leaving: stops every task the agent started and waits for
+    /// them. Returns how many did not end within a second (none, unless one is stuck).
+    pub async fn stop(self) -> usize {
+        self.shutdown.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tasks.wait()).await;
+        self.tasks.len() + self.clients.tasks_left()
     }
 }
 
@@ -433,9 +237,7 @@ impl Routes for HealthRoutes {
 /// port (loopback by default) also explains the live dial policy for `dial-policy check`.
 struct AdminRoutes {
     health_port: u16,
-    dial_policy: Arc<DialPolicy>,
-    dial_hooks: Option<Arc<std::sync::Mutex<DialHooks>>>,
-    services: Arc<std::sync::Mutex<ServiceMap>>,
+    dial_plane: Arc<DialPlane>,
 }
 
 impl AdminRoutes {
@@ -450,59 +252,7 @@ impl AdminRoutes {
                 format!("{target:?} is not IP:PORT (IPv6 in brackets); resolve names first\n"),
             );
         };
-        let verdict = self.dial_policy.decide(addr);
-        let mut body = format!(
-            "{addr}: {}\nrule: {}\n",
-            if verdict.allowed { "allow" } else { "deny" },
-            self.dial_policy.explain(verdict)
-        );
-        match &self.dial_hooks {
-            Some(hooks) => {
-                let slot = verdict
-                    .rule
-                    .unwrap_or(tether_agent_common::MAX_DIAL_RULES as usize);
-                let hits = hooks
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .hits()
-                    .ok()
-                    .and_then(|hits| hits.get(slot).copied());
-                body.push_str("enforced: by the agent and in the kernel on its cgroup's connect() and sendmsg()\n");
-                if let Some(hits) = hits {
-                    body.push_str(&format!("kernel decisions by this rule so far: {hits}\n"));
-                }
-            }
-            None => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
-        }
-        let services = self
-            .services
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (service, backends) in services.iter().filter(|(s, _)| s.addr == addr) {
-            let list: Vec<String> = backends
-                .iter()
-                .map(|b| {
-                    let verdict = self.dial_policy.decide(*b);
-                    format!(
-                        "{b}{}",
-                        if verdict.allowed {
-                            ""
-                        } else {
-                            " (denied by the policy)"
-                        }
-                    )
-                })
-                .collect();
-            body.push_str(&format!(
-                "service {service}: steered in turn to {}\n",
-                if list.is_empty() {
-                    "no backend (dials are refused)".to_owned()
-                } else {
-                    list.join(", ")
-                }
-            ));
-        }
-        Reply::text(StatusCode::OK, body)
+        Reply::text(StatusCode::OK, self.dial_plane.explain(addr))
     }
 }
 

@@ -11,7 +11,8 @@ use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_u
 use tether_runtime::tls::{Identity, PemFile};
 
 use crate::dataplane::Cidr;
-use crate::dial_policy::Target as DialTarget;
+use crate::dial_plane::policy::Target as DialTarget;
+use crate::dial_plane::{DialCgroup, DialSettings};
 use crate::guard::GuardSettings;
 
 /// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
@@ -467,22 +468,7 @@ pub struct Config {
     pub admin_port: u16,
     pub drain_timeout: Duration,
     pub guard: GuardSettings,
-    /// `--dial-allow`, `--dial-deny`: the policy itself is built at start, with the addresses
-    /// the agent needs (see [`crate::dial_policy::needed`]).
-    pub dial_allow: Vec<DialTarget>,
-    pub dial_deny: Vec<DialTarget>,
-    pub dial_cgroup: DialCgroup,
-    pub service_map_file: Option<PathBuf>,
-    pub services_from_kubernetes: bool,
-    pub services_kubeconfig: Option<PathBuf>,
-}
-
-/// `--dial-policy-cgroup`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DialCgroup {
-    Auto,
-    Off,
-    Path(PathBuf),
+    pub dial: DialSettings,
 }
 
 const MIN_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -673,22 +659,25 @@ impl Config {
             admin_host: args.admin_bind_address.clone(),
             admin_port: args.admin_server_port,
             drain_timeout: args.drain_timeout,
-            dial_allow: args.dial.allow.clone(),
-            dial_deny: args.dial.deny.clone(),
-            service_map_file: args.dial.service_map_file.clone(),
-            services_from_kubernetes: args.dial.services_from_kubernetes,
-            services_kubeconfig: args.dial.services_kubeconfig.clone(),
-            dial_cgroup: match args.dial.cgroup.as_str() {
-                "auto" => DialCgroup::Auto,
-                "off" => DialCgroup::Off,
-                path if path.starts_with('/') => DialCgroup::Path(PathBuf::from(path)),
-                other => {
-                    return Err(invalid(
-                        "dial-policy-cgroup",
-                        other.to_owned(),
-                        "expected auto, off, or an absolute cgroup v2 directory".into(),
-                    ));
-                }
+            dial: DialSettings {
+                allow: args.dial.allow.clone(),
+                deny: args.dial.deny.clone(),
+                service_map_file: args.dial.service_map_file.clone(),
+                services_from_kubernetes: args.dial.services_from_kubernetes,
+                services_kubeconfig: args.dial.services_kubeconfig.clone(),
+                cgroup: match args.dial.cgroup.as_str() {
+                    "auto" => DialCgroup::Auto,
+                    "off" => DialCgroup::Off,
+                    path if path.starts_with('/') => DialCgroup::Path(PathBuf::from(path)),
+                    other => {
+                        return Err(invalid(
+                            "dial-policy-cgroup",
+                            other.to_owned(),
+                            "expected auto, off, or an absolute cgroup v2 directory".into(),
+                        ));
+                    }
+                },
+                bpffs_root: args.guard.bpffs_root.clone(),
             },
             guard: GuardSettings {
                 mode: args.guard.guard_mode.into(),

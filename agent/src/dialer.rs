@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::dial_policy::DialPolicy;
+use crate::dial_plane::policy::DialPolicy;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DialError {

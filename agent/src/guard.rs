@@ -4,10 +4,14 @@
 //! as they change, and keeps its logs and drop events flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 
 use tether_agent_common::Mode;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dataplane::{
     Attached, Cidr, Counters, Dataplane, DataplaneError, PinnedGuard, Pins, Policy,
@@ -112,6 +116,8 @@ pub async fn start(
     settings: &GuardSettings,
     server_host: &str,
     server_port: u16,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
 ) -> Result<Option<Guard>, GuardError> {
     let pins = Pins::new(&settings.bpffs_root);
     if settings.mode == Mode::Off {
@@ -206,29 +212,35 @@ pub async fn start(
         }
     };
     let chain = |err: &dyn std::error::Error| tether_runtime::error_chain(err);
+    let spawn = |task: Pin<Box<dyn Future<Output = ()> + Send>>| {
+        let stop = stop.clone();
+        tracker.spawn(async move {
+            stop.run_until_cancelled(task).await;
+        })
+    };
     let tasks = vec![
         (
             "guard drop events",
-            tokio::spawn(async move {
+            spawn(Box::pin(async move {
                 report("drop events")(events.forward().await.map_err(|e| chain(&e)))
-            }),
+            })),
         ),
         (
             "guard kernel logs",
-            tokio::spawn(async move {
+            spawn(Box::pin(async move {
                 report("kernel logs")(logs.forward().await.map_err(|e| chain(&e)))
-            }),
+            })),
         ),
         (
             "guard interface watch",
-            tokio::spawn(async move {
+            spawn(Box::pin(async move {
                 // The dataplane stays loaded as long as this task: its program fd backs the pin.
                 report("interface watch")(
                     follow(changes, links, dataplane, mode)
                         .await
                         .map_err(|e| chain(&e)),
                 )
-            }),
+            })),
         ),
     ];
     Ok(Some(Guard {

@@ -83,6 +83,12 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
                 tracing::warn!(closed = left, "drain deadline reached; closing the remaining connections");
             }
             agent.clients.leave(Duration::from_secs(1)).await;
+            let left = agent.stop().await;
+            if left > 0 {
+                tracing::error!(tasks = left, "tasks still running at exit");
+                return ExitCode::FAILURE;
+            }
+            tracing::info!("stopped: every task ended");
             ExitCode::SUCCESS
         }
         _ = signals.next() => {

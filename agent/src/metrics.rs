@@ -19,8 +19,9 @@ use prometheus_client::registry::Registry;
 use tether_agent_common::Counter as KernelCounter;
 use tether_runtime::exposition::NamedCounter;
 
-use crate::dataplane::{Counters, DialHooks};
-use crate::dial_policy::{Action, DialPolicy};
+use crate::dataplane::Counters;
+use crate::dial_plane::hooks::DialHooks;
+use crate::dial_plane::policy::{Action, DialPolicy};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {

@@ -16,7 +16,7 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use tether_agent::dial_policy::{DialPolicy, Ports, Target};
+use tether_agent::dial_plane::policy::{DialPolicy, Ports, Target};
 use tether_agent::metrics::Metrics;
 use tether_agent::tunnel::scheduler::Scheduler;
 use tether_agent::tunnel::session::{Limits, Session};
@@ -109,6 +109,7 @@ async fn run(input: Input) {
         Arc::new(AtomicBool::new(false)),
         limits,
         Arc::new(Metrics::new()),
+        tokio_util::task::TaskTracker::new(),
     );
     let sent = tokio::spawn({
         let scheduler = scheduler.clone();

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use tether_agent::config::AllowedTunnel;
-use tether_agent::dial_policy::{Action, DialPolicy, Origin, Rule, Target};
+use tether_agent::dial_plane::policy::{Action, DialPolicy, Origin, Rule, Target};
 use tether_proto::cidr::Cidr;
 
 #[derive(Arbitrary, Debug)]

@@ -272,3 +272,62 @@ async fn server_drain_closes_what_is_left_and_stops_every_listener() {
         "the frontend socket still accepts"
     );
 }
+
+/// After SIGTERM each binary exits successfully only once every task it started has ended
+/// (otherwise it names how many are left and fails): here with the guard's tasks, the dial
+/// hooks' Service map follower and an open tunnel in the agent, and that tunnel in the server.
+#[test]
+fn both_binaries_exit_with_every_task_ended() {
+    use std::io::{Read, Write};
+    use tether_tests::guard_site::{CP, NODE, Site};
+    let mut site = Site::new("exit");
+    let cgroup = tether_tests::cgroup::TestCgroup::new("exit").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("services");
+    std::fs::write(&map, format!("10.96.0.10:80/tcp {NODE}:10250\n")).unwrap();
+    let mut agent = site.agent_in_cgroup(
+        &cgroup,
+        None,
+        &[
+            "--guard-interface=eth0".into(),
+            format!("--control-plane-cidr={CP}/32"),
+            format!("--service-map-file={}", map.display()),
+            "--drain-timeout=1s".into(),
+        ],
+    );
+    let mut open = std::os::unix::net::UnixStream::connect(&site.socket).unwrap();
+    write!(
+        open,
+        "CONNECT {NODE}:10250 HTTP/1.1\r\nHost: {NODE}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = [0u8; 39];
+    open.read_exact(&mut head).unwrap();
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+
+    agent.logged.process.signal(Signal::SIGTERM).unwrap();
+    let status = agent
+        .logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        status.success(),
+        "agent exited with {status}:\n{}",
+        agent.logged.logs.lines().join("\n")
+    );
+
+    let server = &mut site.server;
+    server.logged.process.signal(Signal::SIGTERM).unwrap();
+    let status = server
+        .logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        status.success(),
+        "server exited with {status}:\n{}",
+        server.logged.logs.lines().join("\n")
+    );
+    drop(open);
+}

@@ -3,9 +3,8 @@
 //! that uses aya.
 
 mod cidr;
-mod dial;
 mod events;
-mod pins;
+pub(crate) mod pins;
 mod shared_config;
 mod table;
 
@@ -32,7 +31,6 @@ use tether_agent_common::{
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-pub use dial::{DialHooks, DialHooksError};
 pub use events::{DropEvents, GuardEvent};
 use pins::{Found, MapShape};
 pub use pins::{PinnedGuard, Pins, Status};
@@ -825,7 +823,7 @@ fn interface_name(index: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
-fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+pub(crate) fn map_error(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
 
@@ -865,7 +863,7 @@ pub fn interface_index(interface: &str) -> Result<u32, DataplaneError> {
     }
 }
 
-fn is_permission_error(err: &EbpfError) -> bool {
+pub(crate) fn is_permission_error(err: &EbpfError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<io::Error>()

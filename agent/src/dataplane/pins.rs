@@ -410,7 +410,7 @@ fn on_bpffs(path: &Path) -> bool {
     }
 }
 
-pub(super) fn remove_if_present(path: &Path) -> Result<(), DataplaneError> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<(), DataplaneError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -422,7 +422,7 @@ pub(super) fn remove_if_present(path: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-pub(super) fn pin_error(action: &'static str, path: &Path, err: PinError) -> DataplaneError {
+pub(crate) fn pin_error(action: &'static str, path: &Path, err: PinError) -> DataplaneError {
     DataplaneError::Pin {
         action,
         path: path.to_owned(),

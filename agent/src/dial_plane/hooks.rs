@@ -20,9 +20,9 @@ use tether_agent_common::{
     ServiceValue,
 };
 
-use super::DataplaneError;
-use crate::dial_policy::{Action, DialPolicy, Ports};
-use crate::services::{Service, ServiceMap};
+use super::policy::{Action, DialPolicy, Ports};
+use super::services::{Service, ServiceMap};
+use crate::dataplane::{DataplaneError, is_permission_error, map_error, pins};
 
 static DIAL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_DIAL_OBJECT"));
 
@@ -143,7 +143,7 @@ fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map,
 }
 
 /// A policy rule as the hooks read it.
-fn kernel_rule(rule: &crate::dial_policy::Rule) -> DialRule {
+fn kernel_rule(rule: &crate::dial_plane::policy::Rule) -> DialRule {
     // The prefix's network and its mask, as addresses, in the words the hooks compare.
     let len = u32::from(rule.prefix.len);
     let (network, mask): (IpAddr, IpAddr) = match rule.prefix.addr {
@@ -184,7 +184,7 @@ impl DialHooks {
             return Err(DialHooksError::TooManyRules(rules.len()));
         }
         let mut ebpf = EbpfLoader::new().load(DIAL_OBJECT).map_err(|err| {
-            DialHooksError::Dataplane(if super::is_permission_error(&err) {
+            DialHooksError::Dataplane(if is_permission_error(&err) {
                 DataplaneError::NotPermitted(err)
             } else {
                 DataplaneError::Load(err)
@@ -193,24 +193,24 @@ impl DialHooks {
         {
             let map = map_mut(&mut ebpf, "DIAL_RULES")?;
             let mut table: Array<&mut MapData, DialRule> =
-                Array::try_from(map).map_err(|source| super::map_error("DIAL_RULES")(source))?;
+                Array::try_from(map).map_err(|source| map_error("DIAL_RULES")(source))?;
             for (index, rule) in rules.iter().enumerate() {
                 table
                     .set(index as u32, kernel_rule(rule), 0)
-                    .map_err(|source| super::map_error("DIAL_RULES")(source))?;
+                    .map_err(|source| map_error("DIAL_RULES")(source))?;
             }
         }
         {
             let map = map_mut(&mut ebpf, "DIAL_CONFIG")?;
             let mut config: Array<&mut MapData, DialConfig> =
-                Array::try_from(map).map_err(|source| super::map_error("DIAL_CONFIG")(source))?;
+                Array::try_from(map).map_err(|source| map_error("DIAL_CONFIG")(source))?;
             let value = DialConfig {
                 rules: rules.len() as u32,
                 otherwise_allow: u32::from(!policy.denies_by_default()),
             };
             config
                 .set(0, value, 0)
-                .map_err(|source| super::map_error("DIAL_CONFIG")(source))?;
+                .map_err(|source| map_error("DIAL_CONFIG")(source))?;
         }
         for name in PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
@@ -243,17 +243,17 @@ impl DialHooks {
         {
             let map = map_mut(&mut self.ebpf, "BACKENDS")?;
             let mut table: Array<&mut MapData, Endpoint> =
-                Array::try_from(map).map_err(super::map_error("BACKENDS"))?;
+                Array::try_from(map).map_err(map_error("BACKENDS"))?;
             for (slot, addr) in (base..).zip(services.values().flatten()) {
                 table
                     .set(slot, endpoint(*addr), 0)
-                    .map_err(super::map_error("BACKENDS"))?;
+                    .map_err(map_error("BACKENDS"))?;
             }
         }
         self.ids.retain(|service, _| services.contains_key(service));
         let map = map_mut(&mut self.ebpf, "SERVICES")?;
         let mut table: AyaHashMap<&mut MapData, ServiceKey, ServiceValue> =
-            AyaHashMap::try_from(map).map_err(super::map_error("SERVICES"))?;
+            AyaHashMap::try_from(map).map_err(map_error("SERVICES"))?;
         let wanted: std::collections::HashSet<ServiceKey> =
             services.keys().map(service_key).collect();
         let stale: Vec<ServiceKey> = table
@@ -290,7 +290,7 @@ impl DialHooks {
             };
             table
                 .insert(service_key(service), value, 0)
-                .map_err(super::map_error("SERVICES"))?;
+                .map_err(map_error("SERVICES"))?;
             first += list.len() as u32;
         }
         self.upper = !self.upper;
@@ -306,13 +306,13 @@ impl DialHooks {
     pub fn service_hits(&self) -> Result<Vec<(Service, u64)>, DataplaneError> {
         let map = map_ref(&self.ebpf, "SERVICE_NEXT")?;
         let hits: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(super::map_error("SERVICE_NEXT"))?;
+            PerCpuArray::try_from(map).map_err(map_error("SERVICE_NEXT"))?;
         self.ids
             .iter()
             .map(|(service, id)| {
                 hits.get(id, 0)
                     .map(|values| (*service, values.iter().sum()))
-                    .map_err(super::map_error("SERVICE_NEXT"))
+                    .map_err(map_error("SERVICE_NEXT"))
             })
             .collect()
     }
@@ -372,9 +372,9 @@ impl DialHooks {
                     replaced += 1;
                 }
             }
-            super::pins::remove_if_present(&path)?;
+            pins::remove_if_present(&path)?;
             link.pin(&path)
-                .map_err(|err| super::pins::pin_error("cannot pin the dial hook at", &path, err))?;
+                .map_err(|err| pins::pin_error("cannot pin the dial hook at", &path, err))?;
         }
         Ok(replaced)
     }
@@ -384,12 +384,12 @@ impl DialHooks {
     pub fn hits(&self) -> Result<Vec<u64>, DataplaneError> {
         let map = map_ref(&self.ebpf, "DIAL_HITS")?;
         let hits: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| super::map_error("DIAL_HITS")(source))?;
+            PerCpuArray::try_from(map).map_err(|source| map_error("DIAL_HITS")(source))?;
         (0..=MAX_DIAL_RULES)
             .map(|slot| {
                 hits.get(&slot, 0)
                     .map(|values| values.iter().sum())
-                    .map_err(|source| super::map_error("DIAL_HITS")(source))
+                    .map_err(|source| map_error("DIAL_HITS")(source))
             })
             .collect()
     }
@@ -400,12 +400,12 @@ mod tests {
     use super::*;
 
     fn rule(text: &str) -> DialRule {
-        let target: crate::dial_policy::Target = text.parse().unwrap();
-        kernel_rule(&crate::dial_policy::Rule {
+        let target: crate::dial_plane::policy::Target = text.parse().unwrap();
+        kernel_rule(&crate::dial_plane::policy::Rule {
             action: Action::Deny,
             prefix: target.prefix,
             ports: target.ports,
-            origin: crate::dial_policy::Origin::Flag,
+            origin: crate::dial_plane::policy::Origin::Flag,
         })
     }
 
@@ -432,7 +432,7 @@ mod tests {
     fn service(i: u32, port: u16) -> Service {
         Service {
             addr: SocketAddr::new(Ipv4Addr::from(0x0a60_0000 + i).into(), port),
-            protocol: crate::services::Protocol::Tcp,
+            protocol: crate::dial_plane::services::Protocol::Tcp,
         }
     }
 

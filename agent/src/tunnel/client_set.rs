@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use super::scheduler::{CONTROL_BACKLOG, Scheduler};
 use super::session::{Limits, Session};
@@ -21,6 +22,10 @@ pub struct ClientSet {
     servers: Mutex<HashMap<String, Arc<Session>>>,
     last_server_count: AtomicU32,
     draining: Arc<AtomicBool>,
+    /// One task per server stream, reading it until it ends.
+    streams: TaskTracker,
+    /// The tunnelled connections' tasks, across every stream.
+    connections: TaskTracker,
 }
 
 enum Outcome {
@@ -35,7 +40,7 @@ impl ClientSet {
     pub fn new(
         config: Arc<Config>,
         metrics: Arc<Metrics>,
-        dial_policy: Arc<crate::dial_policy::DialPolicy>,
+        dial_policy: Arc<crate::dial_plane::policy::DialPolicy>,
     ) -> Arc<Self> {
         let limits = Arc::new(Limits {
             dial_timeout: config.dial_timeout,
@@ -53,6 +58,8 @@ impl ClientSet {
             servers: Mutex::new(HashMap::new()),
             last_server_count: AtomicU32::new(0),
             draining: Arc::new(AtomicBool::new(false)),
+            streams: TaskTracker::new(),
+            connections: TaskTracker::new(),
         })
     }
 
@@ -122,6 +129,7 @@ impl ClientSet {
                 self.draining.clone(),
                 self.limits.clone(),
                 self.metrics.clone(),
+                self.connections.clone(),
             );
             servers.insert(connected.server_id.clone(), session.clone());
             session
@@ -139,7 +147,7 @@ impl ClientSet {
         let set = self.clone();
         let mut inbound = connected.inbound;
         let stall = self.limits.stall_timeout;
-        tokio::spawn(async move {
+        self.streams.spawn(async move {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(packet)) => {
@@ -200,16 +208,28 @@ impl ClientSet {
         }
     }
 
+    /// After [`ClientSet::drain`]: waits, at most `deadline`, for the open connections to
+    /// finish. Returns how many are still open.
+    pub async fn drained(&self, deadline: Duration) -> usize {
+        self.connections.close();
+        let _ = tokio::time::timeout(deadline, self.connections.wait()).await;
+        self.open_connections()
+    }
+
     /// After a drain: ends every server stream cleanly and waits, at most `limit`, for the
-    /// servers to close theirs.
+    /// servers to close theirs; a stream that ends closes what is left of its connections.
     pub async fn leave(&self, limit: Duration) {
         for session in self.servers().values() {
             session.finish();
         }
-        let start = tokio::time::Instant::now();
-        while !self.servers().is_empty() && start.elapsed() < limit {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        self.streams.close();
+        let _ = tokio::time::timeout(limit, self.streams.wait()).await;
+        let _ = tokio::time::timeout(limit, self.connections.wait()).await;
+    }
+
+    /// Stream and connection tasks still running.
+    pub fn tasks_left(&self) -> usize {
+        self.streams.len() + self.connections.len()
     }
 
     /// Tunnelled connections still open across all servers.

@@ -26,6 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 use tokio::task::AbortHandle;
+use tokio_util::task::TaskTracker;
 
 use super::scheduler::Scheduler;
 use crate::dialer;
@@ -45,7 +46,7 @@ pub struct Limits {
     pub stall_timeout: Duration,
     pub max_pending_dials: usize,
     pub max_connections: usize,
-    pub dial_policy: Arc<crate::dial_policy::DialPolicy>,
+    pub dial_policy: Arc<crate::dial_plane::policy::DialPolicy>,
 }
 
 struct Chunk(Bytes);
@@ -103,6 +104,8 @@ pub struct Session {
     draining: Arc<AtomicBool>,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
+    /// Each connection's tasks (its dial, reader and writer): draining waits on them.
+    tasks: TaskTracker,
 }
 
 impl Session {
@@ -113,6 +116,7 @@ impl Session {
         draining: Arc<AtomicBool>,
         limits: Arc<Limits>,
         metrics: Arc<Metrics>,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Session {
             server_id,
@@ -126,6 +130,7 @@ impl Session {
             draining,
             limits,
             metrics,
+            tasks,
         })
     }
 
@@ -282,7 +287,7 @@ impl Session {
         let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
         let session = self.clone();
         let mut dials = self.dials();
-        let task = tokio::spawn(async move {
+        let task = self.tasks.spawn(async move {
             let started = Instant::now();
             let result = dialer::dial(
                 &address,
@@ -356,13 +361,17 @@ impl Session {
         // Control packets leave before any lane's DATA, so the DIAL_RSP precedes this
         // connection's first DATA.
         self.send_control(Packet::dial_response(random, connect_id, ""));
-        let reader =
-            tokio::spawn(self.clone().read_endpoint(connect_id, read, flow.clone())).abort_handle();
-        let writer = tokio::spawn(
-            self.clone()
-                .write_endpoint(connect_id, write, inbound, progress, flow),
-        )
-        .abort_handle();
+        let reader = self
+            .tasks
+            .spawn(self.clone().read_endpoint(connect_id, read, flow.clone()))
+            .abort_handle();
+        let writer = self
+            .tasks
+            .spawn(
+                self.clone()
+                    .write_endpoint(connect_id, write, inbound, progress, flow),
+            )
+            .abort_handle();
         let mut conns = self.conns();
         match conns.get_mut(&connect_id) {
             Some(conn) => {
