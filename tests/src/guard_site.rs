@@ -200,6 +200,18 @@ pub fn start_server(cp: &Netns, pki: &Pki, socket: &Path, extra: &[String]) -> S
 /// An apiserver-style request to `host:10250` through the server's UDS frontend: CONNECT, then
 /// a GET; the reply, or what went wrong.
 pub fn get_through(socket: &Path, host: &str) -> Result<String, String> {
+    let mut stream = open_through(socket, host)?;
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| e.to_string())?;
+    Ok(reply)
+}
+
+/// A tunnel to `host:10250` opened with HTTP CONNECT on the server's socket, or the
+/// server's answer when it refused.
+pub fn open_through(socket: &Path, host: &str) -> Result<UnixStream, String> {
     let mut stream = UnixStream::connect(socket).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -214,12 +226,7 @@ pub fn get_through(socket: &Path, host: &str) -> Result<String, String> {
     if &head[..] != b"HTTP/1.1 200 Connection Established\r\n\r\n" {
         return Err(String::from_utf8_lossy(&head).into_owned());
     }
-    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    stream
-        .read_to_string(&mut reply)
-        .map_err(|e| e.to_string())?;
-    Ok(reply)
+    Ok(stream)
 }
 
 /// The value of one series (name and labels, as /metrics prints them) on the /metrics of a

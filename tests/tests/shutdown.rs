@@ -278,8 +278,7 @@ async fn server_drain_closes_what_is_left_and_stops_every_listener() {
 /// hooks' Service map follower and an open tunnel in the agent, and that tunnel in the server.
 #[test]
 fn both_binaries_exit_with_every_task_ended() {
-    use std::io::{Read, Write};
-    use tether_tests::guard_site::{CP, NODE, Site};
+    use tether_tests::guard_site::{CP, NODE, Site, open_through};
     let mut site = Site::new("exit");
     let cgroup = tether_tests::cgroup::TestCgroup::new("exit").unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -295,39 +294,21 @@ fn both_binaries_exit_with_every_task_ended() {
             "--drain-timeout=1s".into(),
         ],
     );
-    let mut open = std::os::unix::net::UnixStream::connect(&site.socket).unwrap();
-    write!(
-        open,
-        "CONNECT {NODE}:10250 HTTP/1.1\r\nHost: {NODE}\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = [0u8; 39];
-    open.read_exact(&mut head).unwrap();
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
-
-    agent.logged.process.signal(Signal::SIGTERM).unwrap();
-    let status = agent
-        .logged
-        .process
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        status.success(),
-        "agent exited with {status}:\n{}",
-        agent.logged.logs.lines().join("\n")
-    );
-
-    let server = &mut site.server;
-    server.logged.process.signal(Signal::SIGTERM).unwrap();
-    let status = server
-        .logged
-        .process
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        status.success(),
-        "server exited with {status}:\n{}",
-        server.logged.logs.lines().join("\n")
-    );
+    let open = open_through(&site.socket, NODE).unwrap();
+    exits_cleanly_on_sigterm("agent", &mut agent.logged);
+    exits_cleanly_on_sigterm("server", &mut site.server.logged);
     drop(open);
+}
+
+fn exits_cleanly_on_sigterm(who: &str, logged: &mut tether_tests::procs::Logged) {
+    logged.process.signal(Signal::SIGTERM).unwrap();
+    let status = logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        status.success(),
+        "{who} exited with {status}:\n{}",
+        logged.logs.lines().join("\n")
+    );
 }

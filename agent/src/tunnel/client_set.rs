@@ -223,6 +223,7 @@ impl ClientSet {
             session.finish();
         }
         self.streams.close();
+        self.connections.close();
         let _ = tokio::time::timeout(limit, self.streams.wait()).await;
         let _ = tokio::time::timeout(limit, self.connections.wait()).await;
     }
