@@ -1,4 +1,4 @@
-//! Memory layouts shared by the kernel programs (`agent-ebpf`) and the agent's dataplane.
+//! Memory layouts shared by the kernel programs (`agent-ebpf`) and the agent that loads them.
 //!
 //! Everything here crosses the kernel/user boundary through BPF maps, so every type is
 //! `#[repr(C)]` with explicit padding, and its size and field offsets are pinned at compile
@@ -7,7 +7,7 @@
 
 /// Version of the pinned maps' layout: their names, types, key and value layouts, capacities
 /// and what their values mean. Bump it with any such change, so an agent never adopts maps a
-/// different release pinned and instead replaces them (see the agent's `dataplane::pins`).
+/// different release pinned and instead replaces them (see the agent's `guard_program::pins`).
 pub const PIN_LAYOUT: u32 = 3;
 
 /// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
@@ -343,6 +343,38 @@ const _: () = {
     assert!(core::mem::size_of::<EventBudget>() == 16);
     assert!(core::mem::size_of::<InterfaceCounters>() == 8 + 16 * COUNTER_SLOTS as usize);
 };
+
+/// The dial hooks' maps, by the names the kernel side gives them (its `#[map(name = ...)]`).
+pub const DIAL_RULES_MAP: &str = "DIAL_RULES";
+pub const DIAL_CONFIG_MAP: &str = "DIAL_CONFIG";
+/// Per-rule decisions, and one slot past the rules for "no rule matched".
+pub const DIAL_HITS_MAP: &str = "DIAL_HITS";
+pub const SERVICES_MAP: &str = "SERVICES";
+pub const BACKENDS_MAP: &str = "BACKENDS";
+/// Per-Service round-robin position, which is also its counter of steered dials.
+pub const SERVICE_NEXT_MAP: &str = "SERVICE_NEXT";
+/// Steered sockets' Service address, for `getpeername()`.
+pub const STEERED_MAP: &str = "STEERED";
+/// Every map of the dial hooks' object.
+pub const DIAL_MAPS: [&str; 7] = [
+    DIAL_RULES_MAP,
+    DIAL_CONFIG_MAP,
+    DIAL_HITS_MAP,
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    SERVICE_NEXT_MAP,
+    STEERED_MAP,
+];
+
+/// The dial hooks' programs (the kernel side's function names), one per cgroup hook.
+pub const DIAL_PROGRAMS: [&str; 6] = [
+    "tether_dial_connect4",
+    "tether_dial_connect6",
+    "tether_dial_sendmsg4",
+    "tether_dial_sendmsg6",
+    "tether_dial_getpeername4",
+    "tether_dial_getpeername6",
+];
 
 /// Most rules the dial hooks hold: the defaults, what the agent needs, and the operator's.
 pub const MAX_DIAL_RULES: u32 = 64;

@@ -19,23 +19,23 @@ use tether_agent_common::{
     MAX_STEERED_SOCKETS, ServiceKey, ServiceValue,
 };
 
-#[map]
+#[map(name = "DIAL_RULES")]
 static DIAL_RULES: Array<DialRule> = Array::with_max_entries(MAX_DIAL_RULES, 0);
-#[map]
+#[map(name = "DIAL_CONFIG")]
 static DIAL_CONFIG: Array<DialConfig> = Array::with_max_entries(1, 0);
 /// Decisions per rule index; the last slot counts what no rule matched.
-#[map]
+#[map(name = "DIAL_HITS")]
 static DIAL_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_DIAL_RULES + 1, 0);
 
-#[map]
+#[map(name = "SERVICES")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(MAX_SERVICES, 0);
-#[map]
+#[map(name = "BACKENDS")]
 static BACKENDS: Array<Endpoint> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Per Service id: connects steered so far on this CPU, which also picks the next backend.
-#[map]
+#[map(name = "SERVICE_NEXT")]
 static SERVICE_NEXT: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 /// Socket cookie → the Service address it was dialled as, for `getpeername()`.
-#[map]
+#[map(name = "STEERED")]
 static STEERED: LruHashMap<u64, Endpoint> = LruHashMap::with_max_entries(MAX_STEERED_SOCKETS, 0);
 
 const ALLOW: i32 = 1;

@@ -31,7 +31,7 @@ static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SL
 static IF_COUNTERS: PerCpuArray<InterfaceCounters> =
     PerCpuArray::with_max_entries(INTERFACE_SLOTS, 0);
 #[map(name = "CONFIG")]
-// Mappable: the agent changes single fields in place (see its `dataplane::shared_config`).
+// Mappable: the agent changes single fields in place (see its `guard_program::shared_config`).
 static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map(name = "CP_V4")]
 static CP_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(MAX_PREFIXES, BPF_F_NO_PREALLOC);

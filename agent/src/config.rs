@@ -10,10 +10,10 @@ use tether_proto::identifiers::Identifiers;
 use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
 use tether_runtime::tls::{Identity, PemFile};
 
-use crate::dataplane::Cidr;
 use crate::dial_plane::policy::Target as DialTarget;
 use crate::dial_plane::{DialCgroup, DialSettings};
 use crate::guard::GuardSettings;
+use crate::guard_program::Cidr;
 
 /// tether-agent: the node half of the Konnectivity tunnel. It dials out to the proxy server over
 /// TLS, holds one stream per server replica, and carries the control plane's connections

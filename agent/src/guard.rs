@@ -13,8 +13,8 @@ use tether_agent_common::Mode;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::dataplane::{
-    Attached, Cidr, Counters, Dataplane, DataplaneError, PinnedGuard, Pins, Policy,
+use crate::guard_program::{
+    Attached, BpfError, Cidr, Counters, GuardProgram, PinnedGuard, Pins, Policy,
 };
 use crate::{capabilities, interfaces, kernel};
 
@@ -76,7 +76,7 @@ pub enum GuardError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
+    Bpf(#[from] BpfError),
 }
 
 /// A running guard. Dropping it stops the log and event forwarding; the XDP program stays in
@@ -176,12 +176,12 @@ pub async fn start(
     if wanted.is_empty() {
         return Err(GuardError::NoRoute);
     }
-    let (mut dataplane, logs) = Dataplane::load(Some(pins))?;
-    let adopted = !dataplane.maps_are_new();
+    let (mut program, logs) = GuardProgram::load(Some(pins))?;
+    let adopted = !program.maps_are_new();
     // Policy before mode: a fresh program starts inert (mode 0 = off) and must never enforce
     // a half-written policy.
-    dataplane.set_policy(&policy)?;
-    dataplane.set_mode(mode)?;
+    program.set_policy(&policy)?;
+    program.set_mode(mode)?;
     let texts = |cidrs: &[Cidr]| cidrs.iter().map(ToString::to_string).collect::<Vec<_>>();
     tracing::info!(
         mode = mode.label(),
@@ -192,18 +192,18 @@ pub async fn start(
         tunnel_ports = ?policy.tunnel_ports,
         "XDP guard policy"
     );
-    links.reconcile(wanted, &mut dataplane, mode)?;
+    links.reconcile(wanted, &mut program, mode)?;
     if adopted {
         tracing::info!(bpffs_root = %settings.bpffs_root.display(), "adopted the pinned guard: policy and counters carried over");
-    } else if let Some(replaced) = dataplane.commit_pins()? {
+    } else if let Some(replaced) = program.commit_pins()? {
         tracing::warn!(
             bpffs_root = %settings.bpffs_root.display(),
             found = replaced,
             "replaced an incompatible pinned guard: the new program took over its links without a gap; counters start from zero"
         );
     }
-    let counters = dataplane.counters_handle()?;
-    let events = dataplane.drop_events()?;
+    let counters = program.counters_handle()?;
+    let events = program.drop_events()?;
     let report = |what: &'static str| {
         move |result: Result<(), String>| {
             if let Err(err) = result {
@@ -234,9 +234,9 @@ pub async fn start(
         (
             "guard interface watch",
             spawn(Box::pin(async move {
-                // The dataplane stays loaded as long as this task: its program fd backs the pin.
+                // The program stays loaded as long as this task: its fd backs the pin.
                 report("interface watch")(
-                    follow(changes, links, dataplane, mode)
+                    follow(changes, links, program, mode)
                         .await
                         .map_err(|e| chain(&e)),
                 )
@@ -276,7 +276,7 @@ impl Links {
     fn reconcile(
         &mut self,
         wanted: Vec<interfaces::Wanted>,
-        dataplane: &mut Dataplane,
+        program: &mut GuardProgram,
         mode: Mode,
     ) -> Result<(), GuardError> {
         let mut readable = Vec::new();
@@ -284,7 +284,7 @@ impl Links {
         for want in wanted {
             let Some(link) = want.link else {
                 if self.named.contains(&want.name) {
-                    return Err(DataplaneError::NoSuchInterface {
+                    return Err(BpfError::NoSuchInterface {
                         interface: want.name,
                     }
                     .into());
@@ -326,11 +326,11 @@ impl Links {
             let claim: Vec<String> = self
                 .guarded
                 .keys()
-                .filter(|i| crate::dataplane::interface_index(i).is_ok())
+                .filter(|i| crate::guard_program::interface_index(i).is_ok())
                 .chain(attaching)
                 .cloned()
                 .collect();
-            if let Err(err) = dataplane.count_interfaces(&claim) {
+            if let Err(err) = program.count_interfaces(&claim) {
                 tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot claim drop counters before attaching; counting starts once attached");
             }
         }
@@ -340,7 +340,7 @@ impl Links {
                 now.insert(interface, index);
                 continue;
             }
-            match dataplane.attach(&interface, layout) {
+            match program.attach(&interface, layout) {
                 Ok(attached) => {
                     tracing::info!(
                         interface,
@@ -377,13 +377,13 @@ impl Links {
             );
         }
         let keep: Vec<String> = now.keys().cloned().collect();
-        for interface in dataplane.release_other_interfaces(&keep)? {
+        for interface in program.release_other_interfaces(&keep)? {
             tracing::info!(
                 interface,
                 "XDP guard detached: no longer an interface to the control plane"
             );
         }
-        for interface in dataplane.count_interfaces(&keep)? {
+        for interface in program.count_interfaces(&keep)? {
             tracing::warn!(
                 interface,
                 "this interface's drops are counted only in the totals: another guarded interface holds its counter slot"
@@ -399,14 +399,14 @@ impl Links {
 async fn follow(
     mut changes: interfaces::Changes,
     mut links: Links,
-    mut dataplane: Dataplane,
+    mut program: GuardProgram,
     mode: Mode,
 ) -> Result<(), GuardError> {
     loop {
         changes.next().await?;
         let result = links
             .wanted()
-            .and_then(|wanted| links.reconcile(wanted, &mut dataplane, mode));
+            .and_then(|wanted| links.reconcile(wanted, &mut program, mode));
         if let Err(err) = result {
             tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
         }

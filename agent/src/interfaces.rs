@@ -24,7 +24,7 @@ use tether_proto::cidr::Cidr;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::dataplane::Layout;
+use crate::guard_program::Layout;
 
 /// A unicast route: where a prefix goes, and through which interfaces (one per nexthop).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,7 @@
 //! Beside the tunnel, two features that each run on their own:
 //!
 //! - `guard`: the XDP program on the node's uplinks that drops the control plane's direct
-//!   connections (`dataplane` loads, pins and attaches it and reads its counters and events;
+//!   connections (`guard_program` loads, pins and attaches it and reads its counters and events;
 //!   `interfaces` finds the uplinks; `kernel` and `capabilities` check what the host allows).
 //! - `dial_plane`: what the agent may dial and where a Service dial goes, enforced in
 //!   userspace and by cgroup hooks in the kernel, with the Service map it follows.
@@ -32,10 +32,10 @@
 pub mod app;
 pub mod capabilities;
 pub mod config;
-pub mod dataplane;
 pub mod dial_plane;
 pub mod dialer;
 pub mod guard;
+pub mod guard_program;
 pub mod interfaces;
 pub mod kernel;
 pub mod metrics;

@@ -5,7 +5,7 @@ use clap::Parser;
 use tether_agent::app;
 use tether_agent::capabilities::{self, Needed};
 use tether_agent::config::{Args, CheckArgs, Command, Config, DialPolicyCommand, GuardCommand};
-use tether_agent::dataplane::{PinnedGuard, Pins, Status};
+use tether_agent::guard_program::{PinnedGuard, Pins, Status};
 use tether_agent::kernel;
 use tether_runtime::shutdown::Signals;
 

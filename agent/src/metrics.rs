@@ -19,9 +19,9 @@ use prometheus_client::registry::Registry;
 use tether_agent_common::Counter as KernelCounter;
 use tether_runtime::exposition::NamedCounter;
 
-use crate::dataplane::Counters;
 use crate::dial_plane::hooks::DialHooks;
 use crate::dial_plane::policy::{Action, DialPolicy};
+use crate::guard_program::Counters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {

@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use tether_agent::dataplane::{Dataplane, KernelLogs, Layout, Policy};
+use tether_agent::guard_program::{GuardProgram, KernelLogs, Layout, Policy};
 use tether_agent_common::{Mode, Reason};
 
 const XDP_DROP: u32 = 1;
@@ -25,7 +25,7 @@ const MAX_CHAIN: usize = 512;
 const MAX_L4_OFFSET: usize = 14 + 8 + MAX_CHAIN;
 
 struct Guard {
-    dataplane: Dataplane,
+    program: GuardProgram,
     _logs: KernelLogs,
     _listeners: [TcpListener; 2],
     mode: Mode,
@@ -39,8 +39,8 @@ fn guard() -> &'static Mutex<Guard> {
         assert_eq!(rc, 0, "unshare(CLONE_NEWNET) needs root");
         let v4 = TcpListener::bind((Ipv4Addr::UNSPECIFIED, LISTENER_PORT)).expect("listen v4");
         let v6 = socket_v6_only(LISTENER_PORT);
-        let (mut dataplane, logs) = Dataplane::load(None).expect("load the guard");
-        dataplane
+        let (mut program, logs) = GuardProgram::load(None).expect("load the guard");
+        program
             .set_policy(&Policy {
                 control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
                 protected_ports: PROTECTED.to_vec(),
@@ -49,9 +49,9 @@ fn guard() -> &'static Mutex<Guard> {
                 tunnel_ports: TUNNEL_PORTS.to_vec(),
             })
             .expect("policy");
-        dataplane.set_mode(Mode::Enforce).expect("mode");
+        program.set_mode(Mode::Enforce).expect("mode");
         Mutex::new(Guard {
-            dataplane,
+            program,
             _logs: logs,
             _listeners: [v4, v6],
             mode: Mode::Enforce,
@@ -332,7 +332,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut guard = guard().lock().expect("guard lock");
     if guard.mode != mode {
-        guard.dataplane.set_mode(mode).expect("mode");
+        guard.program.set_mode(mode).expect("mode");
         guard.mode = mode;
     }
     // The second bit runs the guard for IP-first devices on the frame without its Ethernet
@@ -345,16 +345,16 @@ fuzz_target!(|data: &[u8]| {
             (&frame[12..14], version),
             ([0x08, 0x00], Some(4)) | ([0x86, 0xdd], Some(6))
         );
-    let before = guard.dataplane.counters().expect("counters");
+    let before = guard.program.counters().expect("counters");
     let action = if ip_first {
         guard
-            .dataplane
+            .program
             .run_packet_as(Layout::Ip, &frame[14..])
             .expect("test run")
     } else {
-        guard.dataplane.run_packet(frame).expect("test run")
+        guard.program.run_packet(frame).expect("test run")
     };
-    let after = guard.dataplane.counters().expect("counters");
+    let after = guard.program.counters().expect("counters");
     let Expected(reason, drop) = model(&Frame(frame));
     let enforce = mode == Mode::Enforce;
     let want_action = if drop && enforce { XDP_DROP } else { XDP_PASS };

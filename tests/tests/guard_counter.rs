@@ -1,12 +1,12 @@
-//! The first eBPF program end to end: the embedded object is loaded by the agent's dataplane,
-//! attached to a veth inside a namespace this test creates, and its per-CPU counters and
-//! aya-log records come back to userspace.
+//! The first eBPF program end to end: the embedded object is loaded by the agent's
+//! `guard_program`, attached to a veth inside a namespace this test creates, and its per-CPU
+//! counters and aya-log records come back to userspace.
 
 use std::io::Write;
 use std::net::UdpSocket;
 use std::sync::{Arc, Mutex};
 
-use tether_agent::dataplane::Dataplane;
+use tether_agent::guard_program::GuardProgram;
 use tether_agent_common::{Mode, Reason};
 use tether_tests::netns::{Netns, veth};
 use tether_tests::require_root;
@@ -42,11 +42,11 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     let peer = Netns::new("peer").unwrap();
     veth(&node, "eth0", "10.77.0.1/24", &peer, "eth0", "10.77.0.2/24").unwrap();
 
-    let (mut dataplane, mut logs) = Dataplane::load(None).unwrap();
+    let (mut program, mut logs) = GuardProgram::load(None).unwrap();
     // Enforce with an empty policy: everything passes and is counted.
-    dataplane.set_mode(Mode::Enforce).unwrap();
+    program.set_mode(Mode::Enforce).unwrap();
     let mode = node
-        .run(|| dataplane.attach("eth0", tether_agent::dataplane::Layout::Ethernet))
+        .run(|| program.attach("eth0", tether_agent::guard_program::Layout::Ethernet))
         .unwrap()
         .unwrap();
     assert_eq!(
@@ -65,7 +65,7 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
     })
     .unwrap();
 
-    let counters = dataplane.counters().unwrap();
+    let counters = program.counters().unwrap();
     assert_eq!(counters[0].reason, Reason::Pass);
     let pass = counters[0].passed;
     assert!(

@@ -5,7 +5,7 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use tether_agent::dataplane::{Dataplane, KernelLogs, Layout, Policy};
+use tether_agent::guard_program::{GuardProgram, KernelLogs, Layout, Policy};
 use tether_agent_common::{Mode, Reason};
 use tether_tests::packets::*;
 use tether_tests::require_root;
@@ -21,10 +21,10 @@ const CP6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const OTHER6: [u8; 16] = [0x20, 1, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const NODE6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
+fn guard(mode: Mode) -> (GuardProgram, KernelLogs) {
     require_root();
-    let (mut dataplane, logs) = Dataplane::load(None).unwrap();
-    dataplane
+    let (mut program, logs) = GuardProgram::load(None).unwrap();
+    program
         .set_policy(&Policy {
             control_plane: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             protected_ports: vec![10250, 10255],
@@ -36,23 +36,23 @@ fn guard(mode: Mode) -> (Dataplane, KernelLogs) {
             tunnel_ports: vec![4789, 6081, 8472],
         })
         .unwrap();
-    dataplane.set_mode(mode).unwrap();
-    (dataplane, logs)
+    program.set_mode(mode).unwrap();
+    (program, logs)
 }
 
 /// Runs `packet` and checks the action and that exactly the expected counter moved by one.
 fn expect(
-    dataplane: &mut Dataplane,
+    program: &mut GuardProgram,
     name: &str,
     packet: &[u8],
     action: u32,
     reason: Reason,
     dropped: bool,
 ) {
-    let before = dataplane.counters().unwrap();
-    let got = dataplane.run_packet(packet).unwrap();
+    let before = program.counters().unwrap();
+    let got = program.run_packet(packet).unwrap();
     assert_eq!(got, action, "{name}: wrong XDP action");
-    let after = dataplane.counters().unwrap();
+    let after = program.counters().unwrap();
     for (b, a) in before.iter().zip(&after) {
         let moved_passed = a.passed.packets - b.passed.packets;
         let moved_dropped = a.dropped.packets - b.dropped.packets;
@@ -78,9 +78,9 @@ fn syn4(src: [u8; 4], port: u16) -> Vec<u8> {
 #[test]
 fn ipv4_verdicts() {
     let (mut g, _logs) = guard(Mode::Enforce);
-    let drop = |g: &mut Dataplane, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
+    let drop = |g: &mut GuardProgram, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
     let pass =
-        |g: &mut Dataplane, name, p: &[u8]| expect(g, name, p, XDP_PASS, Reason::Pass, false);
+        |g: &mut GuardProgram, name, p: &[u8]| expect(g, name, p, XDP_PASS, Reason::Pass, false);
 
     drop(
         &mut g,
@@ -335,7 +335,7 @@ fn ipv6_verdicts_through_extension_chains() {
 #[test]
 fn fragments_and_long_chains_do_not_skip_the_port_check() {
     let (mut g, _logs) = guard(Mode::Enforce);
-    let drop = |g: &mut Dataplane, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
+    let drop = |g: &mut GuardProgram, name, p: &[u8], r| expect(g, name, p, XDP_DROP, r, true);
     let first4 = frame(&[
         &ethernet(&[], ETH_IP),
         &ipv4(OTHER4, NODE4, TCP, 20, 0, 0x2000),
@@ -780,8 +780,8 @@ fn policy_changes_apply_at_runtime() {
 #[test]
 fn control_plane_table_levels_and_trie_agree_with_the_prefixes() {
     let (mut g, _logs) = guard(Mode::Enforce);
-    let verdict = |g: &mut Dataplane, source: [u8; 4]| g.run_packet(&syn4(source, 443)).unwrap();
-    let verdict6 = |g: &mut Dataplane, source: [u8; 16]| {
+    let verdict = |g: &mut GuardProgram, source: [u8; 4]| g.run_packet(&syn4(source, 443)).unwrap();
+    let verdict6 = |g: &mut GuardProgram, source: [u8; 16]| {
         let packet = frame(&[
             &ethernet(&[], ETH_IPV6),
             &ipv6(source, NODE6, TCP, 20),
@@ -789,7 +789,7 @@ fn control_plane_table_levels_and_trie_agree_with_the_prefixes() {
         ]);
         g.run_packet(&packet).unwrap()
     };
-    let check = |g: &mut Dataplane, cases: &[([u8; 4], bool)]| {
+    let check = |g: &mut GuardProgram, cases: &[([u8; 4], bool)]| {
         for (source, control_plane) in cases {
             let want = if *control_plane { XDP_DROP } else { XDP_PASS };
             assert_eq!(verdict(g, *source), want, "{source:?}");
@@ -803,7 +803,7 @@ fn control_plane_table_levels_and_trie_agree_with_the_prefixes() {
             [a, b, 1, 1]
         })
         .collect();
-    let mut control_plane: Vec<tether_agent::dataplane::Cidr> = [
+    let mut control_plane: Vec<tether_agent::guard_program::Cidr> = [
         "10.88.0.1/32",
         "10.88.0.64/26",
         "10.88.7.0/24",
@@ -815,7 +815,7 @@ fn control_plane_table_levels_and_trie_agree_with_the_prefixes() {
     .iter()
     .map(|c| c.parse().unwrap())
     .collect();
-    control_plane.extend(scattered.iter().map(|a| tether_agent::dataplane::Cidr {
+    control_plane.extend(scattered.iter().map(|a| tether_agent::guard_program::Cidr {
         addr: std::net::Ipv4Addr::from(*a).into(),
         len: 32,
     }));
@@ -888,8 +888,8 @@ fn drops_are_reported_as_sampled_events() {
     use nix::unistd::Pid;
     use tether_agent_common::{EVENT_CLOCK_EVERY, EVENTS_PER_SECOND};
 
-    let (mut dataplane, _logs) = guard(Mode::Enforce);
-    let mut events = dataplane.drop_events().unwrap();
+    let (mut program, _logs) = guard(Mode::Enforce);
+    let mut events = program.drop_events().unwrap();
     // One CPU, so one budget: the counts below are exact.
     let mut cpu = CpuSet::new();
     cpu.set(0).unwrap();
@@ -900,14 +900,14 @@ fn drops_are_reported_as_sampled_events() {
         &ipv4(CP4, NODE4, TCP, 20, 0, 0),
         &tcp(22, SYN, 0),
     ]);
-    assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+    assert_eq!(program.run_packet(&syn).unwrap(), XDP_DROP);
     let udp6 = frame(&[
         &ethernet(&[], ETH_IPV6),
         &ipv6(OTHER6, NODE6, 60, 8 + 16),
         &ipv6_extension(UDP, 1),
         &udp(10255, 8),
     ]);
-    assert_eq!(dataplane.run_packet(&udp6).unwrap(), XDP_DROP);
+    assert_eq!(program.run_packet(&udp6).unwrap(), XDP_DROP);
     let got = events.drain();
     assert_eq!(got.len(), 2, "{got:#?}");
     let (syn_event, udp_event) = (&got[0], &got[1]);
@@ -941,12 +941,12 @@ fn drops_are_reported_as_sampled_events() {
     const FLOOD: u32 = 30;
     const _: () = assert!(FLOOD - EVENTS_PER_SECOND < EVENT_CLOCK_EVERY);
     for _ in 0..FLOOD {
-        assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+        assert_eq!(program.run_packet(&syn).unwrap(), XDP_DROP);
     }
     let flood = events.drain();
     assert_eq!(flood.len(), EVENTS_PER_SECOND as usize);
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    assert_eq!(dataplane.run_packet(&syn).unwrap(), XDP_DROP);
+    assert_eq!(program.run_packet(&syn).unwrap(), XDP_DROP);
     let next = events.drain();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].suppressed, FLOOD - EVENTS_PER_SECOND);
@@ -989,8 +989,9 @@ fn control_plane_segments_reach_connections_not_listeners() {
                 &tcp(port, flags, 0),
             ])
         };
-        let pass =
-            |g: &mut Dataplane, name, p: &[u8]| expect(g, name, p, XDP_PASS, Reason::Pass, false);
+        let pass = |g: &mut GuardProgram, name, p: &[u8]| {
+            expect(g, name, p, XDP_PASS, Reason::Pass, false)
+        };
         pass(
             &mut g,
             "ACK on the node's own connection",
@@ -1046,10 +1047,10 @@ fn control_plane_segments_reach_connections_not_listeners() {
 }
 
 /// Which counter one run moved: (reason, dropped).
-fn run_counted(dataplane: &mut Dataplane, layout: Layout, packet: &[u8]) -> (u32, Reason, bool) {
-    let before = dataplane.counters().unwrap();
-    let action = dataplane.run_packet_as(layout, packet).unwrap();
-    let after = dataplane.counters().unwrap();
+fn run_counted(program: &mut GuardProgram, layout: Layout, packet: &[u8]) -> (u32, Reason, bool) {
+    let before = program.counters().unwrap();
+    let action = program.run_packet_as(layout, packet).unwrap();
+    let after = program.counters().unwrap();
     let moved: Vec<(Reason, bool)> = before
         .iter()
         .zip(&after)

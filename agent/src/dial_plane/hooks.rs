@@ -16,24 +16,16 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSockAddr};
 use aya::{Ebpf, EbpfLoader};
 use tether_agent_common::{
-    DialConfig, DialRule, Endpoint, MAX_BACKENDS, MAX_DIAL_RULES, MAX_SERVICES, ServiceKey,
-    ServiceValue,
+    BACKENDS_MAP, DIAL_CONFIG_MAP, DIAL_HITS_MAP, DIAL_PROGRAMS, DIAL_RULES_MAP, DialConfig,
+    DialRule, Endpoint, MAX_BACKENDS, MAX_DIAL_RULES, MAX_SERVICES, SERVICE_NEXT_MAP, SERVICES_MAP,
+    ServiceKey, ServiceValue,
 };
 
 use super::policy::{Action, DialPolicy, Ports};
 use super::services::{Service, ServiceMap};
-use crate::dataplane::{DataplaneError, is_permission_error, map_error, pins};
+use crate::guard_program::{BpfError, is_permission_error, map_error, pins};
 
 static DIAL_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("TETHER_DIAL_OBJECT"));
-
-const PROGRAMS: [&str; 6] = [
-    "tether_dial_connect4",
-    "tether_dial_connect6",
-    "tether_dial_sendmsg4",
-    "tether_dial_sendmsg6",
-    "tether_dial_getpeername4",
-    "tether_dial_getpeername6",
-];
 
 /// Backends are written to one half of the array while the hooks read the other, then the
 /// Services are pointed at the new half: a reload never shows a Service a half-written list.
@@ -61,7 +53,7 @@ pub enum DialHooksError {
         source: aya::programs::links::LinkError,
     },
     #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
+    Bpf(#[from] BpfError),
 }
 
 /// The loaded hooks. Dropping it detaches them.
@@ -129,17 +121,14 @@ fn service_key(service: &Service) -> ServiceKey {
     }
 }
 
-fn map_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, DataplaneError> {
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, BpfError> {
     ebpf.map_mut(name)
-        .ok_or(DataplaneError::Missing { kind: "map", name })
+        .ok_or(BpfError::Missing { kind: "map", name })
 }
 
-fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, DataplaneError> {
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, BpfError> {
     ebpf.map(name)
-        .ok_or(DataplaneError::Missing { kind: "map", name })
+        .ok_or(BpfError::Missing { kind: "map", name })
 }
 
 /// A policy rule as the hooks read it.
@@ -184,45 +173,45 @@ impl DialHooks {
             return Err(DialHooksError::TooManyRules(rules.len()));
         }
         let mut ebpf = EbpfLoader::new().load(DIAL_OBJECT).map_err(|err| {
-            DialHooksError::Dataplane(if is_permission_error(&err) {
-                DataplaneError::NotPermitted(err)
+            DialHooksError::Bpf(if is_permission_error(&err) {
+                BpfError::NotPermitted(err)
             } else {
-                DataplaneError::Load(err)
+                BpfError::Load(err)
             })
         })?;
         {
-            let map = map_mut(&mut ebpf, "DIAL_RULES")?;
+            let map = map_mut(&mut ebpf, DIAL_RULES_MAP)?;
             let mut table: Array<&mut MapData, DialRule> =
-                Array::try_from(map).map_err(|source| map_error("DIAL_RULES")(source))?;
+                Array::try_from(map).map_err(|source| map_error(DIAL_RULES_MAP)(source))?;
             for (index, rule) in rules.iter().enumerate() {
                 table
                     .set(index as u32, kernel_rule(rule), 0)
-                    .map_err(|source| map_error("DIAL_RULES")(source))?;
+                    .map_err(|source| map_error(DIAL_RULES_MAP)(source))?;
             }
         }
         {
-            let map = map_mut(&mut ebpf, "DIAL_CONFIG")?;
+            let map = map_mut(&mut ebpf, DIAL_CONFIG_MAP)?;
             let mut config: Array<&mut MapData, DialConfig> =
-                Array::try_from(map).map_err(|source| map_error("DIAL_CONFIG")(source))?;
+                Array::try_from(map).map_err(|source| map_error(DIAL_CONFIG_MAP)(source))?;
             let value = DialConfig {
                 rules: rules.len() as u32,
                 otherwise_allow: u32::from(!policy.denies_by_default()),
             };
             config
                 .set(0, value, 0)
-                .map_err(|source| map_error("DIAL_CONFIG")(source))?;
+                .map_err(|source| map_error(DIAL_CONFIG_MAP)(source))?;
         }
-        for name in PROGRAMS {
+        for name in DIAL_PROGRAMS {
             let program: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
-                .ok_or(DataplaneError::Missing {
+                .ok_or(BpfError::Missing {
                     kind: "program",
                     name,
                 })?;
             program
                 .load()
-                .map_err(|source| DataplaneError::ProgramLoad { name, source })?;
+                .map_err(|source| BpfError::ProgramLoad { name, source })?;
         }
         Ok(DialHooks {
             ebpf,
@@ -241,19 +230,19 @@ impl DialHooks {
         let services = &services;
         let base = if self.upper { 0 } else { HALF };
         {
-            let map = map_mut(&mut self.ebpf, "BACKENDS")?;
+            let map = map_mut(&mut self.ebpf, BACKENDS_MAP)?;
             let mut table: Array<&mut MapData, Endpoint> =
-                Array::try_from(map).map_err(map_error("BACKENDS"))?;
+                Array::try_from(map).map_err(map_error(BACKENDS_MAP))?;
             for (slot, addr) in (base..).zip(services.values().flatten()) {
                 table
                     .set(slot, endpoint(*addr), 0)
-                    .map_err(map_error("BACKENDS"))?;
+                    .map_err(map_error(BACKENDS_MAP))?;
             }
         }
         self.ids.retain(|service, _| services.contains_key(service));
-        let map = map_mut(&mut self.ebpf, "SERVICES")?;
+        let map = map_mut(&mut self.ebpf, SERVICES_MAP)?;
         let mut table: AyaHashMap<&mut MapData, ServiceKey, ServiceValue> =
-            AyaHashMap::try_from(map).map_err(map_error("SERVICES"))?;
+            AyaHashMap::try_from(map).map_err(map_error(SERVICES_MAP))?;
         let wanted: std::collections::HashSet<ServiceKey> =
             services.keys().map(service_key).collect();
         let stale: Vec<ServiceKey> = table
@@ -290,7 +279,7 @@ impl DialHooks {
             };
             table
                 .insert(service_key(service), value, 0)
-                .map_err(map_error("SERVICES"))?;
+                .map_err(map_error(SERVICES_MAP))?;
             first += list.len() as u32;
         }
         self.upper = !self.upper;
@@ -303,16 +292,16 @@ impl DialHooks {
     }
 
     /// Connects steered so far, per Service.
-    pub fn service_hits(&self) -> Result<Vec<(Service, u64)>, DataplaneError> {
-        let map = map_ref(&self.ebpf, "SERVICE_NEXT")?;
+    pub fn service_hits(&self) -> Result<Vec<(Service, u64)>, BpfError> {
+        let map = map_ref(&self.ebpf, SERVICE_NEXT_MAP)?;
         let hits: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(map_error("SERVICE_NEXT"))?;
+            PerCpuArray::try_from(map).map_err(map_error(SERVICE_NEXT_MAP))?;
         self.ids
             .iter()
             .map(|(service, id)| {
                 hits.get(id, 0)
                     .map(|values| (*service, values.iter().sum()))
-                    .map_err(map_error("SERVICE_NEXT"))
+                    .map_err(map_error(SERVICE_NEXT_MAP))
             })
             .collect()
     }
@@ -328,12 +317,12 @@ impl DialHooks {
         let dir = std::fs::File::open(cgroup)
             .map_err(|err| DialHooksError::Cgroup(shown.clone(), err))?;
         let mut links = Vec::new();
-        for name in PROGRAMS {
+        for name in DIAL_PROGRAMS {
             let program: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
                 .and_then(|p| p.try_into().ok())
-                .ok_or(DataplaneError::Missing {
+                .ok_or(BpfError::Missing {
                     kind: "program",
                     name,
                 })?;
@@ -357,7 +346,7 @@ impl DialHooks {
             }
         }
         let Some(pins) = pins else { return Ok(0) };
-        std::fs::create_dir_all(pins).map_err(|source| DataplaneError::Pin {
+        std::fs::create_dir_all(pins).map_err(|source| BpfError::Pin {
             action: "cannot create",
             path: pins.to_path_buf(),
             source,
@@ -381,15 +370,15 @@ impl DialHooks {
 
     /// Decisions per rule index (in the policy's order), then the count of what no rule
     /// matched.
-    pub fn hits(&self) -> Result<Vec<u64>, DataplaneError> {
-        let map = map_ref(&self.ebpf, "DIAL_HITS")?;
+    pub fn hits(&self) -> Result<Vec<u64>, BpfError> {
+        let map = map_ref(&self.ebpf, DIAL_HITS_MAP)?;
         let hits: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| map_error("DIAL_HITS")(source))?;
+            PerCpuArray::try_from(map).map_err(|source| map_error(DIAL_HITS_MAP)(source))?;
         (0..=MAX_DIAL_RULES)
             .map(|slot| {
                 hits.get(&slot, 0)
                     .map(|values| values.iter().sum())
-                    .map_err(|source| map_error("DIAL_HITS")(source))
+                    .map_err(|source| map_error(DIAL_HITS_MAP)(source))
             })
             .collect()
     }
@@ -398,6 +387,17 @@ impl DialHooks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_object_defines_every_map_and_program_agent_common_names() {
+        let object = aya_obj::Object::parse(DIAL_OBJECT).unwrap();
+        for name in tether_agent_common::DIAL_MAPS {
+            assert!(object.maps.contains_key(name), "no map {name}");
+        }
+        for name in DIAL_PROGRAMS {
+            assert!(object.programs.contains_key(name), "no program {name}");
+        }
+    }
 
     fn rule(text: &str) -> DialRule {
         let target: crate::dial_plane::policy::Target = text.parse().unwrap();

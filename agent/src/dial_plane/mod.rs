@@ -154,7 +154,7 @@ impl DialPlane {
                 _ => cgroup::for_hooks()?,
             };
             // Pinned where the guard is, when that is a BPF filesystem the agent can use.
-            let pins = crate::dataplane::Pins::new(&config.bpffs_root).dial_links();
+            let pins = crate::guard_program::Pins::new(&config.bpffs_root).dial_links();
             let pinnable = config.bpffs_root.parent().is_some_and(Path::exists);
             let replaced = hooks
                 .lock()

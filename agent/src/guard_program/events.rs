@@ -6,7 +6,7 @@ use aya::maps::{MapData, RingBuf};
 use tether_agent_common::{DropEvent, Reason};
 use tokio::io::unix::AsyncFd;
 
-use super::DataplaneError;
+use super::BpfError;
 
 pub struct DropEvents {
     ring: RingBuf<MapData>,
@@ -96,14 +96,14 @@ impl DropEvents {
     }
 
     /// Logs events as they arrive, until the task is dropped.
-    pub async fn forward(self) -> Result<(), DataplaneError> {
+    pub async fn forward(self) -> Result<(), BpfError> {
         // SAFETY: the ring owns its map fd; it stays open and unchanged for as long as the
         // AsyncFd owns the ring.
         let mut fd =
             unsafe { AsyncFd::register_with_interest(self.ring, tokio::io::Interest::READABLE) }
-                .map_err(|err| DataplaneError::Events(err.into()))?;
+                .map_err(|err| BpfError::Events(err.into()))?;
         loop {
-            let mut ready = fd.readable_mut().await.map_err(DataplaneError::Events)?;
+            let mut ready = fd.readable_mut().await.map_err(BpfError::Events)?;
             let ring = ready.get_inner_mut();
             while let Some(item) = ring.next() {
                 if let Some(event) = GuardEvent::decode(&item) {

@@ -25,7 +25,7 @@ use tether_agent_common::{
 
 use super::shared_config::SharedConfig;
 use super::{
-    Cidr, Counters, DataplaneError, InterfaceCounts, Policy, ReasonCounts, map_error, trie_prefixes,
+    BpfError, Cidr, Counters, InterfaceCounts, Policy, ReasonCounts, map_error, trie_prefixes,
 };
 
 /// `statfs` magic of a BPF filesystem (linux/magic.h).
@@ -135,7 +135,7 @@ impl Pins {
     }
 
     /// Removes every pin of every layout except the links.
-    pub(super) fn remove_layouts(&self) -> Result<(), DataplaneError> {
+    pub(super) fn remove_layouts(&self) -> Result<(), BpfError> {
         let mut paths: Vec<PathBuf> = self.other_layouts().into_iter().map(|(p, _)| p).collect();
         paths.push(self.layout());
         for path in paths {
@@ -148,7 +148,7 @@ impl Pins {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(source) => {
-                    return Err(DataplaneError::Pin {
+                    return Err(BpfError::Pin {
                         action: "cannot remove",
                         path,
                         source,
@@ -160,19 +160,19 @@ impl Pins {
     }
 
     /// Checks the root is on a BPF filesystem and creates its directories.
-    pub(super) fn prepare(&self) -> Result<(), DataplaneError> {
+    pub(super) fn prepare(&self) -> Result<(), BpfError> {
         let mut existing = self.root.as_path();
         while !existing.exists() {
             existing = existing.parent().unwrap_or(Path::new("/"));
         }
         if !on_bpffs(existing) {
-            return Err(DataplaneError::NotBpffs {
+            return Err(BpfError::NotBpffs {
                 path: existing.to_owned(),
                 root: self.root.clone(),
             });
         }
         for dir in [self.layout().join("maps"), self.root.join("links")] {
-            std::fs::create_dir_all(&dir).map_err(|source| DataplaneError::Pin {
+            std::fs::create_dir_all(&dir).map_err(|source| BpfError::Pin {
                 action: "cannot create",
                 path: dir.clone(),
                 source,
@@ -182,13 +182,13 @@ impl Pins {
     }
 
     /// Interfaces with a pinned link, sorted.
-    pub(super) fn linked_interfaces(&self) -> Result<Vec<String>, DataplaneError> {
+    pub(super) fn linked_interfaces(&self) -> Result<Vec<String>, BpfError> {
         let dir = self.root.join("links");
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => {
-                return Err(DataplaneError::Pin {
+                return Err(BpfError::Pin {
                     action: "cannot list",
                     path: dir,
                     source,
@@ -253,11 +253,11 @@ pub struct Status {
 impl PinnedGuard {
     /// The guard pinned under `pins`, if an agent left one there; an error when it is one this
     /// agent cannot read (another release's layout).
-    pub fn find(pins: Pins) -> Result<Option<Self>, DataplaneError> {
+    pub fn find(pins: Pins) -> Result<Option<Self>, BpfError> {
         match pins.inspect(&super::expected_shapes()?) {
             Found::Nothing => Ok(None),
             Found::Compatible => Ok(Some(PinnedGuard { pins })),
-            Found::Incompatible(found) => Err(DataplaneError::IncompatiblePins {
+            Found::Incompatible(found) => Err(BpfError::IncompatiblePins {
                 root: pins.root,
                 found,
             }),
@@ -265,31 +265,31 @@ impl PinnedGuard {
     }
 
     /// As [`PinnedGuard::find`], with nothing pinned an error.
-    pub fn open(pins: Pins) -> Result<Self, DataplaneError> {
+    pub fn open(pins: Pins) -> Result<Self, BpfError> {
         let root = pins.root.clone();
-        Self::find(pins)?.ok_or(DataplaneError::NothingPinned(root))
+        Self::find(pins)?.ok_or(BpfError::NothingPinned(root))
     }
 
-    fn open_map(&self, name: &'static str) -> Result<Map, DataplaneError> {
+    fn open_map(&self, name: &'static str) -> Result<Map, BpfError> {
         let data = MapData::from_pin(self.pins.map(name)).map_err(map_error(name))?;
         Map::from_map_data(data).map_err(map_error(name))
     }
 
     /// Sets the mode the pinned program reads on every packet.
-    pub fn set_mode(&self, mode: Mode) -> Result<(), DataplaneError> {
+    pub fn set_mode(&self, mode: Mode) -> Result<(), BpfError> {
         SharedConfig::new(&self.open_map(CONFIG_MAP)?)?.set_mode(mode as u32);
         Ok(())
     }
 
-    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+    pub fn counters(&self) -> Result<Counters, BpfError> {
         Counters::from_maps(
             MapData::from_pin(self.pins.map(COUNTERS_MAP)).map_err(map_error(COUNTERS_MAP))?,
-            MapData::from_pin(self.pins.map(super::INTERFACE_COUNTERS_MAP))
-                .map_err(map_error(super::INTERFACE_COUNTERS_MAP))?,
+            MapData::from_pin(self.pins.map(tether_agent_common::INTERFACE_COUNTERS_MAP))
+                .map_err(map_error(tether_agent_common::INTERFACE_COUNTERS_MAP))?,
         )
     }
 
-    pub fn status(&self) -> Result<Status, DataplaneError> {
+    pub fn status(&self) -> Result<Status, BpfError> {
         let config = SharedConfig::new(&self.open_map(CONFIG_MAP)?)?;
         let (mode, tunnels) = (config.mode(), config.tunnels());
         let mode = [Mode::Off, Mode::Monitor, Mode::Enforce]
@@ -338,7 +338,7 @@ impl PinnedGuard {
         })
     }
 
-    fn prefixes(&self, v4: &'static str, v6: &'static str) -> Result<Vec<Cidr>, DataplaneError> {
+    fn prefixes(&self, v4: &'static str, v6: &'static str) -> Result<Vec<Cidr>, BpfError> {
         let trie4 =
             LpmTrie::<MapData, [u8; 4], u8>::try_from(self.open_map(v4)?).map_err(map_error(v4))?;
         let trie6 = LpmTrie::<MapData, [u8; 16], u8>::try_from(self.open_map(v6)?)
@@ -359,7 +359,7 @@ impl Pins {
         self.root.join("dial-links")
     }
 
-    pub fn detach(&self) -> Result<Option<Vec<String>>, DataplaneError> {
+    pub fn detach(&self) -> Result<Option<Vec<String>>, BpfError> {
         if !self.exist() && self.linked_interfaces()?.is_empty() {
             return Ok(None);
         }
@@ -386,7 +386,7 @@ impl Pins {
                 // the host's BPF filesystem: emptied, it is as good as gone.
                 Err(err) if dir == self.root && err.kind() == io::ErrorKind::ResourceBusy => {}
                 Err(source) => {
-                    return Err(DataplaneError::Pin {
+                    return Err(BpfError::Pin {
                         action: "cannot remove",
                         path: dir,
                         source,
@@ -410,11 +410,11 @@ fn on_bpffs(path: &Path) -> bool {
     }
 }
 
-pub(crate) fn remove_if_present(path: &Path) -> Result<(), DataplaneError> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<(), BpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DataplaneError::Pin {
+        Err(source) => Err(BpfError::Pin {
             action: "cannot unpin",
             path: path.to_owned(),
             source,
@@ -422,8 +422,8 @@ pub(crate) fn remove_if_present(path: &Path) -> Result<(), DataplaneError> {
     }
 }
 
-pub(crate) fn pin_error(action: &'static str, path: &Path, err: PinError) -> DataplaneError {
-    DataplaneError::Pin {
+pub(crate) fn pin_error(action: &'static str, path: &Path, err: PinError) -> BpfError {
+    BpfError::Pin {
         action,
         path: path.to_owned(),
         source: io::Error::other(err),

@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use aya::maps::Map;
 use tether_agent_common::{CONFIG_MAP, GuardConfig};
 
-use super::DataplaneError;
+use super::BpfError;
 
 pub(super) struct SharedConfig {
     config: NonNull<GuardConfig>,
@@ -21,9 +21,9 @@ pub(super) struct SharedConfig {
 }
 
 impl SharedConfig {
-    pub fn new(map: &Map) -> Result<Self, DataplaneError> {
+    pub fn new(map: &Map) -> Result<Self, BpfError> {
         let Map::Array(data) = map else {
-            return Err(DataplaneError::Missing {
+            return Err(BpfError::Missing {
                 kind: "array map",
                 name: CONFIG_MAP,
             });
@@ -44,10 +44,10 @@ impl SharedConfig {
             )
         };
         if address == libc::MAP_FAILED {
-            return Err(DataplaneError::MapConfig(io::Error::last_os_error()));
+            return Err(BpfError::MapConfig(io::Error::last_os_error()));
         }
         let config = NonNull::new(address.cast::<GuardConfig>())
-            .ok_or_else(|| DataplaneError::MapConfig(io::Error::other("mmap returned null")))?;
+            .ok_or_else(|| BpfError::MapConfig(io::Error::other("mmap returned null")))?;
         Ok(SharedConfig { config, len })
     }
 

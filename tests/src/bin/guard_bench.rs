@@ -26,7 +26,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
-use tether_agent::dataplane::{Cidr, Dataplane, Policy};
+use tether_agent::guard_program::{Cidr, GuardProgram, Policy};
 use tether_agent_common::Mode;
 use tether_tests::netns::{Netns, veth};
 use tether_tests::packets::{ACK, ETH_IP, ETH_IPV6, SYN, TCP, ethernet, frame, ipv4, ipv6, tcp};
@@ -114,11 +114,11 @@ fn policy() -> Policy {
     }
 }
 
-fn guard() -> Result<Dataplane> {
-    let (mut dataplane, _logs) = Dataplane::load(None)?;
-    dataplane.set_policy(&policy())?;
-    dataplane.set_mode(Mode::Enforce)?;
-    Ok(dataplane)
+fn guard() -> Result<GuardProgram> {
+    let (mut program, _logs) = GuardProgram::load(None)?;
+    program.set_policy(&policy())?;
+    program.set_mode(Mode::Enforce)?;
+    Ok(program)
 }
 
 /// A TCP segment from the control plane to the kubelet port with `flags`.
@@ -246,7 +246,7 @@ fn per_packet_here(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
     let (local6, _v6, _l6) = own_connection(NODE6.into(), CONTROL_PLANE6.into())?;
     let cases = cases(local4, local6);
     let floor_packet = &cases[0].packet;
-    let mut dataplane = guard()?;
+    let mut program = guard()?;
     let repeat = sizes.test_run_repeat;
     let mut floor = Vec::new();
     let mut samples: Vec<Vec<f64>> = cases.iter().map(|_| Vec::new()).collect();
@@ -268,7 +268,7 @@ fn per_packet_here(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
             samples.push(
                 cpu_per_run(
                     repeat,
-                    || Ok(dataplane.time_packet(&case.packet, repeat)?.0),
+                    || Ok(program.time_packet(&case.packet, repeat)?.0),
                     case.action,
                 )
                 .with_context(|| case.name)?,
@@ -453,7 +453,7 @@ impl Variant {
 
 /// What runs on the receiver for one measurement.
 enum Receiver {
-    Guard(Dataplane),
+    Guard(GuardProgram),
     Program(&'static str, XdpLinkId),
 }
 
@@ -462,7 +462,7 @@ fn attach(bench: &mut Ebpf, link: &Link, variant: Variant) -> Result<Receiver> {
         Variant::Guard => {
             let mut guard = guard()?;
             link.receiver
-                .run(|| guard.attach("trx0", tether_agent::dataplane::Layout::Ethernet))??;
+                .run(|| guard.attach("trx0", tether_agent::guard_program::Layout::Ethernet))??;
             return Ok(Receiver::Guard(guard));
         }
         Variant::NoopDrop => "bench_drop",
