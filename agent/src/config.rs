@@ -299,7 +299,7 @@ pub struct RunArgs {
     pub probe_interval: Duration,
     /// A server stream whose server acknowledges nothing, neither data nor keepalive probe,
     /// for this long is closed and dialled again. Long enough that an ordinary network blip
-    /// (a few seconds of dropped packets) costs no tunnelled session; shorter moves off a dead
+    /// (a few seconds of dropped packets) costs no tunnelled connection; shorter moves off a dead
     /// server sooner.
     #[arg(long, env = "TETHER_PEER_TIMEOUT", value_parser = go_duration, default_value = "30s", help_heading = "Server set")]
     pub peer_timeout: Duration,

@@ -7,7 +7,7 @@
 //! proxy server ──▶ tunnel::transport     TLS, HTTP/2 and the Connect stream to one server
 //!                    │ tunnel::client_set one stream per server replica, redialled with backoff
 //!                    ▼
-//!                  tunnel::session       one server stream: its packets, its connections
+//!                  tunnel::server_stream one server stream: its packets, its connections
 //!                    │                   (a dial, a reader and a writer task each) and their
 //!                    │                   single close path
 //!                    │ tunnel::scheduler  fair turns between connections toward the server

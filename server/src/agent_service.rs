@@ -1,6 +1,6 @@
 //! `AgentService/Connect`: one call per agent stream. Validates the agent's metadata, answers
 //! with `serverid`/`servercount` headers at once (before any packet, as upstream agents wait
-//! for them), registers the stream as a backend and runs its receive loop.
+//! for them), registers the stream and runs its receive loop.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,14 +16,14 @@ use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::backend::Backend;
+use crate::agent_stream::AgentStream;
+use crate::connection::{Connections, Settings};
 use crate::identity::{self, Binding, StreamLimit, Vouched};
 use crate::listen::ConnInfo;
 use crate::metrics::Metrics;
 use crate::outbox::{CONTROL_LIMIT, Outbox};
 use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
-use crate::tunnel::{Settings, Tunnels};
 
 /// How long a stopping server gives an agent stream to take its last packets.
 const FINISH: std::time::Duration = std::time::Duration::from_secs(1);
@@ -35,7 +35,7 @@ pub struct Agents {
     pub server_count: u32,
     /// DATA packets that may wait toward one agent.
     pub queue_packets: usize,
-    /// Every agent stream's tunnels work with these (flow control as each agent offers).
+    /// Every agent stream's connections work with these (flow control as each agent offers).
     pub settings: Settings,
     /// Set when agents authenticate with service-account tokens.
     pub token_auth: Option<Arc<TokenAuth>>,
@@ -45,7 +45,7 @@ pub struct Agents {
     pub streams: StreamLimit,
     /// Each agent stream's receive loop is tracked, so a drain can wait for them.
     pub tracker: TaskTracker,
-    /// Cancelled when the server stops: receive loops end and their tunnels close.
+    /// Cancelled when the server stops: receive loops end and their connections close.
     pub shutdown: CancellationToken,
 }
 
@@ -118,7 +118,7 @@ impl AgentService for Agents {
             .get(metadata::FLOW_CONTROL)
             .is_some_and(|v| v == "1");
         let (outbox, outbound) = Outbox::new(self.queue_packets, CONTROL_LIMIT);
-        let tunnels = Tunnels::new(
+        let connections = Connections::new(
             outbox.clone(),
             Settings {
                 flow_control,
@@ -140,22 +140,22 @@ impl AgentService for Agents {
                 "an agent claims an address that is not its node's alone: dials to it are served by no agent until one claim is withdrawn (a node may write addresses into its own Node status)"
             );
         }
-        let backend = Backend::new(
+        let agent_stream = AgentStream::new(
             agent_id,
             identifiers,
             identity,
             outbox,
-            tunnels,
+            connections,
             self.metrics.clone(),
         );
         tracing::info!(
-            backend = backend.id,
-            agent = %backend.agent_id,
+            agent_stream = agent_stream.id,
+            agent = %agent_stream.agent_id,
             peer = ?peer,
-            identifiers = ?backend.identifiers,
+            identifiers = ?agent_stream.identifiers,
             "agent connected"
         );
-        self.registry.add(backend.clone());
+        self.registry.add(agent_stream.clone());
         if let Some(conn) = &conn {
             conn.prove();
         }
@@ -165,7 +165,7 @@ impl AgentService for Agents {
         let mut inbound = request.into_inner();
         let registry = self.registry.clone();
         let metrics = self.metrics.clone();
-        let receiver = backend.clone();
+        let receiver = agent_stream.clone();
         let shutdown = self.shutdown.clone();
         // The connection counts as busy (not idle) while this stream lives.
         let busy = conn.map(|c| c.stream());
@@ -202,7 +202,7 @@ impl AgentService for Agents {
                     }
                 }
             };
-            tracing::info!(backend = receiver.id, agent = %receiver.agent_id, reason = end, "agent disconnected");
+            tracing::info!(agent_stream = receiver.id, agent = %receiver.agent_id, reason = end, "agent disconnected");
             registry.remove(receiver.id);
             receiver.shut_down();
             gauge.dec();

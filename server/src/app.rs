@@ -18,6 +18,7 @@ use tonic::transport::Server as GrpcServer;
 
 use crate::agent_service::Agents;
 use crate::config::{Config, FrontendTransport, Mode};
+use crate::connection::Settings;
 use crate::frontend::authority::AuthorityFilter;
 use crate::frontend::connect::ConnectFrontend;
 use crate::frontend::grpc::Frontends;
@@ -27,13 +28,12 @@ use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::registry::Registry;
 use crate::token_auth::TokenAuth;
-use crate::tunnel::Settings;
 use tether_runtime::net::bind_tcp;
 
 /// Largest gRPC message accepted (upstream peers send at most 4 MiB).
 const MAX_MESSAGE: usize = 16 << 20;
-/// HTTP/2 receive windows: one agent stream carries every tunnel, and 64 KiB defaults stall
-/// it on WINDOW_UPDATE round trips. Per-tunnel limits come from each tunnel's own window
+/// HTTP/2 receive windows: one agent stream carries every connection, and 64 KiB defaults stall
+/// it on WINDOW_UPDATE round trips. Per-connection limits come from each connection's own window
 /// (tether agents) or bounded queue (upstream agents).
 const STREAM_WINDOW: u32 = 8 << 20;
 
@@ -390,7 +390,7 @@ impl Server {
         self.frontends.close();
         let _ = tokio::time::timeout(deadline, self.frontends.wait()).await;
         let left = self.frontends.len();
-        // What is left is closed through its tunnel: the frontend is told, the agent asked to
+        // What is left is closed through its connection: the frontend is told, the agent asked to
         // close, and those CLOSE_REQs go out before the agent streams end.
         self.registry.end_tunnels();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.frontends.wait()).await;

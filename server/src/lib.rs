@@ -7,16 +7,16 @@
 //!                   (frontend::authority lets grpc-go's socket-path :authority through)
 //!                     │ registry: picks an agent stream by strategy
 //!                     ▼
-//!                   tunnel        one connection: its state, its queue toward the frontend,
-//!                     │           its single close path (Tunnels::end)
+//!                   connection     one tunnelled connection: its state, its queue toward the
+//!                     │            frontend, its single close path (Connections::end)
 //!                     ▼
-//!                   outbox        what goes to one agent: DATA waits, control never does
+//!                   outbox         what goes to one agent: DATA waits, control never does
 //!                     ▼
 //! agents ◀──────── agent_service  the AgentService: checks, authenticates (token_auth),
-//!                     │           binds claims to the credential (identity), registers the
-//!                     │           stream and runs its receive loop
+//!                     │            binds claims to the credential (identity), registers the
+//!                     │            stream and runs its receive loop
 //!                     ▼
-//!                   backend       one agent stream: each packet it sends, to its tunnel
+//!                   agent_stream   one agent stream: each packet it sends, to its connection
 //! ```
 //!
 //! Beside them: `app` wires everything and returns what it bound; `config` turns flags into a
@@ -28,9 +28,10 @@
 //! when one node claims it; `metrics`.
 
 pub mod agent_service;
+pub mod agent_stream;
 pub mod app;
-pub mod backend;
 pub mod config;
+pub mod connection;
 pub mod frontend;
 pub mod identity;
 pub mod listen;
@@ -41,4 +42,3 @@ pub mod probe;
 pub mod registry;
 pub mod strategy;
 pub mod token_auth;
-pub mod tunnel;

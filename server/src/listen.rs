@@ -329,7 +329,7 @@ pub fn tls_incoming(
                     Ok(Ok(mut stream)) => {
                         // rustls stops taking plaintext at 64 KiB of unsent records by
                         // default: a 256 KiB DATA frame would leave in four writes, each
-                        // waking the reader. Memory stays bounded by the tunnels' windows.
+                        // waking the reader. Memory stays bounded by the connections' windows.
                         stream
                             .get_mut()
                             .1

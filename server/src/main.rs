@@ -43,7 +43,7 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
         }
     };
     signals.next().await;
-    tracing::info!(deadline = ?deadline, "shutting down: no new frontend connections; waiting for open tunnels");
+    tracing::info!(deadline = ?deadline, "shutting down: no new frontend connections; waiting for open connections");
     tokio::select! {
         left = server.drain(deadline) => {
             let running = server.tasks_left();

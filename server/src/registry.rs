@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tether_proto::identifiers::{Identifiers, dial_host};
 
-use crate::backend::Backend;
+use crate::agent_stream::AgentStream;
 use crate::metrics::Metrics;
 use crate::nodes::Nodes;
 use crate::strategy::Strategy;
@@ -25,7 +25,7 @@ use crate::strategy::Strategy;
 const KNOWN_HOSTS: usize = 100_000;
 
 pub struct Registry {
-    list: RwLock<Vec<Arc<Backend>>>,
+    list: RwLock<Vec<Arc<AgentStream>>>,
     strategies: Vec<Strategy>,
     metrics: Arc<Metrics>,
     /// Claims are bound to credentials (`--bind-agent-identity`), so two identities claiming
@@ -135,14 +135,14 @@ impl Registry {
         self
     }
 
-    pub fn add(&self, backend: Arc<Backend>) {
+    pub fn add(&self, agent_stream: Arc<AgentStream>) {
         {
             let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-            for host in claimed_hosts(&backend.identifiers) {
-                known.remember(host, &backend.identity);
+            for host in claimed_hosts(&agent_stream.identifiers) {
+                known.remember(host, &agent_stream.identity);
             }
         }
-        self.write().push(backend);
+        self.write().push(agent_stream);
         self.publish();
     }
 
@@ -180,11 +180,11 @@ impl Registry {
         self.publish();
     }
 
-    /// The server is stopping: every tunnel on every agent stream ends.
+    /// The server is stopping: every connection on every agent stream ends.
     pub fn end_tunnels(&self) {
         let list = self.read().clone();
-        for backend in list {
-            backend.end_tunnels();
+        for agent_stream in list {
+            agent_stream.end_tunnels();
         }
     }
 
@@ -199,7 +199,7 @@ impl Registry {
 
     /// Picks the agent for a dial to `address`, trying each strategy in order; a draining
     /// agent is used only when it is the only candidate.
-    pub fn pick(&self, address: &str) -> Result<Arc<Backend>, NoAgent> {
+    pub fn pick(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
         let picked = self.choose(address);
         if let Err(refusal) = &picked
             && let Some(reason) = refusal.withheld()
@@ -209,18 +209,18 @@ impl Registry {
         picked
     }
 
-    fn choose(&self, address: &str) -> Result<Arc<Backend>, NoAgent> {
+    fn choose(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
         let list = self.read();
         let host = dial_host(address);
         for strategy in &self.strategies {
-            let candidates: Vec<&Arc<Backend>> = list
+            let candidates: Vec<&Arc<AgentStream>> = list
                 .iter()
                 .filter(|b| strategy.serves(&b.identifiers, host))
                 .collect();
             if *strategy == Strategy::DestHost {
                 self.unambiguous(host, &candidates)?;
             }
-            let live: Vec<&Arc<Backend>> = candidates
+            let live: Vec<&Arc<AgentStream>> = candidates
                 .iter()
                 .copied()
                 .filter(|b| !b.draining())
@@ -234,8 +234,8 @@ impl Registry {
                     .get(rand::random_range(0..pool.len()))
                     .map(|b| (*b).clone()),
             };
-            if let Some(backend) = chosen {
-                return Ok(backend);
+            if let Some(agent_stream) = chosen {
+                return Ok(agent_stream);
             }
             if *strategy == Strategy::DestHost
                 && let Some(owner) = self.owner(host)
@@ -250,7 +250,7 @@ impl Registry {
     }
 
     /// Refuses a host that two Nodes list, or that agents of two bound identities claim.
-    fn unambiguous(&self, host: &str, candidates: &[&Arc<Backend>]) -> Result<(), NoAgent> {
+    fn unambiguous(&self, host: &str, candidates: &[&Arc<AgentStream>]) -> Result<(), NoAgent> {
         if !self.bound {
             return Ok(());
         }
@@ -313,11 +313,11 @@ impl Registry {
             .set(i64::try_from(count(first)).unwrap_or(i64::MAX));
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Backend>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<AgentStream>>> {
         self.list.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<Backend>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<AgentStream>>> {
         self.list.write().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -329,14 +329,14 @@ mod tests {
     use tether_proto::identifiers::Identifiers;
 
     use super::*;
+    use crate::connection::{Connections, Settings};
     use crate::outbox::Outbox;
-    use crate::tunnel::{Settings, Tunnels};
 
-    fn backend(ids: &str, metrics: &Arc<Metrics>) -> Arc<Backend> {
+    fn agent_stream(ids: &str, metrics: &Arc<Metrics>) -> Arc<AgentStream> {
         bound_backend(ids, "agent a", metrics)
     }
 
-    fn bound_backend(ids: &str, identity: &str, metrics: &Arc<Metrics>) -> Arc<Backend> {
+    fn bound_backend(ids: &str, identity: &str, metrics: &Arc<Metrics>) -> Arc<AgentStream> {
         let (outbox, _stream) = Outbox::new(1, 16);
         let settings = Settings {
             queue_bytes: 1 << 20,
@@ -345,12 +345,12 @@ mod tests {
             dial_timeout: None,
             flow_control: false,
         };
-        Backend::new(
+        AgentStream::new(
             "a".into(),
             Identifiers::parse(ids).unwrap(),
             identity.into(),
             outbox.clone(),
-            Tunnels::new(
+            Connections::new(
                 outbox,
                 settings,
                 metrics.clone(),
@@ -369,8 +369,8 @@ mod tests {
         );
         assert_eq!(registry.pick("10.0.0.5:10250").err(), Some(NoAgent::None));
         assert!(!registry.ready());
-        let node = backend("ipv4=10.0.0.5", &metrics);
-        let router = backend("default-route=true", &metrics);
+        let node = agent_stream("ipv4=10.0.0.5", &metrics);
+        let router = agent_stream("default-route=true", &metrics);
         registry.add(node.clone());
         registry.add(router.clone());
         assert!(registry.ready());
@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(picked("10.0.0.5:10250"), Some(node.id));
         assert_eq!(picked("10.9.9.9:80"), Some(router.id));
 
-        let twin = backend("ipv4=10.0.0.5", &metrics);
+        let twin = agent_stream("ipv4=10.0.0.5", &metrics);
         registry.add(twin.clone());
         let _ = node.handle(tether_proto::Packet::drain());
         assert_eq!(picked("10.0.0.5:1"), Some(twin.id));

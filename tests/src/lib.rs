@@ -1,9 +1,9 @@
 //! Harness for tether's end-to-end tests: network namespaces that clean up after themselves.
 
-pub mod backend;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cluster;
+pub mod destination;
 pub mod docs;
 pub mod fake_agent;
 pub mod fake_server;

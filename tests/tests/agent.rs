@@ -9,8 +9,8 @@ use std::hash::{DefaultHasher, Hasher};
 use std::time::{Duration, Instant};
 
 use tether_proto::{Message, Packet};
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::fake_server::FakeServer;
 use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
 use tether_tests::pki::Pki;
@@ -30,7 +30,7 @@ fn metric(port: u16, line_prefix: &str) -> Option<f64> {
 async fn hundred_mib_each_way_arrives_byte_exact() {
     const TOTAL: usize = 100 << 20;
     let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let stream = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let sender = tokio::spawn(async move {
@@ -75,7 +75,7 @@ async fn hundred_mib_each_way_arrives_byte_exact() {
 #[tokio::test(flavor = "multi_thread")]
 async fn five_hundred_connections_at_once() {
     let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let mut streams = Vec::new();
     for _ in 0..500 {
         streams.push(http_connect(&cluster.target, &echo).await.unwrap().unwrap());
@@ -113,7 +113,7 @@ async fn five_hundred_connections_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn closed_port_error_text_reaches_the_client() {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
-    let (_refusing, closed) = backend::refusing_port();
+    let (_refusing, closed) = destination::refusing_port();
     let closed = closed.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let error = GrpcTunnel::dial(&mut client, &closed)
@@ -161,8 +161,8 @@ async fn fill_black_hole(stuck: &mut GrpcTunnel) -> Option<String> {
 
 async fn stalled_destination_case(agent_args: &[&str]) -> (Option<String>, Cluster) {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], agent_args).unwrap();
-    let echo = backend::echo().await.to_string();
-    let hole = backend::black_hole().await.to_string();
+    let echo = destination::echo().await.to_string();
+    let hole = destination::black_hole().await.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let mut interactive = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
     let baseline = tether_tests::rtt::grpc_rtt(&mut interactive, 20)
@@ -224,12 +224,12 @@ async fn reconnects_after_the_server_restarts() {
         start.elapsed()
     );
     let target = tether_tests::frontend::Target::Uds(uds);
-    let hello = backend::hello().await.to_string();
+    let hello = destination::hello().await.to_string();
     let mut stream = http_connect(&target, &hello).await.unwrap().unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
-    assert!(out.ends_with("hello from backend"), "{out}");
+    assert!(out.ends_with("hello from destination"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -394,7 +394,7 @@ async fn survives_a_hostile_server() {
         .send(Packet::dial_response(1, 1, ""))
         .await
         .unwrap();
-    let (_refusing, closed) = backend::refusing_port();
+    let (_refusing, closed) = destination::refusing_port();
     let closed = closed.to_string();
     const DIALS: usize = 10_000;
     let sender = stream.to_agent.clone();
@@ -473,7 +473,7 @@ async fn survives_a_hostile_server() {
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_lets_the_reply_come_back() {
     let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
-    let replier = backend::reply_after_eof().await.to_string();
+    let replier = destination::reply_after_eof().await.to_string();
     let mut stream = http_connect(&cluster.target, &replier)
         .await
         .unwrap()
@@ -507,7 +507,7 @@ async fn without_flow_control_eof_closes_both_directions_as_upstream() {
         &["--flow-control=false"],
     )
     .unwrap();
-    let replier = backend::reply_after_eof().await.to_string();
+    let replier = destination::reply_after_eof().await.to_string();
     let mut stream = http_connect(&cluster.target, &replier)
         .await
         .unwrap()
@@ -673,7 +673,7 @@ async fn a_closed_connection_to_a_stalled_destination_is_let_go() {
     ])
     .await;
     let pid = agent.logged.process.pid();
-    let hole = backend::black_hole().await.to_string();
+    let hole = destination::black_hole().await.to_string();
     let base = tether_tests::process::open_fds(pid);
     stream
         .to_agent

@@ -109,8 +109,8 @@ async fn every_metric_the_binaries_show_is_documented() {
     use tether_tests::frontend::{GrpcTunnel, grpc_client};
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
     // Traffic, so that families with labels have series: a dial that works and one that fails.
-    let echo = tether_tests::backend::echo().await.to_string();
-    let (_refusing, closed) = tether_tests::backend::refusing_port();
+    let echo = tether_tests::destination::echo().await.to_string();
+    let (_refusing, closed) = tether_tests::destination::refusing_port();
     let closed = closed.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let tunnel = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tether_tests::backend;
+use tether_tests::destination;
 use tether_tests::frontend::{Target, http_connect};
 use tether_tests::peers::free_port;
 use tether_tests::pki::Pki;
@@ -169,7 +169,7 @@ async fn the_server_killed_fifty_times_loses_no_completed_transfer() {
     let mut server = start_server(&args);
     let _agent = start_agent(&pki, agent_port);
     assert!(wait_ready(server.health_port, Duration::from_secs(10)));
-    let echo = backend::echo().await;
+    let echo = destination::echo().await;
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, workers) = traffic(Target::Uds(uds), echo, 6, stop.clone());
     assert!(resumed(&tally, Duration::from_secs(10)).await.is_some());
@@ -212,7 +212,7 @@ async fn the_agent_killed_under_load_comes_back() {
     let server = start_server(&server_args(&pki, &uds, agent_port, &[]));
     let mut agent = start_agent(&pki, agent_port);
     assert!(wait_ready(server.health_port, Duration::from_secs(10)));
-    let echo = backend::echo().await;
+    let echo = destination::echo().await;
     let server_fds = open_fds(server.logged.process.pid());
     let stop = Arc::new(AtomicBool::new(false));
     let (tally, workers) = traffic(Target::Uds(uds), echo, 6, stop.clone());
@@ -271,10 +271,10 @@ async fn misbehaving_destinations_fail_alone() {
     )
     .unwrap();
     let target = cluster.target.clone();
-    let (stuck, _fillers, _listener) = backend::stuck().await;
+    let (stuck, _fillers, _listener) = destination::stuck().await;
     let resetting = resetting_mid_stream().await;
-    let silent = backend::never_reads().await;
-    let echo = backend::echo().await;
+    let silent = destination::never_reads().await;
+    let echo = destination::echo().await;
 
     let never_accepts = {
         let target = target.clone();
@@ -372,7 +372,7 @@ async fn a_storm_of_ten_thousand_dials_is_answered() {
         &[],
     )
     .unwrap();
-    let echo = backend::echo().await;
+    let echo = destination::echo().await;
     let server_pid = cluster.server.logged.process.pid();
     let agent_pid = cluster.agent.as_ref().unwrap().logged.process.pid();
     let before = (open_fds(server_pid), open_fds(agent_pid));

@@ -9,8 +9,8 @@ use std::process::Command;
 
 use bytes::Bytes;
 use tether_proto::{Message, Packet};
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{Target, raw, raw_h2};
 use tether_tests::raw_h2::{Event, RawH2};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,7 +29,7 @@ fn packet(event: Event) -> Message {
 /// Two `Proxy` streams on one connection, the second naming the authority through HPACK's
 /// dynamic table as grpc-go does: dial, echo both ways, close, clean trailers.
 async fn socket_path_authority_case(transport: Transport) {
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let cluster = Cluster::start(Mode::Grpc, transport, &[], &[]).unwrap();
     let io = raw_h2(&cluster.target).await.unwrap();
     let mut h2 = RawH2::handshake(io, SOCKET_PATH_AUTHORITY).await.unwrap();
@@ -108,7 +108,7 @@ async fn grpc_frontend_over_mtls_accepts_a_socket_path_authority() {
 /// socket path as `:authority`, as grpc-go does.
 fn grpcio_case(transport: Transport) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let echo = runtime.block_on(backend::echo()).to_string();
+    let echo = runtime.block_on(destination::echo()).to_string();
     let cluster = Cluster::start(Mode::Grpc, transport, &[], &[]).unwrap();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/proxy_client.py");
     let mut cmd = Command::new(tether_tests::python().unwrap());
@@ -155,7 +155,7 @@ fn grpcio_client_over_mtls() {
 /// CONNECT frontend dials the request target whatever the Host header says.
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_frontend_ignores_any_host_header() {
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let cluster = Cluster::start(Mode::HttpConnect, Transport::Uds, &[], &[]).unwrap();
     let hosts = [
         "Host: %2Fetc%2Fkubernetes%2Fkonnectivity-server.socket\r\n",

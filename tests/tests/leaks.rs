@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{Target, http_connect};
 use tether_tests::peers::metric;
 use tether_tests::process::{open_fds, rss_kib, wait_until};
@@ -136,9 +136,9 @@ async fn twenty_thousand_connections_leave_nothing_behind() {
     )
     .unwrap();
     let to = Arc::new(Destinations {
-        echo: backend::echo().await,
-        reset: backend::resetting().await,
-        never_reads: backend::never_reads().await,
+        echo: destination::echo().await,
+        reset: destination::resetting().await,
+        never_reads: destination::never_reads().await,
     });
     let target = Arc::new(cluster.target.clone());
     let server = (

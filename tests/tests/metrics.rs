@@ -5,8 +5,8 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{GrpcTunnel, grpc_client};
 use tether_tests::procs::http_get;
 
@@ -58,14 +58,14 @@ fn assert_typed(port: u16, families: &[(&str, &str)]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn both_binaries_export_upstreams_names_and_the_process_set() {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let mut tunnel = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
     tunnel.send(b"ping").await.unwrap();
     tunnel.next().await.unwrap();
     tunnel.close().await.unwrap();
     tunnel.read_to_close().await.unwrap();
-    let (_refusing, closed) = backend::refusing_port();
+    let (_refusing, closed) = destination::refusing_port();
     let closed = closed.to_string();
     assert!(
         GrpcTunnel::dial(&mut client, &closed)

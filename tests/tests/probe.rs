@@ -8,8 +8,8 @@
 
 use std::process::{Command, Output};
 
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::procs::built;
 
 const AGENT_ID: &str = "node-probe-7";
@@ -35,9 +35,9 @@ fn text(out: &Output) -> String {
 }
 
 async fn reports_reachable_and_unreachable(mode: Mode, transport: Transport) {
-    let hello = backend::hello().await.to_string();
+    let hello = destination::hello().await.to_string();
     // Held for the whole test: a port merely closed could be taken by another test meanwhile.
-    let (_refusing, closed) = backend::refusing_port();
+    let (_refusing, closed) = destination::refusing_port();
     let closed = closed.to_string();
     let agent_id = format!("--agent-id={AGENT_ID}");
     let cluster = Cluster::start(mode, transport, &[], &[&agent_id]).unwrap();

@@ -6,16 +6,16 @@
 
 use std::time::{Duration, Instant};
 
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{GrpcTunnel, grpc_client, http_connect, raw};
 use tether_tests::procs::http_get;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n";
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: destination\r\n\r\n";
 
 async fn http_get_through(cluster: &Cluster, mode: Mode) -> String {
-    let addr = backend::hello().await.to_string();
+    let addr = destination::hello().await.to_string();
     match mode {
         Mode::Grpc => {
             let mut client = grpc_client(&cluster.target).await.unwrap();
@@ -23,7 +23,7 @@ async fn http_get_through(cluster: &Cluster, mode: Mode) -> String {
             assert!(tunnel.connect_id > 0);
             tunnel.send(GET).await.unwrap();
             let (bytes, error) = tunnel.read_to_close().await.unwrap();
-            assert_eq!(error, "", "the backend's close is a normal close");
+            assert_eq!(error, "", "the destination's close is a normal close");
             String::from_utf8(bytes).unwrap()
         }
         Mode::HttpConnect => {
@@ -40,7 +40,7 @@ async fn http_get_case(mode: Mode, transport: Transport) {
     let cluster = Cluster::start(mode, transport, &[], &[]).unwrap();
     let response = http_get_through(&cluster, mode).await;
     assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    assert!(response.ends_with("hello from backend"), "{response}");
+    assert!(response.ends_with("hello from destination"), "{response}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,7 +65,7 @@ async fn http_get_through_connect_over_mtls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dial_to_a_closed_port_returns_the_agents_error_promptly() {
-    let (_refusing, closed) = backend::refusing_port();
+    let (_refusing, closed) = destination::refusing_port();
     let closed = closed.to_string();
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
     let mut client = grpc_client(&cluster.target).await.unwrap();
@@ -101,7 +101,7 @@ async fn dial_to_a_closed_port_returns_the_agents_error_promptly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_agent_gets_the_upstream_error() {
-    let addr = backend::hello().await.to_string();
+    let addr = destination::hello().await.to_string();
     let grpc = Cluster::server_only(Mode::Grpc, Transport::Uds, &[]).unwrap();
     let mut client = grpc_client(&grpc.target).await.unwrap();
     let error = GrpcTunnel::dial(&mut client, &addr)
@@ -151,7 +151,7 @@ async fn garbage_and_bad_targets_are_refused_precisely_and_counted() {
 
     // Everyone else is still served.
     let response = http_get_through(&cluster, Mode::HttpConnect).await;
-    assert!(response.ends_with("hello from backend"), "{response}");
+    assert!(response.ends_with("hello from destination"), "{response}");
 
     let (_, metrics) = http_get(cluster.server.health_port, "/metrics").unwrap();
     assert!(
@@ -180,7 +180,7 @@ async fn garbage_and_bad_targets_are_refused_precisely_and_counted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_gone_mid_dial_cancels_the_dial_at_the_agent() {
-    let (stuck, _fillers, _listener) = backend::stuck().await;
+    let (stuck, _fillers, _listener) = destination::stuck().await;
     let cluster = Cluster::start(
         Mode::HttpConnect,
         Transport::Uds,
@@ -290,7 +290,7 @@ async fn a_hostile_agent_is_counted_and_answered_while_others_are_served() {
     let ok = tether_tests::process::wait_until(Duration::from_secs(30), || {
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
-                let addr = backend::hello().await.to_string();
+                let addr = destination::hello().await.to_string();
                 // A dial routed to the hostile agent is never answered; give each try 1 s.
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(1),
@@ -306,7 +306,7 @@ async fn a_hostile_agent_is_counted_and_answered_while_others_are_served() {
                             s.read_to_string(&mut out),
                         )
                         .await;
-                        out.ends_with("hello from backend")
+                        out.ends_with("hello from destination")
                     }
                     _ => false,
                 }
@@ -339,7 +339,7 @@ async fn a_hostile_agent_is_counted_and_answered_while_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn backend_dial_timeout_gives_the_upstream_504() {
-    let (stuck, _fillers, _listener) = backend::stuck().await;
+    let (stuck, _fillers, _listener) = destination::stuck().await;
     let cluster = Cluster::start(
         Mode::HttpConnect,
         Transport::Uds,

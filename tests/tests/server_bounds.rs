@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tether_proto::Packet;
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::fake_agent::FakeAgent;
 use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
 use tether_tests::peers::metric;
@@ -25,7 +25,7 @@ const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connect
 async fn a_broken_grpc_client_releases_the_destination_at_once() {
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
     let port = cluster.server.health_port;
-    let (silent, mut closed) = backend::silent_until_closed().await;
+    let (silent, mut closed) = destination::silent_until_closed().await;
     let mut client = grpc_client(&cluster.target).await.unwrap();
 
     // DATA for a connection this stream does not own.
@@ -73,7 +73,7 @@ async fn a_client_close_is_answered_not_rejected() {
     for mode in [Mode::HttpConnect, Mode::Grpc] {
         let cluster = Cluster::start(mode, Transport::Uds, &[], &[]).unwrap();
         let port = cluster.server.health_port;
-        let echo = backend::echo().await.to_string();
+        let echo = destination::echo().await.to_string();
         for _ in 0..5 {
             match mode {
                 Mode::HttpConnect => {
@@ -116,7 +116,7 @@ async fn an_agent_that_floods_and_never_reads_is_cut_off() {
     .unwrap();
     let port = cluster.server.health_port;
     let pid = cluster.server.logged.process.pid();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let rss_before = rss_kib(pid);
     let tasks_before = metric(port, "tether_tasks ").unwrap_or(0.0);
 
@@ -166,7 +166,7 @@ async fn a_grpc_client_that_leaves_while_blocked_releases_its_connection() {
     use tether_tests::raw_h2::{Event as H2Event, RawH2};
     let cluster = Cluster::start(Mode::Grpc, Transport::Uds, &[], &[]).unwrap();
     let port = cluster.server.health_port;
-    let hole = backend::black_hole().await.to_string();
+    let hole = destination::black_hole().await.to_string();
     let io = tether_tests::frontend::raw_h2(&cluster.target)
         .await
         .unwrap();
@@ -267,7 +267,7 @@ async fn a_half_closed_connection_lasts_while_it_moves() {
     }
     assert_eq!(got, 1 << 20, "a slowly read reply was cut short");
 
-    let silent = backend::never_reads().await;
+    let silent = destination::never_reads().await;
     let mut client = http_connect(&cluster.target, &silent.to_string())
         .await
         .unwrap()

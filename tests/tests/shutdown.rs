@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::http_connect;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,7 +32,7 @@ async fn agent_drain_keeps_open_tunnels_refuses_new_ones_and_exits_when_they_end
         &["--drain-timeout=30s"],
     )
     .unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let mut open = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     echo_once(&mut open, b"before").await;
 
@@ -83,7 +83,7 @@ async fn agent_drain_deadline_closes_what_is_left() {
         &["--drain-timeout=1s"],
     )
     .unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let mut open = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     echo_once(&mut open, b"x").await;
     let agent = cluster.agent.as_mut().unwrap();
@@ -112,7 +112,7 @@ async fn a_second_signal_stops_the_agent_at_once() {
         &["--drain-timeout=60s"],
     )
     .unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let _open = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     let agent = cluster.agent.as_mut().unwrap();
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
@@ -141,7 +141,7 @@ async fn server_graceful_shutdown_lets_open_tunnels_finish() {
         &[],
     )
     .unwrap();
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let mut open = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     cluster
         .server

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tether_proto::Packet;
-use tether_tests::backend::{self, Received};
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination::{self, Received};
 use tether_tests::frontend::{Event, GrpcTunnel, grpc_client, http_connect};
 use tether_tests::process::{rss_kib, wait_until};
 use tether_tests::procs::http_get;
@@ -106,14 +106,16 @@ fn assert_slow_reader_served(received: Received, port: u16, prefix: &str, grew_k
 async fn upload_to_a_slow_destination_arrives_whole() {
     let cluster = cluster();
     let agent = cluster.agent.as_ref().unwrap();
-    let (sink, report) = backend::slow_sink(RATE, None).await;
+    let (sink, report) = destination::slow_sink(RATE, None).await;
     let mut stream = http_connect(&cluster.target, &sink.to_string())
         .await
         .unwrap()
         .unwrap();
     let before = rss_kib(agent.logged.process.pid());
     let peak = PeakRss::watch(agent.logged.process.pid());
-    backend::write_pattern(&mut stream, TOTAL).await.unwrap();
+    destination::write_pattern(&mut stream, TOTAL)
+        .await
+        .unwrap();
     stream.shutdown().await.unwrap();
     let received = tokio::time::timeout(Duration::from_secs(60), report)
         .await
@@ -126,7 +128,7 @@ async fn upload_to_a_slow_destination_arrives_whole() {
 #[tokio::test(flavor = "multi_thread")]
 async fn download_to_a_slow_frontend_arrives_whole() {
     let cluster = cluster();
-    let source = backend::pattern_source(TOTAL).await;
+    let source = destination::pattern_source(TOTAL).await;
     let mut stream = http_connect(&cluster.target, &source.to_string())
         .await
         .unwrap()
@@ -136,7 +138,7 @@ async fn download_to_a_slow_frontend_arrives_whole() {
     let peak = PeakRss::watch(pid);
     let received = tokio::time::timeout(
         Duration::from_secs(60),
-        backend::read_pattern_throttled(&mut stream, RATE),
+        destination::read_pattern_throttled(&mut stream, RATE),
     )
     .await
     .unwrap()
@@ -167,8 +169,8 @@ async fn a_destination_that_reads_nothing_is_closed_after_the_stall_timeout() {
     )
     .unwrap();
     let agent_port = cluster.agent.as_ref().unwrap().health_port;
-    let echo = backend::echo().await.to_string();
-    let hole = backend::black_hole().await.to_string();
+    let echo = destination::echo().await.to_string();
+    let hole = destination::black_hole().await.to_string();
     let mut client = grpc_client(&cluster.target).await.unwrap();
     let mut interactive = GrpcTunnel::dial(&mut client, &echo).await.unwrap().unwrap();
     let baseline = tether_tests::rtt::grpc_rtt(&mut interactive, 20)
@@ -213,8 +215,8 @@ async fn a_frontend_that_reads_nothing_is_closed_after_the_stall_timeout() {
     )
     .unwrap();
     let port = cluster.server.health_port;
-    let echo = backend::echo().await.to_string();
-    let flood = backend::flood().await.to_string();
+    let echo = destination::echo().await.to_string();
+    let flood = destination::flood().await.to_string();
     let mut interactive = http_connect(&cluster.target, &echo).await.unwrap().unwrap();
     let baseline = tether_tests::rtt::connect_rtt(&mut interactive, 20)
         .await
@@ -249,14 +251,14 @@ async fn a_slow_tls_client_gets_the_last_bytes_while_the_tunnel_stays_open() {
     let cluster = Cluster::start(Mode::HttpConnect, Transport::Mtls, &[], &[]).unwrap();
     // Past what the sockets buffer, so writes find the socket full.
     for len in [12 * MIB + 4321, 16 * MIB + 17] {
-        let source = backend::pattern_source_then_hold(len).await;
+        let source = destination::pattern_source_then_hold(len).await;
         let mut stream = http_connect(&cluster.target, &source.to_string())
             .await
             .unwrap()
             .unwrap();
         let received = tokio::time::timeout(
             Duration::from_secs(20),
-            backend::read_pattern_exactly(&mut stream, 16 * MIB, len),
+            destination::read_pattern_exactly(&mut stream, 16 * MIB, len),
         )
         .await
         .expect("the last bytes never came")

@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::fake_agent::{self, FakeAgent};
 use tether_tests::frontend::http_connect;
 use tether_tests::kube_api::read_request;
@@ -224,15 +224,15 @@ async fn the_agents_service_account_gets_in_and_tunnels() {
     let cluster =
         Cluster::start(Mode::HttpConnect, Transport::Uds, &server_refs, &[&token]).unwrap();
 
-    let addr = backend::hello().await.to_string();
+    let addr = destination::hello().await.to_string();
     let mut stream = http_connect(&cluster.target, &addr).await.unwrap().unwrap();
     stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: backend\r\n\r\n")
+        .write_all(b"GET / HTTP/1.1\r\nHost: destination\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();
     stream.read_to_string(&mut out).await.unwrap();
-    assert!(out.ends_with("hello from backend"), "{out}");
+    assert!(out.ends_with("hello from destination"), "{out}");
 
     let asked = api.asked();
     let first = asked

@@ -19,8 +19,8 @@ pub const TARGETS: &[&str] = &[
     "identifiers",
     "policy_parsers",
     "connect_head",
-    "agent_session",
-    "server_backend",
+    "agent_server_stream",
+    "server_agent_stream",
     "xdp_guard",
 ];
 

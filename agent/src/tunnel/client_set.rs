@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use super::scheduler::{CONTROL_BACKLOG, Scheduler};
-use super::session::{Limits, Session};
+use super::server_stream::{Limits, ServerStream};
 use super::transport::{self, ConnectError};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -19,7 +19,7 @@ pub struct ClientSet {
     config: Arc<Config>,
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
-    servers: Mutex<HashMap<String, Arc<Session>>>,
+    servers: Mutex<HashMap<String, Arc<ServerStream>>>,
     last_server_count: AtomicU32,
     draining: Arc<AtomicBool>,
     /// One task per server stream, reading it until it ends.
@@ -112,7 +112,7 @@ impl ClientSet {
                 return Err(err);
             }
         };
-        let session = {
+        let server = {
             let mut servers = self.servers();
             if servers.contains_key(&connected.server_id) {
                 scheduler.close();
@@ -122,7 +122,7 @@ impl ClientSet {
                 );
                 return Ok(Outcome::Duplicate);
             }
-            let session = Session::new(
+            let server = ServerStream::new(
                 connected.server_id.clone(),
                 connected.flow_control,
                 scheduler.clone(),
@@ -131,8 +131,8 @@ impl ClientSet {
                 self.metrics.clone(),
                 self.connections.clone(),
             );
-            servers.insert(connected.server_id.clone(), session.clone());
-            session
+            servers.insert(connected.server_id.clone(), server.clone());
+            server
         };
         self.last_server_count
             .store(connected.server_count, Ordering::Relaxed);
@@ -151,8 +151,8 @@ impl ClientSet {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(packet)) => {
-                        if let Some(pressure) = session.handle(packet) {
-                            session.relieve(pressure).await;
+                        if let Some(pressure) = server.handle(packet) {
+                            server.relieve(pressure).await;
                         }
                         // Answers the server does not take: read nothing more until it does.
                         if scheduler.control_backlog() >= CONTROL_BACKLOG
@@ -175,18 +175,18 @@ impl ClientSet {
                     }
                 }
             };
-            if set.draining.load(Ordering::Relaxed) && session.open_connections() == 0 {
-                tracing::info!(server = session.server_id, reason, "server stream closed");
+            if set.draining.load(Ordering::Relaxed) && server.open_connections() == 0 {
+                tracing::info!(server = server.server_id, reason, "server stream closed");
             } else {
                 tracing::warn!(
-                    server = session.server_id,
+                    server = server.server_id,
                     reason,
-                    open = session.open_connections(),
+                    open = server.open_connections(),
                     "lost proxy server stream; its connections are closed"
                 );
             }
-            set.servers().remove(&session.server_id);
-            session.shut_down();
+            set.servers().remove(&server.server_id);
+            server.shut_down();
             set.metrics.open_server_connections.dec();
         });
         Ok(Outcome::Connected)
@@ -203,8 +203,8 @@ impl ClientSet {
         if self.draining.swap(true, Ordering::Relaxed) {
             return;
         }
-        for session in self.servers().values() {
-            session.send_drain();
+        for server in self.servers().values() {
+            server.send_drain();
         }
     }
 
@@ -219,8 +219,8 @@ impl ClientSet {
     /// After a drain: ends every server stream cleanly and waits, at most `limit`, for the
     /// servers to close theirs; a stream that ends closes what is left of its connections.
     pub async fn leave(&self, limit: Duration) {
-        for session in self.servers().values() {
-            session.finish();
+        for server in self.servers().values() {
+            server.finish();
         }
         self.streams.close();
         self.connections.close();
@@ -238,7 +238,7 @@ impl ClientSet {
         self.servers().values().map(|s| s.open_connections()).sum()
     }
 
-    fn servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+    fn servers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ServerStream>>> {
         self.servers.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -3,5 +3,5 @@
 mod body;
 pub mod client_set;
 pub mod scheduler;
-pub mod session;
+pub mod server_stream;
 pub mod transport;

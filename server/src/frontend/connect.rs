@@ -1,8 +1,8 @@
 //! HTTP CONNECT frontend (`--mode http-connect`), over a Unix socket or mTLS TCP.
 //!
 //! The response bytes are written by hand because kube-apiserver checks them closely: exactly
-//! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before tunnel data (it rejects
-//! a 200 followed by buffered bytes), and upstream's status lines for each failure.
+//! `HTTP/1.1 200 Connection Established\r\n\r\n` and nothing else before connection data (it
+//! rejects a 200 followed by buffered bytes), and upstream's status lines for each failure.
 
 use std::future::Future;
 use std::os::fd::{AsRawFd, RawFd};
@@ -15,10 +15,10 @@ use tether_runtime::net::peer_hung_up;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::connect_head::{Head, HeadError, HeadReader, MAX_HEAD, validate_target};
+use crate::connection::{Connection, DialCause, End, ToFrontend};
 use crate::metrics::Metrics;
 use crate::outbox::AgentGone;
 use crate::registry::Registry;
-use crate::tunnel::{DialCause, End, ToFrontend, Tunnel};
 
 /// Upstream's read-header timeout.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -84,8 +84,8 @@ impl ConnectFrontend {
             let _ = write(stream, &format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ninvalid CONNECT target {target:?}: {why}\r\n")).await;
             return Err(format!("bad target {target:?}"));
         }
-        let backend = match self.registry.pick(&target) {
-            Ok(backend) => backend,
+        let agent_stream = match self.registry.pick(&target) {
+            Ok(agent_stream) => agent_stream,
             Err(refusal) => {
                 self.metrics.dial_failure("no_agent");
                 let _ = write(stream, &format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: {refusal}")).await;
@@ -93,10 +93,10 @@ impl ConnectFrontend {
             }
         };
         let random = i64::from(rand::random::<u32>()) << 31 | i64::from(rand::random::<u32>() >> 1);
-        let tunnel = backend.open(random);
-        // The socket outlives the tunnel's entry in its agent stream, where progress is read.
-        tunnel.progress.watch_socket(stream.as_raw_fd());
-        if tunnel.dial(&target).await.is_err() {
+        let connection = agent_stream.open(random);
+        // The socket outlives the connection's entry in its agent stream, where progress is read.
+        connection.progress.watch_socket(stream.as_raw_fd());
+        if connection.dial(&target).await.is_err() {
             let _ = write(stream, "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nFailed to tunnel dial request: agent stream closed\r\n").await;
             return Err("agent stream closed before the dial was sent".into());
         }
@@ -107,19 +107,19 @@ impl ConnectFrontend {
             // every waiting connection would otherwise keep.
             leftover.reserve(1024);
             tokio::select! {
-                event = tunnel.mailbox.pop() => break event,
+                event = connection.mailbox.pop() => break event,
                 read = stream.read_buf(&mut leftover) => match read {
                     Ok(0) | Err(_) => {
-                        tunnel.end_from_frontend(End::FrontendGone).await;
+                        connection.end_from_frontend(End::FrontendGone).await;
                         self.metrics.reject("connect_client_gone_mid_dial");
                         tracing::info!(%peer, target, "client went away while the dial was pending; cancelled it");
                         return Err("client disconnected mid-dial".into());
                     }
                     Ok(_) if leftover.len() <= MAX_HEAD => {}
                     Ok(_) => {
-                        tunnel.end_from_frontend(End::FrontendGone).await;
+                        connection.end_from_frontend(End::FrontendGone).await;
                         self.metrics.reject("connect_early_data");
-                        return Err("client sent too much before the tunnel was up".into());
+                        return Err("client sent too much before the connection was up".into());
                     }
                 },
             }
@@ -128,7 +128,11 @@ impl ConnectFrontend {
             Some(ToFrontend::DialOk { .. }) => {}
             Some(ToFrontend::DialFailed { error, cause }) => {
                 let response = failure_response(&error, cause);
-                let _ = write(stream, &naming_agent(response, probe, &backend.agent_id)).await;
+                let _ = write(
+                    stream,
+                    &naming_agent(response, probe, &agent_stream.agent_id),
+                )
+                .await;
                 return Err(format!("dial to {target} failed: {error}"));
             }
             Some(ToFrontend::DialClosed) | None => return Err("agent cancelled the dial".into()),
@@ -137,16 +141,21 @@ impl ConnectFrontend {
         let established = naming_agent(
             "HTTP/1.1 200 Connection Established\r\n\r\n".to_owned(),
             probe,
-            &backend.agent_id,
+            &agent_stream.agent_id,
         );
         if write(stream, &established).await.is_err() {
-            tunnel.end_from_frontend(End::FrontendGone).await;
+            connection.end_from_frontend(End::FrontendGone).await;
             return Err("client went away before the 200".into());
         }
-        if !leftover.is_empty() && tunnel.send_data(leftover.split().freeze()).await.is_err() {
+        if !leftover.is_empty()
+            && connection
+                .send_data(leftover.split().freeze())
+                .await
+                .is_err()
+        {
             return Err("agent stream closed".into());
         }
-        pump(stream, &tunnel, &self.metrics, self.half_close_timeout).await;
+        pump(stream, &connection, &self.metrics, self.half_close_timeout).await;
         Ok(())
     }
 }
@@ -157,7 +166,7 @@ impl ConnectFrontend {
 /// Toward upstream agents, EOF closes both directions, as upstream.
 async fn pump<S>(
     stream: &mut S,
-    tunnel: &Arc<Tunnel>,
+    connection: &Arc<Connection>,
     metrics: &Metrics,
     half_close_timeout: Duration,
 ) where
@@ -188,7 +197,7 @@ async fn pump<S>(
                     } else {
                         want
                     };
-                    match forward(tunnel, buf.split().freeze(), fd, half_close_timeout).await {
+                    match forward(connection, buf.split().freeze(), fd, half_close_timeout).await {
                         Forward::Sent => {}
                         Forward::AgentGone => return Up::AgentGone,
                         Forward::Stuck => return Up::ClientError,
@@ -199,7 +208,7 @@ async fn pump<S>(
     };
     // Returns whether the client went away (as opposed to the agent closing).
     let downstream = async {
-        while let Some(event) = tunnel.mailbox.pop().await {
+        while let Some(event) = connection.mailbox.pop().await {
             match event {
                 // The agent's FIN: the destination will send nothing more.
                 ToFrontend::Data(data) if data.is_empty() => {
@@ -212,7 +221,7 @@ async fn pump<S>(
                         match writer.write(rest).await {
                             Ok(0) | Err(_) => return true,
                             Ok(n) => {
-                                tunnel.progress.wrote(n);
+                                connection.progress.wrote(n);
                                 rest = &rest[n..];
                             }
                         }
@@ -226,7 +235,7 @@ async fn pump<S>(
                     metrics
                         .frontend_write_duration
                         .observe(started.elapsed().as_secs_f64());
-                    tunnel.delivered(data.len());
+                    connection.delivered(data.len());
                 }
                 ToFrontend::Closed { .. } => return false,
                 _ => {}
@@ -236,19 +245,19 @@ async fn pump<S>(
     };
     tokio::pin!(upstream, downstream);
     let client_gone = tokio::select! {
-        // Given up on (its backend closed it while blocked writing to a stalled client).
-        () = tunnel.abandoned() => false,
+        // Given up on (its agent stream closed it while blocked writing to a stalled client).
+        () = connection.abandoned() => false,
         up = &mut upstream => match up {
-            Up::Eof if tunnel.half_close() => {
-                if tunnel.send_fin().await.is_err() {
+            Up::Eof if connection.half_close() => {
+                if connection.send_fin().await.is_err() {
                     true
                 } else {
-                    match unless_still(tunnel, half_close_timeout, || true, &mut downstream).await {
+                    match unless_still(connection, half_close_timeout, || true, &mut downstream).await {
                         Some(gone) => gone,
                         None => {
                             metrics.reject("connect_half_close_timeout");
                             tracing::info!(
-                                connect_id = tunnel.connect_id(),
+                                connect_id = connection.connect_id(),
                                 timeout = ?half_close_timeout,
                                 "half-closed connection idle in both directions; closed"
                             );
@@ -263,7 +272,7 @@ async fn pump<S>(
         gone = &mut downstream => gone,
     };
     if client_gone {
-        tunnel.end_from_frontend(End::FrontendGone).await;
+        connection.end_from_frontend(End::FrontendGone).await;
     }
 }
 
@@ -284,7 +293,7 @@ fn naming_agent(response: String, probe: bool, agent_id: &str) -> String {
 fn failure_response(error: &str, cause: DialCause) -> String {
     match cause {
         DialCause::Timeout => "HTTP/1.1 504 Gateway Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend dial timeout: timed out waiting for backend dial\r\n".into(),
-        DialCause::Backend => format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend context error: {error}\r\n"),
+        DialCause::StreamGone => format!("HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nBackend context error: {error}\r\n"),
         DialCause::Agent => {
             let status = status_for(error);
             format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{error}")
@@ -316,42 +325,42 @@ enum Forward {
 /// that hung up meanwhile gives up once neither direction has moved for `limit`: nobody is
 /// left to care, and a destination that never reads would otherwise hold the connection, on
 /// both sides, for good.
-async fn forward(tunnel: &Tunnel, data: Bytes, client: RawFd, limit: Duration) -> Forward {
+async fn forward(connection: &Connection, data: Bytes, client: RawFd, limit: Duration) -> Forward {
     let outcome = |sent: Result<(), AgentGone>| match sent {
         Ok(()) => Forward::Sent,
         Err(AgentGone) => Forward::AgentGone,
     };
-    let send = tunnel.send_data(data);
+    let send = connection.send_data(data);
     tokio::pin!(send);
     // Most sends go out at once, without a timer.
     if let Some(sent) = send.as_mut().now_or_never() {
         return outcome(sent);
     }
-    match unless_still(tunnel, limit, || peer_hung_up(client), send).await {
+    match unless_still(connection, limit, || peer_hung_up(client), send).await {
         Some(sent) => outcome(sent),
         None => Forward::Stuck,
     }
 }
 
-/// Runs `work` to its end, or gives it up (`None`) once the tunnel has stood still, neither
+/// Runs `work` to its end, or gives it up (`None`) once the connection has stood still, neither
 /// direction moving, for `limit` while `gone` holds. Looked at once a second, or more often
 /// for a shorter limit.
 async fn unless_still<T>(
-    tunnel: &Tunnel,
+    connection: &Connection,
     limit: Duration,
     gone: impl Fn() -> bool,
     work: impl Future<Output = T>,
 ) -> Option<T> {
     tokio::pin!(work);
     let check = limit.min(Duration::from_secs(1));
-    let mut last = tunnel.motion();
+    let mut last = connection.motion();
     let mut still = Duration::ZERO;
     loop {
         tokio::select! {
             done = &mut work => return Some(done),
             () = tokio::time::sleep(check) => {}
         }
-        let now = tunnel.motion();
+        let now = connection.motion();
         if now != last || !gone() {
             last = now;
             still = Duration::ZERO;

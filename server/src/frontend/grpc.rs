@@ -13,14 +13,14 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::connection::{Connection, End, ToFrontend};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::tunnel::{End, ToFrontend, Tunnel};
 
 pub struct Frontends {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
-    /// Each stream's session is tracked, so a drain can wait for them.
+    /// Each client stream's task is tracked, so a drain can wait for them.
     pub tracker: TaskTracker,
 }
 
@@ -65,21 +65,21 @@ impl ProxyService for Frontends {
             )
         } else {
             match self.registry.pick(&dial.address) {
-                Ok(backend) => {
-                    let tunnel = backend.open(dial.random);
-                    let session = Session {
-                        tunnel: tunnel.clone(),
+                Ok(agent_stream) => {
+                    let connection = agent_stream.open(dial.random);
+                    let client = ClientStream {
+                        connection: connection.clone(),
                         metrics: self.metrics.clone(),
                         gone,
                     };
-                    self.tracker.spawn(session.run(dial.address, inbound));
+                    self.tracker.spawn(client.run(dial.address, inbound));
                     let mut response =
-                        Response::new(
-                            Box::pin(outbound(tunnel, self.metrics.clone(), open)) as PacketStream
-                        );
+                        Response::new(Box::pin(outbound(connection, self.metrics.clone(), open))
+                            as PacketStream);
                     if probe
                         && let Ok(agent) =
-                            tether_proto::metadata::probe_agent_value(&backend.agent_id).parse()
+                            tether_proto::metadata::probe_agent_value(&agent_stream.agent_id)
+                                .parse()
                     {
                         response
                             .metadata_mut()
@@ -106,7 +106,7 @@ impl ProxyService for Frontends {
     }
 }
 
-/// Counts an open `Proxy` stream until it is dropped, and then tells its session.
+/// Counts an open `Proxy` stream until it is dropped, and then tells its [`ClientStream`].
 struct Open {
     gauge: Gauge,
     _gone: DropGuard,
@@ -129,46 +129,51 @@ impl Drop for Open {
     }
 }
 
-/// The response stream: the tunnel's events as packets, ending after the last one.
+/// The response stream: the connection's events as packets, ending after the last one.
 fn outbound(
-    tunnel: Arc<Tunnel>,
+    connection: Arc<Connection>,
     metrics: Arc<Metrics>,
     open: Open,
 ) -> impl Stream<Item = Result<Packet, Status>> + Send {
     // h2 asks for the next packet once it has taken the last one and the client's window has
     // room: the time between is how long writing a packet to this frontend took.
     futures_util::stream::unfold(
-        (tunnel, metrics, open, None::<Instant>),
-        |(tunnel, metrics, open, handed)| async move {
+        (connection, metrics, open, None::<Instant>),
+        |(connection, metrics, open, handed)| async move {
             if let Some(handed) = handed {
                 metrics
                     .frontend_write_duration
                     .observe(handed.elapsed().as_secs_f64());
             }
-            let mut event = tunnel.mailbox.pop().await?;
+            let mut event = connection.mailbox.pop().await?;
             // A gRPC frontend has no half-close: the agent's FIN (empty DATA) asks the agent to
             // close, so its CLOSE_RSP ends the stream as upstream's EOF would.
             while matches!(&event, ToFrontend::Data(data) if data.is_empty()) {
-                tunnel.end_from_frontend(End::FrontendClose).await;
-                event = tunnel.mailbox.pop().await?;
+                connection.end_from_frontend(End::FrontendClose).await;
+                event = connection.mailbox.pop().await?;
             }
             let packet = match event {
                 ToFrontend::DialOk { connect_id } => {
-                    Packet::dial_response(tunnel.random, connect_id, "")
+                    Packet::dial_response(connection.random, connect_id, "")
                 }
                 ToFrontend::DialFailed { error, .. } => {
-                    Packet::dial_response(tunnel.random, 0, error)
+                    Packet::dial_response(connection.random, 0, error)
                 }
                 ToFrontend::Data(data) => {
-                    tunnel.progress.wrote(data.len());
-                    tunnel.delivered(data.len());
-                    Packet::data(tunnel.connect_id(), data)
+                    connection.progress.wrote(data.len());
+                    connection.delivered(data.len());
+                    Packet::data(connection.connect_id(), data)
                 }
-                ToFrontend::Closed { error } => Packet::close_response(tunnel.connect_id(), error),
-                ToFrontend::DialClosed => Packet::close_dial(tunnel.random),
+                ToFrontend::Closed { error } => {
+                    Packet::close_response(connection.connect_id(), error)
+                }
+                ToFrontend::DialClosed => Packet::close_dial(connection.random),
             };
             metrics.packet("to_client", packet.type_name());
-            Some((Ok(packet), (tunnel, metrics, open, Some(Instant::now()))))
+            Some((
+                Ok(packet),
+                (connection, metrics, open, Some(Instant::now())),
+            ))
         },
     )
 }
@@ -189,20 +194,20 @@ async fn next_packet(inbound: &mut Streaming<Packet>, metrics: &Metrics) -> Opti
     }
 }
 
-/// One dialled connection: forwards the frontend's packets to the agent.
-struct Session {
-    tunnel: Arc<Tunnel>,
+/// One client's `Proxy` stream, which carries one connection: forwards its packets to the agent.
+struct ClientStream {
+    connection: Arc<Connection>,
     metrics: Arc<Metrics>,
     /// Cancelled once the response stream is gone.
     gone: CancellationToken,
 }
 
-impl Session {
+impl ClientStream {
     async fn run(self, address: String, mut inbound: Streaming<Packet>) {
-        if self.tunnel.dial(&address).await.is_err() {
+        if self.connection.dial(&address).await.is_err() {
             return discard(inbound, self.metrics).await;
         }
-        // Set once the tunnel was ended from this side; the rest of the stream is read and
+        // Set once the connection was ended from this side; the rest of the stream is read and
         // dropped.
         let mut ended = false;
         while let Some(packet) = next_packet(&mut inbound, &self.metrics).await {
@@ -216,16 +221,16 @@ impl Session {
                     self.metrics.reject("frontend_data_connect_id_zero");
                 }
                 Message::Data(data) => {
-                    let connect_id = self.tunnel.connect_id();
+                    let connect_id = self.connection.connect_id();
                     if data.connect_id != connect_id {
                         self.metrics.reject("frontend_data_mismatched_connect_id");
                         tracing::warn!(
-                            tunnel = self.tunnel.id,
+                            connection = self.connection.id,
                             expected = connect_id,
                             got = data.connect_id,
                             "frontend sent DATA for another connection; closing the stream"
                         );
-                        self.tunnel
+                        self.connection
                             .end_from_frontend(End::FrontendError {
                                 error: "mismatched connection IDs".into(),
                             })
@@ -242,7 +247,7 @@ impl Session {
                     // reading), this reads nothing from the client: its reset is seen here.
                     let sent = tokio::select! {
                         biased;
-                        sent = self.tunnel.send_data(data.data) => sent,
+                        sent = self.connection.send_data(data.data) => sent,
                         () = self.gone.cancelled() => break,
                     };
                     if sent.is_err() {
@@ -250,17 +255,17 @@ impl Session {
                     }
                 }
                 Message::CloseRequest(_) => {
-                    self.tunnel.end_from_frontend(End::FrontendClose).await;
+                    self.connection.end_from_frontend(End::FrontendClose).await;
                     ended = true;
                 }
                 Message::CloseDial(_) => {
-                    self.tunnel.end_from_frontend(End::FrontendGone).await;
+                    self.connection.end_from_frontend(End::FrontendGone).await;
                     ended = true;
                 }
                 other => {
                     self.metrics.reject("frontend_unexpected_packet");
                     tracing::debug!(
-                        tunnel = self.tunnel.id,
+                        connection = self.connection.id,
                         packet_type = other.type_name(),
                         "ignored packet from frontend"
                     );
@@ -268,9 +273,9 @@ impl Session {
             }
         }
         // The client sends nothing more. After its CLOSE_REQ the stream stays open for the
-        // agent's CLOSE_RSP; otherwise the tunnel is released.
+        // agent's CLOSE_RSP; otherwise the connection is released.
         if !ended {
-            self.tunnel.end_from_frontend(End::FrontendGone).await;
+            self.connection.end_from_frontend(End::FrontendGone).await;
         }
     }
 }

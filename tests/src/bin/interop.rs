@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use tether_proto::Packet;
-use tether_tests::backend;
 use tether_tests::cluster::{Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{Event, GrpcTunnel, Target, grpc_client, http_connect, raw_h2};
 use tether_tests::peers::{self, Impl, Peer, ServerPorts};
 use tether_tests::pki::Pki;
@@ -369,7 +369,7 @@ fn with_logs<T>(setup: &Setup, result: Result<T>) -> Result<T> {
 }
 
 async fn modes_and_transports(pair: &Pair, report: &mut Report) {
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     for mode in [Mode::Grpc, Mode::HttpConnect] {
         for transport in [Transport::Uds, Transport::Mtls] {
             let name = format!(
@@ -454,7 +454,7 @@ async fn closed_port(pair: &Pair, report: &mut Report) {
     report
         .check(name, async {
             let setup = Setup::with_agent(pair, Mode::Grpc, Transport::Uds)?;
-            let (_refusing, closed) = backend::refusing_port();
+            let (_refusing, closed) = destination::refusing_port();
             let closed = closed.to_string();
             let mut client = grpc_client(setup.target()?).await?;
             match GrpcTunnel::dial(&mut client, &closed).await? {
@@ -479,7 +479,7 @@ async fn closed_port(pair: &Pair, report: &mut Report) {
 }
 
 async fn restarts(pair: &Pair, report: &mut Report) {
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let name = format!(
         "{}: the agent reconnects after the server restarts",
         pair.label()
@@ -516,7 +516,7 @@ async fn restarts(pair: &Pair, report: &mut Report) {
 /// upstream agent's certificate (CN and DNS name `agent`) backs `--agent-id=agent`, and
 /// nothing else.
 async fn identity_binding(pair: &Pair, report: &mut Report) {
-    let echo = backend::echo().await.to_string();
+    let echo = destination::echo().await.to_string();
     let name = format!(
         "{}: --bind-agent-identity=certificate lets in the certificate's name and refuses another",
         pair.label()
@@ -612,7 +612,7 @@ async fn server_count_two(pair: &Pair, report: &mut Report) {
                     && wait_ready(second.health_port, Duration::from_secs(5)),
                 "not both servers are ready"
             );
-            let echo = backend::echo().await.to_string();
+            let echo = destination::echo().await.to_string();
             for target in [
                 first.target()?.clone(),
                 Target::Uds(pki_dir.join("s2.sock")),
@@ -685,11 +685,11 @@ async fn slow_readers(pair: &Pair, report: &mut Report) {
     report
         .check(name, async {
             let setup = Setup::with_agent(pair, Mode::HttpConnect, Transport::Uds)?;
-            let (sink, done) = backend::slow_sink(RATE, Some(TOTAL)).await;
+            let (sink, done) = destination::slow_sink(RATE, Some(TOTAL)).await;
             let mut stream = http_connect(setup.target()?, &sink.to_string())
                 .await?
                 .map_err(|e| anyhow::anyhow!("CONNECT refused: {e}"))?;
-            let written = backend::write_pattern(&mut stream, TOTAL).await;
+            let written = destination::write_pattern(&mut stream, TOTAL).await;
             with_logs(&setup, written.context("the upload was cut off"))?;
             // Kept open until the destination has it all: Konnectivity has no half-close, and
             // an upstream agent drops what it still holds when the server asks it to close.
@@ -710,11 +710,11 @@ async fn slow_readers(pair: &Pair, report: &mut Report) {
     report
         .check(name, async {
             let setup = Setup::with_agent(pair, Mode::HttpConnect, Transport::Uds)?;
-            let source = backend::pattern_source(TOTAL).await;
+            let source = destination::pattern_source(TOTAL).await;
             let mut stream = http_connect(setup.target()?, &source.to_string())
                 .await?
                 .map_err(|e| anyhow::anyhow!("CONNECT refused: {e}"))?;
-            let got = backend::read_pattern_throttled(&mut stream, RATE).await?;
+            let got = destination::read_pattern_throttled(&mut stream, RATE).await?;
             with_logs(
                 &setup,
                 ensure_ok(
@@ -751,9 +751,9 @@ async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
                     },
                 };
                 let setup = Setup::with_agent(&pair, Mode::Grpc, Transport::Uds)?;
-                let echo = backend::echo().await.to_string();
+                let echo = destination::echo().await.to_string();
                 grpc_echo(setup.target()?, &echo, 1 << 16).await?;
-                let (_refusing, closed) = backend::refusing_port();
+                let (_refusing, closed) = destination::refusing_port();
                 let closed = closed.to_string();
                 let mut client = grpc_client(setup.target()?).await?;
                 let _ = GrpcTunnel::dial(&mut client, &closed).await?;

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use tether_tests::backend;
 use tether_tests::cluster::{Cluster, Mode, Transport};
+use tether_tests::destination;
 use tether_tests::frontend::{Target, http_connect};
 use tether_tests::peers::metric;
 use tether_tests::process::{open_fds, rss_kib};
@@ -41,7 +41,7 @@ async fn connect(target: &Target, to: SocketAddr) -> Result<Box<dyn tether_tests
 
 /// Downloads BULK bytes from a pattern source, over and over.
 async fn download(target: Target, counts: Arc<Counts>) -> Result<()> {
-    let source = backend::pattern_source(BULK).await;
+    let source = destination::pattern_source(BULK).await;
     let mut buf = vec![0u8; CHUNK];
     loop {
         let mut stream = connect(&target, source).await?;
@@ -57,7 +57,7 @@ async fn download(target: Target, counts: Arc<Counts>) -> Result<()> {
 
 /// Uploads BULK bytes to a sink, over and over.
 async fn upload(target: Target, counts: Arc<Counts>) -> Result<()> {
-    let sink = backend::discard().await;
+    let sink = destination::discard().await;
     let chunk = vec![0x33u8; CHUNK];
     loop {
         let mut stream = connect(&target, sink).await?;
@@ -106,7 +106,7 @@ async fn churn(target: Target, echo: SocketAddr, counts: Arc<Counts>) -> Result<
 
 /// A client that reads a download at 64 KiB/s.
 async fn slow_reader(target: Target) -> Result<()> {
-    let source = backend::pattern_source(u64::MAX).await;
+    let source = destination::pattern_source(u64::MAX).await;
     let mut stream = connect(&target, source).await?;
     let mut buf = vec![0u8; 8 * 1024];
     loop {
@@ -117,7 +117,7 @@ async fn slow_reader(target: Target) -> Result<()> {
 
 /// A client that reads nothing of a download, replaced every minute.
 async fn stalled_reader(target: Target) -> Result<()> {
-    let source = backend::pattern_source(u64::MAX).await;
+    let source = destination::pattern_source(u64::MAX).await;
     loop {
         let stream = connect(&target, source).await?;
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -158,7 +158,7 @@ async fn main() -> Result<()> {
     );
     let agent = cluster.agent.as_ref().context("no agent")?;
     let agent = (agent.logged.process.pid(), agent.health_port);
-    let echo = backend::echo().await;
+    let echo = destination::echo().await;
     let counts = Arc::new(Counts::default());
     let target = cluster.target.clone();
     let mut workers = tokio::task::JoinSet::new();

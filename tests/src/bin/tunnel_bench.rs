@@ -763,7 +763,7 @@ async fn main() -> Result<()> {
         target: Some(cluster.target.clone()),
     }));
     let (src, dst) = (source().await, sink().await);
-    let echo = tether_tests::backend::echo().await;
+    let echo = tether_tests::destination::echo().await;
 
     println!(
         "{} round(s) per measure; CPU columns: median (lowest–highest) over the rounds",

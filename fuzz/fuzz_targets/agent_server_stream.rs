@@ -19,7 +19,7 @@ use prost::Message as _;
 use tether_agent::dial_plane::policy::{DialPolicy, Ports, Target};
 use tether_agent::metrics::Metrics;
 use tether_agent::tunnel::scheduler::Scheduler;
-use tether_agent::tunnel::session::{Limits, Session};
+use tether_agent::tunnel::server_stream::{Limits, ServerStream};
 use tether_proto::cidr::Cidr;
 use tether_proto::{Message, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,7 +102,7 @@ async fn run(input: Input) {
         dial_policy: Arc::new(DialPolicy::new(&[allow], &[], Vec::new())),
     });
     let scheduler = Arc::new(Scheduler::new());
-    let session = Session::new(
+    let server = ServerStream::new(
         "fuzz".into(),
         input.flow_control,
         scheduler.clone(),
@@ -162,14 +162,14 @@ async fn run(input: Input) {
                 continue;
             }
         };
-        if let Some(pressure) = session.handle(packet) {
-            session.relieve(pressure).await;
+        if let Some(pressure) = server.handle(packet) {
+            server.relieve(pressure).await;
         }
     }
     tokio::time::sleep(Duration::from_millis(2)).await;
-    session.shut_down();
+    server.shut_down();
     assert_eq!(
-        session.open_connections(),
+        server.open_connections(),
         0,
         "connections outlived the stream"
     );

@@ -5,8 +5,8 @@
 //! mailbox, drained by that connection's own writer task. With a flow-controlled (tether)
 //! server a connection's queue never passes its window, and one that does is closed on its own.
 //! A server without flow control (upstream) cannot be told to slow down one connection, so when
-//! a destination falls behind, [`Session::relieve`] holds the whole stream until it catches up,
-//! closing only a destination that reads nothing for the stall timeout (see
+//! a destination falls behind, [`ServerStream::relieve`] holds the whole stream until it catches
+//! up, closing only a destination that reads nothing for the stall timeout (see
 //! `tether_runtime::backpressure`).
 
 use std::collections::HashMap;
@@ -38,7 +38,7 @@ const CHUNK: usize = 256 * 1024;
 /// Bytes a connection may have queued toward the server before its reader waits.
 const OUTBOUND_CREDIT: usize = 256 * 1024;
 
-/// Limits and shared state every session of the agent uses.
+/// Limits and shared state every server stream of the agent uses.
 pub struct Limits {
     pub dial_timeout: Duration,
     pub conn_queue_bytes: usize,
@@ -90,7 +90,7 @@ impl Flow {
     }
 }
 
-pub struct Session {
+pub struct ServerStream {
     pub server_id: String,
     /// Whether the server speaks tether's WINDOW extension.
     flow_control: bool,
@@ -108,7 +108,7 @@ pub struct Session {
     tasks: TaskTracker,
 }
 
-impl Session {
+impl ServerStream {
     pub fn new(
         server_id: String,
         flow_control: bool,
@@ -118,7 +118,7 @@ impl Session {
         metrics: Arc<Metrics>,
         tasks: TaskTracker,
     ) -> Arc<Self> {
-        Arc::new(Session {
+        Arc::new(ServerStream {
             server_id,
             flow_control,
             budget: Arc::new(Budget::new(limits.stream_buffer_bytes)),
@@ -140,7 +140,7 @@ impl Session {
     }
 
     /// Handles one packet from the server without waiting on any destination. Returns why
-    /// the stream must wait (see [`Session::relieve`]) before its next packet, if it must.
+    /// the stream must wait (see [`ServerStream::relieve`]) before its next packet, if it must.
     #[must_use]
     pub fn handle(self: &Arc<Self>, packet: Packet) -> Option<Pressure> {
         let message = packet.into_message();
@@ -285,45 +285,45 @@ impl Session {
         };
         // IDs are consumed by failed dials too, as upstream: gaps are normal.
         let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let session = self.clone();
+        let server = self.clone();
         let mut dials = self.dials();
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
             let result = dialer::dial(
                 &address,
-                session.limits.dial_timeout,
-                &session.limits.dial_policy,
+                server.limits.dial_timeout,
+                &server.limits.dial_policy,
             )
             .await;
             drop(slot);
-            session.take_dial(random);
+            server.take_dial(random);
             match result {
                 Ok(stream) => {
-                    session
+                    server
                         .metrics
                         .dial_duration
                         .observe(started.elapsed().as_secs_f64());
-                    session.start(connect_id, random, stream);
+                    server.start(connect_id, random, stream);
                 }
                 Err(err) if err.reason == "policy" => {
-                    session.metrics.dial_refused("policy");
+                    server.metrics.dial_refused("policy");
                     tracing::warn!(
-                        server = session.server_id,
+                        server = server.server_id,
                         address,
                         error = err.text,
                         "dial refused by the dial policy"
                     );
-                    session.send_control(Packet::dial_response(random, 0, err.text));
+                    server.send_control(Packet::dial_response(random, 0, err.text));
                 }
                 Err(err) => {
-                    session.metrics.dial_failure(err.reason);
+                    server.metrics.dial_failure(err.reason);
                     tracing::info!(
-                        server = session.server_id,
+                        server = server.server_id,
                         address,
                         error = err.text,
                         "dial failed"
                     );
-                    session.send_control(Packet::dial_response(random, 0, err.text));
+                    server.send_control(Packet::dial_response(random, 0, err.text));
                 }
             }
         });
@@ -550,7 +550,7 @@ impl Session {
         self.scheduler.finish();
     }
 
-    /// The stream is gone: every connection and dial of this session ends now.
+    /// The stream is gone: every connection and dial of this stream ends now.
     pub fn shut_down(&self) {
         for (_, dial) in self.dials().drain() {
             dial.abort();
@@ -587,7 +587,7 @@ impl Session {
 }
 
 /// What [`backpressure::hold`] needs to see of this stream's connections.
-impl Queues for Session {
+impl Queues for ServerStream {
     fn queued(&self, id: i64) -> Option<(usize, usize)> {
         self.conns()
             .get(&id)

@@ -1,7 +1,7 @@
 //! The server's handling of one agent stream, fed what a hostile or broken agent could send
 //! (answers to dials real and invented, DATA, CLOSE_RSP, DIAL_CLS, WINDOW, DRAIN, raw
 //! packets) while frontends dial, send, half-close, close, leave and read. Whatever comes, the
-//! server must not panic or send an agent's packet types, and once the stream ends no tunnel
+//! server must not panic or send an agent's packet types, and once the stream ends no connection
 //! is left and every frontend hears that its connection is over.
 #![no_main]
 
@@ -14,15 +14,15 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use tether_proto::identifiers::Identifiers;
 use tether_proto::{Message, Packet};
-use tether_server::backend::Backend;
+use tether_server::agent_stream::AgentStream;
+use tether_server::connection::{Connection, Connections, End, Settings, ToFrontend};
 use tether_server::metrics::Metrics;
 use tether_server::outbox::{CONTROL_LIMIT, Outbox};
-use tether_server::tunnel::{End, Settings, ToFrontend, Tunnel, Tunnels};
 use tokio_stream::StreamExt;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    // A frontend's doing; tunnels are picked by index, modulo how many there are.
+    // A frontend's doing; connections are picked by index, modulo how many there are.
     Open,
     Send(u8, Vec<u8>),
     Fin(u8),
@@ -53,8 +53,8 @@ struct Input {
 
 const STEP: Duration = Duration::from_millis(1);
 
-fn pick(tunnels: &[Arc<Tunnel>], index: u8) -> Option<&Arc<Tunnel>> {
-    (!tunnels.is_empty()).then(|| &tunnels[usize::from(index) % tunnels.len()])
+fn pick(connections: &[Arc<Connection>], index: u8) -> Option<&Arc<Connection>> {
+    (!connections.is_empty()).then(|| &connections[usize::from(index) % connections.len()])
 }
 
 async fn run(input: Input) {
@@ -67,18 +67,18 @@ async fn run(input: Input) {
         dial_timeout: Some(Duration::from_millis(50)),
         flow_control: input.flow_control,
     };
-    let tunnels = Tunnels::new(
+    let connections = Connections::new(
         outbox.clone(),
         settings,
         metrics.clone(),
         tokio_util::task::TaskTracker::new(),
     );
-    let backend = Backend::new(
+    let agent_stream = AgentStream::new(
         "fuzz-agent".into(),
         Identifiers::default(),
         "agent fuzz-agent".into(),
         outbox,
-        tunnels,
+        connections,
         metrics,
     );
     let sent = tokio::spawn(async move {
@@ -88,13 +88,13 @@ async fn run(input: Input) {
         }
         sent
     });
-    let mut open: Vec<Arc<Tunnel>> = Vec::new();
+    let mut open: Vec<Arc<Connection>> = Vec::new();
     for op in input.ops {
         let from_agent = match op {
             Op::Open => {
-                let tunnel = backend.open(open.len() as i64 + 1);
-                let _ = tokio::time::timeout(STEP, tunnel.dial("10.0.0.1:10250")).await;
-                open.push(tunnel);
+                let connection = agent_stream.open(open.len() as i64 + 1);
+                let _ = tokio::time::timeout(STEP, connection.dial("10.0.0.1:10250")).await;
+                open.push(connection);
                 continue;
             }
             Op::Send(i, data) => {
@@ -155,15 +155,19 @@ async fn run(input: Input) {
                 continue;
             }
         };
-        if let Some(pressure) = backend.handle(from_agent) {
-            let _ = tokio::time::timeout(STEP * 5, backend.relieve(pressure)).await;
+        if let Some(pressure) = agent_stream.handle(from_agent) {
+            let _ = tokio::time::timeout(STEP * 5, agent_stream.relieve(pressure)).await;
         }
     }
-    backend.shut_down();
-    assert_eq!(backend.tunnels(), 0, "tunnels outlived their agent stream");
-    for tunnel in &open {
+    agent_stream.shut_down();
+    assert_eq!(
+        agent_stream.connections(),
+        0,
+        "connections outlived their agent stream"
+    );
+    for connection in &open {
         let ended = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(event) = tunnel.mailbox.pop().await {
+            while let Some(event) = connection.mailbox.pop().await {
                 if matches!(
                     event,
                     ToFrontend::Closed { .. } | ToFrontend::DialFailed { .. }

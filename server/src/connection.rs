@@ -1,13 +1,13 @@
 //! One tunnelled connection from the server's side, and the table of them on one agent stream.
 //!
-//! A frontend's dial makes a [`Tunnel`]. It sits in its agent stream's [`Tunnels`] as a pending
-//! dial, then, once the agent answers, under the agent's connectID, until [`Tunnels::end`], the
-//! one close path, has told the agent and the frontend what each needs to know, counted it once
-//! and removed it. Once the server has asked the agent to close (CLOSE_REQ), the entry stays
-//! until the agent's CLOSE_RSP, so that answer is expected rather than "unknown"; an agent that
-//! never answers loses such entries after [`CLOSE_WAIT`].
+//! A frontend's dial makes a [`Connection`]. It sits in its agent stream's [`Connections`] as a
+//! pending dial, then, once the agent answers, under the agent's connectID, until
+//! [`Connections::end`], the one close path, has told the agent and the frontend what each needs to
+//! know, counted it once and removed it. Once the server has asked the agent to close (CLOSE_REQ),
+//! the entry stays until the agent's CLOSE_RSP, so that answer is expected rather than "unknown";
+//! an agent that never answers loses such entries after [`CLOSE_WAIT`].
 //!
-//! The frontend side only ever holds its `Arc<Tunnel>`: it moves bytes through it and ends it
+//! The frontend side only ever holds its `Arc<Connection>`: it moves bytes through it and ends it
 //! through it, and never needs the agent stream it belongs to.
 
 use std::collections::HashMap;
@@ -62,7 +62,7 @@ pub enum DialCause {
     /// No answer within `--backend-dial-timeout`.
     Timeout,
     /// The agent stream went away first.
-    Backend,
+    StreamGone,
 }
 
 /// Per-event bookkeeping cost counted against the queue, beyond the payload.
@@ -77,7 +77,8 @@ impl Weigh for ToFrontend {
     }
 }
 
-/// How a tunnel ends; [`Tunnels::end`] decides from it and the tunnel's state who is told what.
+/// How a connection ends; [`Connections::end`] decides from it and the connection's state who
+/// is told what.
 #[derive(Debug)]
 pub enum End {
     /// The agent refused the dial (or answered without a connectID).
@@ -107,7 +108,7 @@ pub enum End {
 const STOPPING: &str = "the proxy server is shutting down";
 
 /// One tunnelled connection, as its frontend holds it.
-pub struct Tunnel {
+pub struct Connection {
     /// Server-unique, for logs.
     pub id: u64,
     /// The dial ID the frontend chose (echoed back to it; never sent to agents).
@@ -124,7 +125,7 @@ pub struct Tunnel {
     established_at: OnceLock<Instant>,
     flow: OnceLock<Flow>,
     outbox: Outbox,
-    owner: Weak<Tunnels>,
+    owner: Weak<Connections>,
 }
 
 /// Credit for one connection when its agent negotiated flow control.
@@ -137,7 +138,7 @@ struct Flow {
 
 static NEXT_TUNNEL: AtomicU64 = AtomicU64::new(1);
 
-impl Tunnel {
+impl Connection {
     /// The agent's connectID once the dial succeeded, else 0.
     pub fn connect_id(&self) -> i64 {
         self.connect_id.load(Ordering::Acquire)
@@ -183,16 +184,16 @@ impl Tunnel {
     pub fn delivered(&self, n: usize) {
         if let Some(flow) = self.flow.get()
             && let Some(grant) = flow.grants.consumed(n)
-            && let Some(tunnels) = self.owner.upgrade()
+            && let Some(connections) = self.owner.upgrade()
         {
-            tunnels.control(Packet::window(self.connect_id(), grant));
+            connections.control(Packet::window(self.connect_id(), grant));
         }
     }
 
     /// Sends the DIAL_REQ; with `--backend-dial-timeout`, a dial the agent does not answer in
-    /// time ends as a timeout. `Err` when the agent stream is gone (the tunnel has ended).
+    /// time ends as a timeout. `Err` when the agent stream is gone (the connection has ended).
     pub async fn dial(self: &Arc<Self>, address: &str) -> Result<(), AgentGone> {
-        let Some(tunnels) = self.owner.upgrade() else {
+        let Some(connections) = self.owner.upgrade() else {
             return Err(AgentGone);
         };
         if let Err(gone) = self
@@ -200,35 +201,35 @@ impl Tunnel {
             .send(Packet::dial_request(address, self.dial_id))
             .await
         {
-            tunnels.end(self, End::AgentGone);
+            connections.end(self, End::AgentGone);
             return Err(gone);
         }
-        if let Some(limit) = tunnels.settings.dial_timeout {
-            let tunnel = Arc::downgrade(self);
-            tunnels.timers.spawn(async move {
+        if let Some(limit) = connections.settings.dial_timeout {
+            let connection = Arc::downgrade(self);
+            connections.timers.spawn(async move {
                 tokio::time::sleep(limit).await;
-                if let Some(tunnel) = tunnel.upgrade() {
-                    tunnel.end(End::DialTimeout);
+                if let Some(connection) = connection.upgrade() {
+                    connection.end(End::DialTimeout);
                 }
             });
         }
         Ok(())
     }
 
-    /// Ends this tunnel from the agent's side or a timer (see [`Tunnels::end`]).
+    /// Ends this connection from the agent's side or a timer (see [`Connections::end`]).
     pub fn end(self: &Arc<Self>, end: End) {
-        if let Some(tunnels) = self.owner.upgrade() {
-            tunnels.end(self, end);
+        if let Some(connections) = self.owner.upgrade() {
+            connections.end(self, end);
         }
     }
 
-    /// Ends this tunnel from the frontend's side: the CLOSE_REQ, when one is due, follows the
+    /// Ends this connection from the frontend's side: the CLOSE_REQ, when one is due, follows the
     /// DATA this frontend sent before, so the agent writes all of it before closing.
     pub async fn end_from_frontend(self: &Arc<Self>, end: End) {
-        let Some(tunnels) = self.owner.upgrade() else {
+        let Some(connections) = self.owner.upgrade() else {
             return;
         };
-        if let Some(request) = tunnels.end_inner(self, end) {
+        if let Some(request) = connections.end_inner(self, end) {
             let _ = self.outbox.send(request).await;
         }
     }
@@ -258,7 +259,7 @@ impl Tunnel {
     }
 }
 
-/// Limits and switches one agent stream's tunnels work with.
+/// Limits and switches one agent stream's connections work with.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
     /// Bytes queued toward one frontend (`--frontend-queue-bytes`).
@@ -271,8 +272,8 @@ pub struct Settings {
     pub flow_control: bool,
 }
 
-/// Every tunnel of one agent stream.
-pub struct Tunnels {
+/// Every connection of one agent stream.
+pub struct Connections {
     outbox: Outbox,
     tables: Mutex<Tables>,
     next_dial: AtomicI64,
@@ -281,31 +282,31 @@ pub struct Tunnels {
     metrics: Arc<Metrics>,
     /// Dial timers (`--backend-dial-timeout`).
     timers: TaskTracker,
-    me: Weak<Tunnels>,
+    me: Weak<Connections>,
 }
 
 #[derive(Default)]
 struct Tables {
-    /// Our dial ID → the tunnel waiting for the agent's answer.
-    pending: HashMap<i64, Arc<Tunnel>>,
-    /// The agent's connectID → the tunnel, and since when it waits for the agent's CLOSE_RSP.
+    /// Our dial ID → the connection waiting for the agent's answer.
+    pending: HashMap<i64, Arc<Connection>>,
+    /// The agent's connectID → the connection, and since when it waits for the agent's CLOSE_RSP.
     established: HashMap<i64, Entry>,
     last_sweep: Option<Instant>,
 }
 
 struct Entry {
-    tunnel: Arc<Tunnel>,
+    connection: Arc<Connection>,
     closing: Option<Instant>,
 }
 
-impl Tunnels {
+impl Connections {
     pub fn new(
         outbox: Outbox,
         settings: Settings,
         metrics: Arc<Metrics>,
         timers: TaskTracker,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|me| Tunnels {
+        Arc::new_cyclic(|me| Connections {
             outbox,
             tables: Mutex::new(Tables::default()),
             next_dial: AtomicI64::new(1),
@@ -317,11 +318,11 @@ impl Tunnels {
         })
     }
 
-    /// A tunnel for a frontend whose own dial ID is `random`, waiting to dial
-    /// ([`Tunnel::dial`]).
-    pub fn open(&self, random: i64) -> Arc<Tunnel> {
+    /// A connection for a frontend whose own dial ID is `random`, waiting to dial
+    /// ([`Connection::dial`]).
+    pub fn open(&self, random: i64) -> Arc<Connection> {
         let dial_id = self.next_dial.fetch_add(1, Ordering::Relaxed);
-        let tunnel = Arc::new(Tunnel {
+        let connection = Arc::new(Connection {
             id: NEXT_TUNNEL.fetch_add(1, Ordering::Relaxed),
             random,
             mailbox: Mailbox::with_budget(self.settings.queue_bytes, self.budget.clone()),
@@ -334,50 +335,50 @@ impl Tunnels {
             outbox: self.outbox.clone(),
             owner: self.me.clone(),
         });
-        self.tables().pending.insert(dial_id, tunnel.clone());
+        self.tables().pending.insert(dial_id, connection.clone());
         self.metrics.pending_dials.inc();
-        tunnel
+        connection
     }
 
-    /// The one close path: what is sent to whom depends on where the tunnel is.
-    pub fn end(&self, tunnel: &Arc<Tunnel>, end: End) {
-        if let Some(request) = self.end_inner(tunnel, end) {
+    /// The one close path: what is sent to whom depends on where the connection is.
+    pub fn end(&self, connection: &Arc<Connection>, end: End) {
+        if let Some(request) = self.end_inner(connection, end) {
             self.control(request);
         }
     }
 
-    /// [`Tunnels::end`], except that a CLOSE_REQ the frontend's end calls for is returned for
+    /// [`Connections::end`], except that a CLOSE_REQ the frontend's end calls for is returned for
     /// the caller to send in line behind the DATA it sent before, rather than ahead of it.
-    fn end_inner(&self, tunnel: &Arc<Tunnel>, end: End) -> Option<Packet> {
+    fn end_inner(&self, connection: &Arc<Connection>, end: End) -> Option<Packet> {
         let mut tables = self.tables();
         if tables
             .pending
-            .get(&tunnel.dial_id)
-            .is_some_and(|t| Arc::ptr_eq(t, tunnel))
+            .get(&connection.dial_id)
+            .is_some_and(|t| Arc::ptr_eq(t, connection))
         {
-            tables.pending.remove(&tunnel.dial_id);
+            tables.pending.remove(&connection.dial_id);
             tables.pending.shrink_when_sparse();
             drop(tables);
             self.metrics.pending_dials.dec();
-            self.end_dial(tunnel, end);
+            self.end_dial(connection, end);
             return None;
         }
-        let connect_id = tunnel.connect_id();
+        let connect_id = connection.connect_id();
         let entry = tables
             .established
             .get_mut(&connect_id)
-            .filter(|e| Arc::ptr_eq(&e.tunnel, tunnel))?;
+            .filter(|e| Arc::ptr_eq(&e.connection, connection))?;
         match end {
             End::AgentClosed { error } => {
                 self.remove(&mut tables, connect_id);
                 drop(tables);
-                tunnel.finish(ToFrontend::Closed { error });
+                connection.finish(ToFrontend::Closed { error });
                 None
             }
             End::AgentGone => {
                 self.remove(&mut tables, connect_id);
                 drop(tables);
-                tunnel.finish(ToFrontend::Closed {
+                connection.finish(ToFrontend::Closed {
                     error: String::new(),
                 });
                 None
@@ -391,26 +392,26 @@ impl Tunnels {
             End::FrontendGone => {
                 entry.closing = Some(Instant::now());
                 drop(tables);
-                tunnel.mailbox.discard();
-                tunnel.close();
+                connection.mailbox.discard();
+                connection.close();
                 Some(Packet::close_request(connect_id))
             }
             End::FrontendError { error } => {
                 entry.closing = Some(Instant::now());
                 drop(tables);
-                tunnel.finish(ToFrontend::Closed { error });
+                connection.finish(ToFrontend::Closed { error });
                 Some(Packet::close_request(connect_id))
             }
             End::Abandoned { error } => {
                 entry.closing = Some(Instant::now());
                 drop(tables);
-                tunnel.abandon(error);
+                connection.abandon(error);
                 Some(Packet::close_request(connect_id))
             }
             End::ServerStopping => {
                 entry.closing = Some(Instant::now());
                 drop(tables);
-                tunnel.finish(ToFrontend::Closed {
+                connection.finish(ToFrontend::Closed {
                     error: STOPPING.into(),
                 });
                 Some(Packet::close_request(connect_id))
@@ -419,30 +420,33 @@ impl Tunnels {
         }
     }
 
-    fn end_dial(&self, tunnel: &Tunnel, end: End) {
+    fn end_dial(&self, connection: &Connection, end: End) {
         let failed = |error: String, cause| ToFrontend::DialFailed { error, cause };
         match end {
             End::DialFailed { error } => {
                 self.metrics.dial_failure("error_response");
-                tunnel.finish(failed(error, DialCause::Agent));
+                connection.finish(failed(error, DialCause::Agent));
             }
             End::DialTimeout => {
                 self.metrics.dial_failure("backend_dial_timeout");
-                tracing::warn!(dial = tunnel.dial_id, "agent did not answer a dial in time");
-                tunnel.finish(failed(
+                tracing::warn!(
+                    dial = connection.dial_id,
+                    "agent did not answer a dial in time"
+                );
+                connection.finish(failed(
                     "timed out waiting for backend dial".into(),
                     DialCause::Timeout,
                 ));
-                self.control(Packet::close_dial(tunnel.dial_id));
+                self.control(Packet::close_dial(connection.dial_id));
             }
             End::DialCancelled => {
                 self.metrics.dial_failure("backend_close");
-                tunnel.finish(ToFrontend::DialClosed);
+                connection.finish(ToFrontend::DialClosed);
             }
             End::AgentGone | End::AgentClosed { .. } => {
-                tunnel.finish(failed(
+                connection.finish(failed(
                     "agent stream closed before the dial completed".into(),
-                    DialCause::Backend,
+                    DialCause::StreamGone,
                 ));
             }
             End::FrontendClose
@@ -450,45 +454,45 @@ impl Tunnels {
             | End::FrontendError { .. }
             | End::Abandoned { .. } => {
                 self.metrics.dial_failure("frontend_close");
-                tunnel.close();
-                self.control(Packet::close_dial(tunnel.dial_id));
+                connection.close();
+                self.control(Packet::close_dial(connection.dial_id));
             }
             End::ServerStopping => {
-                tunnel.finish(failed(STOPPING.into(), DialCause::Backend));
-                self.control(Packet::close_dial(tunnel.dial_id));
+                connection.finish(failed(STOPPING.into(), DialCause::StreamGone));
+                self.control(Packet::close_dial(connection.dial_id));
             }
         }
     }
 
-    /// Ends every tunnel of this agent stream with `end`.
+    /// Ends every connection of this agent stream with `end`.
     pub fn end_all(&self, end: impl Fn() -> End) {
-        let open: Vec<Arc<Tunnel>> = {
+        let open: Vec<Arc<Connection>> = {
             let tables = self.tables();
             tables
                 .pending
                 .values()
                 .cloned()
-                .chain(tables.established.values().map(|e| e.tunnel.clone()))
+                .chain(tables.established.values().map(|e| e.connection.clone()))
                 .collect()
         };
-        for tunnel in &open {
-            self.end(tunnel, end());
+        for connection in &open {
+            self.end(connection, end());
         }
     }
 
-    /// Removes an established tunnel, counting it once.
+    /// Removes an established connection, counting it once.
     fn remove(&self, tables: &mut Tables, connect_id: i64) {
         if let Some(entry) = tables.established.remove(&connect_id) {
             tables.established.shrink_when_sparse();
             self.metrics
-                .connection_ended(entry.tunnel.established_at.get().copied());
+                .connection_ended(entry.connection.established_at.get().copied());
         }
     }
 
     /// The agent answered dial `dial_id`.
     pub fn answered(&self, dial_id: i64, connect_id: i64, error: String) {
         let mut tables = self.tables();
-        let Some(tunnel) = tables.pending.remove(&dial_id) else {
+        let Some(connection) = tables.pending.remove(&dial_id) else {
             drop(tables);
             self.metrics.dial_failure("unrecognized_response");
             if connect_id != 0 {
@@ -505,18 +509,18 @@ impl Tunnels {
             } else {
                 error
             };
-            self.end_dial(&tunnel, End::DialFailed { error });
+            self.end_dial(&connection, End::DialFailed { error });
             return;
         }
-        tunnel.connect_id.store(connect_id, Ordering::Release);
-        let _ = tunnel.established_at.set(Instant::now());
+        connection.connect_id.store(connect_id, Ordering::Release);
+        let _ = connection.established_at.set(Instant::now());
         if self.settings.flow_control {
-            let _ = tunnel.flow.set(Flow {
+            let _ = connection.flow.set(Flow {
                 window: SendWindow::new(tether_proto::INITIAL_WINDOW),
                 grants: Grants::new(tether_proto::INITIAL_WINDOW / 4),
             });
         }
-        if tunnel
+        if connection
             .mailbox
             .push_control(ToFrontend::DialOk { connect_id })
             .is_err()
@@ -526,7 +530,7 @@ impl Tunnels {
             self.control(Packet::close_request(connect_id));
             return;
         }
-        if let Some(started) = tunnel.established_at.get() {
+        if let Some(started) = connection.established_at.get() {
             self.metrics
                 .dial_duration
                 .observe(started.elapsed().as_secs_f64());
@@ -534,7 +538,7 @@ impl Tunnels {
         tables.established.insert(
             connect_id,
             Entry {
-                tunnel,
+                connection,
                 closing: None,
             },
         );
@@ -544,11 +548,11 @@ impl Tunnels {
 
     /// DATA from the agent. Returns why the agent stream must wait, if it must.
     pub fn data(&self, connect_id: i64, data: Bytes) -> Option<Pressure> {
-        let tunnel = {
+        let connection = {
             let tables = self.tables();
             match tables.established.get(&connect_id) {
                 Some(entry) if entry.closing.is_some() => return None,
-                Some(entry) => entry.tunnel.clone(),
+                Some(entry) => entry.connection.clone(),
                 None => {
                     drop(tables);
                     self.metrics.reject("data_unknown_connect_id");
@@ -563,24 +567,24 @@ impl Tunnels {
         };
         let event = ToFrontend::Data(data);
         if !self.settings.flow_control {
-            if tunnel.mailbox.push_control(event).is_err() {
-                self.end(&tunnel, End::FrontendGone);
+            if connection.mailbox.push_control(event).is_err() {
+                self.end(&connection, End::FrontendGone);
                 return None;
             }
-            return tunnel.mailbox.pressure(connect_id);
+            return connection.mailbox.pressure(connect_id);
         }
-        match tunnel.mailbox.push(event) {
+        match connection.mailbox.push(event) {
             Ok(()) => {}
             Err(PushError::Full { limit }) => {
                 self.metrics.frontend_queue_full.inc();
                 tracing::warn!(
-                    tunnel = tunnel.id,
+                    connection = connection.id,
                     connect_id,
                     limit,
                     "agent sent past the connection's window; closing that connection"
                 );
                 self.end(
-                    &tunnel,
+                    &connection,
                     End::Abandoned {
                         error: format!(
                             "tether-server: frontend queue limit of {limit} bytes reached"
@@ -588,20 +592,20 @@ impl Tunnels {
                     },
                 );
             }
-            Err(PushError::Closed) => self.end(&tunnel, End::FrontendGone),
+            Err(PushError::Closed) => self.end(&connection, End::FrontendGone),
         }
         None
     }
 
     /// CLOSE_RSP from the agent.
     pub fn agent_closed(&self, connect_id: i64, error: String) {
-        let tunnel = self
+        let connection = self
             .tables()
             .established
             .get(&connect_id)
-            .map(|e| e.tunnel.clone());
-        match tunnel {
-            Some(tunnel) => self.end(&tunnel, End::AgentClosed { error }),
+            .map(|e| e.connection.clone());
+        match connection {
+            Some(connection) => self.end(&connection, End::AgentClosed { error }),
             None => {
                 self.metrics.reject("close_unknown_connect_id");
                 tracing::debug!(connect_id, "CLOSE_RSP for unknown connectID; dropped");
@@ -611,9 +615,9 @@ impl Tunnels {
 
     /// DIAL_CLS from the agent: it gave up on a pending dial.
     pub fn dial_cancelled(&self, dial_id: i64) {
-        let tunnel = self.tables().pending.get(&dial_id).cloned();
-        match tunnel {
-            Some(tunnel) => self.end(&tunnel, End::DialCancelled),
+        let connection = self.tables().pending.get(&dial_id).cloned();
+        match connection {
+            Some(connection) => self.end(&connection, End::DialCancelled),
             None => self.metrics.reject("dial_close_unknown_random"),
         }
     }
@@ -624,13 +628,13 @@ impl Tunnels {
             .tables()
             .established
             .get(&connect_id)
-            .map(|e| e.tunnel.clone());
+            .map(|e| e.connection.clone());
         if let Some(flow) = flow.as_ref().and_then(|t| t.flow.get()) {
             flow.window.grant(bytes);
         }
     }
 
-    /// The agent stream ended: every tunnel on it ends now.
+    /// The agent stream ended: every connection on it ends now.
     pub fn agent_gone(&self) {
         self.end_all(|| End::AgentGone);
     }
@@ -641,7 +645,7 @@ impl Tunnels {
         backpressure::hold(&self.budget, self.settings.stall_timeout, pressure, self).await;
     }
 
-    /// Tunnels in the table (pending, open and closing).
+    /// Connections in the table (pending, open and closing).
     pub fn len(&self) -> usize {
         let tables = self.tables();
         tables.pending.len() + tables.established.len()
@@ -673,7 +677,7 @@ impl Tunnels {
         for id in stale {
             self.metrics.reject("close_response_never_came");
             if let Some(entry) = tables.established.get(&id) {
-                entry.tunnel.finish(ToFrontend::Closed {
+                entry.connection.finish(ToFrontend::Closed {
                     error: "tether-server: the agent did not confirm the close".into(),
                 });
             }
@@ -699,13 +703,15 @@ impl Tunnels {
     }
 }
 
-/// What [`backpressure::hold`] needs to see of this stream's tunnels.
-impl Queues for Tunnels {
+/// What [`backpressure::hold`] needs to see of this stream's connections.
+impl Queues for Connections {
     fn queued(&self, id: i64) -> Option<(usize, usize)> {
-        self.tables()
-            .established
-            .get(&id)
-            .map(|e| (e.tunnel.mailbox.queued_bytes(), e.tunnel.mailbox.limit()))
+        self.tables().established.get(&id).map(|e| {
+            (
+                e.connection.mailbox.queued_bytes(),
+                e.connection.mailbox.limit(),
+            )
+        })
     }
 
     fn marks(&self, only: Option<i64>) -> Vec<(i64, u64)> {
@@ -714,31 +720,36 @@ impl Queues for Tunnels {
             Some(id) => tables
                 .established
                 .get(&id)
-                .map(|e| (id, e.tunnel.progress.mark()))
+                .map(|e| (id, e.connection.progress.mark()))
                 .into_iter()
                 .collect(),
             None => tables
                 .established
                 .iter()
-                .filter(|(_, e)| e.tunnel.mailbox.queued_bytes() > 0)
-                .map(|(id, e)| (*id, e.tunnel.progress.mark()))
+                .filter(|(_, e)| e.connection.mailbox.queued_bytes() > 0)
+                .map(|(id, e)| (*id, e.connection.progress.mark()))
                 .collect(),
         }
     }
 
     fn close_stalled(&self, id: i64) {
-        let Some(tunnel) = self.tables().established.get(&id).map(|e| e.tunnel.clone()) else {
+        let Some(connection) = self
+            .tables()
+            .established
+            .get(&id)
+            .map(|e| e.connection.clone())
+        else {
             return;
         };
         self.metrics.stalled_closes.inc();
         tracing::warn!(
-            tunnel = tunnel.id,
+            connection = connection.id,
             connect_id = id,
             stall_timeout = ?self.settings.stall_timeout,
             "frontend read nothing while the agent stream waited for it; closing that connection"
         );
         self.end(
-            &tunnel,
+            &connection,
             End::Abandoned {
                 error: format!(
                     "tether-server: frontend read nothing for {:?}",
