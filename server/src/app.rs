@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,12 @@ use http::StatusCode;
 use tether_proto::agent::agent_service_server::AgentServiceServer;
 use tether_proto::proxy::proxy_service_server::ProxyServiceServer;
 use tether_runtime::admin::{self, Query, Reply, Routes};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::Server as GrpcServer;
+use tonic::transport::server::Connected;
 
 use crate::agent_service::Agents;
 use crate::config::{Config, FrontendTransport, Mode};
@@ -200,14 +204,19 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     });
 
     // Frontends.
-    let frontend_addr = match (&config.frontend, config.mode) {
-        (
-            FrontendTransport::Uds {
-                path,
-                delete_existing,
-            },
-            mode,
-        ) => {
+    let frontend = FrontendWiring {
+        config: &config,
+        registry: &registry,
+        metrics: &metrics,
+        connections: &frontends,
+        stop: &stop_frontends,
+        tasks: &tasks,
+    };
+    let frontend_addr = match &config.frontend {
+        FrontendTransport::Uds {
+            path,
+            delete_existing,
+        } => {
             let listener = bind_uds(path, *delete_existing).map_err(|source| StartError::Bind {
                 flag: "uds-name",
                 address: path.display().to_string(),
@@ -220,34 +229,10 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 stop_frontends.clone(),
                 &tasks,
             );
-            match mode {
-                Mode::Grpc => {
-                    let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
-                    let server = grpc_frontend(&config, &registry, &metrics, &frontends);
-                    let stop = stop_frontends.clone();
-                    tasks.spawn(async move {
-                        if let Err(err) = server
-                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                            .await
-                        {
-                            tracing::error!(error = %err, "frontend gRPC server failed");
-                        }
-                    });
-                }
-                Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, config.half_close_timeout);
-                    let mut incoming = incoming;
-                    let tracker = frontends.clone();
-                    tasks.spawn(async move {
-                        while let Some(Ok(conn)) = incoming.next().await {
-                            tracker.spawn(frontend.clone().serve(conn, "uds".into()));
-                        }
-                    });
-                }
-            }
+            frontend.serve(incoming, |_| "uds".into());
             FrontendAddr::Uds(path.clone())
         }
-        (FrontendTransport::Tcp { host, port, tls }, mode) => {
+        FrontendTransport::Tcp { host, port, tls } => {
             let listener = bind("server-port", host.clone(), *port).await?;
             let addr = local("server-port", &listener)?;
             let incoming = tls_incoming(
@@ -263,32 +248,7 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
                 stop_frontends.clone(),
                 &tasks,
             );
-            match mode {
-                Mode::Grpc => {
-                    let server = grpc_frontend(&config, &registry, &metrics, &frontends);
-                    let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
-                    let stop = stop_frontends.clone();
-                    tasks.spawn(async move {
-                        if let Err(err) = server
-                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                            .await
-                        {
-                            tracing::error!(error = %err, "frontend gRPC server failed");
-                        }
-                    });
-                }
-                Mode::HttpConnect => {
-                    let frontend = connect_frontend(&registry, &metrics, config.half_close_timeout);
-                    let mut incoming = incoming;
-                    let tracker = frontends.clone();
-                    tasks.spawn(async move {
-                        while let Some(Ok(conn)) = incoming.next().await {
-                            let peer = conn.peer().to_string();
-                            tracker.spawn(frontend.clone().serve(conn, peer));
-                        }
-                    });
-                }
-            }
+            frontend.serve(incoming, |conn| conn.peer().to_string());
             FrontendAddr::Tcp(addr)
         }
     };
@@ -346,39 +306,69 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     })
 }
 
-fn grpc_frontend(
-    config: &Config,
-    registry: &Arc<Registry>,
-    metrics: &Arc<Metrics>,
-    tracker: &TaskTracker,
-) -> tonic::transport::server::Router {
-    GrpcServer::builder()
-        .http2_keepalive_interval(Some(config.frontend_keepalive))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(STREAM_WINDOW)
-        // Recent kube-apiservers open one stream per dial on a single connection.
-        .max_concurrent_streams(Some(u32::MAX))
-        .add_service(
-            ProxyServiceServer::new(Frontends {
-                registry: registry.clone(),
-                metrics: metrics.clone(),
-                tracker: tracker.clone(),
-            })
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE),
-        )
+/// What a frontend listener is served with, whichever its transport.
+struct FrontendWiring<'a> {
+    config: &'a Config,
+    registry: &'a Arc<Registry>,
+    metrics: &'a Arc<Metrics>,
+    /// Each frontend connection's task, which a drain waits for.
+    connections: &'a TaskTracker,
+    stop: &'a CancellationToken,
+    tasks: &'a TaskTracker,
 }
 
-fn connect_frontend(
-    registry: &Arc<Registry>,
-    metrics: &Arc<Metrics>,
-    half_close_timeout: Duration,
-) -> Arc<ConnectFrontend> {
-    Arc::new(ConnectFrontend {
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-        half_close_timeout,
-    })
+impl FrontendWiring<'_> {
+    /// Serves `--mode` on the connections `incoming` yields, until `stop`; `peer` names a
+    /// CONNECT client in the logs.
+    fn serve<S>(&self, incoming: ReceiverStream<io::Result<S>>, peer: fn(&S) -> String)
+    where
+        S: AsyncRead + AsyncWrite + AsRawFd + Connected + Unpin + Send + 'static,
+    {
+        match self.config.mode {
+            Mode::Grpc => {
+                let incoming = incoming.map(|conn| conn.map(AuthorityFilter::new));
+                let server = GrpcServer::builder()
+                    .http2_keepalive_interval(Some(self.config.frontend_keepalive))
+                    .initial_stream_window_size(STREAM_WINDOW)
+                    .initial_connection_window_size(STREAM_WINDOW)
+                    // Recent kube-apiservers open one stream per dial on a single connection.
+                    .max_concurrent_streams(Some(u32::MAX))
+                    .add_service(
+                        ProxyServiceServer::new(Frontends {
+                            registry: self.registry.clone(),
+                            metrics: self.metrics.clone(),
+                            tracker: self.connections.clone(),
+                        })
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE),
+                    );
+                let stop = self.stop.clone();
+                self.tasks.spawn(async move {
+                    if let Err(err) = server
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(error = %err, "frontend gRPC server failed");
+                    }
+                });
+            }
+            Mode::HttpConnect => {
+                let frontend = Arc::new(ConnectFrontend {
+                    registry: self.registry.clone(),
+                    metrics: self.metrics.clone(),
+                    half_close_timeout: self.config.half_close_timeout,
+                });
+                let mut incoming = incoming;
+                let connections = self.connections.clone();
+                self.tasks.spawn(async move {
+                    while let Some(Ok(conn)) = incoming.next().await {
+                        let peer = peer(&conn);
+                        connections.spawn(frontend.clone().serve(conn, peer));
+                    }
+                });
+            }
+        }
+    }
 }
 
 impl Server {
