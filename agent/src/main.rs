@@ -75,6 +75,16 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
         kept = ?keep.iter().map(|c| c.name).collect::<Vec<_>>(),
         "dropped every other capability on every thread; no_new_privs set"
     );
+    if let Some(path) = &args.run.process.listen_addresses_file {
+        let addresses = [
+            ("health", agent.health_addr.to_string()),
+            ("admin", agent.admin_addr.to_string()),
+        ];
+        if let Err(err) = tether_runtime::listen_addresses::write(path, &addresses) {
+            tracing::error!(file = %path.display(), error = %err, "--listen-addresses-file: cannot write it");
+            return ExitCode::FAILURE;
+        }
+    }
     signals.next().await;
     tracing::info!(deadline = ?deadline, open = agent.clients.open_connections(), "draining: DRAIN sent, new connections refused");
     tokio::select! {

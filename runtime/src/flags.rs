@@ -108,6 +108,18 @@ pub struct Process {
         help_heading = "Operations"
     )]
     pub worker_threads: usize,
+    /// Once the process is up (every port bound; for the agent, the guard and dial policy in
+    /// place too), write the address each listener is bound to in this file, as one JSON
+    /// object such as {"health":"127.0.0.1:8093",...}. With a port of 0 the kernel picks one,
+    /// and this is how a supervisor or a test learns which. The file appears whole, never
+    /// half-written.
+    #[arg(
+        long,
+        env = "TETHER_LISTEN_ADDRESSES_FILE",
+        value_name = "PATH",
+        help_heading = "Operations"
+    )]
+    pub listen_addresses_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub klog: Klog,
 }

@@ -6,6 +6,7 @@ pub mod backpressure;
 pub mod exposition;
 pub mod flags;
 pub mod handshake;
+pub mod listen_addresses;
 pub mod mailbox;
 pub mod net;
 pub mod process_metrics;

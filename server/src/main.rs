@@ -42,6 +42,22 @@ async fn run(args: Args, mut signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &args.process.listen_addresses_file {
+        let frontend = match &server.frontend_addr {
+            app::FrontendAddr::Tcp(addr) => addr.to_string(),
+            app::FrontendAddr::Uds(path) => path.display().to_string(),
+        };
+        let addresses = [
+            ("agent", server.agent_addr.to_string()),
+            ("frontend", frontend),
+            ("health", server.health_addr.to_string()),
+            ("admin", server.admin_addr.to_string()),
+        ];
+        if let Err(err) = tether_runtime::listen_addresses::write(path, &addresses) {
+            tracing::error!(file = %path.display(), error = %err, "--listen-addresses-file: cannot write it");
+            return ExitCode::FAILURE;
+        }
+    }
     signals.next().await;
     tracing::info!(deadline = ?deadline, "shutting down: no new frontend connections; waiting for open connections");
     tokio::select! {

@@ -135,8 +135,8 @@ impl FakeServer {
 }
 
 /// A server that answers the first `Connect` with proper headers and then one gRPC message
-/// whose body is not protobuf at all. Returns its port.
-pub async fn garbage_server(pki: &Pki) -> Result<u16> {
+/// whose body is not protobuf at all. Returns its port, and how many streams it answered so.
+pub async fn garbage_server(pki: &Pki) -> Result<(u16, Arc<std::sync::atomic::AtomicUsize>)> {
     let pair = pki.pair("server");
     let identity = Identity::load(
         PemFile::new("cert", &pair.cert),
@@ -150,9 +150,11 @@ pub async fn garbage_server(pki: &Pki) -> Result<u16> {
     )?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let tls = tls.clone();
+            let (tls, counter) = (tls.clone(), counter.clone());
             tokio::spawn(async move {
                 let Ok(stream) = tls.accept(tcp).await else {
                     return;
@@ -177,6 +179,7 @@ pub async fn garbage_server(pki: &Pki) -> Result<u16> {
                         0, 0, 0, 0, 6, 0x7f, 0xff, 0xff, 0xff, 0xff, 0x0f,
                     ]);
                     let _ = body.send_data(frame, false);
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tokio::spawn(async move {
                         tokio::time::sleep(std::time::Duration::from_secs(30)).await;
                         drop(body);
@@ -185,5 +188,5 @@ pub async fn garbage_server(pki: &Pki) -> Result<u16> {
             });
         }
     });
-    Ok(port)
+    Ok((port, answered))
 }

@@ -240,6 +240,22 @@ pub fn metric_in(ns: &Netns, port: u16, series: &str) -> Option<u64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
+/// How XDP is attached to `interface` in `ns`, as the kernel reports it (`ip -d link`):
+/// "native", "generic" or "offload"; `None` when no program is attached.
+pub fn xdp_attach_mode(ns: &Netns, interface: &str) -> Option<&'static str> {
+    let out = ns
+        .ip(&["-j", "-d", "link", "show", "dev", interface])
+        .ok()?;
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    // XDP_ATTACHED_DRV, _SKB and _HW from linux/if_link.h.
+    match links[0]["xdp"]["mode"].as_u64()? {
+        1 => Some("native"),
+        2 => Some("generic"),
+        3 => Some("offload"),
+        _ => None,
+    }
+}
+
 /// A kubelet stand-in on `address:10250` in `ns` that answers every request with `body`.
 pub fn kubelet(ns: &Netns, address: &str, body: &'static str) {
     let listener = ns

@@ -1,5 +1,6 @@
-//! tether-server and tether-agent as real processes. Each logs JSON to stderr; the harness
-//! keeps every line (for assertions) and learns the ports bound on port 0 from the startup line.
+//! tether-server and tether-agent as real processes. Each logs JSON to stderr, and the harness
+//! keeps every line for assertions; it learns the ports bound on port 0, and that the process is
+//! up, from the file `--listen-addresses-file` names.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -105,18 +106,13 @@ pub fn spawn_collected(name: &str, cmd: &mut Command, echo: bool) -> Result<Logg
     Ok(Logged { process, logs })
 }
 
-fn field(line: &str, key: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(line).ok()?;
-    value.get("fields")?.get(key)?.as_str().map(str::to_owned)
-}
-
-fn port_of(address: &str) -> Option<u16> {
-    address
-        .rsplit_once(':')?
-        .1
-        .trim_end_matches(')')
-        .parse()
+/// The port of a listener in a `--listen-addresses-file`, when it is a TCP one.
+fn port_of(addresses: &serde_json::Value, key: &str) -> Option<u16> {
+    addresses[key]
+        .as_str()?
+        .parse::<std::net::SocketAddr>()
         .ok()
+        .map(|a| a.port())
 }
 
 pub struct Server {
@@ -126,6 +122,8 @@ pub struct Server {
     pub admin_port: u16,
     /// The TCP frontend's port, when the frontend is TCP.
     pub frontend_port: Option<u16>,
+    /// Holds the `--listen-addresses-file` while the process runs.
+    _addresses: tempfile::TempDir,
 }
 
 impl Server {
@@ -152,22 +150,18 @@ impl Server {
             }
         }
         cmd.args(args);
+        let dir = listen_addresses_file(&mut cmd)?;
         let mut logged = spawn_logged("server", &mut cmd)?;
-        let line = wait_started(&mut logged, "tether-server listening")?;
-        let get = |key| {
-            field(&line, key)
-                .and_then(|a| port_of(&a))
-                .with_context(|| format!("no {key} in {line}"))
-        };
-        let frontend_port = field(&line, "frontend")
-            .filter(|f| f.starts_with("Tcp"))
-            .and_then(|f| port_of(&f));
+        let addresses = wait_started(&mut logged, &dir)?;
+        let get =
+            |key| port_of(&addresses, key).with_context(|| format!("no {key} in {addresses}"));
         Ok(Server {
             agent_port: get("agent")?,
             health_port: get("health")?,
             admin_port: get("admin")?,
-            frontend_port,
+            frontend_port: port_of(&addresses, "frontend"),
             logged,
+            _addresses: dir,
         })
     }
 }
@@ -176,6 +170,8 @@ pub struct Agent {
     pub logged: Logged,
     pub health_port: u16,
     pub admin_port: u16,
+    /// Holds the `--listen-addresses-file` while the process runs.
+    _addresses: tempfile::TempDir,
 }
 
 /// An agent in the test's own network namespace must never touch its interfaces, nor a guard a
@@ -268,17 +264,16 @@ impl Agent {
             cmd.arg(NO_DIAL_HOOKS);
         }
         cmd.args(args);
+        let dir = listen_addresses_file(&mut cmd)?;
         let mut logged = spawn_logged("agent", &mut cmd)?;
-        let line = wait_started(&mut logged, "tether-agent started")?;
-        let get = |key| {
-            field(&line, key)
-                .and_then(|a| port_of(&a))
-                .with_context(|| format!("no {key} in {line}"))
-        };
+        let addresses = wait_started(&mut logged, &dir)?;
+        let get =
+            |key| port_of(&addresses, key).with_context(|| format!("no {key} in {addresses}"));
         Ok(Agent {
             health_port: get("health")?,
             admin_port: get("admin")?,
             logged,
+            _addresses: dir,
         })
     }
 }
@@ -291,16 +286,27 @@ fn in_netns(netns: &Netns, binary: &str) -> Result<Command> {
     Ok(cmd)
 }
 
-fn wait_started(logged: &mut Logged, message: &str) -> Result<String> {
+/// A directory for the process's `--listen-addresses-file`, named on `cmd`.
+fn listen_addresses_file(cmd: &mut Command) -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    cmd.arg(format!(
+        "--listen-addresses-file={}",
+        dir.path().join(ADDRESSES).display()
+    ));
+    Ok(dir)
+}
+
+const ADDRESSES: &str = "addresses.json";
+
+/// Waits until the process is up, which it says by writing its listen-addresses file, and
+/// returns what the file holds.
+fn wait_started(logged: &mut Logged, dir: &tempfile::TempDir) -> Result<serde_json::Value> {
+    let path = dir.path().join(ADDRESSES);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(20) {
-        if let Some(line) = logged
-            .logs
-            .lines()
-            .into_iter()
-            .find(|l| l.contains(message))
-        {
-            return Ok(line);
+        // Renamed into place whole: once it exists it can be read.
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text).with_context(|| format!("{path:?}: {text}"));
         }
         if logged.process.exited() {
             // Its last lines may still be in the pipe.
@@ -313,7 +319,7 @@ fn wait_started(logged: &mut Logged, message: &str) -> Result<String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!(
-        "no {message:?} line within 20s:\n{}",
+        "not up within 20s (no {path:?}):\n{}",
         logged.logs.lines().join("\n")
     )
 }
@@ -339,6 +345,19 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Polls `/metrics` on `port` until the sample `series` (name and labels as the page prints
+/// them) reaches `at_least`.
+pub fn wait_metric(port: u16, series: &str, at_least: f64, limit: Duration) -> bool {
+    let prefix = format!("{series} ");
+    crate::process::wait_until(limit, || {
+        crate::peers::metrics_page(port).is_ok_and(|page| {
+            page.lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v >= at_least))
+        })
+    })
 }
 
 /// Polls `port`'s `/readyz` until it answers 200.

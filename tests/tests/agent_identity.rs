@@ -80,6 +80,7 @@ fn a_certificate_bound_agent_may_claim_only_its_certificates_names() {
     ];
     for (id, identifiers, why) in refused {
         let agent = agent(id, identifiers);
+        // Why each claim is refused, as the operator reads it, is the subject.
         let line = server
             .logged
             .logs

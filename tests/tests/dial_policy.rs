@@ -151,13 +151,10 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     ];
     extra.push("--worker-threads=2".into());
     let agent = site.agent_in_cgroup(&cgroup, None, &extra);
-    let enforced = agent
-        .logged
-        .logs
-        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
-        .expect("the hooks were not attached");
+    let on_cgroup = format!("of cgroup {}\n", cgroup.dir().display());
+    let enforced = policy_check(&site, &agent, METADATA);
     assert!(
-        enforced.contains(&cgroup.dir().display().to_string()),
+        enforced.contains(&on_cgroup),
         "not on the agent's own cgroup: {enforced}"
     );
 
@@ -185,10 +182,12 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     let check = |target: &str| policy_check(&site, &agent, target);
     assert_eq!(
         check(METADATA),
-        "169.254.169.254:80: deny\n\
-         rule: deny 169.254.0.0/16 (default: link-local, which holds cloud metadata endpoints)\n\
-         enforced: by the agent and in the kernel on its cgroup's connect() and sendmsg()\n\
-         kernel decisions by this rule so far: 1\n"
+        format!(
+            "169.254.169.254:80: deny\n\
+             rule: deny 169.254.0.0/16 (default: link-local, which holds cloud metadata endpoints)\n\
+             enforced: by the agent and in the kernel on the connect() and sendmsg() {on_cgroup}\
+             kernel decisions by this rule so far: 1\n"
+        )
     );
     let report = check(&server);
     assert!(
@@ -225,6 +224,7 @@ fn a_process_in_the_agents_cgroup_cannot_connect_where_the_policy_denies() {
     );
     // ...and the next agent takes them over, attaching its own before removing the old.
     let again = site.agent_in_cgroup(&cgroup, None, &extra);
+    // The log line is the subject: only it says how many hooks the agent took over.
     let enforced = again
         .logged
         .logs
@@ -574,13 +574,9 @@ fn beside_other_processes_the_agent_polices_only_a_child_cgroup_of_its_own() {
         ],
     );
     let child = cgroup.dir().join("tether-agent");
-    let enforced = agent
-        .logged
-        .logs
-        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
-        .unwrap();
+    let enforced = policy_check(&site, &agent, METADATA);
     assert!(
-        enforced.contains(&child.display().to_string()),
+        enforced.contains(&format!("of cgroup {}\n", child.display())),
         "not on a child cgroup: {enforced}"
     );
     let members = std::fs::read_to_string(child.join("cgroup.procs")).unwrap();
@@ -619,21 +615,12 @@ async fn the_dial_hooks_run_with_only_the_daemonsets_capabilities() {
         format!("--services-kubeconfig={}", api.kubeconfig.display()),
     ];
     let agent = site.agent_in_cgroup(&cgroup, Some(&["bpf", "net_admin", "perfmon"]), &extra);
-    for step in [
-        "XDP guard attached",
-        "dial policy enforced in the kernel",
-        "dropped every other capability",
-    ] {
-        assert!(
-            agent
-                .logged
-                .logs
-                .wait_for(step, Duration::from_secs(5))
-                .is_some(),
-            "never logged {step:?}: {:?}",
-            agent.logged.logs.lines()
-        );
-    }
+    // Started (which Agent waits for): the guard is attached, the hooks are in place and every
+    // other capability is given up.
+    assert_eq!(
+        tether_tests::guard_site::xdp_attach_mode(&site.node, "eth0"),
+        Some("native")
+    );
     // The bounding set is the DaemonSet's: CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", agent.logged.process.pid())).unwrap();
@@ -743,12 +730,8 @@ fn the_kernel_and_the_agent_decide_every_destination_alike() {
     ]
     .map(str::to_owned)
     .to_vec();
+    // Started (which Agent waits for): the hooks are in place.
     let agent = site.agent_in_cgroup(&cgroup, None, &extra);
-    agent
-        .logged
-        .logs
-        .wait_for("dial policy enforced in the kernel", Duration::from_secs(5))
-        .expect("the hooks were not attached");
 
     let (allow, deny) = ("allow", "deny");
     let cases = [

@@ -8,15 +8,17 @@
     reason = "test code: a panic is how a failed check reports"
 )]
 
+use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tether_agent_common::PIN_LAYOUT;
 use tether_tests::bpffs::Bpffs;
-use tether_tests::guard_site::{CP, DirectProbe, NODE, Site, log_field};
+use tether_tests::guard_site::{CP, DirectProbe, NODE, Site, log_field, xdp_attach_mode};
 use tether_tests::netns::Netns;
 use tether_tests::pki::Pki;
+use tether_tests::process::wait_until;
 use tether_tests::procs::{Agent, built, spawn_logged};
 use tether_tests::require_root;
 
@@ -27,12 +29,7 @@ fn enforce_drops_the_direct_path_keeps_the_tunnel_and_detaches_cleanly() {
         "--guard-interface=eth0",
         &format!("--control-plane-cidr={CP}/32"),
     ]);
-    let attached = agent
-        .logged
-        .logs
-        .wait_for("XDP guard attached", Duration::from_secs(1))
-        .unwrap();
-    assert_eq!(log_field(&attached, "attach"), "native");
+    assert_eq!(xdp_attach_mode(&site.node, "eth0"), Some("native"));
 
     assert!(site.through_tunnel().ends_with("hello"));
     assert!(site.outbound_works(), "node -> control plane was broken");
@@ -50,6 +47,7 @@ fn enforce_drops_the_direct_path_keeps_the_tunnel_and_detaches_cleanly() {
         site.guard_packets(&agent, "control_plane_syn", "pass"),
         Some(0)
     );
+    // Drop events are log lines: the line is the subject.
     let event = agent
         .logged
         .logs
@@ -111,11 +109,7 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
         ],
     );
     assert!(
-        agent
-            .logged
-            .logs
-            .wait_for("XDP guard attached", Duration::from_secs(5))
-            .is_some(),
+        xdp_attach_mode(&site.node, "eth0").is_some(),
         "{:?}",
         agent.logged.logs.lines()
     );
@@ -130,12 +124,8 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
     );
 
     // Attached, the agent gives up CAP_PERFMON on every thread and keeps only what following
-    // interfaces needs, with no_new_privs so that nothing can bring the rest back.
-    agent
-        .logged
-        .logs
-        .wait_for("dropped every other capability", Duration::from_secs(5))
-        .expect("the agent did not drop its capabilities");
+    // interfaces needs, with no_new_privs so that nothing can bring the rest back (before it
+    // says it is up, which Agent waits for).
     // CAP_NET_ADMIN, and before Linux 6.5 CAP_BPF too (every bpf() command needed it).
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut numbers = release
@@ -193,19 +183,14 @@ fn the_guard_runs_with_only_the_daemonsets_capabilities() {
             "50",
         ])
         .unwrap();
-    agent
-        .logged
-        .logs
-        .wait_for(
-            r#""XDP guard attached","interface":"eth1""#,
-            Duration::from_secs(5),
+    assert!(
+        wait_until(Duration::from_secs(5), || xdp_attach_mode(
+            &site.node, "eth1"
         )
-        .unwrap_or_else(|| {
-            panic!(
-                "with the capabilities it kept, the agent did not guard a new interface: {:?}",
-                agent.logged.logs.lines()
-            )
-        });
+        .is_some()),
+        "with the capabilities it kept, the agent did not guard a new interface: {:?}",
+        agent.logged.logs.lines()
+    );
     assert!(
         site.guard_packets(&agent, "control_plane_syn", "drop")
             .is_some_and(|n| n >= 1),
@@ -286,6 +271,7 @@ fn monitor_passes_the_direct_path_and_counts_it() {
         would_drop >= 1,
         "monitor did not count the SYN it would have dropped"
     );
+    // Drop events are log lines: the line is the subject.
     let event = agent
         .logged
         .logs
@@ -303,6 +289,7 @@ fn a_control_plane_node_is_monitored_not_enforced() {
         "--guard-interface=eth0",
         "--control-plane-cidr=10.77.0.0/24",
     ]);
+    // The log line is the subject: it tells the operator why the guard only monitors.
     let refusal = agent
         .logged
         .logs
@@ -312,12 +299,8 @@ fn a_control_plane_node_is_monitored_not_enforced() {
         refusal.contains(r#"\"10.77.0.2 in 10.77.0.0/24\""#),
         "{refusal}"
     );
-    let attached = agent
-        .logged
-        .logs
-        .wait_for("XDP guard attached", Duration::from_secs(5))
-        .unwrap();
-    assert_eq!(log_field(&attached, "mode"), "monitor");
+    let (_, status) = site.guard_cli("status");
+    assert!(status.contains("mode:                monitor"), "{status}");
     assert!(
         site.direct(Duration::from_secs(2)).is_ok(),
         "a control-plane peer was dropped"
@@ -335,18 +318,15 @@ fn guard_outlives_the_agent_and_off_switches_it_off() {
     let site = Site::new("off");
     // Defaults: the default route's interface, the proxy server's address as control plane.
     let mut agent = site.agent(&[]);
-    let attached = agent
-        .logged
-        .logs
-        .wait_for("XDP guard attached", Duration::from_secs(1))
-        .unwrap();
-    assert_eq!(log_field(&attached, "interface"), "eth0");
-    let policy = agent
-        .logged
-        .logs
-        .wait_for("XDP guard policy", Duration::from_secs(1))
-        .unwrap();
-    assert!(policy.contains(&format!("{CP}/32")), "{policy}");
+    assert!(xdp_attach_mode(&site.node, "eth0").is_some());
+    let (_, status) = site.guard_cli("status");
+    assert!(status.contains("on eth0"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("control-plane CIDRs:") && l.contains(&format!("{CP}/32"))),
+        "{status}"
+    );
     assert!(site.direct(Duration::from_millis(500)).is_err());
 
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
@@ -405,6 +385,7 @@ fn sigkill_and_restart_leave_no_gap() {
         .wait_timeout(Duration::from_secs(5))
         .unwrap();
     let second = site.guarded_agent();
+    // The log line is the subject: only it says the pinned link was reused, not made anew.
     let attached = second
         .logged
         .logs
@@ -478,6 +459,7 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
     let (code, _) = site.guard_cli("status");
     assert_ne!(code, 0, "status read a guard of another layout");
     let second = restart_under_probe();
+    // The log line is the subject: it tells the operator what was replaced.
     let replaced = second
         .logged
         .logs
@@ -503,6 +485,7 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
     std::fs::hard_link(current("maps/CP_V4"), current("maps/odd")).unwrap();
     std::fs::rename(current("maps/odd"), current("maps/PORTS")).unwrap();
     let third = restart_under_probe();
+    // The log line is the subject, as above.
     let replaced = third
         .logged
         .logs
@@ -518,15 +501,15 @@ fn an_incompatible_pinned_guard_is_replaced_without_a_gap() {
     );
     assert!(site.direct(Duration::from_millis(500)).is_err());
     assert!(site.through_tunnel().ends_with("hello"));
-    // A guard from this release is adopted as before.
+    // A guard from this release is adopted as before: its maps stay the pinned ones, where a
+    // replacement pins new ones.
+    let maps = std::fs::metadata(current("maps/COUNTERS")).unwrap().ino();
     kill(third);
-    let fourth = site.guarded_agent();
-    assert!(
-        fourth
-            .logged
-            .logs
-            .wait_for("adopted the pinned guard", Duration::from_secs(2))
-            .is_some()
+    let _fourth = site.guarded_agent();
+    assert_eq!(
+        std::fs::metadata(current("maps/COUNTERS")).unwrap().ino(),
+        maps,
+        "the pinned maps were replaced, not adopted"
     );
 }
 
@@ -588,6 +571,7 @@ fn bad_guard_setups_fail_with_the_fix() {
     let mut agent = spawn_logged("agent", &mut cmd).unwrap();
     let status = agent.process.wait_timeout(Duration::from_secs(10)).unwrap();
     assert!(!status.success(), "started without capabilities");
+    // The error an operator reads is the subject.
     assert!(
         agent
             .logs

@@ -87,6 +87,7 @@ fn each_nodes_kubelet_is_reached_through_its_own_agent_with_both_guards_on() {
             agent
         })
         .collect();
+    // The subject is the start line: it tells the operator what the agent advertises.
     let started = agents[1]
         .logged
         .logs

@@ -196,14 +196,7 @@ async fn a_client_gone_mid_dial_cancels_the_dial_at_the_agent() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(client);
     let agent = cluster.agent.as_ref().unwrap();
-    assert!(
-        agent
-            .logged
-            .logs
-            .wait_for("dial cancelled by the server", Duration::from_secs(5))
-            .is_some(),
-        "agent never saw DIAL_CLS"
-    );
+    assert!(agent_got_dial_close(agent), "agent never saw DIAL_CLS");
     assert!(
         cluster
             .server
@@ -363,11 +356,17 @@ async fn backend_dial_timeout_gives_the_upstream_504() {
         start.elapsed()
     );
     let agent = cluster.agent.as_ref().unwrap();
-    assert!(
-        agent
-            .logged
-            .logs
-            .wait_for("dial cancelled by the server", Duration::from_secs(5))
-            .is_some()
-    );
+    assert!(agent_got_dial_close(agent), "agent never saw DIAL_CLS");
+}
+
+/// Waits until `agent` has received a DIAL_CLS.
+fn agent_got_dial_close(agent: &tether_tests::procs::Agent) -> bool {
+    tokio::task::block_in_place(|| {
+        tether_tests::procs::wait_metric(
+            agent.health_port,
+            r#"konnectivity_network_proxy_agent_stream_packets_total{segment="to_agent",packet_type="DIAL_CLS"}"#,
+            1.0,
+            Duration::from_secs(5),
+        )
+    })
 }

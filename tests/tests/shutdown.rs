@@ -13,6 +13,21 @@ use tether_tests::destination;
 use tether_tests::frontend::http_connect;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// DRAINs the server has received.
+const DRAINS: &str = r#"konnectivity_network_proxy_server_stream_packets_total{segment="from_agent",packet_type="DRAIN"}"#;
+
+/// Waits until the server has received the agent's DRAIN.
+fn server_heard_drain(cluster: &Cluster) -> bool {
+    tokio::task::block_in_place(|| {
+        tether_tests::procs::wait_metric(
+            cluster.server.health_port,
+            DRAINS,
+            1.0,
+            Duration::from_secs(5),
+        )
+    })
+}
+
 async fn echo_once(stream: &mut Box<dyn tether_tests::frontend::Io>, msg: &[u8]) {
     stream.write_all(msg).await.unwrap();
     let mut back = vec![0u8; msg.len()];
@@ -38,15 +53,7 @@ async fn agent_drain_keeps_open_tunnels_refuses_new_ones_and_exits_when_they_end
 
     let agent = cluster.agent.as_mut().unwrap();
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
-    assert!(
-        cluster
-            .server
-            .logged
-            .logs
-            .wait_for("agent is draining", Duration::from_secs(5))
-            .is_some(),
-        "server never received DRAIN"
-    );
+    assert!(server_heard_drain(&cluster), "server never received DRAIN");
     let refused = http_connect(&cluster.target, &echo)
         .await
         .unwrap()
@@ -64,7 +71,8 @@ async fn agent_drain_keeps_open_tunnels_refuses_new_ones_and_exits_when_they_end
         .wait_timeout(Duration::from_secs(5))
         .unwrap();
     assert!(status.success(), "agent exited with {status}");
-    // It ended its stream before leaving, instead of dropping the connection under it.
+    // It ended its stream before leaving, instead of dropping the connection under it. The
+    // log line is the subject: only it says how the stream ended.
     let gone = cluster
         .server
         .logged
@@ -117,12 +125,10 @@ async fn a_second_signal_stops_the_agent_at_once() {
     let agent = cluster.agent.as_mut().unwrap();
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
     assert!(
-        agent
-            .logged
-            .logs
-            .wait_for("draining", Duration::from_secs(5))
-            .is_some()
+        server_heard_drain(&cluster),
+        "the agent did not start draining"
     );
+    let agent = cluster.agent.as_mut().unwrap();
     agent.logged.process.signal(Signal::SIGTERM).unwrap();
     let status = agent
         .logged
@@ -149,13 +155,14 @@ async fn server_graceful_shutdown_lets_open_tunnels_finish() {
         .process
         .signal(Signal::SIGTERM)
         .unwrap();
+    let tether_tests::frontend::Target::Uds(socket) = &cluster.target else {
+        panic!("a Unix-socket frontend")
+    };
     assert!(
-        cluster
-            .server
-            .logged
-            .logs
-            .wait_for("shutting down", Duration::from_secs(5))
-            .is_some()
+        tether_tests::process::wait_until(Duration::from_secs(5), || {
+            std::os::unix::net::UnixStream::connect(socket).is_err()
+        }),
+        "the server still takes new frontend connections"
     );
     echo_once(&mut open, b"still flowing").await;
     drop(open);

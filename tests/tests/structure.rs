@@ -1,5 +1,6 @@
 //! The binaries' code keeps the shape docs/architecture.md describes: every task is spawned on
-//! a tracker that shutdown waits for, and no two modules of a crate depend on each other.
+//! a tracker that shutdown waits for, and no two modules of a crate depend on each other. And
+//! the tests wait on state, not on log lines, unless the line is what they test.
 #![allow(
     clippy::unwrap_used,
     reason = "test code: a panic is how a failed check reports"
@@ -158,4 +159,56 @@ fn the_cycle_check_finds_a_cycle() {
         Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
     );
     assert_eq!(cycle_from(&graph, "d"), None);
+}
+
+/// The comment lines of the function around line `at` of `lines` (its body above `at`, and the
+/// doc comment above the function).
+fn comments_before(lines: &[&str], at: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = at;
+    while i > 0 {
+        i -= 1;
+        let line = lines[i].trim_start();
+        if line.starts_with("//") {
+            out.push(line.to_owned());
+        }
+        if line.starts_with("fn ") || line.starts_with("async fn ") || line.starts_with("pub fn ") {
+            while i > 0 && lines[i - 1].trim_start().starts_with(['/', '#']) {
+                i -= 1;
+                out.push(lines[i].trim_start().to_owned());
+            }
+            break;
+        }
+    }
+    out
+}
+
+/// A test that waits for a log line to learn that something is true breaks when the line is
+/// reworded, and races when the line comes before the state. Tests wait on the state itself
+/// (readiness, metrics, the kernel's view, pins, the listen-addresses file); a wait on a log
+/// line is for lines that are themselves the subject (an error an operator reads, a drop
+/// event), and a comment says so.
+#[test]
+fn tests_wait_on_log_lines_only_where_the_line_is_the_subject() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let mut files = Vec::new();
+    sources(&dir, &mut files);
+    let mut unexplained = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (at, line) in lines.iter().enumerate() {
+            if line.contains(".wait_for(")
+                && !comments_before(&lines, at)
+                    .iter()
+                    .any(|c| c.contains("subject"))
+            {
+                unexplained.push(format!("{}:{}", file.display(), at + 1));
+            }
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "waits on log lines with no comment saying the line is the subject: {unexplained:#?}"
+    );
 }

@@ -69,6 +69,8 @@ struct Case {
     server_reason: &'static str,
 }
 
+/// The errors an operator reads on each side are the subject of these tests, with the
+/// metrics that count them.
 fn check(case: &Case, server: &Server, agent: &Agent) {
     let name = case.name;
     assert!(
@@ -227,7 +229,8 @@ async fn plaintext_and_tls_mixups_are_named() {
     let pki = Pki::new(&[]).unwrap();
     let server = server(&pki, &pki.pair("server"), false);
 
-    // The agent pointed at a plaintext HTTP port (the server's health port).
+    // The agent pointed at a plaintext HTTP port (the server's health port). What each side
+    // says about it is the subject.
     let agent = agent(server.health_port, &pki.ca(), &[]);
     assert!(
         agent
@@ -252,6 +255,7 @@ async fn plaintext_and_tls_mixups_are_named() {
         .unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(WAIT, plain.read_to_end(&mut rest)).await;
+    // What the server says about it is the subject.
     assert!(
         server
             .logged
@@ -282,6 +286,7 @@ async fn plaintext_and_tls_mixups_are_named() {
         result.is_err(),
         "a TLS handshake succeeded on the plaintext socket"
     );
+    // What the server says about it is the subject.
     assert!(
         server
             .logged

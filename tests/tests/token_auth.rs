@@ -279,11 +279,12 @@ fn other_accounts_missing_tokens_and_review_errors_are_refused() {
         extra.extend(token.map(|t| token_file(dir.path(), t)));
         let extra_refs: Vec<&str> = extra.iter().map(String::as_str).collect();
         let agent = Agent::start(&cluster.agent_args(&extra_refs)).unwrap();
+        // The rejections an operator reads are the subject.
         let line = logs
             .wait_for(expected, Duration::from_secs(10))
             .unwrap_or_else(|| panic!("no rejection saying {expected:?}"));
         assert!(line.contains("rejected agent stream"), "{line}");
-        // The agent says the same, and counts it.
+        // The agent says the same (the subject again), and counts it.
         let line = agent
             .logged
             .logs

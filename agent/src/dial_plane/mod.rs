@@ -89,6 +89,8 @@ pub struct DialPlane {
     pub policy: Arc<DialPolicy>,
     /// The kernel hooks: attached while this lives (and after, where pinned).
     hooks: Option<Arc<Mutex<DialHooks>>>,
+    /// The cgroup the hooks police, when there are hooks.
+    cgroup: Option<std::path::PathBuf>,
     /// The Service map the hooks hold now.
     services: Arc<Mutex<ServiceMap>>,
 }
@@ -148,6 +150,7 @@ impl DialPlane {
                 });
             }
         }
+        let mut policed = None;
         if let Some(hooks) = &hooks {
             let cgroup = match &config.cgroup {
                 DialCgroup::Path(path) => path.clone(),
@@ -164,10 +167,12 @@ impl DialPlane {
                 tracing::warn!(bpffs_root = %config.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
             }
             tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
+            policed = Some(cgroup);
         }
         Ok(DialPlane {
             policy,
             hooks,
+            cgroup: policed,
             services,
         })
     }
@@ -186,8 +191,8 @@ impl DialPlane {
             if verdict.allowed { "allow" } else { "deny" },
             self.policy.explain(verdict)
         );
-        match &self.hooks {
-            Some(hooks) => {
+        match (&self.hooks, &self.cgroup) {
+            (Some(hooks), Some(cgroup)) => {
                 let slot = verdict
                     .rule
                     .unwrap_or(tether_agent_common::MAX_DIAL_RULES as usize);
@@ -197,12 +202,15 @@ impl DialPlane {
                     .hits()
                     .ok()
                     .and_then(|hits| hits.get(slot).copied());
-                body.push_str("enforced: by the agent and in the kernel on its cgroup's connect() and sendmsg()\n");
+                body.push_str(&format!(
+                    "enforced: by the agent and in the kernel on the connect() and sendmsg() of cgroup {}\n",
+                    cgroup.display()
+                ));
                 if let Some(hits) = hits {
                     body.push_str(&format!("kernel decisions by this rule so far: {hits}\n"));
                 }
             }
-            None => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
+            _ => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
         }
         let services = self
             .services
