@@ -115,6 +115,24 @@ fn unix_socket_in_a_missing_directory_is_named() {
 }
 
 #[test]
+fn a_listen_addresses_file_that_cannot_be_written_is_named() {
+    let pki = Pki::new(&[]).unwrap();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(
+            &pki,
+            &["--listen-addresses-file=/nonexistent-dir/addresses.json"],
+        ),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        line.contains("--listen-addresses-file: cannot write it")
+            && line.contains("/nonexistent-dir/addresses.json"),
+        "{line}"
+    );
+}
+
+#[test]
 fn unsupported_upstream_flags_are_refused_by_name() {
     let pki = Pki::new(&[]).unwrap();
     let (code, line) = fails(
