@@ -102,7 +102,7 @@ async fn run(input: Input) {
         dial_policy: Arc::new(DialPolicy::new(&[allow], &[], Vec::new())),
     });
     let scheduler = Arc::new(Scheduler::new());
-    let server = ServerStream::new(
+    let stream = ServerStream::new(
         "fuzz".into(),
         input.flow_control,
         scheduler.clone(),
@@ -162,14 +162,14 @@ async fn run(input: Input) {
                 continue;
             }
         };
-        if let Some(pressure) = server.handle(packet) {
-            server.relieve(pressure).await;
+        if let Some(pressure) = stream.handle(packet) {
+            stream.relieve(pressure).await;
         }
     }
     tokio::time::sleep(Duration::from_millis(2)).await;
-    server.shut_down();
+    stream.shut_down();
     assert_eq!(
-        server.open_connections(),
+        stream.open_connections(),
         0,
         "connections outlived the stream"
     );

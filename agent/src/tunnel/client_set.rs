@@ -112,7 +112,7 @@ impl ClientSet {
                 return Err(err);
             }
         };
-        let server = {
+        let stream = {
             let mut servers = self.servers();
             if servers.contains_key(&connected.server_id) {
                 scheduler.close();
@@ -122,7 +122,7 @@ impl ClientSet {
                 );
                 return Ok(Outcome::Duplicate);
             }
-            let server = ServerStream::new(
+            let stream = ServerStream::new(
                 connected.server_id.clone(),
                 connected.flow_control,
                 scheduler.clone(),
@@ -131,8 +131,8 @@ impl ClientSet {
                 self.metrics.clone(),
                 self.connections.clone(),
             );
-            servers.insert(connected.server_id.clone(), server.clone());
-            server
+            servers.insert(connected.server_id.clone(), stream.clone());
+            stream
         };
         self.last_server_count
             .store(connected.server_count, Ordering::Relaxed);
@@ -151,8 +151,8 @@ impl ClientSet {
             let reason = loop {
                 match inbound.message().await {
                     Ok(Some(packet)) => {
-                        if let Some(pressure) = server.handle(packet) {
-                            server.relieve(pressure).await;
+                        if let Some(pressure) = stream.handle(packet) {
+                            stream.relieve(pressure).await;
                         }
                         // Answers the server does not take: read nothing more until it does.
                         if scheduler.control_backlog() >= CONTROL_BACKLOG
@@ -175,18 +175,18 @@ impl ClientSet {
                     }
                 }
             };
-            if set.draining.load(Ordering::Relaxed) && server.open_connections() == 0 {
-                tracing::info!(server = server.server_id, reason, "server stream closed");
+            if set.draining.load(Ordering::Relaxed) && stream.open_connections() == 0 {
+                tracing::info!(server = stream.server_id, reason, "server stream closed");
             } else {
                 tracing::warn!(
-                    server = server.server_id,
+                    server = stream.server_id,
                     reason,
-                    open = server.open_connections(),
+                    open = stream.open_connections(),
                     "lost proxy server stream; its connections are closed"
                 );
             }
-            set.servers().remove(&server.server_id);
-            server.shut_down();
+            set.servers().remove(&stream.server_id);
+            stream.shut_down();
             set.metrics.open_server_connections.dec();
         });
         Ok(Outcome::Connected)
@@ -203,8 +203,8 @@ impl ClientSet {
         if self.draining.swap(true, Ordering::Relaxed) {
             return;
         }
-        for server in self.servers().values() {
-            server.send_drain();
+        for stream in self.servers().values() {
+            stream.send_drain();
         }
     }
 
@@ -219,8 +219,8 @@ impl ClientSet {
     /// After a drain: ends every server stream cleanly and waits, at most `limit`, for the
     /// servers to close theirs; a stream that ends closes what is left of its connections.
     pub async fn leave(&self, limit: Duration) {
-        for server in self.servers().values() {
-            server.finish();
+        for stream in self.servers().values() {
+            stream.finish();
         }
         self.streams.close();
         self.connections.close();

@@ -285,45 +285,40 @@ impl ServerStream {
         };
         // IDs are consumed by failed dials too, as upstream: gaps are normal.
         let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let server = self.clone();
+        let this = self.clone();
         let mut dials = self.dials();
         let task = self.tasks.spawn(async move {
             let started = Instant::now();
-            let result = dialer::dial(
-                &address,
-                server.limits.dial_timeout,
-                &server.limits.dial_policy,
-            )
-            .await;
+            let result =
+                dialer::dial(&address, this.limits.dial_timeout, &this.limits.dial_policy).await;
             drop(slot);
-            server.take_dial(random);
+            this.take_dial(random);
             match result {
                 Ok(stream) => {
-                    server
-                        .metrics
+                    this.metrics
                         .dial_duration
                         .observe(started.elapsed().as_secs_f64());
-                    server.start(connect_id, random, stream);
+                    this.start(connect_id, random, stream);
                 }
                 Err(err) if err.reason == "policy" => {
-                    server.metrics.dial_refused("policy");
+                    this.metrics.dial_refused("policy");
                     tracing::warn!(
-                        server = server.server_id,
+                        server = this.server_id,
                         address,
                         error = err.text,
                         "dial refused by the dial policy"
                     );
-                    server.send_control(Packet::dial_response(random, 0, err.text));
+                    this.send_control(Packet::dial_response(random, 0, err.text));
                 }
                 Err(err) => {
-                    server.metrics.dial_failure(err.reason);
+                    this.metrics.dial_failure(err.reason);
                     tracing::info!(
-                        server = server.server_id,
+                        server = this.server_id,
                         address,
                         error = err.text,
                         "dial failed"
                     );
-                    server.send_control(Packet::dial_response(random, 0, err.text));
+                    this.send_control(Packet::dial_response(random, 0, err.text));
                 }
             }
         });
