@@ -352,11 +352,7 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 pub fn wait_metric(port: u16, series: &str, at_least: f64, limit: Duration) -> bool {
     let prefix = format!("{series} ");
     crate::process::wait_until(limit, || {
-        crate::peers::metrics_page(port).is_ok_and(|page| {
-            page.lines()
-                .filter_map(|l| l.strip_prefix(&prefix))
-                .any(|v| v.trim().parse::<f64>().is_ok_and(|v| v >= at_least))
-        })
+        crate::peers::metric(port, &prefix).is_some_and(|v| v >= at_least)
     })
 }
 

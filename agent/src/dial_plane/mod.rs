@@ -87,10 +87,9 @@ pub enum DialCgroup {
 
 pub struct DialPlane {
     pub policy: Arc<DialPolicy>,
-    /// The kernel hooks: attached while this lives (and after, where pinned).
-    hooks: Option<Arc<Mutex<DialHooks>>>,
-    /// The cgroup the hooks police, when there are hooks.
-    cgroup: Option<std::path::PathBuf>,
+    /// The kernel hooks and the cgroup they police: attached while this lives (and after,
+    /// where pinned).
+    enforced: Option<(Arc<Mutex<DialHooks>>, std::path::PathBuf)>,
     /// The Service map the hooks hold now.
     services: Arc<Mutex<ServiceMap>>,
 }
@@ -150,8 +149,8 @@ impl DialPlane {
                 });
             }
         }
-        let mut policed = None;
-        if let Some(hooks) = &hooks {
+        let mut enforced = None;
+        if let Some(hooks) = hooks {
             let cgroup = match &config.cgroup {
                 DialCgroup::Path(path) => path.clone(),
                 _ => cgroup::for_hooks()?,
@@ -167,19 +166,18 @@ impl DialPlane {
                 tracing::warn!(bpffs_root = %config.bpffs_root.display(), "dial hooks not pinned (no BPF filesystem there): they end with this process");
             }
             tracing::info!(cgroup = %cgroup.display(), replaced, "dial policy enforced in the kernel on this cgroup's connect() and sendmsg()");
-            policed = Some(cgroup);
+            enforced = Some((hooks, cgroup));
         }
         Ok(DialPlane {
             policy,
-            hooks,
-            cgroup: policed,
+            enforced,
             services,
         })
     }
 
     /// The kernel hooks, when the policy is enforced there.
     pub fn hooks(&self) -> Option<&Arc<Mutex<DialHooks>>> {
-        self.hooks.as_ref()
+        self.enforced.as_ref().map(|(hooks, _)| hooks)
     }
 
     /// What `dial-policy check` prints for `addr`: the decision, the rule, where it is
@@ -191,8 +189,8 @@ impl DialPlane {
             if verdict.allowed { "allow" } else { "deny" },
             self.policy.explain(verdict)
         );
-        match (&self.hooks, &self.cgroup) {
-            (Some(hooks), Some(cgroup)) => {
+        match &self.enforced {
+            Some((hooks, cgroup)) => {
                 let slot = verdict
                     .rule
                     .unwrap_or(tether_agent_common::MAX_DIAL_RULES as usize);
@@ -210,7 +208,7 @@ impl DialPlane {
                     body.push_str(&format!("kernel decisions by this rule so far: {hits}\n"));
                 }
             }
-            _ => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
+            None => body.push_str("enforced: by the agent only (--dial-policy-cgroup=off)\n"),
         }
         let services = self
             .services
