@@ -1,6 +1,7 @@
 //! A stand-in for kube-apiserver over TLS: what tether's binaries ask of it (TokenReviews,
-//! Nodes, Services and EndpointSlices), answered the way kube-apiserver answers, one request
-//! per connection. Lists are fixed when it starts; watches stay open without events.
+//! Nodes, Services, EndpointSlices and Leases), answered the way kube-apiserver answers, one
+//! request per connection. Nodes, Services and EndpointSlices are fixed when it starts and their
+//! watches stay open without events; Leases change as clients write them (see [`leases`]).
 #![allow(
     clippy::unwrap_used,
     reason = "test harness: a panic is how a failed check reports"
@@ -15,6 +16,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::netns::Netns;
+
+pub mod leases;
+pub use leases::Leases;
 
 /// Who a token is, as a TokenReview says.
 pub struct TokenOwner {
@@ -45,12 +49,29 @@ pub struct Asked {
 
 pub struct KubeApi {
     asked: Arc<Mutex<Vec<Asked>>>,
+    pub leases: Arc<Leases>,
 }
 
 impl KubeApi {
     /// Serves `cluster` with the certificate `cert`/`key` on each address, each bound inside
     /// its namespace.
     pub fn start(cluster: Cluster, cert: &Path, key: &Path, at: &[(&Netns, SocketAddr)]) -> Self {
+        let listeners = at
+            .iter()
+            .map(|(netns, address)| netns.run(|| TcpListener::bind(address)).unwrap().unwrap())
+            .collect();
+        Self::serve(cluster, cert, key, listeners)
+    }
+
+    /// Serves `cluster` on an ephemeral port of 127.0.0.1 in this process's namespace; returns
+    /// the port too.
+    pub fn start_on_loopback(cluster: Cluster, cert: &Path, key: &Path) -> (Self, u16) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        (Self::serve(cluster, cert, key, vec![listener]), port)
+    }
+
+    fn serve(cluster: Cluster, cert: &Path, key: &Path, listeners: Vec<TcpListener>) -> Self {
         let identity = tether_runtime::tls::Identity::load(
             tether_runtime::tls::PemFile::new("apiserver-cert", cert),
             tether_runtime::tls::PemFile::new("apiserver-key", key),
@@ -60,23 +81,40 @@ impl KubeApi {
             tether_runtime::tls::server_config(&identity, None, &[b"http/1.1"], false).unwrap();
         let cluster = Arc::new(cluster);
         let asked = Arc::new(Mutex::new(Vec::new()));
-        for (netns, address) in at {
-            let listener = netns.run(|| TcpListener::bind(address)).unwrap().unwrap();
-            let (tls, cluster, asked) = (tls.clone(), cluster.clone(), asked.clone());
+        let leases = Arc::new(Leases::default());
+        for listener in listeners {
+            let (tls, cluster, asked, leases) =
+                (tls.clone(), cluster.clone(), asked.clone(), leases.clone());
             std::thread::spawn(move || {
                 for tcp in listener.incoming().flatten() {
-                    let (tls, cluster, asked) = (tls.clone(), cluster.clone(), asked.clone());
+                    let (tls, cluster, asked, leases) =
+                        (tls.clone(), cluster.clone(), asked.clone(), leases.clone());
                     std::thread::spawn(move || {
                         let Ok(conn) = rustls::ServerConnection::new(tls) else {
                             return;
                         };
                         let stream = rustls::StreamOwned::new(conn, tcp);
-                        answer(stream, &cluster, &asked);
+                        answer(stream, &cluster, &asked, &leases);
                     });
                 }
             });
         }
-        KubeApi { asked }
+        KubeApi { asked, leases }
+    }
+
+    /// Writes a kubeconfig that reaches this stand-in at `https://127.0.0.1:port`, trusting
+    /// `ca`, with a bearer token (the stand-in does not check it).
+    pub fn kubeconfig(dir: &Path, port: u16, ca: &Path) -> std::path::PathBuf {
+        let path = dir.join(format!("kubeconfig-{port}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: stand-in\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: user\ncurrent-context: stand-in\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        path
     }
 
     pub fn asked(&self) -> Vec<Asked> {
@@ -137,7 +175,7 @@ pub fn read_request(reader: &mut impl BufRead) -> Option<Request> {
     })
 }
 
-fn answer(stream: Tls, cluster: &Cluster, asked: &Mutex<Vec<Asked>>) {
+fn answer(stream: Tls, cluster: &Cluster, asked: &Mutex<Vec<Asked>>, leases: &Leases) {
     let mut reader = BufReader::new(stream);
     let Some(Request {
         line: request_line,
@@ -159,9 +197,17 @@ fn answer(stream: Tls, cluster: &Cluster, asked: &Mutex<Vec<Asked>>) {
         path: route.to_owned(),
         query: query.to_owned(),
     });
-    if query
-        .split('&')
-        .any(|q| q == "watch=true" || q == "watch=1")
+    let pairs: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let lease_reply = leases.answer(&method, route, &pairs, &body, &mut stream);
+    if let Some(None) = lease_reply {
+        return;
+    }
+    if lease_reply.is_none()
+        && query
+            .split('&')
+            .any(|q| q == "watch=true" || q == "watch=1")
     {
         let _ = write!(
             stream,
@@ -179,6 +225,7 @@ fn answer(stream: Tls, cluster: &Cluster, asked: &Mutex<Vec<Asked>>) {
         ))
     };
     let reply = match (method.as_str(), route) {
+        _ if lease_reply.is_some() => lease_reply.flatten(),
         ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => serde_json::from_slice(&body)
             .ok()
             .map(|review| (201, reviewed(review, cluster))),
@@ -209,7 +256,12 @@ fn answer(stream: Tls, cluster: &Cluster, asked: &Mutex<Vec<Asked>>) {
     let _ = write!(
         stream,
         "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        if status == 404 { "Not Found" } else { "OK" },
+        match status {
+            404 => "Not Found",
+            409 => "Conflict",
+            422 => "Unprocessable Entity",
+            _ => "OK",
+        },
         body.len()
     );
     let _ = stream.flush();
