@@ -18,6 +18,7 @@ use crate::dial_plane::{DialPlane, DialPlaneError};
 use crate::guard::{self, Guard, GuardError};
 use crate::metrics::Metrics;
 use crate::tunnel::client_set::ClientSet;
+use crate::tunnel::lease_count::LeaseCounter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -32,6 +33,8 @@ pub enum StartError {
     Guard(#[from] GuardError),
     #[error(transparent)]
     DialPlane(#[from] DialPlaneError),
+    #[error("--count-server-leases: cannot set up the Kubernetes client (--kubeconfig)")]
+    Leases(#[source] tether_runtime::kube_client::KubeClientError),
 }
 
 pub struct Agent {
@@ -93,8 +96,32 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     )
     .await?;
 
+    let leases = match &config.leases {
+        Some(settings) => {
+            let client = tether_runtime::kube_client::client(settings.kubeconfig.as_deref())
+                .await
+                .map_err(StartError::Leases)?;
+            let counter = Arc::new(LeaseCounter::default());
+            tasks.spawn(
+                shutdown
+                    .clone()
+                    .run_until_cancelled_owned(counter.clone().follow(
+                        client,
+                        settings.clone(),
+                        metrics.clone(),
+                    )),
+            );
+            Some(counter)
+        }
+        None => None,
+    };
     let config = Arc::new(config);
-    let clients = ClientSet::new(config.clone(), metrics.clone(), dial_plane.policy.clone());
+    let clients = ClientSet::new(
+        config.clone(),
+        metrics.clone(),
+        dial_plane.policy.clone(),
+        leases,
+    );
     let (stop, stop_rx) = watch::channel(false);
     let supervisor = tasks.spawn(clients.clone().run(stop_rx.clone()));
     let mut vital = vec![("server set", supervisor.abort_handle())];

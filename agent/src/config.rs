@@ -377,29 +377,110 @@ pub struct RunArgs {
     pub dial: DialArgs,
 
     #[command(flatten)]
+    pub leases: LeaseArgs,
+
+    #[command(flatten)]
     pub process: Process,
 
     #[command(flatten)]
     pub unsupported: Unsupported,
 }
 
+/// How many servers to hold a stream to, from the servers' Leases (coordination.k8s.io/v1)
+/// rather than from the servercount each server announces: servers added or removed are
+/// followed with no restart. Needs Lease get/list/watch in --lease-namespace.
+#[derive(ClapArgs, Debug)]
+#[command(next_help_heading = "Server leases")]
+pub struct LeaseArgs {
+    /// Count the servers' valid Leases (see --server-count-source).
+    #[arg(long, env = "TETHER_COUNT_SERVER_LEASES", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub count_server_leases: bool,
+    /// Namespace of the servers' Leases.
+    #[arg(long, env = "TETHER_LEASE_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Which Leases are servers', as a Kubernetes label selector.
+    #[arg(
+        long,
+        alias = "lease-label",
+        env = "TETHER_LEASE_LABEL_SELECTOR",
+        default_value = "k8s-app=konnectivity-server"
+    )]
+    pub lease_label_selector: String,
+    /// default: the Lease count alone; max: the larger of the Lease count and the servercount
+    /// servers announce. Until the Leases are first listed, the announced count is used.
+    #[arg(long, env = "TETHER_SERVER_COUNT_SOURCE", default_value = "default")]
+    pub server_count_source: String,
+    /// kubeconfig for the Lease watch; empty = the pod's in-cluster service account.
+    #[arg(long, env = "TETHER_KUBECONFIG", default_value = "")]
+    pub kubeconfig: String,
+    /// Accepted for compatibility: tether's client always sends JSON, which every
+    /// kube-apiserver accepts.
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+}
+
+/// Whether and how servers are counted by their Leases.
+#[derive(Clone, Debug)]
+pub struct LeaseCount {
+    pub namespace: String,
+    pub selector: String,
+    /// The larger of the Lease count and the announced count (`--server-count-source=max`).
+    pub max_with_announced: bool,
+    pub kubeconfig: Option<PathBuf>,
+}
+
+impl LeaseArgs {
+    fn settings(&self) -> Result<Option<LeaseCount>, ConfigError> {
+        let invalid = |flag, value: &str, why: &str| ConfigError::Invalid {
+            flag,
+            value: value.to_owned(),
+            why: why.to_owned(),
+        };
+        let max_with_announced = match self.server_count_source.as_str() {
+            "" | "default" => false,
+            "max" => true,
+            other => {
+                return Err(invalid(
+                    "server-count-source",
+                    other,
+                    "expected default or max",
+                ));
+            }
+        };
+        match self.kube_api_content_type.as_str() {
+            "application/vnd.kubernetes.protobuf" | "application/json" => {}
+            other => {
+                return Err(invalid(
+                    "kube-api-content-type",
+                    other,
+                    "expected application/vnd.kubernetes.protobuf or application/json",
+                ));
+            }
+        }
+        let kubeconfig = (!self.kubeconfig.is_empty()).then(|| PathBuf::from(&self.kubeconfig));
+        if let Some(path) = &kubeconfig
+            && !path.is_file()
+        {
+            return Err(invalid("kubeconfig", &self.kubeconfig, "no such file"));
+        }
+        if !self.count_server_leases {
+            return Ok(None);
+        }
+        if self.lease_namespace.is_empty() {
+            return Err(invalid("lease-namespace", "", "must not be empty"));
+        }
+        Ok(Some(LeaseCount {
+            namespace: self.lease_namespace.clone(),
+            selector: self.lease_label_selector.clone(),
+            max_with_announced,
+            kubeconfig,
+        }))
+    }
+}
+
 /// Upstream flags for features tether-agent does not have: setting one is an error naming it.
 #[derive(ClapArgs, Debug, Default)]
 pub struct Unsupported {
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    pub count_server_leases: Option<String>,
-    #[arg(long, hide = true)]
-    pub lease_namespace: Option<String>,
-    #[arg(long, hide = true)]
-    pub lease_label_selector: Option<String>,
-    #[arg(long, hide = true)]
-    pub lease_label: Option<String>,
-    #[arg(long, hide = true)]
-    pub server_count_source: Option<String>,
-    #[arg(long, hide = true)]
-    pub kubeconfig: Option<String>,
-    #[arg(long, hide = true)]
-    pub kube_api_content_type: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub enable_profiling: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
@@ -408,14 +489,7 @@ pub struct Unsupported {
 
 impl Unsupported {
     fn check(&self) -> Result<(), ConfigError> {
-        const LEASES: &str = "lease-based server counting is not implemented; the agent uses the servercount each server announces";
         let set = [
-            ("count-server-leases", &self.count_server_leases, LEASES),
-            ("lease-namespace", &self.lease_namespace, LEASES),
-            ("lease-label-selector", &self.lease_label_selector, LEASES),
-            ("lease-label", &self.lease_label, LEASES),
-            ("kubeconfig", &self.kubeconfig, LEASES),
-            ("kube-api-content-type", &self.kube_api_content_type, LEASES),
             (
                 "enable-profiling",
                 &self.enable_profiling,
@@ -427,16 +501,7 @@ impl Unsupported {
                 "Go pprof endpoints do not exist in tether-agent",
             ),
         ];
-        refuse_unsupported(&set)?;
-        if let Some(source) = &self.server_count_source
-            && !matches!(source.as_str(), "" | "default")
-        {
-            return Err(ConfigError::Unsupported {
-                flag: "server-count-source",
-                why: LEASES,
-            });
-        }
-        Ok(())
+        refuse_unsupported(&set)
     }
 }
 
@@ -455,6 +520,7 @@ pub struct Config {
     pub probe_interval: Duration,
     pub peer_timeout: Duration,
     pub sync_forever: bool,
+    pub leases: Option<LeaseCount>,
     pub flow_control: bool,
     pub conn_queue_bytes: usize,
     pub stream_buffer_bytes: usize,
@@ -647,6 +713,7 @@ impl Config {
             probe_interval: args.probe_interval,
             peer_timeout: args.peer_timeout,
             sync_forever: args.sync_forever,
+            leases: args.leases.settings()?,
             flow_control: args.flow_control,
             conn_queue_bytes,
             stream_buffer_bytes: args.stream_buffer_bytes,

@@ -29,6 +29,17 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpCallLabels {
+    http_response_code: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpCodeLabel {
+    http_response_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -77,6 +88,9 @@ pub struct Metrics {
     stream_errors: Family<StreamErrorLabels, Counter>,
     bytes: Family<DirectionLabel, Counter>,
     rejected: Family<ReasonLabel, Counter>,
+    lease_lists: Family<HttpCallLabels, Counter>,
+    lease_watches: Family<HttpCallLabels, Counter>,
+    lease_list_latency: Family<HttpCodeLabel, Histogram>,
     hot: HotSeries,
 }
 
@@ -132,6 +146,11 @@ impl Metrics {
             server_failures: Family::default(),
             rejected: Family::default(),
             stream_errors: Family::default(),
+            lease_lists: Family::default(),
+            lease_watches: Family::default(),
+            lease_list_latency: Family::new_with_constructor(|| {
+                Histogram::new([0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0])
+            }),
             hot: HotSeries::new(&packets, &bytes),
             packets,
             bytes,
@@ -159,6 +178,21 @@ impl Metrics {
                 "open_server_connections",
                 "Server streams held",
                 metrics.open_server_connections.clone(),
+            );
+            upstream.register(
+                "lease_lists",
+                "Server Lease lists by HTTP status and reason",
+                metrics.lease_lists.clone(),
+            );
+            upstream.register(
+                "lease_watches",
+                "Server Lease watches started, by HTTP status and reason",
+                metrics.lease_watches.clone(),
+            );
+            upstream.register(
+                "lease_list_latency_seconds",
+                "Latency of server Lease lists",
+                metrics.lease_list_latency.clone(),
             );
             upstream.register(
                 "known_server_count",
@@ -261,6 +295,30 @@ impl Metrics {
     pub fn dial_refused(&self, reason: &'static str) {
         self.dial_refused
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// One Lease list: its HTTP status (0 when none came back), reason and latency.
+    pub fn lease_list(&self, status: u16, reason: &str, took: std::time::Duration) {
+        self.lease_lists
+            .get_or_create(&HttpCallLabels {
+                http_response_code: status.to_string(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.lease_list_latency
+            .get_or_create(&HttpCodeLabel {
+                http_response_code: status.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn lease_watch(&self, status: u16, reason: &str) {
+        self.lease_watches
+            .get_or_create(&HttpCallLabels {
+                http_response_code: status.to_string(),
+                reason: reason.to_owned(),
+            })
             .inc();
     }
 

@@ -6,6 +6,8 @@ pub mod backpressure;
 pub mod exposition;
 pub mod flags;
 pub mod handshake;
+pub mod kube_client;
+pub mod leases;
 pub mod listen_addresses;
 pub mod mailbox;
 pub mod net;

@@ -50,8 +50,10 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
-    #[error("agent token authentication")]
-    TokenAuth(#[from] crate::token_auth::SetupError),
+    #[error(
+        "token authentication and server leases need kube-apiserver; set --kubeconfig to reach it from outside a pod"
+    )]
+    Kube(#[from] tether_runtime::kube_client::KubeClientError),
 }
 
 #[derive(Debug, Clone)]
@@ -98,10 +100,29 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
             config.served_certificates.clone(),
         )));
     let metrics = Arc::new(metrics);
-    let token_auth = match &config.token_auth {
-        Some(settings) => Some(Arc::new(TokenAuth::new(settings, metrics.clone()).await?)),
-        None => None,
+    let kube = if config.token_auth.is_some() || config.leases.is_some() {
+        Some(tether_runtime::kube_client::client(config.kubeconfig.as_deref()).await?)
+    } else {
+        None
     };
+    let token_auth = match (&config.token_auth, &kube) {
+        (Some(settings), Some(client)) => Some(Arc::new(TokenAuth::new(
+            settings,
+            client.clone(),
+            metrics.clone(),
+        ))),
+        _ => None,
+    };
+    if let (Some(settings), Some(client)) = (&config.leases, kube) {
+        let controller = crate::leases::LeaseController::new(
+            client,
+            &config.server_id,
+            settings.clone(),
+            metrics.clone(),
+        );
+        // Deleted as soon as draining starts: agents stop counting a server that is leaving.
+        tasks.spawn(controller.run(stop_frontends.clone()));
+    }
     // Token-bound claims are checked against every Node's status, which a node may write.
     let nodes = match (&token_auth, config.binding) {
         (Some(auth), Binding::Token) => {

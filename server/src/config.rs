@@ -196,6 +196,9 @@ pub struct Args {
     pub token_auth: TokenAuthArgs,
 
     #[command(flatten)]
+    pub leases: LeaseArgs,
+
+    #[command(flatten)]
     pub process: Process,
 
     #[command(flatten)]
@@ -225,8 +228,10 @@ pub struct TokenAuthArgs {
     /// Audience the agents' projected tokens are issued for (e.g. system:konnectivity-server).
     #[arg(long, default_value = "")]
     pub authentication_audience: String,
-    /// kubeconfig for kube-apiserver (needs TokenReview create, e.g. system:auth-delegator);
-    /// empty = the pod's in-cluster service account.
+    /// kubeconfig for kube-apiserver, for token authentication (TokenReview create, e.g.
+    /// system:auth-delegator; Node get/list/watch with --bind-agent-identity=token) and the
+    /// lease controller (Lease get, create, update, list, delete); empty = the pod's
+    /// in-cluster service account.
     #[arg(long, default_value = "")]
     pub kubeconfig: String,
     /// TokenReviews per second (0 = client-go's default, 5).
@@ -247,16 +252,115 @@ pub struct TokenAuthArgs {
     pub token_review_cache_ttl: Duration,
 }
 
+/// A Lease per server in coordination.k8s.io/v1, which agents count (upstream's
+/// --count-server-leases) instead of trusting --server-count: adding or removing a server then
+/// needs no restart anywhere.
+#[derive(clap::Args, Debug, Default)]
+#[command(next_help_heading = "Server leases")]
+pub struct LeaseArgs {
+    /// Publish and renew this server's Lease (konnectivity-proxy-server-<server-id>) and
+    /// delete other servers' expired ones; the Lease is deleted when the server stops.
+    #[arg(long, env = "TETHER_ENABLE_LEASE_CONTROLLER", value_parser = go_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub enable_lease_controller: bool,
+    /// Namespace of the servers' Leases.
+    #[arg(long, env = "TETHER_LEASE_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Labels of this server's Lease, k=v[,k=v]; expired Leases with these labels are
+    /// deleted. Agents select Leases by them.
+    #[arg(
+        long,
+        env = "TETHER_LEASE_LABEL",
+        default_value = "k8s-app=konnectivity-server"
+    )]
+    pub lease_label: String,
+    /// How long a Lease stays valid after its last renewal: a server that dies without
+    /// deleting its Lease is still counted for this long.
+    #[arg(long, env = "TETHER_LEASE_DURATION", value_parser = go_duration, default_value = "30s")]
+    pub lease_duration: Duration,
+    /// How often the Lease is renewed, and how often expired Leases are looked for.
+    #[arg(long, env = "TETHER_LEASE_RENEW_INTERVAL", value_parser = go_duration, default_value = "15s")]
+    pub lease_renew_interval: Duration,
+}
+
+/// The lease controller's settings, validated.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub duration: Duration,
+    pub renew_interval: Duration,
+}
+
+impl LeaseArgs {
+    fn settings(&self) -> Result<Option<LeaseSettings>, ConfigError> {
+        if !self.enable_lease_controller {
+            return Ok(None);
+        }
+        let invalid = |flag: &'static str, value: String, why: &str| ConfigError::Invalid {
+            flag,
+            value,
+            why: why.into(),
+        };
+        let mut labels = std::collections::BTreeMap::new();
+        for pair in self
+            .lease_label
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let Some((key, value)) = pair.split_once('=') else {
+                return Err(invalid(
+                    "lease-label",
+                    self.lease_label.clone(),
+                    "expected k=v[,k=v]",
+                ));
+            };
+            if key.trim().is_empty() {
+                return Err(invalid(
+                    "lease-label",
+                    self.lease_label.clone(),
+                    "a label needs a key",
+                ));
+            }
+            labels.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+        if labels.is_empty() {
+            return Err(invalid(
+                "lease-label",
+                self.lease_label.clone(),
+                "name at least one label: agents count the Leases that carry it",
+            ));
+        }
+        if self.lease_namespace.is_empty() {
+            return Err(invalid(
+                "lease-namespace",
+                String::new(),
+                "must not be empty",
+            ));
+        }
+        if self.lease_duration.as_secs() < 1 || self.lease_renew_interval >= self.lease_duration {
+            return Err(invalid(
+                "lease-renew-interval",
+                format!("{:?}", self.lease_renew_interval),
+                &format!(
+                    "must be shorter than --lease-duration ({:?}, at least 1s), or the Lease lapses between renewals",
+                    self.lease_duration
+                ),
+            ));
+        }
+        Ok(Some(LeaseSettings {
+            namespace: self.lease_namespace.clone(),
+            labels,
+            duration: self.lease_duration,
+            renew_interval: self.lease_renew_interval,
+        }))
+    }
+}
+
 /// Upstream flags whose features tether-server does not have. Setting one is an error that
 /// names it; they exist so the error is precise rather than "unknown flag".
 #[derive(clap::Args, Debug, Default)]
 pub struct Unsupported {
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
-    pub enable_lease_controller: Option<String>,
-    #[arg(long, hide = true)]
-    pub lease_namespace: Option<String>,
-    #[arg(long, hide = true)]
-    pub lease_label: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
     pub enable_profiling: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "true")]
@@ -270,21 +374,6 @@ pub struct Unsupported {
 impl Unsupported {
     fn check(&self) -> Result<(), ConfigError> {
         let set = [
-            (
-                "enable-lease-controller",
-                &self.enable_lease_controller,
-                "server leases are not implemented; set --server-count",
-            ),
-            (
-                "lease-namespace",
-                &self.lease_namespace,
-                "server leases are not implemented; set --server-count",
-            ),
-            (
-                "lease-label",
-                &self.lease_label,
-                "server leases are not implemented; set --server-count",
-            ),
             (
                 "enable-profiling",
                 &self.enable_profiling,
@@ -359,6 +448,9 @@ pub struct Config {
     pub admin_port: u16,
     pub graceful_shutdown_timeout: Duration,
     pub token_auth: Option<TokenAuthSettings>,
+    pub leases: Option<LeaseSettings>,
+    /// `None`: in-cluster configuration.
+    pub kubeconfig: Option<PathBuf>,
     pub binding: Binding,
     pub max_agent_streams_per_identity: usize,
     /// Set when agents authenticate neither way (--allow-unauthenticated-agents).
@@ -371,8 +463,6 @@ pub struct TokenAuthSettings {
     pub namespace: String,
     pub service_account: String,
     pub audience: String,
-    /// `None`: in-cluster configuration.
-    pub kubeconfig: Option<PathBuf>,
     pub qps: f64,
     pub burst: u32,
     pub cache_ttl: Duration,
@@ -440,6 +530,8 @@ impl Config {
         let cluster_ca = (!args.cluster_ca_cert.is_empty())
             .then(|| PemFile::new("cluster-ca-cert", &args.cluster_ca_cert));
         let token_auth = args.token_auth.settings()?;
+        let leases = args.leases.settings()?;
+        let kubeconfig = args.token_auth.kubeconfig()?;
         if token_auth.is_some() && cluster_ca.is_some() {
             return Err(ConfigError::Invalid {
                 flag: "agent-namespace",
@@ -614,6 +706,8 @@ impl Config {
             admin_port: args.admin_port,
             graceful_shutdown_timeout: args.graceful_shutdown_timeout,
             token_auth,
+            leases,
+            kubeconfig,
             binding: args.bind_agent_identity,
             max_agent_streams_per_identity: args.max_agent_streams_per_identity as usize,
             agents_unauthenticated,
@@ -622,6 +716,20 @@ impl Config {
 }
 
 impl TokenAuthArgs {
+    fn kubeconfig(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let kubeconfig = (!self.kubeconfig.is_empty()).then(|| PathBuf::from(&self.kubeconfig));
+        if let Some(path) = &kubeconfig
+            && !path.is_file()
+        {
+            return Err(ConfigError::Invalid {
+                flag: "kubeconfig",
+                value: self.kubeconfig.clone(),
+                why: "no such file".into(),
+            });
+        }
+        Ok(kubeconfig)
+    }
+
     fn settings(&self) -> Result<Option<TokenAuthSettings>, ConfigError> {
         if self.agent_namespace.is_empty() {
             if !self.agent_service_account.is_empty() || !self.authentication_audience.is_empty() {
@@ -642,16 +750,6 @@ impl TokenAuthArgs {
                     why: " with --agent-namespace (token authentication)",
                 });
             }
-        }
-        let kubeconfig = (!self.kubeconfig.is_empty()).then(|| PathBuf::from(&self.kubeconfig));
-        if let Some(path) = &kubeconfig
-            && !path.is_file()
-        {
-            return Err(ConfigError::Invalid {
-                flag: "kubeconfig",
-                value: self.kubeconfig.clone(),
-                why: "no such file".into(),
-            });
         }
         if !(self.kubeconfig_qps >= 0.0 && self.kubeconfig_qps.is_finite()) {
             return Err(ConfigError::Invalid {
@@ -675,7 +773,6 @@ impl TokenAuthArgs {
             namespace: self.agent_namespace.clone(),
             service_account: self.agent_service_account.clone(),
             audience: self.authentication_audience.clone(),
-            kubeconfig,
             qps: if self.kubeconfig_qps > 0.0 {
                 f64::from(self.kubeconfig_qps)
             } else {

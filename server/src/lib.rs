@@ -34,6 +34,7 @@ pub mod config;
 pub mod connection;
 pub mod frontend;
 pub mod identity;
+pub mod leases;
 pub mod listen;
 pub mod metrics;
 pub mod nodes;

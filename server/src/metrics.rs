@@ -19,6 +19,17 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpCallLabels {
+    http_status_code: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpStatusLabel {
+    http_status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StrategyLabel {
     proxy_strategy: &'static str,
 }
@@ -82,6 +93,22 @@ pub struct Metrics {
     token_reviews: Family<OutcomeLabel, Counter>,
     dials_withheld: Family<ReasonLabel, Counter>,
     address_conflicts: Family<ReasonLabel, Counter>,
+    pub culled_leases: NamedCounter,
+    lease_calls: [Family<HttpCallLabels, Counter>; 2],
+    lease_latencies: [Family<HttpStatusLabel, Histogram>; 2],
+}
+
+/// The lease controller's two kinds of call, as upstream's metrics name them.
+#[derive(Clone, Copy, Debug)]
+pub enum LeaseCall {
+    List = 0,
+    Delete = 1,
+}
+
+fn default_buckets() -> Histogram {
+    Histogram::new([
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
 }
 
 impl Metrics {
@@ -114,6 +141,12 @@ impl Metrics {
             token_reviews: Family::default(),
             dials_withheld: Family::default(),
             address_conflicts: Family::default(),
+            culled_leases: NamedCounter::default(),
+            lease_calls: [Family::default(), Family::default()],
+            lease_latencies: [
+                Family::new_with_constructor(default_buckets),
+                Family::new_with_constructor(default_buckets),
+            ],
             registry: Registry::default(),
         };
         // Registered clones share their values with the fields above.
@@ -174,6 +207,25 @@ impl Metrics {
                 "Failed dials by reason",
                 metrics.dial_failures.clone(),
             );
+            upstream.register(
+                "culled_leases_count",
+                "Expired server Leases the lease controller deleted",
+                metrics.culled_leases.clone(),
+            );
+            for (call, name) in [(LeaseCall::List, "list"), (LeaseCall::Delete, "delete")] {
+                upstream.register(
+                    format!("lease_{name}"),
+                    format!(
+                        "Lease {name} calls by the lease controller, by HTTP status and reason"
+                    ),
+                    metrics.lease_calls[call as usize].clone(),
+                );
+                upstream.register(
+                    format!("lease_{name}_latency_seconds"),
+                    format!("Latency of the lease controller's Lease {name} calls"),
+                    metrics.lease_latencies[call as usize].clone(),
+                );
+            }
             upstream.register(
                 "full_receive_channels",
                 "Agent streams not being read because a frontend queue is full",
@@ -251,6 +303,29 @@ impl Metrics {
         self.dials_withheld
             .get_or_create(&ReasonLabel { reason })
             .inc();
+    }
+
+    /// One Lease list or delete: its HTTP status (0 when none came back), the API's reason,
+    /// and how long it took.
+    pub fn lease_call(
+        &self,
+        call: LeaseCall,
+        status: u16,
+        reason: &str,
+        took: std::time::Duration,
+    ) {
+        let code = status.to_string();
+        self.lease_calls[call as usize]
+            .get_or_create(&HttpCallLabels {
+                http_status_code: code.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+        self.lease_latencies[call as usize]
+            .get_or_create(&HttpStatusLabel {
+                http_status_code: code,
+            })
+            .observe(took.as_secs_f64());
     }
 
     pub fn address_conflict(&self, reason: &'static str) {

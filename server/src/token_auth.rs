@@ -11,7 +11,6 @@ use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
@@ -130,18 +129,6 @@ impl Sources {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SetupError {
-    #[error("cannot read --kubeconfig")]
-    Kubeconfig(#[source] kube::config::KubeconfigError),
-    #[error(
-        "no in-cluster service account to reach kube-apiserver with; set --kubeconfig for token authentication"
-    )]
-    InCluster(#[source] kube::config::InClusterError),
-    #[error("cannot build a kube-apiserver client")]
-    Client(#[source] kube::Error),
-}
-
 /// Why an agent's token was refused; the text goes to the log and to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -223,21 +210,8 @@ pub struct Authenticated {
 }
 
 impl TokenAuth {
-    pub async fn new(
-        settings: &TokenAuthSettings,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, SetupError> {
-        let config = match &settings.kubeconfig {
-            Some(path) => {
-                let kubeconfig = Kubeconfig::read_from(path).map_err(SetupError::Kubeconfig)?;
-                kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                    .await
-                    .map_err(SetupError::Kubeconfig)?
-            }
-            None => kube::Config::incluster().map_err(SetupError::InCluster)?,
-        };
-        let client = kube::Client::try_from(config).map_err(SetupError::Client)?;
-        Ok(TokenAuth {
+    pub fn new(settings: &TokenAuthSettings, client: kube::Client, metrics: Arc<Metrics>) -> Self {
+        TokenAuth {
             reviews: Api::all(client.clone()),
             nodes: Api::all(client),
             namespace: settings.namespace.clone(),
@@ -251,7 +225,7 @@ impl TokenAuth {
             refused: Mutex::new(Cache::default()),
             sources: Mutex::new(Sources::default()),
             metrics,
-        })
+        }
     }
 
     /// Checks the `authorization` metadata of a `Connect` from `peer`.

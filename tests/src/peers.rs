@@ -217,3 +217,27 @@ pub fn metric(port: u16, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// Whether the agent whose health port is `port` comes to hold `count` server streams and to
+/// count that many servers, within 30 s (either implementation: the names are upstream's).
+pub fn holds_servers(port: u16, count: f64) -> bool {
+    crate::process::wait_until(Duration::from_secs(30), || {
+        metric(
+            port,
+            "konnectivity_network_proxy_agent_open_server_connections ",
+        ) == Some(count)
+            && metric(port, "konnectivity_network_proxy_agent_known_server_count ") == Some(count)
+    })
+}
+
+/// Every line `agent` and `servers` logged, each under its role, for a failed check's message.
+pub fn logs_of(agent: &Peer, servers: &[Peer]) -> String {
+    let mut text = format!("agent:\n{}\n", agent.logged.logs.lines().join("\n"));
+    for server in servers {
+        text.push_str(&format!(
+            "server:\n{}\n",
+            server.logged.logs.lines().join("\n")
+        ));
+    }
+    text
+}

@@ -135,13 +135,10 @@ fn a_listen_addresses_file_that_cannot_be_written_is_named() {
 #[test]
 fn unsupported_upstream_flags_are_refused_by_name() {
     let pki = Pki::new(&[]).unwrap();
-    let (code, line) = fails(
-        "tether-server",
-        &server_args(&pki, &["--enable-lease-controller"]),
-    );
+    let (code, line) = fails("tether-server", &server_args(&pki, &["--enable-profiling"]));
     assert_eq!(code, 2);
     assert!(
-        line.contains("--enable-lease-controller is not supported"),
+        line.contains("--enable-profiling is not supported"),
         "{line}"
     );
 
@@ -149,12 +146,64 @@ fn unsupported_upstream_flags_are_refused_by_name() {
         "tether-agent",
         &[
             format!("--ca-cert={}", pki.ca().display()),
-            "--count-server-leases".into(),
+            "--enable-profiling".into(),
         ],
     );
     assert_eq!(code, 2);
     assert!(
-        line.contains("--count-server-leases is not supported"),
+        line.contains("--enable-profiling is not supported"),
+        "{line}"
+    );
+}
+
+#[test]
+fn lease_flags_that_cannot_work_are_refused_by_name() {
+    let pki = Pki::new(&[]).unwrap();
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(
+            &pki,
+            &["--enable-lease-controller", "--lease-label=k8s-app"],
+        ),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--lease-label=\"k8s-app\"") && line.contains("k=v"),
+        "{line}"
+    );
+    let (code, line) = fails(
+        "tether-server",
+        &server_args(
+            &pki,
+            &["--enable-lease-controller", "--lease-renew-interval=30s"],
+        ),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--lease-renew-interval") && line.contains("shorter than --lease-duration"),
+        "{line}"
+    );
+
+    let agent = |extra: &str| {
+        fails(
+            "tether-agent",
+            &[
+                format!("--ca-cert={}", pki.ca().display()),
+                "--count-server-leases".into(),
+                extra.into(),
+            ],
+        )
+    };
+    let (code, line) = agent("--server-count-source=min");
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--server-count-source=\"min\"") && line.contains("default or max"),
+        "{line}"
+    );
+    let (code, line) = agent("--kubeconfig=/nonexistent/kubeconfig");
+    assert_eq!(code, 2);
+    assert!(
+        line.contains("--kubeconfig=\"/nonexistent/kubeconfig\": no such file"),
         "{line}"
     );
 }

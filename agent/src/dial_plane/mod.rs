@@ -46,8 +46,10 @@ pub enum DialPlaneError {
         "--service-map-file and --services-from-kubernetes: Services are steered by the kernel hooks, which --dial-policy-cgroup=off turns off"
     )]
     ServicesWithoutHooks,
-    #[error("--services-from-kubernetes: cannot set up the Kubernetes client: {0}")]
-    Kubernetes(String),
+    #[error(
+        "--services-from-kubernetes: cannot set up the Kubernetes client (--services-kubeconfig)"
+    )]
+    Kubernetes(#[source] tether_runtime::kube_client::KubeClientError),
     #[error("--service-map-file: cannot read {file}")]
     ServiceMapRead {
         file: String,
@@ -115,7 +117,9 @@ impl DialPlane {
             let Some(hooks) = &hooks else {
                 return Err(DialPlaneError::ServicesWithoutHooks);
             };
-            let client = kubernetes_client(config.services_kubeconfig.as_deref()).await?;
+            let client = tether_runtime::kube_client::client(config.services_kubeconfig.as_deref())
+                .await
+                .map_err(DialPlaneError::Kubernetes)?;
             let first = Arc::new(tokio::sync::Notify::new());
             let following =
                 follow_kubernetes(client, hooks.clone(), services.clone(), first.clone());
@@ -240,21 +244,6 @@ impl DialPlane {
         }
         body
     }
-}
-
-async fn kubernetes_client(path: Option<&std::path::Path>) -> Result<kube::Client, DialPlaneError> {
-    use kube::config::{KubeConfigOptions, Kubeconfig};
-    let config = match path {
-        Some(path) => {
-            let kubeconfig = Kubeconfig::read_from(path)
-                .map_err(|e| DialPlaneError::Kubernetes(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .map_err(|e| DialPlaneError::Kubernetes(e.to_string()))?
-        }
-        None => kube::Config::incluster().map_err(|e| DialPlaneError::Kubernetes(e.to_string()))?,
-    };
-    kube::Client::try_from(config).map_err(|e| DialPlaneError::Kubernetes(e.to_string()))
 }
 
 /// How long starting waits for the first list of Services before attaching the hooks.

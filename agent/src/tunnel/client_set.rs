@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+use super::lease_count::LeaseCounter;
 use super::scheduler::{CONTROL_BACKLOG, Scheduler};
 use super::server_stream::{Limits, ServerStream};
 use super::transport::{self, ConnectError};
@@ -20,7 +21,10 @@ pub struct ClientSet {
     limits: Arc<Limits>,
     metrics: Arc<Metrics>,
     servers: Mutex<HashMap<String, Arc<ServerStream>>>,
+    /// The servercount the last new server announced.
     last_server_count: AtomicU32,
+    /// Set with --count-server-leases.
+    leases: Option<Arc<LeaseCounter>>,
     draining: Arc<AtomicBool>,
     /// One task per server stream, reading it until it ends.
     streams: TaskTracker,
@@ -41,6 +45,7 @@ impl ClientSet {
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         dial_policy: Arc<crate::dial_plane::policy::DialPolicy>,
+        leases: Option<Arc<LeaseCounter>>,
     ) -> Arc<Self> {
         let limits = Arc::new(Limits {
             dial_timeout: config.dial_timeout,
@@ -57,6 +62,7 @@ impl ClientSet {
             metrics,
             servers: Mutex::new(HashMap::new()),
             last_server_count: AtomicU32::new(0),
+            leases,
             draining: Arc::new(AtomicBool::new(false)),
             streams: TaskTracker::new(),
             connections: TaskTracker::new(),
@@ -94,7 +100,7 @@ impl ClientSet {
         if self.draining.load(Ordering::Relaxed) {
             return Ok(Outcome::Idle);
         }
-        let count = self.last_server_count.load(Ordering::Relaxed).max(1);
+        let count = self.server_count();
         self.metrics.known_server_count.set(i64::from(count));
         let held = self.servers().len();
         if !self.config.sync_forever && held >= usize::try_from(count).unwrap_or(usize::MAX) {
@@ -190,6 +196,18 @@ impl ClientSet {
             set.metrics.open_server_connections.dec();
         });
         Ok(Outcome::Connected)
+    }
+
+    /// How many servers to hold streams to: the announced count, or the Lease count (with
+    /// --server-count-source=max, the larger of the two) once the Leases are listed.
+    fn server_count(&self) -> u32 {
+        let announced = self.last_server_count.load(Ordering::Relaxed).max(1);
+        let leased = self.leases.as_ref().and_then(|leases| leases.count());
+        match (leased, &self.config.leases) {
+            (Some(leased), Some(settings)) if settings.max_with_announced => leased.max(announced),
+            (Some(leased), _) => leased,
+            (None, _) => announced,
+        }
     }
 
     /// Ready once at least one server stream is held (as upstream).

@@ -2,6 +2,7 @@
 
 mod body;
 pub mod client_set;
+pub mod lease_count;
 pub mod scheduler;
 pub mod server_stream;
 pub mod transport;

@@ -624,6 +624,131 @@ async fn server_count_two(pair: &Pair, report: &mut Report) {
         .await;
 }
 
+/// Servers publish Leases and the agent counts them (upstream's --enable-lease-controller and
+/// --count-server-leases): every server announces a servercount of 1, so only the Leases can
+/// tell the agent there are more. A server of the other implementation joins (a migration),
+/// one leaves, and the agent follows both with no restart.
+async fn server_leases(pair: &Pair, report: &mut Report) {
+    let name = format!(
+        "{}: servers counted by their Leases, one of the other implementation added and one removed",
+        pair.label()
+    );
+    report
+        .check(name, async {
+            let pki = Pki::new(&[])?;
+            let api_pair = pki.pair("server");
+            let (api, api_port) = tether_tests::kube_api::KubeApi::start_on_loopback(
+                tether_tests::kube_api::Cluster::default(),
+                &api_pair.cert,
+                &api_pair.key,
+            );
+            let kubeconfig =
+                tether_tests::kube_api::KubeApi::kubeconfig(pki.dir(), api_port, &pki.ca());
+            let kube_flags = vec![
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--kube-api-content-type=application/json".to_owned(),
+            ];
+            let other = match &pair.server {
+                Impl::Tether => Impl::Upstream(pair.upstream.clone()),
+                Impl::Upstream(_) => Impl::Tether,
+            };
+            let ports: Vec<ServerPorts> =
+                (0..3).map(|_| ServerPorts::free()).collect::<Result<_>>()?;
+            let start = |imp: &Impl, i: usize| {
+                let mut extra = kube_flags.clone();
+                extra.extend([
+                    "--enable-lease-controller".to_owned(),
+                    "--server-count=1".to_owned(),
+                    format!("--server-id=server-{i}"),
+                ]);
+                peers::server(
+                    imp,
+                    &pki,
+                    Mode::HttpConnect,
+                    Transport::Uds,
+                    &pki.dir().join(format!("s{i}.sock")),
+                    ports[i],
+                    &extra,
+                )
+            };
+            let mut servers = vec![start(&pair.server, 0)?, start(&pair.server, 1)?];
+            // The third address answers nothing until its server starts.
+            let lb = tether_tests::lb::round_robin(
+                ports
+                    .iter()
+                    .map(|p| ([127, 0, 0, 1], p.agent).into())
+                    .collect(),
+            )
+            .await;
+            let mut extra = kube_flags.clone();
+            extra.push("--count-server-leases".to_owned());
+            let agent = peers::agent(&pair.agent, &pki, lb.port(), &extra)?;
+            let logs = |servers: &[Peer]| {
+                format!(
+                    "{}leases: {:#?}",
+                    peers::logs_of(&agent, servers),
+                    api.leases.list("kube-system")
+                )
+            };
+            ensure!(
+                peers::holds_servers(agent.health_port, 2.0),
+                "the agent does not count and hold two servers\n{}",
+                logs(&servers)
+            );
+            let leases = api.leases.list("kube-system");
+            for i in 0..2 {
+                let lease = leases
+                    .iter()
+                    .find(|l| {
+                        l["metadata"]["name"] == format!("konnectivity-proxy-server-server-{i}")
+                    })
+                    .with_context(|| format!("no Lease for server-{i}\n{}", logs(&servers)))?;
+                ensure!(
+                    lease["spec"]["holderIdentity"] == format!("server-{i}")
+                        && lease["metadata"]["labels"]["k8s-app"] == "konnectivity-server"
+                        && lease["spec"]["leaseDurationSeconds"] == 30,
+                    "server-{i}'s Lease is not upstream's shape: {lease:#}"
+                );
+            }
+            servers.push(start(&other, 2)?);
+            ensure!(
+                peers::holds_servers(agent.health_port, 3.0),
+                "the agent does not follow a third server\n{}",
+                logs(&servers)
+            );
+            let first = servers.remove(0);
+            first
+                .logged
+                .process
+                .signal(nix::sys::signal::Signal::SIGTERM)?;
+            drop(first);
+            ensure!(
+                wait_until(Duration::from_secs(30), || api
+                    .leases
+                    .list("kube-system")
+                    .len()
+                    == 2),
+                "the stopped server did not delete its Lease\n{}",
+                logs(&servers)
+            );
+            ensure!(
+                peers::holds_servers(agent.health_port, 2.0),
+                "the agent does not follow a removed server\n{}",
+                logs(&servers)
+            );
+            for (i, server) in servers.iter().enumerate() {
+                ensure!(
+                    wait_ready(server.health_port, Duration::from_secs(5)),
+                    "server {} has no agent\n{}",
+                    i + 1,
+                    logs(&servers)
+                );
+            }
+            Ok(())
+        })
+        .await;
+}
+
 async fn dest_host(pair: &Pair, report: &mut Report) {
     let name = format!(
         "{}: destHost sends each dial to the agent that serves its host",
@@ -777,10 +902,7 @@ async fn metric_names(upstream: &Path, role: &str, report: &mut Report) {
                     );
                 }
             }
-            let missing: Vec<&String> = pages[0]
-                .difference(&pages[1])
-                .filter(|n| !n.contains("lease"))
-                .collect();
+            let missing: Vec<&String> = pages[0].difference(&pages[1]).collect();
             ensure!(missing.is_empty(), "tether lacks {missing:?}");
             Ok(())
         })
@@ -1021,6 +1143,7 @@ async fn main() -> std::process::ExitCode {
         probe(pair, &mut report).await;
         restarts(pair, &mut report).await;
         server_count_two(pair, &mut report).await;
+        server_leases(pair, &mut report).await;
         dest_host(pair, &mut report).await;
         slow_readers(pair, &mut report).await;
         if matches!(pair.server, Impl::Tether) {
