@@ -56,7 +56,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
     // The guard goes first: a node that cannot be guarded as configured should not come up.
     let mut guard = guard::start(
         &config.guard,
-        &config.server_host,
+        &config.server_hosts,
         config.server_port,
         &tasks,
         &shutdown,
@@ -67,7 +67,7 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         metrics.register_guard(counters);
     }
     // Before the first dial: from here on the kernel refuses what the policy denies.
-    let server = (config.server_host.as_str(), config.server_port);
+    let server = (config.server_hosts.as_slice(), config.server_port);
     let dial_plane = Arc::new(DialPlane::start(&config.dial, server, &tasks, &shutdown).await?);
     if let Some(hooks) = dial_plane.hooks() {
         metrics.register_dial_policy(hooks.clone(), &dial_plane.policy);
@@ -156,7 +156,12 @@ pub async fn start(config: Config) -> Result<Agent, StartError> {
         shutdown.clone().cancelled_owned(),
     ));
     tracing::info!(
-        server = format!("{}:{}", config.server_host, config.server_port),
+        server = config
+            .server_hosts
+            .iter()
+            .map(|host| crate::tunnel::transport::host_port(host, config.server_port))
+            .collect::<Vec<_>>()
+            .join(","),
         agent_id = config.agent_id,
         agent_identifiers = config.agent_identifiers,
         health = %health_addr,

@@ -241,9 +241,27 @@ impl From<GuardMode> for tether_agent_common::Mode {
 
 #[derive(ClapArgs, Debug)]
 pub struct RunArgs {
-    /// Proxy server host name or IP; also the name its certificate must carry.
+    /// Proxy server host name or IP; also the name its certificate must carry. Several,
+    /// comma-separated, are dialled in turn (see --server-addresses).
     #[arg(long, default_value = "127.0.0.1", help_heading = "Proxy server")]
     pub proxy_server_host: String,
+    /// How --proxy-server-host leads to the servers. balancer: through a load balancer (or
+    /// DNS that hands out one server at a time): the agent dials until it holds as many
+    /// distinct servers as it counts (servercount or Leases). each: every address the hosts
+    /// resolve to is a server (a list of servers, or a headless Service's name): the agent
+    /// holds one stream to each address directly, re-resolves every --resolve-interval,
+    /// follows added and removed addresses, and redials a lost one within about a second.
+    #[arg(
+        long,
+        env = "TETHER_SERVER_ADDRESSES",
+        value_enum,
+        default_value = "balancer",
+        help_heading = "Proxy server"
+    )]
+    pub server_addresses: ServerAddresses,
+    /// With --server-addresses=each: how often the hosts are resolved again.
+    #[arg(long, env = "TETHER_RESOLVE_INTERVAL", value_parser = go_duration, default_value = "5s", help_heading = "Proxy server")]
+    pub resolve_interval: Duration,
     /// Proxy server agent port.
     #[arg(long, default_value_t = 8091, help_heading = "Proxy server")]
     pub proxy_server_port: u16,
@@ -386,6 +404,13 @@ pub struct RunArgs {
     pub unsupported: Unsupported,
 }
 
+/// How the agent finds the servers behind --proxy-server-host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServerAddresses {
+    Balancer,
+    Each,
+}
+
 /// How many servers to hold a stream to, from the servers' Leases (coordination.k8s.io/v1)
 /// rather than from the servercount each server announces: servers added or removed are
 /// followed with no restart. Needs Lease get/list/watch in --lease-namespace.
@@ -506,8 +531,11 @@ impl Unsupported {
 }
 
 pub struct Config {
-    pub server_host: String,
+    /// --proxy-server-host, split at commas.
+    pub server_hosts: Vec<String>,
     pub server_port: u16,
+    pub server_addresses: ServerAddresses,
+    pub resolve_interval: Duration,
     pub ca: PemFile,
     pub client_identity: Option<(PemFile, PemFile)>,
     pub alpn: Vec<String>,
@@ -581,11 +609,25 @@ impl Config {
                 "must be greater than 0".into(),
             ));
         }
-        if args.proxy_server_host.is_empty() {
+        let server_hosts: Vec<String> = args
+            .proxy_server_host
+            .split(',')
+            .map(|host| host.trim().trim_start_matches('[').trim_end_matches(']'))
+            .filter(|host| !host.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if server_hosts.is_empty() {
             return Err(ConfigError::Required {
                 flag: "proxy-server-host",
                 why: "",
             });
+        }
+        if args.resolve_interval < Duration::from_millis(100) {
+            return Err(invalid(
+                "resolve-interval",
+                format!("{:?}", args.resolve_interval),
+                "must be at least 100ms".into(),
+            ));
         }
         let token_path = (!args.service_account_token_path.is_empty())
             .then(|| PathBuf::from(&args.service_account_token_path));
@@ -690,8 +732,10 @@ impl Config {
             args.agent_id.clone()
         };
         Ok(Config {
-            server_host: args.proxy_server_host.clone(),
+            server_hosts,
             server_port: args.proxy_server_port,
+            server_addresses: args.server_addresses,
+            resolve_interval: args.resolve_interval,
             ca,
             client_identity,
             alpn: args

@@ -114,7 +114,7 @@ impl Drop for Guard {
 /// returned when there is none.
 pub async fn start(
     settings: &GuardSettings,
-    server_host: &str,
+    server_hosts: &[String],
     server_port: u16,
     tracker: &TaskTracker,
     stop: &CancellationToken,
@@ -152,7 +152,7 @@ pub async fn start(
         return Err(GuardError::MissingCapabilities(named.join(", ")));
     }
     let control_plane = if settings.control_plane.is_empty() {
-        resolve(server_host, server_port).await?
+        resolve(server_hosts, server_port).await?
     } else {
         settings.control_plane.clone()
     };
@@ -413,14 +413,17 @@ async fn follow(
     }
 }
 
-async fn resolve(host: &str, port: u16) -> Result<Vec<Cidr>, GuardError> {
-    let resolved = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|source| GuardError::Resolve {
-            host: host.to_owned(),
-            source,
-        })?;
-    let addresses: BTreeSet<IpAddr> = resolved.map(|a| a.ip()).collect();
+async fn resolve(hosts: &[String], port: u16) -> Result<Vec<Cidr>, GuardError> {
+    let mut addresses: BTreeSet<IpAddr> = BTreeSet::new();
+    for host in hosts {
+        let resolved = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|source| GuardError::Resolve {
+                host: host.clone(),
+                source,
+            })?;
+        addresses.extend(resolved.map(|a| a.ip()));
+    }
     Ok(addresses
         .into_iter()
         .map(|addr| Cidr {

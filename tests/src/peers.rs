@@ -61,6 +61,15 @@ pub struct Peer {
     pub pid: u32,
 }
 
+impl Peer {
+    /// Kills the process at once, as a crash or a lost node would end it, and reaps it.
+    pub fn kill(self) -> Result<()> {
+        self.logged
+            .process
+            .signal(nix::sys::signal::Signal::SIGKILL)
+    }
+}
+
 /// A port on 127.0.0.1 that was free a moment ago (upstream's binaries cannot bind port 0 and
 /// report what they got).
 pub fn free_port() -> Result<u16> {
@@ -164,19 +173,45 @@ pub fn server(
     Ok(peer)
 }
 
-/// Starts an agent that dials `server_port` on 127.0.0.1.
+/// Starts an agent that dials `server_port` on 127.0.0.1 (or on the hosts a
+/// `--proxy-server-host=` in `extra` names).
 pub fn agent(imp: &Impl, pki: &Pki, server_port: u16, extra: &[String]) -> Result<Peer> {
+    agent_in(imp, pki, server_port, extra, None)
+}
+
+/// [`agent`], resolving names through `hosts` instead of /etc/hosts: the agent runs in a
+/// mount namespace of its own where that file is mounted over /etc/hosts, so a test changes
+/// what a name resolves to by rewriting it in place.
+pub fn agent_in(
+    imp: &Impl,
+    pki: &Pki,
+    server_port: u16,
+    extra: &[String],
+    hosts: Option<&Path>,
+) -> Result<Peer> {
     let health_port = free_port()?;
-    let mut cmd = Command::new(imp.binary("agent")?);
+    let mut cmd = match hosts {
+        Some(hosts) => {
+            let mut cmd = Command::new("unshare");
+            cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                .arg(hosts)
+                .arg(imp.binary("agent")?);
+            cmd
+        }
+        None => Command::new(imp.binary("agent")?),
+    };
     if matches!(imp, Impl::Tether) {
         cmd.args(AGENT_WITHOUT_GUARD)
             .args([DIALS_LOOPBACK, NO_DIAL_HOOKS]);
     }
     let client = pki.pair("agent");
+    if !extra.iter().any(|a| a.starts_with("--proxy-server-host=")) {
+        cmd.arg("--proxy-server-host=127.0.0.1");
+    }
     cmd.arg(format!("--ca-cert={}", pki.ca().display()))
         .arg(format!("--agent-cert={}", client.cert.display()))
         .arg(format!("--agent-key={}", client.key.display()))
-        .arg("--proxy-server-host=127.0.0.1")
         .arg(format!("--proxy-server-port={server_port}"))
         .arg(format!("--health-server-port={health_port}"))
         .arg(format!("--admin-server-port={}", free_port()?))

@@ -65,13 +65,7 @@ async fn agents_follow_servers_that_come_and_go_by_their_leases() {
     );
 
     // Killed: its Lease stays until it lapses and a surviving server deletes it.
-    let killed = servers.remove(0);
-    killed
-        .logged
-        .process
-        .signal(nix::sys::signal::Signal::SIGKILL)
-        .unwrap();
-    drop(killed);
+    servers.remove(0).kill().unwrap();
     assert!(
         wait_until(Duration::from_secs(15), || api
             .leases

@@ -103,7 +103,7 @@ impl DialPlane {
     /// refuses what the policy denies. `server` is the proxy server the agent must reach.
     pub async fn start(
         config: &DialSettings,
-        server: (&str, u16),
+        server: (&[String], u16),
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Self, DialPlaneError> {
@@ -336,14 +336,16 @@ fn apply_services(
 
 /// The operator's rules, the defaults, and what the agent itself must reach: the proxy server
 /// (as it resolves now) and the nameservers its lookups use.
-async fn dial_policy(config: &DialSettings, (host, port): (&str, u16)) -> DialPolicy {
-    let server: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host, port)).await {
-        Ok(addrs) => addrs.collect(),
-        Err(err) => {
-            tracing::warn!(server = host, error = %err, "cannot resolve the proxy server now; its address is not exempt from --dial-allow");
-            Vec::new()
+async fn dial_policy(config: &DialSettings, (hosts, port): (&[String], u16)) -> DialPolicy {
+    let mut server: Vec<std::net::SocketAddr> = Vec::new();
+    for host in hosts {
+        match tokio::net::lookup_host((host.as_str(), port)).await {
+            Ok(addrs) => server.extend(addrs),
+            Err(err) => {
+                tracing::warn!(server = host, error = %err, "cannot resolve the proxy server now; its address is not exempt from --dial-allow");
+            }
         }
-    };
+    }
     let nameservers = std::fs::read_to_string("/etc/resolv.conf")
         .map(|text| policy::nameservers(&text))
         .unwrap_or_default();

@@ -1,19 +1,26 @@
-//! The set of server streams: one per distinct server replica (by `serverid`) until the
-//! announced `servercount` is reached, redialled with jittered exponential backoff.
+//! The set of server streams: one per distinct server replica (by `serverid`).
+//!
+//! Through a load balancer (`--server-addresses=balancer`) the agent dials until it holds as
+//! many distinct servers as it counts (announced `servercount`, or Leases), backing off with
+//! jitter, and dials at once when a stream is lost. Given the servers' addresses (`each`), it
+//! holds one stream per address, each redialled on its own within about a second of a loss
+//! (jittered, so a restarted server is not met by every agent at the same instant), and
+//! follows the addresses as they resolve.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::lease_count::LeaseCounter;
 use super::scheduler::{CONTROL_BACKLOG, Scheduler};
 use super::server_stream::{Limits, ServerStream};
-use super::transport::{self, ConnectError};
-use crate::config::Config;
+use super::transport::{self, ConnectError, Target};
+use crate::config::{Config, ServerAddresses};
 use crate::metrics::Metrics;
 
 pub struct ClientSet {
@@ -30,15 +37,25 @@ pub struct ClientSet {
     streams: TaskTracker,
     /// The tunnelled connections' tasks, across every stream.
     connections: TaskTracker,
+    /// Told when a server stream ends, so the balancer loop dials again at once.
+    lost: Notify,
 }
 
 enum Outcome {
     /// Nothing to do: enough servers held, or draining.
     Idle,
-    Connected,
+    /// A new server is held; the receiver resolves when its stream ends.
+    Connected(oneshot::Receiver<()>),
     /// The new stream reached a server already held; it was closed.
     Duplicate,
 }
+
+/// The first redial of a lost stream waits up to this long (uniformly jittered), and later
+/// attempts grow from it; a restarted server is back in use within about a second.
+const REDIAL: Duration = Duration::from_millis(250);
+/// For this long after a loss, redials stay at most --sync-interval apart; after that they
+/// back off up to --sync-interval-cap, as for a server that never answered.
+const FAST_REDIALS: Duration = Duration::from_secs(30);
 
 impl ClientSet {
     pub fn new(
@@ -66,51 +83,189 @@ impl ClientSet {
             draining: Arc::new(AtomicBool::new(false)),
             streams: TaskTracker::new(),
             connections: TaskTracker::new(),
+            lost: Notify::new(),
         })
     }
 
     /// The sync loop: runs until `stop` turns true.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) {
+        match self.config.server_addresses {
+            ServerAddresses::Balancer => self.run_balanced(stop).await,
+            ServerAddresses::Each => self.run_each(stop).await,
+        }
+    }
+
+    async fn run_balanced(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(self.config.sync_interval, self.config.sync_interval_cap);
-        loop {
-            let delay = match self.sync_once().await {
-                Ok(Outcome::Idle | Outcome::Connected | Outcome::Duplicate) => {
+        let mut failures = Failures::default();
+        for turn in 0.. {
+            let hosts = &self.config.server_hosts;
+            let target = Target {
+                host: hosts[turn % hosts.len()].clone(),
+                port: self.config.server_port,
+                address: None,
+            };
+            let delay = match self.sync_once(&target).await {
+                Ok(outcome) => {
+                    failures.recovered(&target);
                     backoff.reset();
-                    jitter(self.config.sync_interval)
+                    if matches!(outcome, Outcome::Connected(_)) {
+                        // Maybe more servers to reach: look again soon, not a full interval later.
+                        jitter_within(REDIAL)
+                    } else {
+                        jitter(self.config.sync_interval)
+                    }
                 }
                 Err(err) => {
                     let delay = backoff.step();
-                    tracing::warn!(
-                        server = format!("{}:{}", self.config.server_host, self.config.server_port),
-                        error = tether_runtime::error_chain(&err),
-                        retry_in = ?delay,
-                        "cannot connect to the proxy server"
-                    );
+                    failures.failed(&target, &err, delay);
                     delay
                 }
             };
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
+            let lost = tokio::select! {
+                _ = tokio::time::sleep(delay) => false,
+                () = self.lost.notified() => true,
                 _ = stop.wait_for(|stop| *stop) => return,
+            };
+            if lost {
+                backoff.reset();
+                tokio::select! {
+                    _ = tokio::time::sleep(jitter_within(REDIAL)) => {}
+                    _ = stop.wait_for(|stop| *stop) => return,
+                }
             }
         }
     }
 
-    async fn sync_once(self: &Arc<Self>) -> Result<Outcome, ConnectError> {
-        if self.draining.load(Ordering::Relaxed) {
-            return Ok(Outcome::Idle);
+    /// One holder per address the hosts resolve to; re-resolved every --resolve-interval.
+    async fn run_each(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut holders: BTreeMap<Target, CancellationToken> = BTreeMap::new();
+        let mut unresolved = false;
+        loop {
+            match self.resolve().await {
+                Ok(targets) => {
+                    unresolved = false;
+                    holders.retain(|target, holder| {
+                        let keep = targets.contains(target);
+                        if !keep {
+                            // Its stream, if any, stays until it ends; it is just not redialled.
+                            tracing::info!(server = %target, "server address gone from DNS; not redialled");
+                            holder.cancel();
+                        }
+                        keep
+                    });
+                    for target in targets {
+                        if holders.contains_key(&target) {
+                            continue;
+                        }
+                        let holder = CancellationToken::new();
+                        self.streams
+                            .spawn(self.clone().hold(target.clone(), holder.clone()));
+                        holders.insert(target, holder);
+                    }
+                    self.metrics
+                        .known_server_count
+                        .set(i64::try_from(holders.len()).unwrap_or(i64::MAX));
+                }
+                Err((host, err)) => {
+                    if !unresolved {
+                        tracing::warn!(
+                            host,
+                            error = %err,
+                            "cannot resolve the proxy server; holding on to the addresses it had"
+                        );
+                    }
+                    unresolved = true;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.resolve_interval) => {}
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
         }
+        for holder in holders.values() {
+            holder.cancel();
+        }
+    }
+
+    /// Every address of every host; one failed lookup fails the round (an address that is
+    /// only unresolvable for a moment is not dropped).
+    async fn resolve(&self) -> Result<Vec<Target>, (String, std::io::Error)> {
+        let port = self.config.server_port;
+        let mut targets = Vec::new();
+        for host in &self.config.server_hosts {
+            let addresses = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map_err(|err| (host.clone(), err))?;
+            targets.extend(addresses.map(|address| Target {
+                host: host.clone(),
+                port,
+                address: Some(address),
+            }));
+        }
+        targets.sort();
+        targets.dedup();
+        Ok(targets)
+    }
+
+    /// Keeps one stream to `target` until `holder` is cancelled or the agent drains.
+    async fn hold(self: Arc<Self>, target: Target, holder: CancellationToken) {
+        let cap = self.config.sync_interval.max(REDIAL);
+        let mut backoff = Backoff::new(REDIAL, cap);
+        let mut failures = Failures::default();
+        let mut lost_at = tokio::time::Instant::now();
+        loop {
+            let delay = match self.open(&target).await {
+                Ok(Outcome::Connected(ended)) => {
+                    failures.recovered(&target);
+                    tokio::select! {
+                        _ = ended => {}
+                        () = holder.cancelled() => return,
+                    }
+                    backoff = Backoff::new(REDIAL, cap);
+                    lost_at = tokio::time::Instant::now();
+                    jitter_within(REDIAL)
+                }
+                // Another address of a server already held: look again now and then, in case
+                // the address moves to a new server.
+                Ok(Outcome::Duplicate) => jitter(self.config.sync_interval_cap),
+                Ok(Outcome::Idle) => return,
+                Err(err) => {
+                    if lost_at.elapsed() > FAST_REDIALS {
+                        backoff.cap = self.config.sync_interval_cap;
+                    }
+                    let delay = backoff.step();
+                    failures.failed(&target, &err, delay);
+                    delay
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = holder.cancelled() => return,
+            }
+        }
+    }
+
+    async fn sync_once(self: &Arc<Self>, target: &Target) -> Result<Outcome, ConnectError> {
         let count = self.server_count();
         self.metrics.known_server_count.set(i64::from(count));
         let held = self.servers().len();
         if !self.config.sync_forever && held >= usize::try_from(count).unwrap_or(usize::MAX) {
             return Ok(Outcome::Idle);
         }
+        self.open(target).await
+    }
+
+    /// Opens a stream to `target` and holds it, unless it reaches a server already held.
+    async fn open(self: &Arc<Self>, target: &Target) -> Result<Outcome, ConnectError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Ok(Outcome::Idle);
+        }
         let scheduler = Arc::new(Scheduler::new());
         let outbound = futures_util::stream::unfold(scheduler.clone(), |scheduler| async move {
             scheduler.next().await.map(|packet| (packet, scheduler))
         });
-        let connected = match transport::connect(&self.config, outbound).await {
+        let connected = match transport::connect(&self.config, target, outbound).await {
             Ok(connected) => connected,
             Err(err) => {
                 self.metrics.server_failure("to_server");
@@ -145,6 +300,7 @@ impl ClientSet {
         self.metrics.open_server_connections.inc();
         tracing::info!(
             server = connected.server_id,
+            address = %target,
             server_count = connected.server_count,
             flow_control = connected.flow_control,
             "connected to proxy server"
@@ -153,6 +309,7 @@ impl ClientSet {
         let set = self.clone();
         let mut inbound = connected.inbound;
         let stall = self.limits.stall_timeout;
+        let (ended, ended_rx) = oneshot::channel::<()>();
         self.streams.spawn(async move {
             let reason = loop {
                 match inbound.message().await {
@@ -194,8 +351,10 @@ impl ClientSet {
             set.servers().remove(&stream.server_id);
             stream.shut_down();
             set.metrics.open_server_connections.dec();
+            drop(ended);
+            set.lost.notify_waiters();
         });
-        Ok(Outcome::Connected)
+        Ok(Outcome::Connected(ended_rx))
     }
 
     /// How many servers to hold streams to: the announced count, or the Lease count (with
@@ -290,6 +449,51 @@ impl Backoff {
 
 fn jitter(base: Duration) -> Duration {
     base.mul_f64(1.0 + rand::random::<f64>() * 0.1)
+}
+
+/// Uniformly between 0 and `most`: spreads a fleet's redials over the whole span.
+fn jitter_within(most: Duration) -> Duration {
+    most.mul_f64(rand::random::<f64>())
+}
+
+/// Connect failures to one target: each different error is logged as a warning once, and
+/// its repeats, at every redial of an outage, only at debug.
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    last: String,
+}
+
+impl Failures {
+    fn failed(&mut self, target: &Target, err: &ConnectError, retry_in: Duration) {
+        self.count += 1;
+        let error = tether_runtime::error_chain(err);
+        if error != self.last {
+            tracing::warn!(
+                server = %target,
+                error,
+                retry_in = ?retry_in,
+                "cannot connect to the proxy server"
+            );
+        } else {
+            tracing::debug!(
+                server = %target,
+                error,
+                failures = self.count,
+                retry_in = ?retry_in,
+                "still cannot connect to the proxy server"
+            );
+        }
+        self.last = error;
+    }
+
+    fn recovered(&mut self, target: &Target) {
+        if self.count > 1 {
+            tracing::info!(server = %target, failures = self.count, "proxy server reachable again");
+        }
+        self.count = 0;
+        self.last.clear();
+    }
 }
 
 #[cfg(test)]

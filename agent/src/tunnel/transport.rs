@@ -82,6 +82,36 @@ pub enum ConnectError {
     BadHeaders(String),
 }
 
+/// Where one stream goes: the host as the operator named it (the name the server's
+/// certificate must carry) and, when the agent picked one of its addresses itself, that
+/// address; otherwise the name is resolved at each dial.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub address: Option<std::net::SocketAddr>,
+}
+
+/// `host:port`, with an IPv6 literal in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.address {
+            Some(address) if address.ip().to_string() != self.host => {
+                write!(f, "{} ({address})", host_port(&self.host, self.port))
+            }
+            _ => f.write_str(&host_port(&self.host, self.port)),
+        }
+    }
+}
+
 /// A stream that is up: the server's identity and its packets.
 pub struct Connected {
     pub server_id: String,
@@ -93,6 +123,7 @@ pub struct Connected {
 
 pub async fn connect(
     config: &Config,
+    target: &Target,
     outbound: impl Stream<Item = Packet> + Send + 'static,
 ) -> Result<Connected, ConnectError> {
     let identity = match &config.client_identity {
@@ -100,16 +131,11 @@ pub async fn connect(
         None => None,
     };
     let tls = tls::client_config(&config.ca, identity.as_ref(), &config.alpn)?;
-    let host = config
-        .server_host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let address = if host.contains(':') {
-        format!("[{host}]:{}", config.server_port)
-    } else {
-        format!("{host}:{}", config.server_port)
-    };
+    let host = target.host.clone();
+    let address = target.to_string();
+    let dial = target
+        .address
+        .map_or_else(|| host_port(&host, target.port), |a| a.to_string());
     let transport_error = |source: tonic::transport::Error| match HandshakeFailure::find(&source) {
         Some(failure) => ConnectError::Handshake {
             address: address.clone(),
@@ -121,7 +147,8 @@ pub async fn connect(
             source,
         },
     };
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+    // The URI only names the HTTP/2 authority; the connector below decides where to dial.
+    let endpoint = Endpoint::from_shared(format!("http://{}", host_port(&host, target.port)))
         .map_err(transport_error)?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(config.keepalive)
@@ -134,12 +161,12 @@ pub async fn connect(
         .max_frame_size(tether_proto::MAX_HTTP2_FRAME)
         .tcp_nodelay(true);
     let connector = {
-        let address = address.clone();
+        let dial = dial.clone();
         let host = host.clone();
         let (probe_interval, peer_timeout) = (config.probe_interval, config.peer_timeout);
         tower::service_fn(move |_: Uri| {
             let tls = TlsConnector::from(tls.clone());
-            let address = address.clone();
+            let dial = dial.clone();
             let host = host.clone();
             async move {
                 let name = ServerName::try_from(host).map_err(|_| {
@@ -148,7 +175,7 @@ pub async fn connect(
                         "proxy server host is not a valid TLS name",
                     )
                 })?;
-                let tcp = TcpStream::connect(&address).await?;
+                let tcp = TcpStream::connect(&dial).await?;
                 tcp.set_nodelay(true)?;
                 tether_runtime::net::probe_peer(&tcp, probe_interval, peer_timeout)?;
                 let mut stream = tls.connect(name, ReadAhead::new(tcp)).await?;
