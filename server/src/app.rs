@@ -136,7 +136,12 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
     };
     let registry = Arc::new(
         Registry::new(config.strategies.clone(), metrics.clone())
-            .binding(config.binding != Binding::Off, nodes),
+            .binding(config.binding != Binding::Off, nodes)
+            .hold_dials_until(
+                config
+                    .hold_dials_after_start
+                    .map(|window| tokio::time::Instant::now() + window),
+            ),
     );
 
     let bind = |flag: &'static str, host: String, port: u16| async move {

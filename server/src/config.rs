@@ -100,6 +100,12 @@ pub struct Args {
     /// Fail a dial that has no answer from the agent within this time (0 = never).
     #[arg(long, value_parser = go_duration, default_value = "0", help_heading = "Agents")]
     pub backend_dial_timeout: Duration,
+    /// For this long after the server starts, a dial that finds no agent to take it (or
+    /// whose node's agent is not back yet) waits for agents to connect instead of failing at
+    /// once, at most until this window closes: after a restart, agents need a moment to
+    /// return. 0 fails such dials at once, as upstream does.
+    #[arg(long, env = "TETHER_HOLD_DIALS_AFTER_START", value_parser = go_duration, default_value = "5s", help_heading = "Agents")]
+    pub hold_dials_after_start: Duration,
     /// Minimum TLS version on the agent and TCP frontend ports: VersionTLS12 or VersionTLS13.
     #[arg(long, default_value = "", help_heading = "Agents")]
     pub tls_min_version: String,
@@ -433,6 +439,8 @@ pub struct Config {
     pub server_count: u32,
     pub strategies: Vec<Strategy>,
     pub backend_dial_timeout: Option<Duration>,
+    /// `None`: dials without an agent fail at once.
+    pub hold_dials_after_start: Option<Duration>,
     pub agent_queue_packets: usize,
     pub frontend_queue_bytes: usize,
     pub stream_buffer_bytes: usize,
@@ -689,6 +697,8 @@ impl Config {
             strategies,
             backend_dial_timeout: (!args.backend_dial_timeout.is_zero())
                 .then_some(args.backend_dial_timeout),
+            hold_dials_after_start: (!args.hold_dials_after_start.is_zero())
+                .then_some(args.hold_dials_after_start),
             agent_queue_packets: args.xfr_channel_size,
             frontend_queue_bytes: args.frontend_queue_bytes,
             stream_buffer_bytes: args.stream_buffer_bytes,

@@ -92,6 +92,7 @@ pub struct Metrics {
     rejected: Family<ReasonLabel, Counter>,
     token_reviews: Family<OutcomeLabel, Counter>,
     dials_withheld: Family<ReasonLabel, Counter>,
+    dials_held: Family<OutcomeLabel, Counter>,
     address_conflicts: Family<ReasonLabel, Counter>,
     pub culled_leases: NamedCounter,
     lease_calls: [Family<HttpCallLabels, Counter>; 2],
@@ -140,6 +141,7 @@ impl Metrics {
             rejected: Family::default(),
             token_reviews: Family::default(),
             dials_withheld: Family::default(),
+            dials_held: Family::default(),
             address_conflicts: Family::default(),
             culled_leases: NamedCounter::default(),
             lease_calls: [Family::default(), Family::default()],
@@ -285,6 +287,11 @@ impl Metrics {
                 metrics.dials_withheld.clone(),
             );
             ours.register(
+                "dials_held",
+                "Dials that found no agent while the server was fresh (--hold-dials-after-start) and waited, by outcome: served (an agent came) or failed (the window closed)",
+                metrics.dials_held.clone(),
+            );
+            ours.register(
                 "address_conflicts",
                 "Agent streams that claimed an address someone else claims too, by who: nodes (another Node's status lists it), identities (an agent of another bound identity claims it); such an address is served by neither",
                 metrics.address_conflicts.clone(),
@@ -297,6 +304,12 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    pub fn dial_held(&self, outcome: &'static str) {
+        self.dials_held
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     pub fn dial_withheld(&self, reason: &'static str) {

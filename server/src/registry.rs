@@ -33,6 +33,10 @@ pub struct Registry {
     bound: bool,
     nodes: Option<Arc<Nodes>>,
     known: Mutex<Claims>,
+    /// Woken whenever an agent stream is added.
+    joined: tokio::sync::Notify,
+    /// Until then a dial no agent can take yet waits for one (--hold-dials-after-start).
+    hold_until: Option<tokio::time::Instant>,
 }
 
 /// Hosts and addresses agents claimed since the server started, with the identity that
@@ -122,6 +126,8 @@ impl Registry {
             bound: false,
             nodes: None,
             known: Mutex::default(),
+            joined: tokio::sync::Notify::new(),
+            hold_until: None,
         };
         registry.publish();
         registry
@@ -135,6 +141,12 @@ impl Registry {
         self
     }
 
+    /// Dials that find no agent before `until` wait for one to connect, at most until then.
+    pub fn hold_dials_until(mut self, until: Option<tokio::time::Instant>) -> Self {
+        self.hold_until = until;
+        self
+    }
+
     pub fn add(&self, agent_stream: Arc<AgentStream>) {
         {
             let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -144,6 +156,7 @@ impl Registry {
         }
         self.write().push(agent_stream);
         self.publish();
+        self.joined.notify_waiters();
     }
 
     /// The addresses in `ids` that do not belong to `identity` alone: each with the other
@@ -207,6 +220,40 @@ impl Registry {
             self.metrics.dial_withheld(reason);
         }
         picked
+    }
+
+    /// [`Registry::pick`], except that while the server is fresh (--hold-dials-after-start) a
+    /// dial that no connected agent can take, or whose node's agent is not back yet, waits
+    /// for agents to connect until the window closes. A restarted server is thus not the
+    /// cause of failed dials in the moment before its agents return.
+    pub async fn pick_or_wait(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
+        let Some(until) = self.hold_until else {
+            return self.pick(address);
+        };
+        let mut held = false;
+        loop {
+            let joined = self.joined.notified();
+            tokio::pin!(joined);
+            joined.as_mut().enable();
+            let waits = match self.choose(address) {
+                Ok(agent_stream) => {
+                    if held {
+                        self.metrics.dial_held("served");
+                    }
+                    return Ok(agent_stream);
+                }
+                Err(NoAgent::None | NoAgent::Absent { .. }) => tokio::time::Instant::now() < until,
+                Err(NoAgent::Ambiguous { .. }) => false,
+            };
+            if !waits {
+                if held {
+                    self.metrics.dial_held("failed");
+                }
+                return self.pick(address);
+            }
+            held = true;
+            let _ = tokio::time::timeout_at(until, joined).await;
+        }
     }
 
     fn choose(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
@@ -358,6 +405,57 @@ mod tests {
             ),
             metrics.clone(),
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fresh_server_holds_a_dial_until_an_agent_comes_or_the_window_closes() {
+        let metrics = Arc::new(Metrics::new());
+        let start = tokio::time::Instant::now();
+        let registry = Arc::new(
+            Registry::new(vec![Strategy::Default], metrics.clone())
+                .hold_dials_until(Some(start + Duration::from_secs(5))),
+        );
+        let waiting = {
+            let registry = registry.clone();
+            tokio::spawn(async move { registry.pick_or_wait("10.0.0.5:10250").await })
+        };
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the dial failed before the window closed"
+        );
+        registry.add(agent_stream("", &metrics));
+        let picked = waiting.await.unwrap();
+        assert!(
+            picked.is_ok(),
+            "the agent that connected did not get the dial"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+
+        // No agent comes: the dial fails when the window closes, and past it at once.
+        let empty = Registry::new(vec![Strategy::Default], metrics.clone())
+            .hold_dials_until(Some(tokio::time::Instant::now() + Duration::from_secs(1)));
+        let before = tokio::time::Instant::now();
+        assert_eq!(
+            empty.pick_or_wait("10.0.0.5:10250").await.err(),
+            Some(NoAgent::None)
+        );
+        assert_eq!(before.elapsed(), Duration::from_secs(1));
+        let before = tokio::time::Instant::now();
+        assert_eq!(
+            empty.pick_or_wait("10.0.0.5:10250").await.err(),
+            Some(NoAgent::None)
+        );
+        assert_eq!(before.elapsed(), Duration::ZERO);
+        let page = tether_runtime::exposition::text(&metrics.registry).unwrap();
+        for outcome in ["served", "failed"] {
+            assert!(
+                page.contains(&format!(
+                    "tether_server_dials_held_total{{outcome=\"{outcome}\"}} 1"
+                )),
+                "{page}"
+            );
+        }
     }
 
     #[test]

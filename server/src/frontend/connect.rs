@@ -84,7 +84,7 @@ impl ConnectFrontend {
             let _ = write(stream, &format!("HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n\r\ninvalid CONNECT target {target:?}: {why}\r\n")).await;
             return Err(format!("bad target {target:?}"));
         }
-        let agent_stream = match self.registry.pick(&target) {
+        let agent_stream = match self.registry.pick_or_wait(&target).await {
             Ok(agent_stream) => agent_stream,
             Err(refusal) => {
                 self.metrics.dial_failure("no_agent");

@@ -64,7 +64,7 @@ impl ProxyService for Frontends {
                 dial.protocol
             )
         } else {
-            match self.registry.pick(&dial.address) {
+            match self.registry.pick_or_wait(&dial.address).await {
                 Ok(agent_stream) => {
                     let connection = agent_stream.open(dial.random);
                     let client = ClientStream {
