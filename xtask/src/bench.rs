@@ -1,4 +1,4 @@
-//! `cargo xtask bench tunnel|guard|soak`: release builds, each measured against a baseline in
+//! `cargo xtask bench tunnel|guard|soak|fleet`: release builds, each measured against a baseline in
 //! the same run (direct TCP for the tunnel; no-op XDP programs and iptables for the guard), or
 //! watched over time (the soak). Results go in docs/benchmarks.md by hand, with the command.
 
@@ -19,12 +19,16 @@ pub struct Options {
     /// Tunnel: how often each CPU measure is repeated (the median is reported).
     #[arg(long)]
     pub rounds: Option<usize>,
-    /// Tunnel: also measure tether-agent and upstream's agent behind upstream's server, from
-    /// upstream's binaries in this directory (see `cargo xtask interop`).
+    /// Tunnel: also measure tether-agent and upstream's agent behind upstream's server; fleet:
+    /// also measure upstream's server. From upstream's binaries in this directory (see
+    /// `cargo xtask interop`).
     #[arg(long, value_name = "DIR")]
     pub upstream_bin: Option<std::path::PathBuf>,
     /// Tunnel: only these phases (download, upload, rtt, dial, idle, hol).
     pub phases: Vec<String>,
+    /// Fleet: the fleet sizes to measure, comma-separated.
+    #[arg(long, default_value = "1000,5000,10000")]
+    pub agents: String,
     /// Soak: how long to run, printing a line a minute.
     #[arg(long, default_value_t = 30)]
     pub minutes: u64,
@@ -40,6 +44,10 @@ pub enum What {
     /// tether-server + tether-agent under mixed traffic for --minutes, printing throughput,
     /// round-trip p99, RSS, descriptors and tasks once a minute (not part of CI).
     Soak,
+    /// One process playing --agents agents against one server (and upstream's, with
+    /// --upstream-bin): memory and idle CPU per agent, the reconnect storm after a server
+    /// restart, dial latency to random agents.
+    Fleet,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -60,6 +68,18 @@ pub fn run(opts: &Options) -> Result<()> {
                 cmd.arg("--upstream-bin").arg(dir);
             }
             cmd.args(&opts.phases);
+            run_checked(&mut cmd)
+        }
+        What::Fleet => {
+            release_build(&["tether-server", "fleet_bench"])?;
+            let mut cmd = Command::new(root.join("target/release/fleet_bench"));
+            cmd.args(["--agents", &opts.agents]);
+            if opts.quick {
+                cmd.args(["--idle-seconds", "5", "--dials", "200"]);
+            }
+            if let Some(dir) = &opts.upstream_bin {
+                cmd.arg("--upstream-bin").arg(dir);
+            }
             run_checked(&mut cmd)
         }
         What::Soak => {

@@ -1,0 +1,429 @@
+//! `cargo xtask bench fleet`: one process plays N agents against one server — each its own TLS
+//! connection from its own loopback address, with its own ID and `host=` identifier, answering
+//! dials and echoing data as upstream's agent protocol says — so tether-server and upstream's
+//! server can be measured with thousands of agents on one machine, in the same run:
+//!
+//! - server RSS per connected agent, and server CPU per agent per minute while idle;
+//! - the reconnect storm: the server killed and started again with N agents waiting (each
+//!   redials after 0–250 ms, then backs off ×1.5 up to 1 s, as tether-agent does with
+//!   `--server-addresses=each`): the time until all N are back, and how long the last one took;
+//! - dial latency p50/p99 through the gRPC frontend to random agents while all are connected.
+//!
+//! Command line: `fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D]
+//! [--upstream-bin DIR]`.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tether_proto::agent::agent_service_client::AgentServiceClient;
+use tether_proto::{Message, Packet};
+use tether_tests::cluster::{Mode, Transport};
+use tether_tests::frontend::{GrpcTunnel, grpc_client};
+use tether_tests::peers::{self, Impl, Peer, ServerPorts};
+use tether_tests::pki::Pki;
+use tether_tests::process::{cpu_time, rss_kib, wait_until};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Endpoint, Uri};
+
+struct Args {
+    agents: Vec<usize>,
+    idle: Duration,
+    dials: usize,
+    upstream: Option<PathBuf>,
+}
+
+impl Args {
+    fn parse() -> Result<Self> {
+        let mut args = Args {
+            agents: vec![1_000, 5_000, 10_000],
+            idle: Duration::from_secs(30),
+            dials: 1_000,
+            upstream: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let mut value = || it.next().with_context(|| format!("{arg} takes a value"));
+            match arg.as_str() {
+                "--agents" => {
+                    args.agents = value()?
+                        .split(',')
+                        .map(|n| n.parse().context("--agents takes whole numbers"))
+                        .collect::<Result<_>>()?;
+                }
+                "--idle-seconds" => args.idle = Duration::from_secs(value()?.parse()?),
+                "--dials" => args.dials = value()?.parse()?,
+                "--upstream-bin" => args.upstream = Some(PathBuf::from(value()?)),
+                other => bail!(
+                    "unknown argument {other:?}; usage: fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D] [--upstream-bin DIR]"
+                ),
+            }
+        }
+        Ok(args)
+    }
+}
+
+/// What every simulated agent shares.
+struct Fleet {
+    port: u16,
+    tls: TlsConnector,
+    /// Agents whose stream is up now.
+    connected: AtomicUsize,
+    /// Per agent: milliseconds since `epoch` at which its stream last came up.
+    up_at: Vec<AtomicU64>,
+    epoch: Instant,
+    stop: CancellationToken,
+}
+
+/// Agent `i`'s source address: 127.1.0.1 onwards, 250 per /24, so per-source admission limits
+/// see a fleet of hosts rather than one.
+fn source(i: usize) -> Ipv4Addr {
+    let (hi, lo) = (i / 250, i % 250);
+    Ipv4Addr::new(127, 1 + (hi / 256) as u8, (hi % 256) as u8, lo as u8 + 1)
+}
+
+impl Fleet {
+    fn start(n: usize, port: u16, pki: &Pki, tracker: &TaskTracker) -> Result<Arc<Self>> {
+        let fleet = Arc::new(Fleet {
+            port,
+            tls: client_tls(pki)?,
+            connected: AtomicUsize::new(0),
+            up_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Instant::now(),
+            stop: CancellationToken::new(),
+        });
+        for i in 0..n {
+            tracker.spawn(fleet.clone().agent(i));
+        }
+        Ok(fleet)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// One agent: a stream held, redialled when it ends.
+    async fn agent(self: Arc<Self>, i: usize) {
+        let mut backoff = Duration::from_millis(250);
+        // The first dial is spread too: N agents starting at once are a storm of their own.
+        let mut delay = Duration::from_millis(250).mul_f64(rand::random::<f64>());
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.stop.cancelled() => return,
+            }
+            delay = match self.session(i).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(250);
+                    backoff.mul_f64(rand::random::<f64>())
+                }
+                Err(_) => {
+                    let step = backoff.mul_f64(1.0 + rand::random::<f64>() * 0.1);
+                    backoff = backoff.mul_f64(1.5).min(Duration::from_secs(1));
+                    step
+                }
+            };
+        }
+    }
+
+    /// Connects, serves the stream until it ends; `Err` when it never came up.
+    async fn session(&self, i: usize) -> Result<()> {
+        let (tls, port, from) = (self.tls.clone(), self.port, source(i));
+        let channel = Endpoint::from_static("http://agent-port")
+            .connect_timeout(Duration::from_secs(10))
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let tls = tls.clone();
+                async move {
+                    let socket = tokio::net::TcpSocket::new_v4()?;
+                    socket.bind((from, 0).into())?;
+                    let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
+                    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+                    Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+                }
+            }))
+            .await?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let metadata = request.metadata_mut();
+        metadata.insert("agentid", MetadataValue::try_from(format!("agent-{i}"))?);
+        metadata.insert(
+            "agentidentifiers",
+            MetadataValue::try_from(format!("host=agent-{i}"))?,
+        );
+        let mut client = AgentServiceClient::new(channel);
+        let mut inbound = tokio::select! {
+            response = client.connect(request) => response?.into_inner(),
+            () = self.stop.cancelled() => return Ok(()),
+        };
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        self.up_at[i].store(self.now_ms(), Ordering::Relaxed);
+        let mut next_id = 0i64;
+        loop {
+            let packet = tokio::select! {
+                packet = inbound.message() => packet,
+                () = self.stop.cancelled() => break,
+            };
+            let Ok(Some(packet)) = packet else { break };
+            let answer = match packet.into_message() {
+                Message::DialRequest(dial) => {
+                    next_id += 1;
+                    Packet::dial_response(dial.random, next_id, "")
+                }
+                Message::Data(data) => Packet::data(data.connect_id, data.data),
+                Message::CloseRequest(close) => Packet::close_response(close.connect_id, ""),
+                _ => continue,
+            };
+            if tx.send(answer).await.is_err() {
+                break;
+            }
+        }
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The agents' TLS: trusting the test CA, presenting the agent certificate.
+fn client_tls(pki: &Pki) -> Result<TlsConnector> {
+    let pair = pki.pair("agent");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(pki.ca())? {
+        roots.add(cert?)?;
+    }
+    let chain = CertificateDer::pem_file_iter(&pair.cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&pair.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Whether all `n` agents are connected within `limit`.
+async fn all_connected(fleet: &Fleet, n: usize, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while fleet.connected.load(Ordering::Relaxed) != n {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// One server's figures at one fleet size.
+struct Row {
+    connect_all: Duration,
+    rss_per_agent_kib: f64,
+    idle_cpu_ms_per_agent_minute: f64,
+    dial_p50: Duration,
+    dial_p99: Duration,
+    dial_failures: usize,
+    storm: Option<Duration>,
+    /// Agents not back when the storm's deadline passed.
+    starved: usize,
+}
+
+const STORM_DEADLINE: Duration = Duration::from_secs(120);
+
+fn start_server(imp: &Impl, pki: &Pki, ports: ServerPorts) -> Result<Peer> {
+    peers::server(
+        imp,
+        pki,
+        Mode::Grpc,
+        Transport::Uds,
+        &pki.dir().join("fleet.sock"),
+        ports,
+        &[
+            "--server-count=1".into(),
+            "--proxy-strategies=destHost".into(),
+        ],
+    )
+}
+
+async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
+    let pki = Pki::new(&[])?;
+    let ports = ServerPorts::free()?;
+    let mut server = start_server(imp, &pki, ports)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_kib(server.pid);
+    let tracker = TaskTracker::new();
+    let started = Instant::now();
+    let fleet = Fleet::start(n, ports.agent, &pki, &tracker)?;
+    if !all_connected(&fleet, n, Duration::from_secs(300)).await {
+        bail!(
+            "{}: only {} of {n} agents connected",
+            imp.name(),
+            fleet.connected.load(Ordering::Relaxed)
+        );
+    }
+    let connect_all = started.elapsed();
+    // The server registers a stream a moment after it sends the headers the fleet counts.
+    let port = server.health_port;
+    let registered = tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(30), || {
+            peers::metric(
+                port,
+                "konnectivity_network_proxy_server_ready_backend_connections ",
+            )
+            .is_some_and(|v| v >= n as f64)
+        })
+    })
+    .await?;
+    if !registered {
+        bail!("{}: the server never counted {n} agents", imp.name());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_per_agent_kib = (rss_kib(server.pid).saturating_sub(rss_before)) as f64 / n as f64;
+
+    let cpu_before = cpu_time(server.pid);
+    tokio::time::sleep(args.idle).await;
+    let idle_cpu = cpu_time(server.pid).saturating_sub(cpu_before);
+    let idle_cpu_ms_per_agent_minute =
+        idle_cpu.as_secs_f64() * 1e3 / n as f64 * (60.0 / args.idle.as_secs_f64());
+
+    let target = server.target.clone().context("no frontend")?;
+    let mut client = grpc_client(&target).await?;
+    let mut latencies = Vec::with_capacity(args.dials);
+    let mut dial_failures = 0;
+    for _ in 0..args.dials {
+        let agent = rand::random_range(0..n);
+        let begun = Instant::now();
+        match GrpcTunnel::dial(&mut client, &format!("agent-{agent}:80")).await? {
+            Ok(tunnel) => {
+                latencies.push(begun.elapsed());
+                tunnel.close().await?;
+            }
+            Err(_) => dial_failures += 1,
+        }
+    }
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let (dial_p50, dial_p99) = (percentile(0.5), percentile(0.99));
+
+    // The storm: killed, started again on the same ports, every agent redialling.
+    server
+        .logged
+        .process
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
+    let _ = server.logged.process.wait_timeout(Duration::from_secs(10));
+    drop(server);
+    while fleet.connected.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let restarted_at = fleet.now_ms();
+    let server = start_server(imp, &pki, ports)?;
+    let back = all_connected(&fleet, n, STORM_DEADLINE).await;
+    let storm = back.then(|| {
+        let last = fleet
+            .up_at
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(restarted_at);
+        Duration::from_millis(last.saturating_sub(restarted_at))
+    });
+    let starved = fleet
+        .up_at
+        .iter()
+        .filter(|t| t.load(Ordering::Relaxed) < restarted_at)
+        .count();
+    fleet.stop.cancel();
+    tracker.close();
+    tracker.wait().await;
+    drop(server);
+    Ok(Row {
+        connect_all,
+        rss_per_agent_kib,
+        idle_cpu_ms_per_agent_minute,
+        dial_p50,
+        dial_p99,
+        dial_failures,
+        storm,
+        starved,
+    })
+}
+
+fn raise_descriptor_limit() -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    Ok(())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let args = Args::parse()?;
+    raise_descriptor_limit()?;
+    let mut imps = vec![Impl::Tether];
+    if let Some(dir) = &args.upstream {
+        imps.push(Impl::Upstream(dir.clone()));
+    }
+    println!(
+        "fleet bench: agents {:?}, idle {:?}, {} dials; server CPU from /proc, RSS above the server's own before any agent",
+        args.agents, args.idle, args.dials
+    );
+    println!(
+        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | starved |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &n in &args.agents {
+        let mut rows = Vec::new();
+        for imp in &imps {
+            let row = measure(imp, n, &args).await?;
+            println!(
+                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {} |",
+                imp.name(),
+                row.connect_all.as_secs_f64(),
+                row.rss_per_agent_kib,
+                row.idle_cpu_ms_per_agent_minute,
+                ms(row.dial_p50),
+                ms(row.dial_p99),
+                row.dial_failures,
+                row.storm.map_or_else(
+                    || "not all".to_owned(),
+                    |d| format!("{:.2}", d.as_secs_f64())
+                ),
+                row.starved
+            );
+            rows.push(row);
+        }
+        if let [ours, theirs] = rows.as_slice() {
+            println!(
+                "| {n} | tether / upstream | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | | {} | |",
+                ours.connect_all.as_secs_f64() / theirs.connect_all.as_secs_f64(),
+                ours.rss_per_agent_kib / theirs.rss_per_agent_kib,
+                ours.idle_cpu_ms_per_agent_minute / theirs.idle_cpu_ms_per_agent_minute,
+                ours.dial_p50.as_secs_f64() / theirs.dial_p50.as_secs_f64(),
+                ours.dial_p99.as_secs_f64() / theirs.dial_p99.as_secs_f64(),
+                match (ours.storm, theirs.storm) {
+                    (Some(a), Some(b)) => format!("{:.2}", a.as_secs_f64() / b.as_secs_f64()),
+                    _ => "n/a".to_owned(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
