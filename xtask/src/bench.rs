@@ -1,4 +1,4 @@
-//! `cargo xtask bench tunnel|guard|soak|fleet`: release builds, each measured against a baseline in
+//! `cargo xtask bench tunnel|guard|soak|fleet|ha`: release builds, each measured against a baseline in
 //! the same run (direct TCP for the tunnel; no-op XDP programs and iptables for the guard), or
 //! watched over time (the soak). Results go in docs/benchmarks.md by hand, with the command.
 
@@ -26,9 +26,9 @@ pub struct Options {
     pub upstream_bin: Option<std::path::PathBuf>,
     /// Tunnel: only these phases (download, upload, rtt, dial, idle, hol).
     pub phases: Vec<String>,
-    /// Fleet: the fleet sizes to measure, comma-separated.
-    #[arg(long, default_value = "1000,5000,10000")]
-    pub agents: String,
+    /// Fleet: the fleet sizes to measure, comma-separated; ha: how many agents (default 40).
+    #[arg(long)]
+    pub agents: Option<String>,
     /// Soak: how long to run, printing a line a minute.
     #[arg(long, default_value_t = 30)]
     pub minutes: u64,
@@ -48,6 +48,9 @@ pub enum What {
     /// --upstream-bin): memory and idle CPU per agent, the reconnect storm after a server
     /// restart, dial latency to random agents.
     Fleet,
+    /// Three servers and --agents real agents through a rolling restart of the servers:
+    /// reached by address, through a balancer, and upstream's pair (with --upstream-bin).
+    Ha,
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -73,10 +76,22 @@ pub fn run(opts: &Options) -> Result<()> {
         What::Fleet => {
             release_build(&["tether-server", "fleet_bench"])?;
             let mut cmd = Command::new(root.join("target/release/fleet_bench"));
-            cmd.args(["--agents", &opts.agents]);
+            cmd.args([
+                "--agents",
+                opts.agents.as_deref().unwrap_or("1000,5000,10000"),
+            ]);
             if opts.quick {
                 cmd.args(["--idle-seconds", "5", "--dials", "200"]);
             }
+            if let Some(dir) = &opts.upstream_bin {
+                cmd.arg("--upstream-bin").arg(dir);
+            }
+            run_checked(&mut cmd)
+        }
+        What::Ha => {
+            release_build(&["tether-server", "tether-agent", "ha_bench"])?;
+            let mut cmd = Command::new(root.join("target/release/ha_bench"));
+            cmd.args(["--agents", opts.agents.as_deref().unwrap_or("40")]);
             if let Some(dir) = &opts.upstream_bin {
                 cmd.arg("--upstream-bin").arg(dir);
             }

@@ -96,7 +96,13 @@ impl ClientSet {
     }
 
     async fn run_balanced(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(self.config.sync_interval, self.config.sync_interval_cap);
+        let (interval, cap) = (self.config.sync_interval, self.config.sync_interval_cap);
+        let mut backoff = Backoff::new(interval, cap);
+        // After a stream is lost, the way back to its server is found in about a second:
+        // failures back off from REDIAL and stay within --sync-interval, and reaching a server
+        // already held is tried again within one interval rather than after a full one.
+        let mut fast = Backoff::new(REDIAL, interval.max(REDIAL));
+        let mut lost_at: Option<tokio::time::Instant> = None;
         let mut failures = Failures::default();
         for turn in 0.. {
             let hosts = &self.config.server_hosts;
@@ -105,19 +111,25 @@ impl ClientSet {
                 port: self.config.server_port,
                 address: None,
             };
+            let recovering = lost_at.is_some_and(|at| at.elapsed() < FAST_REDIALS);
             let delay = match self.sync_once(&target).await {
                 Ok(outcome) => {
                     failures.recovered(&target);
                     backoff.reset();
-                    if matches!(outcome, Outcome::Connected(_)) {
+                    fast.reset();
+                    match outcome {
                         // Maybe more servers to reach: look again soon, not a full interval later.
-                        jitter_within(REDIAL)
-                    } else {
-                        jitter(self.config.sync_interval)
+                        Outcome::Connected(_) => jitter_within(REDIAL),
+                        Outcome::Duplicate if recovering => jitter_within(interval),
+                        _ => jitter(interval),
                     }
                 }
                 Err(err) => {
-                    let delay = backoff.step();
+                    let delay = if recovering {
+                        fast.step()
+                    } else {
+                        backoff.step()
+                    };
                     failures.failed(&target, &err, delay);
                     delay
                 }
@@ -128,7 +140,9 @@ impl ClientSet {
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             if lost {
+                lost_at = Some(tokio::time::Instant::now());
                 backoff.reset();
+                fast.reset();
                 tokio::select! {
                     _ = tokio::time::sleep(jitter_within(REDIAL)) => {}
                     _ = stop.wait_for(|stop| *stop) => return,
