@@ -10,14 +10,38 @@ use tokio::net::TcpListener;
 /// IPv6, IPv4 alone otherwise), as Go's `:port` does.
 pub async fn bind_tcp(host: &str, port: u16) -> io::Result<TcpListener> {
     if host.is_empty() {
-        return match TcpListener::bind(("::", port)).await {
-            Err(err) if err.kind() != io::ErrorKind::AddrInUse => {
-                TcpListener::bind(("0.0.0.0", port)).await
-            }
+        return match listen(([0u16; 8], port).into()) {
+            Err(err) if err.kind() != io::ErrorKind::AddrInUse => listen(([0u8; 4], port).into()),
             result => result,
         };
     }
-    TcpListener::bind((host.trim_start_matches('[').trim_end_matches(']'), port)).await
+    let mut last = None;
+    for address in
+        tokio::net::lookup_host((host.trim_start_matches('[').trim_end_matches(']'), port)).await?
+    {
+        match listen(address) {
+            Ok(listener) => return Ok(listener),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no address to bind")))
+}
+
+/// Connections the kernel queues for `accept` (it clamps this to net.core.somaxconn, 4096 by
+/// default). Thousands of agents reconnect at once when a server restarts; with tokio's 1024,
+/// the rest had their SYNs dropped and came back only at their second or third SYN
+/// retransmission, seconds later.
+const BACKLOG: u32 = 4096;
+
+fn listen(address: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(BACKLOG)
 }
 
 /// Waits after a failed accept (out of file descriptors, say) instead of spinning on it:
