@@ -82,15 +82,46 @@ impl Identifiers {
     /// identifier is a key), or an IP that compares canonically with the addresses or falls in
     /// the CIDRs.
     pub fn serves(&self, host: &str) -> bool {
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
-            || host.parse::<IpAddr>().is_ok_and(|ip| {
-                self.addresses.contains(&ip) || self.cidrs.iter().any(|c| c.contains(ip))
-            })
+        self.serves_destination(&Destination::new(host))
+    }
+
+    /// [`Identifiers::serves`] for a destination parsed once, for checking many agents.
+    pub fn serves_destination(&self, destination: &Destination<'_>) -> bool {
+        match destination.ip {
+            Some(ip) => {
+                self.addresses.contains(&ip)
+                    || self.cidrs.iter().any(|c| c.contains(ip))
+                    || self
+                        .hosts
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(destination.host))
+            }
+            None => self
+                .hosts
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(destination.host)),
+        }
     }
 
     /// Whether it names any destination at all (host, address or CIDR).
     pub fn names_destinations(&self) -> bool {
         !(self.hosts.is_empty() && self.addresses.is_empty() && self.cidrs.is_empty())
+    }
+}
+
+/// A dial's host, with its address parsed once: a dial is checked against every agent, and
+/// parsing the host again for each cost most of a dial's time with thousands of agents.
+pub struct Destination<'a> {
+    pub host: &'a str,
+    pub ip: Option<IpAddr>,
+}
+
+impl<'a> Destination<'a> {
+    pub fn new(host: &'a str) -> Self {
+        Destination {
+            host,
+            ip: host.parse().ok(),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use tether_proto::identifiers::{Identifiers, dial_host};
+use tether_proto::identifiers::{Destination, Identifiers, dial_host};
 
 use crate::agent_stream::AgentStream;
 use crate::metrics::Metrics;
@@ -33,6 +33,9 @@ pub struct Registry {
     bound: bool,
     nodes: Option<Arc<Nodes>>,
     known: Mutex<Claims>,
+    /// Agent streams each strategy counts (in `Strategy::ALL`'s order), kept as streams come
+    /// and go: recounting the whole list at every arrival made a fleet's return quadratic.
+    counted: Mutex<[usize; Strategy::ALL.len()]>,
     /// Woken whenever an agent stream is added.
     joined: tokio::sync::Notify,
     /// Until then a dial no agent can take yet waits for one (--hold-dials-after-start).
@@ -126,6 +129,7 @@ impl Registry {
             bound: false,
             nodes: None,
             known: Mutex::default(),
+            counted: Mutex::default(),
             joined: tokio::sync::Notify::new(),
             hold_until: None,
         };
@@ -154,6 +158,7 @@ impl Registry {
                 known.remember(host, &agent_stream.identity);
             }
         }
+        self.count(&agent_stream.identifiers, true);
         self.write().push(agent_stream);
         self.publish();
         self.joined.notify_waiters();
@@ -189,8 +194,30 @@ impl Registry {
     }
 
     pub fn remove(&self, id: u64) {
-        self.write().retain(|b| b.id != id);
+        let mut gone = Vec::new();
+        self.write().retain(|b| {
+            if b.id == id {
+                gone.push(b.clone());
+            }
+            b.id != id
+        });
+        for agent_stream in gone {
+            self.count(&agent_stream.identifiers, false);
+        }
         self.publish();
+    }
+
+    fn count(&self, ids: &Identifiers, arrived: bool) {
+        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        for (slot, strategy) in counted.iter_mut().zip(Strategy::ALL) {
+            if strategy.counts(ids) {
+                *slot = if arrived {
+                    *slot + 1
+                } else {
+                    slot.saturating_sub(1)
+                };
+            }
+        }
     }
 
     /// The server is stopping: every connection on every agent stream ends.
@@ -259,10 +286,11 @@ impl Registry {
     fn choose(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
         let list = self.read();
         let host = dial_host(address);
+        let destination = Destination::new(host);
         for strategy in &self.strategies {
             let candidates: Vec<&Arc<AgentStream>> = list
                 .iter()
-                .filter(|b| strategy.serves(&b.identifiers, host))
+                .filter(|b| strategy.serves(&b.identifiers, &destination))
                 .collect();
             if *strategy == Strategy::DestHost {
                 self.unambiguous(host, &candidates)?;
@@ -340,11 +368,12 @@ impl Registry {
     }
 
     fn publish(&self) {
-        let list = self.read();
+        let counted = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
         let count = |strategy: Strategy| {
-            list.iter()
-                .filter(|b| strategy.counts(&b.identifiers))
-                .count()
+            Strategy::ALL
+                .iter()
+                .position(|s| *s == strategy)
+                .map_or(0, |i| counted[i])
         };
         for strategy in Strategy::ALL {
             self.metrics

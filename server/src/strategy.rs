@@ -1,6 +1,6 @@
 //! How a dial picks an agent: `--proxy-strategies`, tried in order.
 
-use tether_proto::identifiers::Identifiers;
+use tether_proto::identifiers::{Destination, Identifiers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -38,10 +38,10 @@ impl Strategy {
     }
 
     /// Whether an agent with `ids` can serve a dial to `host` under this strategy.
-    pub fn serves(self, ids: &Identifiers, host: &str) -> bool {
+    pub fn serves(self, ids: &Identifiers, destination: &Destination<'_>) -> bool {
         match self {
             Strategy::Default => true,
-            Strategy::DestHost => ids.serves(host),
+            Strategy::DestHost => ids.serves_destination(destination),
             Strategy::DefaultRoute => ids.default_route,
         }
     }
