@@ -147,6 +147,15 @@ impl Fleet {
                 async move {
                     let socket = tokio::net::TcpSocket::new_v4()?;
                     socket.bind((from, 0).into())?;
+                    // A killed server can leave a connection that was still in its accept
+                    // queue open on this side with nobody behind it; probes find those, as
+                    // tether-agent's own do.
+                    socket2::SockRef::from(&socket).set_tcp_keepalive(
+                        &socket2::TcpKeepalive::new()
+                            .with_time(Duration::from_secs(2))
+                            .with_interval(Duration::from_secs(1))
+                            .with_retries(3),
+                    )?;
                     let tcp = socket.connect(([127, 0, 0, 1], port).into()).await?;
                     let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
                     Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
@@ -233,6 +242,8 @@ struct Row {
     dial_p99: Duration,
     dial_failures: usize,
     storm: Option<Duration>,
+    /// The restarted server's CPU until every agent was back, per agent.
+    storm_cpu_per_agent: Duration,
     /// Agents not back when the storm's deadline passed.
     starved: usize,
 }
@@ -326,12 +337,21 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
         .signal(nix::sys::signal::Signal::SIGKILL)?;
     let _ = server.logged.process.wait_timeout(Duration::from_secs(10));
     drop(server);
+    let killed = Instant::now();
     while fleet.connected.load(Ordering::Relaxed) > 0 {
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{}: {} agents still think they are connected a minute after the server was killed",
+                imp.name(),
+                fleet.connected.load(Ordering::Relaxed)
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let restarted_at = fleet.now_ms();
     let server = start_server(imp, &pki, ports)?;
     let back = all_connected(&fleet, n, STORM_DEADLINE).await;
+    let storm_cpu_per_agent = cpu_time(server.pid) / u32::try_from(n)?;
     let storm = back.then(|| {
         let last = fleet
             .up_at
@@ -358,6 +378,7 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
         dial_p99,
         dial_failures,
         storm,
+        storm_cpu_per_agent,
         starved,
     })
 }
@@ -386,15 +407,15 @@ async fn main() -> Result<()> {
         args.agents, args.idle, args.dials
     );
     println!(
-        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | starved |"
+        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | storm: server CPU per agent (µs) | starved |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.agents {
         let mut rows = Vec::new();
         for imp in &imps {
             let row = measure(imp, n, &args).await?;
             println!(
-                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {} |",
+                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {:.0} | {} |",
                 imp.name(),
                 row.connect_all.as_secs_f64(),
                 row.rss_per_agent_kib,
@@ -406,13 +427,14 @@ async fn main() -> Result<()> {
                     || "not all".to_owned(),
                     |d| format!("{:.2}", d.as_secs_f64())
                 ),
+                row.storm_cpu_per_agent.as_secs_f64() * 1e6,
                 row.starved
             );
             rows.push(row);
         }
         if let [ours, theirs] = rows.as_slice() {
             println!(
-                "| {n} | tether / upstream | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | | {} | |",
+                "| {n} | tether / upstream | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | | {} | {:.2} | |",
                 ours.connect_all.as_secs_f64() / theirs.connect_all.as_secs_f64(),
                 ours.rss_per_agent_kib / theirs.rss_per_agent_kib,
                 ours.idle_cpu_ms_per_agent_minute / theirs.idle_cpu_ms_per_agent_minute,
@@ -422,6 +444,7 @@ async fn main() -> Result<()> {
                     (Some(a), Some(b)) => format!("{:.2}", a.as_secs_f64() / b.as_secs_f64()),
                     _ => "n/a".to_owned(),
                 },
+                ours.storm_cpu_per_agent.as_secs_f64() / theirs.storm_cpu_per_agent.as_secs_f64(),
             );
         }
     }

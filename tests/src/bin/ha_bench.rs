@@ -215,7 +215,7 @@ async fn run(scenario: &Scenario, n: usize, echo_port: u16) -> Result<Outcome> {
     let mut connect_all = Duration::ZERO;
     for server in &servers {
         connect_all = connect_all.max(
-            all_back(server, n, started, Duration::from_secs(120))
+            all_back(server, n, started, Duration::from_secs(300))
                 .await
                 .context("not every agent reached every server")?,
         );
