@@ -118,8 +118,14 @@ impl LeaseCounter {
                 let watched = api.watch(&params, &version).await;
                 let (status, reason) = tether_runtime::kube_client::outcome(&watched);
                 metrics.lease_watch(status, &reason);
-                let Ok(stream) = watched else { break };
+                let Ok(stream) = watched else {
+                    // Listing may work where watching does not (RBAC without watch): not a
+                    // list and a refused watch back to back, forever.
+                    tokio::time::sleep(RETRY).await;
+                    break;
+                };
                 let mut stream = stream.boxed();
+                let started = Instant::now();
                 let mut expired = false;
                 while let Ok(Some(event)) = stream.try_next().await {
                     if let WatchEvent::Error(status) = &event {
@@ -133,6 +139,10 @@ impl LeaseCounter {
                 }
                 if expired {
                     break;
+                }
+                // A watch the API server ends at once is not renewed at once.
+                if started.elapsed() < RETRY {
+                    tokio::time::sleep(RETRY).await;
                 }
             }
         }
