@@ -114,6 +114,18 @@ impl ServerPorts {
     }
 }
 
+/// A round-robin balancer on 127.0.0.1 over these servers' agent ports, as a Service VIP in
+/// front of the replicas; returns its address.
+pub async fn balancer(servers: &[ServerPorts]) -> std::net::SocketAddr {
+    crate::lb::round_robin(
+        servers
+            .iter()
+            .map(|p| ([127, 0, 0, 1], p.agent).into())
+            .collect(),
+    )
+    .await
+}
+
 /// Starts a server; `uds` is used in UDS mode (removed first).
 pub fn server(
     imp: &Impl,

@@ -43,13 +43,7 @@ async fn agents_follow_servers_that_come_and_go_by_their_leases() {
             .unwrap()
         })
         .collect();
-    let lb = tether_tests::lb::round_robin(
-        ports
-            .iter()
-            .map(|p| ([127, 0, 0, 1], p.agent).into())
-            .collect(),
-    )
-    .await;
+    let lb = peers::balancer(&ports).await;
     let agent = peers::agent(
         &Impl::Tether,
         &pki,

@@ -189,13 +189,7 @@ async fn run(scenario: &Scenario, n: usize, echo_port: u16) -> Result<Outcome> {
             ],
         ),
         Reach::Balancer => {
-            let lb = tether_tests::lb::round_robin(
-                ports
-                    .iter()
-                    .map(|p| ([127, 0, 0, 1], p.agent).into())
-                    .collect(),
-            )
-            .await;
+            let lb = peers::balancer(&ports).await;
             (lb.port(), Vec::new())
         }
     };

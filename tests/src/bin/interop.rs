@@ -673,13 +673,7 @@ async fn server_leases(pair: &Pair, report: &mut Report) {
             };
             let mut servers = vec![start(&pair.server, 0)?, start(&pair.server, 1)?];
             // The third address answers nothing until its server starts.
-            let lb = tether_tests::lb::round_robin(
-                ports
-                    .iter()
-                    .map(|p| ([127, 0, 0, 1], p.agent).into())
-                    .collect(),
-            )
-            .await;
+            let lb = peers::balancer(&ports).await;
             let mut extra = kube_flags.clone();
             extra.push("--count-server-leases".to_owned());
             let agent = peers::agent(&pair.agent, &pki, lb.port(), &extra)?;
