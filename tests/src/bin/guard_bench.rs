@@ -10,7 +10,15 @@
 //!    sends control-plane SYNs; the receiver's threaded NAPI, pinned to CPU 1, runs the guard,
 //!    a no-op `XDP_DROP`, an `XDP_DROP` after reading the headers a SYN filter reads, or a
 //!    no-op `XDP_PASS` followed by one iptables raw rule. The four are interleaved round by
-//!    round and compared by median.
+//!    round and compared by median, as rates and as the receiver's CPU time per packet (its
+//!    NAPI thread's run time over the packets it took).
+//!
+//!    Rates on this rig are bistable. A receiver slower than the generator leaves frames the
+//!    generator cannot hand over; those go back to the generator's page pool through the same
+//!    spin-locked ring that every frame the receiver drops goes back through, and the two
+//!    CPUs then spin on that lock until the receiver's cost per packet doubles. A no-op drop
+//!    never falls behind, so never pays it; a NIC drops what overflows its ring in hardware, so
+//!    a node never pays it either. The CPU column shows which regime a run was in.
 //!
 //! Policy for both: 16 IPv4 and 8 IPv6 control-plane prefixes, 6 protected ports.
 
@@ -343,7 +351,8 @@ impl Link {
 
     /// Runs the receiver's NAPI in its own kernel thread on CPU 1 (the generator has CPU 0).
     /// The thread is created with the NAPI instance, i.e. when an XDP program is attached.
-    fn pin_receiver(&self) -> Result<()> {
+    /// Returns the threads' ids.
+    fn pin_receiver(&self) -> Result<Vec<i32>> {
         let out = Command::new("ip")
             .args(["netns", "exec", self.receiver.name(), "sh", "-c"])
             .arg("echo 1 > /sys/class/net/trx0/threaded")
@@ -354,7 +363,7 @@ impl Link {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut pinned = 0;
+        let mut pinned = Vec::new();
         for entry in std::fs::read_dir("/proc")?.flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
@@ -364,19 +373,20 @@ impl Link {
                 let mut cpu = CpuSet::new();
                 cpu.set(1)?;
                 sched_setaffinity(Pid::from_raw(pid), &cpu)?;
-                pinned += 1;
+                pinned.push(pid);
             }
         }
-        if pinned == 0 {
+        if pinned.is_empty() {
             bail!("no threaded NAPI kernel thread for trx0");
         }
-        Ok(())
+        Ok(pinned)
     }
 
-    /// Sends `frames` copies of `packet` from the generator; returns (wall time, packets the
-    /// receiver got).
-    fn blast(&self, tx: &mut Xdp, packet: &[u8], frames: u32) -> Result<(Duration, u64)> {
+    /// Sends `frames` copies of `packet` from the generator; returns the wall time, the
+    /// packets the receiver got and the CPU time its NAPI `threads` spent on them.
+    fn blast(&self, tx: &mut Xdp, packet: &[u8], frames: u32, threads: &[i32]) -> Result<Blast> {
         let before = self.received()?;
+        let cpu_before = run_time(threads)?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
         // egress_ifindex.
         let len = u32::try_from(packet.len())?;
@@ -403,8 +413,33 @@ impl Link {
         if received == 0 {
             bail!("the receiver got none of the {frames} frames sent");
         }
-        Ok((elapsed, received))
+        Ok(Blast {
+            elapsed,
+            received,
+            receiver_cpu: run_time(threads)? - cpu_before,
+        })
     }
+}
+
+struct Blast {
+    elapsed: Duration,
+    received: u64,
+    receiver_cpu: Duration,
+}
+
+/// Time the threads have spent on a CPU (the first field of their schedstat).
+fn run_time(threads: &[i32]) -> Result<Duration> {
+    let mut total = 0;
+    for thread in threads {
+        let path = format!("/proc/{thread}/schedstat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .with_context(|| format!("no run time in {path}: {stat:?}"))?;
+    }
+    Ok(Duration::from_nanos(total))
 }
 
 fn link_json(ns: &Netns, name: &str) -> Result<serde_json::Value> {
@@ -491,23 +526,27 @@ fn drop_rate(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
         Variant::Iptables,
     ];
     const GUARD: usize = 2;
+    // Per variant, one sample per round: the rate the receiver took packets at, and the CPU
+    // time it spent per packet.
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut sent = Vec::new();
     for _ in 0..sizes.rounds {
-        for (variant, samples) in variants.iter().zip(&mut rates) {
+        for (i, variant) in variants.iter().enumerate() {
             let receiver = attach(bench, &link, *variant)?;
-            link.pin_receiver()?;
-            let (elapsed, received) =
-                link.blast(xdp(bench, "bench_tx")?, &syn, sizes.live_frames)?;
-            samples.push(received as f64 / elapsed.as_secs_f64() / 1e6);
-            sent.push(f64::from(sizes.live_frames) / elapsed.as_secs_f64() / 1e6);
+            let threads = link.pin_receiver()?;
+            let blast = link.blast(xdp(bench, "bench_tx")?, &syn, sizes.live_frames, &threads)?;
+            let seconds = blast.elapsed.as_secs_f64();
+            rates[i].push(blast.received as f64 / seconds / 1e6);
+            cpu[i].push(blast.receiver_cpu.as_nanos() as f64 / blast.received as f64);
+            sent.push(f64::from(sizes.live_frames) / seconds / 1e6);
             match receiver {
                 Receiver::Guard(guard) => {
                     let dropped: u64 = guard.counters()?.iter().map(|c| c.dropped.packets).sum();
                     // The veth also carries the kernel's own few packets (IPv6 neighbour
                     // discovery), which pass.
-                    if dropped < received - received / 100 {
-                        bail!("the guard dropped {dropped} of {received} packets");
+                    if dropped < blast.received - blast.received / 100 {
+                        bail!("the guard dropped {dropped} of {} packets", blast.received);
                     }
                 }
                 Receiver::Program(name, id) => {
@@ -528,25 +567,28 @@ fn drop_rate(bench: &mut Ebpf, sizes: &Sizes) -> Result<()> {
         median(&mut sent)
     );
     // Ratios per round, as for the per-packet figures: neighbouring runs share the machine's
-    // mood.
-    let guard_over = |other: usize| {
-        let mut ratios: Vec<f64> = rates[GUARD]
+    // mood. For CPU time the ratio is inverted, so that both columns read as the guard's
+    // capacity over the other receiver's.
+    let per_round = |numerator: &[f64], denominator: &[f64]| {
+        let mut ratios: Vec<f64> = numerator
             .iter()
-            .zip(&rates[other])
-            .map(|(g, o)| g / o)
+            .zip(denominator)
+            .map(|(n, d)| n / d)
             .collect();
         median(&mut ratios)
     };
-    let ratios = [guard_over(0), guard_over(1), 1.0, guard_over(3)];
     println!(
-        "   {:<24}{:>14}{:>16}",
-        "receiver (CPU 1)", "median Mpps", "guard / this"
+        "   {:<24}{:>12}{:>14}{:>14}{:>14}",
+        "receiver (CPU 1)", "median Mpps", "guard / this", "CPU ns/pkt", "guard / this"
     );
-    for ((variant, samples), ratio) in variants.iter().zip(&mut rates).zip(ratios) {
+    for (i, variant) in variants.iter().enumerate() {
         println!(
-            "   {:<24}{:>14.2}{ratio:>16.2}",
+            "   {:<24}{:>12.2}{:>14.2}{:>14.1}{:>14.2}",
             variant.label(),
-            median(samples)
+            median(&mut rates[i].clone()),
+            per_round(&rates[GUARD], &rates[i]),
+            median(&mut cpu[i].clone()),
+            per_round(&cpu[i], &cpu[GUARD]),
         );
     }
     Ok(())
