@@ -25,7 +25,7 @@ use crate::strategy::Strategy;
 const KNOWN_HOSTS: usize = 100_000;
 
 pub struct Registry {
-    list: RwLock<Vec<Arc<AgentStream>>>,
+    streams: RwLock<Streams>,
     strategies: Vec<Strategy>,
     metrics: Arc<Metrics>,
     /// Claims are bound to credentials (`--bind-agent-identity`), so two identities claiming
@@ -40,6 +40,108 @@ pub struct Registry {
     joined: tokio::sync::Notify,
     /// Until then a dial no agent can take yet waits for one (--hold-dials-after-start).
     hold_until: Option<tokio::time::Instant>,
+}
+
+/// The agent streams held now, in arrival order, and indexed by what they claim: a destHost
+/// dial looks up its host instead of asking every agent, which with ten thousand agents was
+/// most of a dial's time.
+#[derive(Default)]
+struct Streams {
+    list: Vec<Held>,
+    by_address: HashMap<IpAddr, Vec<Held>>,
+    /// By host name (identifiers hold them lowercased).
+    by_name: HashMap<String, Vec<Held>>,
+    /// Streams that claim CIDRs, which no key finds.
+    with_cidrs: Vec<Held>,
+    arrivals: u64,
+}
+
+/// A stream with its place in arrival order.
+#[derive(Clone)]
+struct Held {
+    arrival: u64,
+    stream: Arc<AgentStream>,
+}
+
+impl Streams {
+    fn add(&mut self, stream: Arc<AgentStream>) {
+        let held = Held {
+            arrival: self.arrivals,
+            stream,
+        };
+        self.arrivals += 1;
+        let ids = &held.stream.identifiers;
+        for address in &ids.addresses {
+            self.by_address
+                .entry(*address)
+                .or_default()
+                .push(held.clone());
+        }
+        for host in &ids.hosts {
+            self.by_name
+                .entry(host.clone())
+                .or_default()
+                .push(held.clone());
+        }
+        if !ids.cidrs.is_empty() {
+            self.with_cidrs.push(held.clone());
+        }
+        self.list.push(held);
+    }
+
+    /// Takes out the stream with `id`, if held.
+    fn remove(&mut self, id: u64) -> Option<Arc<AgentStream>> {
+        let at = self.list.iter().position(|h| h.stream.id == id)?;
+        let stream = self.list.remove(at).stream;
+        let ids = &stream.identifiers;
+        for address in &ids.addresses {
+            unindex(&mut self.by_address, address, id);
+        }
+        for host in &ids.hosts {
+            unindex(&mut self.by_name, host.as_str(), id);
+        }
+        self.with_cidrs.retain(|h| h.stream.id != id);
+        Some(stream)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<AgentStream>> {
+        self.list.iter().map(|h| &h.stream)
+    }
+
+    /// The streams that serve `destination` under destHost, in arrival order: exactly those
+    /// `Identifiers::serves_destination` accepts.
+    fn serving(&self, destination: &Destination<'_>) -> Vec<&Arc<AgentStream>> {
+        let mut found: Vec<&Held> = Vec::new();
+        if let Some(held) = self.by_name.get(&destination.host.to_ascii_lowercase()) {
+            found.extend(held);
+        }
+        if let Some(ip) = destination.ip {
+            if let Some(held) = self.by_address.get(&ip) {
+                found.extend(held);
+            }
+            found.extend(
+                self.with_cidrs
+                    .iter()
+                    .filter(|h| h.stream.identifiers.cidrs.iter().any(|c| c.contains(ip))),
+            );
+        }
+        found.sort_by_key(|h| h.arrival);
+        found.dedup_by_key(|h| h.arrival);
+        found.into_iter().map(|h| &h.stream).collect()
+    }
+}
+
+fn unindex<K, Q>(index: &mut HashMap<K, Vec<Held>>, key: &Q, id: u64)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(held) = index.get_mut(key) {
+        held.retain(|h| h.stream.id != id);
+        if held.is_empty() {
+            index.remove(key);
+        }
+    }
 }
 
 /// Hosts and addresses agents claimed since the server started, with the identity that
@@ -123,7 +225,7 @@ fn claimed_hosts(ids: &Identifiers) -> impl Iterator<Item = String> + '_ {
 impl Registry {
     pub fn new(strategies: Vec<Strategy>, metrics: Arc<Metrics>) -> Self {
         let registry = Registry {
-            list: RwLock::new(Vec::new()),
+            streams: RwLock::default(),
             strategies,
             metrics,
             bound: false,
@@ -159,7 +261,7 @@ impl Registry {
             }
         }
         self.count(&agent_stream.identifiers, true);
-        self.write().push(agent_stream);
+        self.write().add(agent_stream);
         self.publish();
         self.joined.notify_waiters();
     }
@@ -170,7 +272,7 @@ impl Registry {
         if !self.bound {
             return Vec::new();
         }
-        let list = self.read();
+        let streams = self.read();
         ids.addresses
             .iter()
             .filter_map(|address| {
@@ -182,11 +284,13 @@ impl Registry {
                     .filter(|owner| owner != identity)
                     .collect();
                 others.extend(
-                    list.iter()
-                        .filter(|b| {
-                            b.identity != identity && b.identifiers.addresses.contains(address)
-                        })
-                        .map(|b| b.identity.clone()),
+                    streams
+                        .by_address
+                        .get(address)
+                        .into_iter()
+                        .flatten()
+                        .filter(|h| h.stream.identity != identity)
+                        .map(|h| h.stream.identity.clone()),
                 );
                 (!others.is_empty()).then(|| (*address, others.into_iter().collect()))
             })
@@ -194,14 +298,8 @@ impl Registry {
     }
 
     pub fn remove(&self, id: u64) {
-        let mut gone = Vec::new();
-        self.write().retain(|b| {
-            if b.id == id {
-                gone.push(b.clone());
-            }
-            b.id != id
-        });
-        for agent_stream in gone {
+        let gone = self.write().remove(id);
+        if let Some(agent_stream) = gone {
             self.count(&agent_stream.identifiers, false);
         }
         self.publish();
@@ -222,7 +320,7 @@ impl Registry {
 
     /// The server is stopping: every connection on every agent stream ends.
     pub fn end_tunnels(&self) {
-        let list = self.read().clone();
+        let list: Vec<Arc<AgentStream>> = self.read().iter().cloned().collect();
         for agent_stream in list {
             agent_stream.end_tunnels();
         }
@@ -230,7 +328,7 @@ impl Registry {
 
     /// Agent streams held right now.
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().list.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -284,14 +382,17 @@ impl Registry {
     }
 
     fn choose(&self, address: &str) -> Result<Arc<AgentStream>, NoAgent> {
-        let list = self.read();
+        let streams = self.read();
         let host = dial_host(address);
         let destination = Destination::new(host);
         for strategy in &self.strategies {
-            let candidates: Vec<&Arc<AgentStream>> = list
-                .iter()
-                .filter(|b| strategy.serves(&b.identifiers, &destination))
-                .collect();
+            let candidates: Vec<&Arc<AgentStream>> = match strategy {
+                Strategy::DestHost => streams.serving(&destination),
+                _ => streams
+                    .iter()
+                    .filter(|b| strategy.serves(&b.identifiers, &destination))
+                    .collect(),
+            };
             if *strategy == Strategy::DestHost {
                 self.unambiguous(host, &candidates)?;
             }
@@ -361,10 +462,10 @@ impl Registry {
 
     /// Ready when the first strategy has at least one agent (as upstream).
     pub fn ready(&self) -> bool {
-        let list = self.read();
+        let streams = self.read();
         self.strategies
             .first()
-            .is_some_and(|s| list.iter().any(|b| s.counts(&b.identifiers)))
+            .is_some_and(|s| streams.iter().any(|b| s.counts(&b.identifiers)))
     }
 
     fn publish(&self) {
@@ -389,12 +490,12 @@ impl Registry {
             .set(i64::try_from(count(first)).unwrap_or(i64::MAX));
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<AgentStream>>> {
-        self.list.read().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Streams> {
+        self.streams.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Arc<AgentStream>>> {
-        self.list.write().unwrap_or_else(|p| p.into_inner())
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Streams> {
+        self.streams.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -434,6 +535,84 @@ mod tests {
             ),
             metrics.clone(),
         )
+    }
+
+    /// The destHost index finds exactly the streams a scan of every stream with
+    /// `serves_destination` finds, in arrival order, also after streams leave: claims by
+    /// address, by host name (also one that looks like an address), by CIDR, overlapping and
+    /// repeated.
+    #[tokio::test]
+    async fn the_host_index_finds_what_asking_every_agent_finds() {
+        let metrics = Arc::new(Metrics::new());
+        let claims = [
+            "ipv4=10.0.0.1&host=node-a",
+            "ipv4=10.0.0.2&ipv4=10.0.0.2",
+            "cidr=10.0.0.0/24",
+            "host=10.0.0.1",
+            "ipv6=fd00::1&host=Node-B",
+            "ipv4=10.0.0.1",
+            "cidr=fd00::/64&host=node-a",
+            "default-route=true",
+            "ipv4=10.0.0.3&cidr=10.0.0.0/30",
+        ];
+        let dials = [
+            "10.0.0.1",
+            "10.0.0.2",
+            "10.0.0.3",
+            "10.0.0.9",
+            "10.0.1.1",
+            "node-a",
+            "NODE-B",
+            "node-c",
+            "fd00::1",
+            "fd00:0:0:0::1",
+            "fd00::2",
+            "::ffff:10.0.0.1",
+            "[fd00::1]",
+        ];
+        let mut streams = Streams::default();
+        let mut added = Vec::new();
+        for claim in claims {
+            let stream = agent_stream(claim, &metrics);
+            added.push(stream.id);
+            streams.add(stream);
+        }
+        // Leave two in the middle, and add one back at the end.
+        let leaving = [added[1], added[5]];
+        let check = |streams: &Streams| {
+            for dial in dials {
+                let host = dial_host(dial);
+                let destination = Destination::new(host);
+                let indexed: Vec<u64> =
+                    streams.serving(&destination).iter().map(|b| b.id).collect();
+                let scanned: Vec<u64> = streams
+                    .iter()
+                    .filter(|b| b.identifiers.serves_destination(&destination))
+                    .map(|b| b.id)
+                    .collect();
+                assert_eq!(indexed, scanned, "dial to {dial}");
+            }
+        };
+        check(&streams);
+        for id in leaving {
+            assert!(streams.remove(id).is_some());
+        }
+        assert!(streams.remove(leaving[0]).is_none(), "removed twice");
+        streams.add(agent_stream("ipv4=10.0.0.1&host=node-a", &metrics));
+        check(&streams);
+        // What left is no longer found through any key.
+        assert!(
+            !streams
+                .by_address
+                .values()
+                .flatten()
+                .any(|h| leaving.contains(&h.stream.id))
+        );
+        assert!(
+            !streams
+                .by_address
+                .contains_key(&"10.0.0.2".parse::<IpAddr>().unwrap())
+        );
     }
 
     #[tokio::test(start_paused = true)]
