@@ -87,20 +87,12 @@ impl Identifiers {
 
     /// [`Identifiers::serves`] for a destination parsed once, for checking many agents.
     pub fn serves_destination(&self, destination: &Destination<'_>) -> bool {
-        match destination.ip {
-            Some(ip) => {
-                self.addresses.contains(&ip)
-                    || self.cidrs.iter().any(|c| c.contains(ip))
-                    || self
-                        .hosts
-                        .iter()
-                        .any(|h| h.eq_ignore_ascii_case(destination.host))
-            }
-            None => self
-                .hosts
-                .iter()
-                .any(|h| h.eq_ignore_ascii_case(destination.host)),
-        }
+        self.hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(destination.host))
+            || destination.ip.is_some_and(|ip| {
+                self.addresses.contains(&ip) || self.cidrs.iter().any(|c| c.contains(ip))
+            })
     }
 
     /// Whether it names any destination at all (host, address or CIDR).

@@ -33,9 +33,6 @@ pub struct Registry {
     bound: bool,
     nodes: Option<Arc<Nodes>>,
     known: Mutex<Claims>,
-    /// Agent streams each strategy counts (in `Strategy::ALL`'s order), kept as streams come
-    /// and go: recounting the whole list at every arrival made a fleet's return quadratic.
-    counted: Mutex<[usize; Strategy::ALL.len()]>,
     /// Woken whenever an agent stream is added.
     joined: tokio::sync::Notify,
     /// Until then a dial no agent can take yet waits for one (--hold-dials-after-start).
@@ -53,6 +50,9 @@ struct Streams {
     by_name: HashMap<String, Vec<Held>>,
     /// Streams that claim CIDRs, which no key finds.
     with_cidrs: Vec<Held>,
+    /// Streams each strategy counts (in `Strategy::ALL`'s order), kept as streams come and
+    /// go: recounting the whole list at every arrival made a fleet's return quadratic.
+    counted: [usize; Strategy::ALL.len()],
     arrivals: u64,
 }
 
@@ -86,6 +86,11 @@ impl Streams {
         if !ids.cidrs.is_empty() {
             self.with_cidrs.push(held.clone());
         }
+        for (slot, strategy) in self.counted.iter_mut().zip(Strategy::ALL) {
+            if strategy.counts(ids) {
+                *slot += 1;
+            }
+        }
         self.list.push(held);
     }
 
@@ -101,7 +106,36 @@ impl Streams {
             unindex(&mut self.by_name, host.as_str(), id);
         }
         self.with_cidrs.retain(|h| h.stream.id != id);
+        for (slot, strategy) in self.counted.iter_mut().zip(Strategy::ALL) {
+            if strategy.counts(ids) {
+                *slot -= 1;
+            }
+        }
         Some(stream)
+    }
+
+    /// Streams `strategy` counts now.
+    fn counted(&self, strategy: Strategy) -> usize {
+        Strategy::ALL
+            .iter()
+            .position(|s| *s == strategy)
+            .map_or(0, |i| self.counted[i])
+    }
+
+    /// The streams `strategy` may hand a dial to `destination`, in arrival order.
+    fn candidates(
+        &self,
+        strategy: Strategy,
+        destination: &Destination<'_>,
+    ) -> Vec<&Arc<AgentStream>> {
+        match strategy {
+            Strategy::DestHost => self.serving(destination),
+            // Any agent the strategy counts will do.
+            _ => self
+                .iter()
+                .filter(|b| strategy.counts(&b.identifiers))
+                .collect(),
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = &Arc<AgentStream>> {
@@ -231,7 +265,6 @@ impl Registry {
             bound: false,
             nodes: None,
             known: Mutex::default(),
-            counted: Mutex::default(),
             joined: tokio::sync::Notify::new(),
             hold_until: None,
         };
@@ -260,7 +293,6 @@ impl Registry {
                 known.remember(host, &agent_stream.identity);
             }
         }
-        self.count(&agent_stream.identifiers, true);
         self.write().add(agent_stream);
         self.publish();
         self.joined.notify_waiters();
@@ -298,24 +330,8 @@ impl Registry {
     }
 
     pub fn remove(&self, id: u64) {
-        let gone = self.write().remove(id);
-        if let Some(agent_stream) = gone {
-            self.count(&agent_stream.identifiers, false);
-        }
+        self.write().remove(id);
         self.publish();
-    }
-
-    fn count(&self, ids: &Identifiers, arrived: bool) {
-        let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        for (slot, strategy) in counted.iter_mut().zip(Strategy::ALL) {
-            if strategy.counts(ids) {
-                *slot = if arrived {
-                    *slot + 1
-                } else {
-                    slot.saturating_sub(1)
-                };
-            }
-        }
     }
 
     /// The server is stopping: every connection on every agent stream ends.
@@ -386,13 +402,7 @@ impl Registry {
         let host = dial_host(address);
         let destination = Destination::new(host);
         for strategy in &self.strategies {
-            let candidates: Vec<&Arc<AgentStream>> = match strategy {
-                Strategy::DestHost => streams.serving(&destination),
-                _ => streams
-                    .iter()
-                    .filter(|b| strategy.serves(&b.identifiers, &destination))
-                    .collect(),
-            };
+            let candidates = streams.candidates(*strategy, &destination);
             if *strategy == Strategy::DestHost {
                 self.unambiguous(host, &candidates)?;
             }
@@ -465,17 +475,12 @@ impl Registry {
         let streams = self.read();
         self.strategies
             .first()
-            .is_some_and(|s| streams.iter().any(|b| s.counts(&b.identifiers)))
+            .is_some_and(|s| streams.counted(*s) > 0)
     }
 
     fn publish(&self) {
-        let counted = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        let count = |strategy: Strategy| {
-            Strategy::ALL
-                .iter()
-                .position(|s| *s == strategy)
-                .map_or(0, |i| counted[i])
-        };
+        let streams = self.read();
+        let count = |strategy: Strategy| streams.counted(strategy);
         for strategy in Strategy::ALL {
             self.metrics
                 .ready_backends(strategy.label(), count(strategy));

@@ -1,6 +1,6 @@
 //! How a dial picks an agent: `--proxy-strategies`, tried in order.
 
-use tether_proto::identifiers::{Destination, Identifiers};
+use tether_proto::identifiers::Identifiers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
@@ -37,17 +37,10 @@ impl Strategy {
         }
     }
 
-    /// Whether an agent with `ids` can serve a dial to `host` under this strategy.
-    pub fn serves(self, ids: &Identifiers, destination: &Destination<'_>) -> bool {
-        match self {
-            Strategy::Default => true,
-            Strategy::DestHost => ids.serves_destination(destination),
-            Strategy::DefaultRoute => ids.default_route,
-        }
-    }
-
     /// Whether an agent with `ids` counts for this strategy at all (the `ready_backends`
-    /// gauge, and readiness).
+    /// gauge, and readiness). Under default and defaultRoute every agent counted serves any
+    /// dial; under destHost, those whose identifiers name the dial's host
+    /// (`Identifiers::serves_destination`).
     pub fn counts(self, ids: &Identifiers) -> bool {
         match self {
             Strategy::Default => true,
