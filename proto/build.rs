@@ -14,7 +14,7 @@ fn bidi_stream(service: &str, rpc: &str, method: &str) -> Service {
                 .route_name(rpc)
                 .input_type("crate::Packet")
                 .output_type("crate::Packet")
-                .codec_path("tonic_prost::ProstCodec")
+                .codec_path("crate::codec::PacketCodec")
                 .client_streaming()
                 .server_streaming()
                 .build(),

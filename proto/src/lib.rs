@@ -12,6 +12,7 @@
 use bytes::Bytes;
 
 pub mod cidr;
+pub mod codec;
 pub mod framing;
 pub mod identifiers;
 

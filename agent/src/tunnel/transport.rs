@@ -12,6 +12,7 @@ use http::HeaderValue;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tether_proto::Packet;
+use tether_proto::codec::PacketCodec;
 use tether_proto::metadata;
 use tether_runtime::handshake::HandshakeFailure;
 use tether_runtime::read_ahead::ReadAhead;
@@ -22,7 +23,6 @@ use tokio_stream::Stream;
 use tonic::codec::{Codec, Streaming};
 use tonic::transport::{Endpoint, Uri};
 use tonic::{Code, Status};
-use tonic_prost::ProstCodec;
 use tower::{Service, ServiceExt};
 
 use super::body::PacketBody;
@@ -234,7 +234,7 @@ pub async fn connect(
         .map_err(|_| ConnectError::HeadersTimeout(HEADERS_TIMEOUT))?
         .map_err(transport_error)?;
     let (parts, body) = response.into_parts();
-    let decoder = ProstCodec::<Packet, Packet>::default().decoder();
+    let decoder = PacketCodec::default().decoder();
     // A grpc-status in the headers is a trailers-only answer: a refusal unless it says OK.
     let inbound = match Status::from_header_map(&parts.headers) {
         Some(status) if status.code() != Code::Ok => return Err(ConnectError::Refused { status }),
