@@ -70,6 +70,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The suites a server picks from, in its own order (it ignores the client's): those built on
+/// SHA-256 first. Current x86 and ARM CPUs have instructions for SHA-256 and none for SHA-384,
+/// which ring computes in software: in a reconnect storm the SHA-384 key schedule was 7% of
+/// the server's CPU. The SHA-256 suites are TLS 1.3's mandatory AES-128-GCM and
+/// ChaCha20-Poly1305, and their TLS 1.2 counterparts.
+fn server_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|suite| {
+        use rustls::CipherSuite::*;
+        matches!(
+            suite.suite(),
+            TLS13_AES_256_GCM_SHA384
+                | TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+                | TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384
+        )
+    });
+    Arc::new(provider)
+}
+
 pub fn certificates(file: &PemFile) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(file)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
@@ -253,7 +272,7 @@ pub fn server_config(
     } else {
         rustls::DEFAULT_VERSIONS
     };
-    let builder = ServerConfig::builder_with_provider(provider())
+    let builder = ServerConfig::builder_with_provider(server_provider())
         .with_protocol_versions(versions)
         .map_err(|source| rejected(&identity.cert, source))?;
     let builder = match client_ca {
@@ -269,6 +288,7 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(Reloading::new(identity)?));
+    config.ignore_client_order = true;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
