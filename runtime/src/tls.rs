@@ -26,6 +26,11 @@ impl PemFile {
             path: path.as_ref().to_path_buf(),
         }
     }
+
+    /// The file's bytes as they are now.
+    pub fn contents(&self) -> Result<Vec<u8>, TlsError> {
+        read(self)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +148,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// Whether `other` holds the same certificates and key (read from the same files or not).
+    pub fn same_as(&self, other: &Identity) -> bool {
+        self.chain == other.chain && self.private_key.secret_der() == other.private_key.secret_der()
+    }
+
     pub fn load(cert: PemFile, key: PemFile) -> Result<Self, TlsError> {
         let chain = certificates(&cert)?;
         let private_key = private_key(&key)?;

@@ -2,17 +2,19 @@
 //! `proxy-server` so existing manifests work unchanged; upstream flags tether does not implement
 //! are refused by name instead of being silently ignored.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use rustls::ServerConfig;
+use rustls::server::ProducesTickets;
 use tether_runtime::flags::{ConfigError, Process, go_bool, go_duration, refuse_unsupported};
 use tether_runtime::tls::{self, Identity, PemFile};
 
 use crate::identity::Binding;
 use crate::strategy::Strategy;
+use crate::tickets::TicketKeys;
 
 /// tether-server: the control-plane half of the Konnectivity tunnel. kube-apiserver dials
 /// through it (gRPC or HTTP CONNECT, over a Unix socket or mTLS TCP); node agents hold TLS
@@ -106,6 +108,23 @@ pub struct Args {
     /// return. 0 fails such dials at once, as upstream does.
     #[arg(long, env = "TETHER_HOLD_DIALS_AFTER_START", value_parser = go_duration, default_value = "5s", help_heading = "Agents")]
     pub hold_dials_after_start: Duration,
+    /// A file of at least 32 random bytes (mode 0600 or 0400) that seals the agent port's TLS
+    /// session tickets, so that agents resume their sessions after this server restarts
+    /// instead of each costing a full handshake. Whoever reads it can resume as any agent:
+    /// keep it where the cluster CA's key already is. Servers given the same file resume each
+    /// other's agents. Without it, tickets only outlive a network blip, not a restart. A
+    /// ticket opens only where --cluster-ca-cert is the same file it was issued under, and
+    /// its session goes on only while its certificate is valid.
+    #[arg(
+        long,
+        env = "TETHER_SESSION_TICKET_KEY_FILE",
+        default_value = "",
+        help_heading = "Agents"
+    )]
+    pub session_ticket_key_file: String,
+    /// How long a session ticket stays good: at least this, at most twice this.
+    #[arg(long, env = "TETHER_SESSION_TICKET_LIFETIME", value_parser = go_duration, default_value = "1h", help_heading = "Agents")]
+    pub session_ticket_lifetime: Duration,
     /// Minimum TLS version on the agent and TCP frontend ports: VersionTLS12 or VersionTLS13.
     #[arg(long, default_value = "", help_heading = "Agents")]
     pub tls_min_version: String,
@@ -432,6 +451,8 @@ pub struct Config {
     pub agent_host: String,
     pub agent_port: u16,
     pub agent_tls: Arc<ServerConfig>,
+    /// Agents present client certificates (`--cluster-ca-cert`).
+    pub agent_certificates: bool,
     /// The certificate files the listeners serve (read again when they change), by flag.
     pub served_certificates: Vec<(&'static str, PathBuf)>,
     pub keepalive: Duration,
@@ -474,6 +495,35 @@ pub struct TokenAuthSettings {
     pub qps: f64,
     pub burst: u32,
     pub cache_ttl: Duration,
+}
+
+/// What seals the agent port's session tickets: keys from `--session-ticket-key-file`, else
+/// keys that live and die with this process.
+fn session_tickets(args: &Args, anchors: &[u8]) -> Result<Arc<dyn ProducesTickets>, ConfigError> {
+    let lifetime = u32::try_from(args.session_ticket_lifetime.as_secs())
+        .ok()
+        .filter(|secs| *secs > 0)
+        .ok_or_else(|| ConfigError::Invalid {
+            flag: "session-ticket-lifetime",
+            value: format!("{:?}", args.session_ticket_lifetime),
+            why: "between 1s and 136 years".into(),
+        })?;
+    if args.session_ticket_key_file.is_empty() {
+        let keys = TicketKeys::random(lifetime, anchors).map_err(|_| ConfigError::Invalid {
+            flag: "session-ticket-key-file",
+            value: String::new(),
+            why: "the system's random number generator failed, so no ticket key could be made"
+                .into(),
+        })?;
+        return Ok(Arc::new(keys));
+    }
+    let keys = TicketKeys::load(Path::new(&args.session_ticket_key_file), lifetime, anchors)
+        .map_err(|err| ConfigError::Invalid {
+            flag: "session-ticket-key-file",
+            value: args.session_ticket_key_file.clone(),
+            why: err.to_string(),
+        })?;
+    Ok(Arc::new(keys))
 }
 
 impl Config {
@@ -569,8 +619,19 @@ impl Config {
                 why: " to authenticate agents by client certificate; or authenticate them by token (--agent-namespace, --agent-service-account, --authentication-audience); or pass --allow-unauthenticated-agents to let anyone who reaches the agent port register as an agent (tests and demos only)",
             });
         }
-        let agent_tls =
+        let mut agent_tls =
             tls::server_config(&agent_identity, cluster_ca.as_ref(), alpn_h2, tls13_only)?;
+        // Tickets open only where the CA file is the same: see `tickets`.
+        let anchors = cluster_ca
+            .as_ref()
+            .map(PemFile::contents)
+            .transpose()?
+            .unwrap_or_default();
+        let agent_tls_config = Arc::make_mut(&mut agent_tls);
+        agent_tls_config.ticketer = session_tickets(args, &anchors)?;
+        // An agent holds one connection to a server: one ticket is its next reconnect, and
+        // every resumed handshake hands it a fresh one.
+        agent_tls_config.send_tls13_tickets = 1;
 
         let frontend = if args.uds_name.is_empty() {
             for (flag, value) in [
@@ -682,6 +743,7 @@ impl Config {
             agent_host: args.agent_bind_address.clone(),
             agent_port: args.agent_port,
             agent_tls,
+            agent_certificates: cluster_ca.is_some(),
             served_certificates: [
                 ("cluster-cert", &args.cluster_cert),
                 ("server-cert", &args.server_cert),

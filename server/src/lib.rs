@@ -42,4 +42,5 @@ pub mod outbox;
 pub mod probe;
 pub mod registry;
 pub mod strategy;
+pub mod tickets;
 pub mod token_auth;

@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
-use rustls::ServerConfig;
+use rustls::{HandshakeKind, ServerConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -31,6 +31,7 @@ use tether_runtime::read_ahead::ReadAhead;
 
 use crate::identity::CertNames;
 use crate::metrics::Metrics;
+use crate::tickets;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in flight per listener; past it, connections wait in the kernel's backlog.
@@ -196,6 +197,8 @@ pub struct TlsLimits {
     pub probe: Option<Duration>,
     /// Connections not yet proven (see [`Pending`]), bounded per source and in all.
     pub pending: Option<Arc<Pending>>,
+    /// Clients present certificates: a resumed session's are checked again for validity.
+    pub client_certificates: bool,
 }
 
 /// Agent-port connections that have not yet carried an accepted agent stream: a stranger
@@ -321,12 +324,32 @@ pub fn tls_incoming(
             let conn_tx = tx.clone();
             let metrics = metrics.clone();
             let idle_timeout = limits.idle_timeout;
+            let client_certificates = limits.client_certificates;
             handshaking.spawn(async move {
                 let handshake = acceptor.accept(ReadAhead::new(tcp));
                 let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await;
                 drop(slot);
                 match result {
                     Ok(Ok(mut stream)) => {
+                        let session = stream.get_ref().1;
+                        let resumed = session.handshake_kind() == Some(HandshakeKind::Resumed);
+                        if resumed
+                            && client_certificates
+                            && let Err(err) = tickets::still_valid(
+                                session.peer_certificates(),
+                                x509_parser::time::ASN1Time::now(),
+                            )
+                        {
+                            metrics.handshake_failure(role, "resumed_certificate_refused");
+                            tracing::warn!(
+                                role,
+                                %peer,
+                                error = %err,
+                                "refused a resumed TLS session; the peer's next handshake will be a full one, with its certificate checked afresh"
+                            );
+                            return;
+                        }
+                        metrics.handshake(role, resumed);
                         // rustls stops taking plaintext at 64 KiB of unsent records by
                         // default: a 256 KiB DATA frame would leave in four writes, each
                         // waking the reader. Memory stays bounded by the connections' windows.

@@ -56,6 +56,12 @@ struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeKindLabels {
+    listener: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PacketLabels {
     segment: &'static str,
     packet_type: &'static str,
@@ -85,6 +91,7 @@ pub struct Metrics {
     full_receive_channels: Family<MethodLabel, Gauge>,
     accept_errors: Family<ListenerLabel, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
+    handshakes: Family<HandshakeKindLabels, Counter>,
     grpc_connections: Family<MethodLabel, Gauge>,
     ready_backends: Family<StrategyLabel, Gauge>,
     dial_failures: Family<ReasonLabel, NamedCounter>,
@@ -134,6 +141,7 @@ impl Metrics {
             full_receive_channels: Family::default(),
             accept_errors: Family::default(),
             handshake_failures: Family::default(),
+            handshakes: Family::default(),
             grpc_connections: Family::default(),
             ready_backends: Family::default(),
             dial_failures: Family::default(),
@@ -268,8 +276,13 @@ impl Metrics {
             );
             ours.register(
                 "tls_handshake_failures",
-                "Failed TLS handshakes, by listener (agent, frontend, frontend_uds for a TLS client on the plaintext Unix socket) and reason (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_sent_no_certificate, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, plaintext_peer, tls_on_plaintext_socket, timeout, other)",
+                "Failed TLS handshakes, by listener (agent, frontend, frontend_uds for a TLS client on the plaintext Unix socket) and reason (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_sent_no_certificate, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, plaintext_peer, tls_on_plaintext_socket, timeout, resumed_certificate_refused for a resumed session whose certificate no longer passes, other)",
                 metrics.handshake_failures.clone(),
+            );
+            ours.register(
+                "tls_handshakes",
+                "Completed TLS handshakes, by listener (agent, frontend) and kind: full, or resumed from a session ticket (no certificate signatures; see --session-ticket-key-file)",
+                metrics.handshakes.clone(),
             );
             ours.register(
                 "token_reviews",
@@ -381,6 +394,13 @@ impl Metrics {
     pub fn handshake_failure(&self, listener: &'static str, reason: &'static str) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels { listener, reason })
+            .inc();
+    }
+
+    pub fn handshake(&self, listener: &'static str, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        self.handshakes
+            .get_or_create(&HandshakeKindLabels { listener, kind })
             .inc();
     }
 

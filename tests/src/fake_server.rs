@@ -105,6 +105,7 @@ impl FakeServer {
                 idle_timeout: None,
                 probe: None,
                 pending: None,
+                client_certificates: false,
             },
             metrics,
             Default::default(),

@@ -22,6 +22,8 @@ pub enum Validity {
     Expired,
     /// Valid from 2090.
     NotYetValid,
+    /// Valid now, and for this long from now only.
+    ExpiresIn(std::time::Duration),
 }
 
 /// A certificate and its key on disk.
@@ -115,7 +117,7 @@ impl Pki {
         self.further(name, sans, ExtendedKeyUsagePurpose::ServerAuth)
     }
 
-    /// A certificate `name` from this CA that is expired or not yet valid: for a server
+    /// A certificate `name` from this CA that is valid only as `validity` says: for a server
     /// (the `server` certificate's names) or for a client (`sans`).
     pub fn outside_validity(&self, name: &str, validity: Validity, server: bool) -> Result<Pair> {
         let (sans, usage) = if server {
@@ -194,6 +196,11 @@ fn leaf_valid(
         Some(Validity::NotYetValid) => {
             params.not_before = rcgen::date_time_ymd(2090, 1, 1);
             params.not_after = rcgen::date_time_ymd(2091, 1, 1);
+        }
+        Some(Validity::ExpiresIn(left)) => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(1970, 1, 1) + (now + left);
         }
         None => {}
     }

@@ -39,6 +39,7 @@ pub struct ClientSet {
     connections: TaskTracker,
     /// Told when a server stream ends, so the balancer loop dials again at once.
     lost: Notify,
+    tls_settings: transport::TlsSettings,
 }
 
 enum Outcome {
@@ -84,6 +85,7 @@ impl ClientSet {
             streams: TaskTracker::new(),
             connections: TaskTracker::new(),
             lost: Notify::new(),
+            tls_settings: transport::TlsSettings::default(),
         })
     }
 
@@ -279,14 +281,15 @@ impl ClientSet {
         let outbound = futures_util::stream::unfold(scheduler.clone(), |scheduler| async move {
             scheduler.next().await.map(|packet| (packet, scheduler))
         });
-        let connected = match transport::connect(&self.config, target, outbound).await {
-            Ok(connected) => connected,
-            Err(err) => {
-                self.metrics.server_failure("to_server");
-                self.metrics.connect_failure(err.reason());
-                return Err(err);
-            }
-        };
+        let connected =
+            match transport::connect(&self.config, &self.tls_settings, target, outbound).await {
+                Ok(connected) => connected,
+                Err(err) => {
+                    self.metrics.server_failure("to_server");
+                    self.metrics.connect_failure(err.reason());
+                    return Err(err);
+                }
+            };
         let stream = {
             let mut servers = self.servers();
             if servers.contains_key(&connected.server_id) {

@@ -6,10 +6,12 @@
 //! take effect at the next reconnect without a restart.
 
 use std::io;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::HeaderValue;
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tether_proto::Packet;
 use tether_proto::codec::PacketCodec;
@@ -121,8 +123,52 @@ pub struct Connected {
     pub inbound: Streaming<Packet>,
 }
 
+/// The agent's TLS settings, kept while the files behind them stay the same. rustls resumes
+/// a session only under the settings that made it, and each connect reads the files again (to
+/// pick up rotated ones): built afresh every time, the settings would never resume, and a
+/// server restarted with the same ticket key would cost every agent a full handshake again.
+#[derive(Default)]
+pub struct TlsSettings {
+    current: Mutex<Option<Built>>,
+}
+
+struct Built {
+    ca: Vec<u8>,
+    identity: Option<Identity>,
+    config: Arc<ClientConfig>,
+}
+
+impl TlsSettings {
+    fn get(
+        &self,
+        config: &Config,
+        identity: Option<Identity>,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let ca = config.ca.contents()?;
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(built) = &*current
+            && built.ca == ca
+            && match (&built.identity, &identity) {
+                (Some(a), Some(b)) => a.same_as(b),
+                (None, None) => true,
+                _ => false,
+            }
+        {
+            return Ok(built.config.clone());
+        }
+        let client = tls::client_config(&config.ca, identity.as_ref(), &config.alpn)?;
+        *current = Some(Built {
+            ca,
+            identity,
+            config: client.clone(),
+        });
+        Ok(client)
+    }
+}
+
 pub async fn connect(
     config: &Config,
+    tls_settings: &TlsSettings,
     target: &Target,
     outbound: impl Stream<Item = Packet> + Send + 'static,
 ) -> Result<Connected, ConnectError> {
@@ -130,7 +176,7 @@ pub async fn connect(
         Some((cert, key)) => Some(Identity::load(cert.clone(), key.clone())?),
         None => None,
     };
-    let tls = tls::client_config(&config.ca, identity.as_ref(), &config.alpn)?;
+    let tls = tls_settings.get(config, identity)?;
     let host = target.host.clone();
     let address = target.to_string();
     let dial = target

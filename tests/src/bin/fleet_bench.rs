@@ -9,6 +9,10 @@
 //!   `--server-addresses=each`): the time until all N are back, and how long the last one took;
 //! - dial latency p50/p99 through the gRPC frontend to random agents while all are connected.
 //!
+//! tether-server is measured twice: as it starts by default, and with
+//! `--session-ticket-key-file`, where the restarted server resumes the agents' TLS sessions.
+//! Each simulated agent keeps its own session store, as separate agent processes would.
+//!
 //! Command line: `fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D]
 //! [--upstream-bin DIR]`.
 
@@ -77,7 +81,9 @@ impl Args {
 /// What every simulated agent shares.
 struct Fleet {
     port: u16,
-    tls: TlsConnector,
+    /// Each agent builds its own connector from this, with its own session store, as
+    /// separate agent processes would.
+    tls: Arc<rustls::ClientConfig>,
     /// Agents whose stream is up now.
     connected: AtomicUsize,
     /// Per agent: milliseconds since `epoch` at which its stream last came up.
@@ -115,6 +121,9 @@ impl Fleet {
 
     /// One agent: a stream held, redialled when it ends.
     async fn agent(self: Arc<Self>, i: usize) {
+        let mut config = (*self.tls).clone();
+        config.resumption = rustls::client::Resumption::in_memory_sessions(1);
+        let tls = TlsConnector::from(Arc::new(config));
         let mut backoff = Duration::from_millis(250);
         // The first dial is spread too: N agents starting at once are a storm of their own.
         let mut delay = Duration::from_millis(250).mul_f64(rand::random::<f64>());
@@ -123,7 +132,7 @@ impl Fleet {
                 () = tokio::time::sleep(delay) => {}
                 () = self.stop.cancelled() => return,
             }
-            delay = match self.session(i).await {
+            delay = match self.session(i, &tls).await {
                 Ok(()) => {
                     backoff = Duration::from_millis(250);
                     backoff.mul_f64(rand::random::<f64>())
@@ -138,8 +147,8 @@ impl Fleet {
     }
 
     /// Connects, serves the stream until it ends; `Err` when it never came up.
-    async fn session(&self, i: usize) -> Result<()> {
-        let (tls, port, from) = (self.tls.clone(), self.port, source(i));
+    async fn session(&self, i: usize, tls: &TlsConnector) -> Result<()> {
+        let (tls, port, from) = (tls.clone(), self.port, source(i));
         let channel = Endpoint::from_static("http://agent-port")
             .connect_timeout(Duration::from_secs(10))
             .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -203,7 +212,7 @@ impl Fleet {
 }
 
 /// The agents' TLS: trusting the test CA, presenting the agent certificate.
-fn client_tls(pki: &Pki) -> Result<TlsConnector> {
+fn client_tls(pki: &Pki) -> Result<Arc<rustls::ClientConfig>> {
     let pair = pki.pair("agent");
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(pki.ca())? {
@@ -218,7 +227,7 @@ fn client_tls(pki: &Pki) -> Result<TlsConnector> {
     .with_root_certificates(roots)
     .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// Whether all `n` agents are connected within `limit`.
@@ -246,29 +255,74 @@ struct Row {
     storm_cpu_per_agent: Duration,
     /// Agents not back when the storm's deadline passed.
     starved: usize,
+    /// Handshakes the restarted server resumed from a ticket (tether only).
+    resumed: Option<f64>,
 }
 
 const STORM_DEADLINE: Duration = Duration::from_secs(120);
 
-fn start_server(imp: &Impl, pki: &Pki, ports: ServerPorts) -> Result<Peer> {
+/// One server set-up the fleet faces.
+struct Leg {
+    imp: Impl,
+    /// tether-server with `--session-ticket-key-file`: agents resume after its restart.
+    ticket_key: bool,
+}
+
+impl Leg {
+    fn name(&self) -> &'static str {
+        match (&self.imp, self.ticket_key) {
+            (Impl::Tether, false) => "tether",
+            (Impl::Tether, true) => "tether, ticket key",
+            (Impl::Upstream(_), _) => "upstream",
+        }
+    }
+}
+
+fn start_server(leg: &Leg, pki: &Pki, ports: ServerPorts) -> Result<Peer> {
+    let mut args = vec![
+        "--server-count=1".to_owned(),
+        "--proxy-strategies=destHost".to_owned(),
+    ];
+    if leg.ticket_key {
+        args.push(format!(
+            "--session-ticket-key-file={}",
+            ticket_key(pki)?.display()
+        ));
+    }
     peers::server(
-        imp,
+        &leg.imp,
         pki,
         Mode::Grpc,
         Transport::Uds,
         &pki.dir().join("fleet.sock"),
         ports,
-        &[
-            "--server-count=1".into(),
-            "--proxy-strategies=destHost".into(),
-        ],
+        &args,
     )
 }
 
-async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
+/// The ticket key file, made once per fleet: the restarted server must read the same one.
+fn ticket_key(pki: &Pki) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = pki.dir().join("ticket.key");
+    if !path.exists() {
+        let mut secret = [0u8; 32];
+        rand::fill(&mut secret);
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?,
+            &secret,
+        )?;
+    }
+    Ok(path)
+}
+
+async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
     let pki = Pki::new(&[])?;
     let ports = ServerPorts::free()?;
-    let mut server = start_server(imp, &pki, ports)?;
+    let mut server = start_server(leg, &pki, ports)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kib(server.pid);
     let tracker = TaskTracker::new();
@@ -277,7 +331,7 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
     if !all_connected(&fleet, n, Duration::from_secs(300)).await {
         bail!(
             "{}: only {} of {n} agents connected",
-            imp.name(),
+            leg.name(),
             fleet.connected.load(Ordering::Relaxed)
         );
     }
@@ -295,7 +349,7 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
     })
     .await?;
     if !registered {
-        bail!("{}: the server never counted {n} agents", imp.name());
+        bail!("{}: the server never counted {n} agents", leg.name());
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_per_agent_kib = (rss_kib(server.pid).saturating_sub(rss_before)) as f64 / n as f64;
@@ -342,16 +396,23 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
         if killed.elapsed() > Duration::from_secs(60) {
             bail!(
                 "{}: {} agents still think they are connected a minute after the server was killed",
-                imp.name(),
+                leg.name(),
                 fleet.connected.load(Ordering::Relaxed)
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let restarted_at = fleet.now_ms();
-    let server = start_server(imp, &pki, ports)?;
+    let server = start_server(leg, &pki, ports)?;
     let back = all_connected(&fleet, n, STORM_DEADLINE).await;
     let storm_cpu_per_agent = cpu_time(server.pid) / u32::try_from(n)?;
+    let resumed = matches!(leg.imp, Impl::Tether).then(|| {
+        peers::metric(
+            server.health_port,
+            "tether_server_tls_handshakes_total{listener=\"agent\",kind=\"resumed\"} ",
+        )
+        .unwrap_or_default()
+    });
     let storm = back.then(|| {
         let last = fleet
             .up_at
@@ -380,6 +441,7 @@ async fn measure(imp: &Impl, n: usize, args: &Args) -> Result<Row> {
         storm,
         storm_cpu_per_agent,
         starved,
+        resumed,
     })
 }
 
@@ -398,25 +460,37 @@ fn ms(d: Duration) -> String {
 async fn main() -> Result<()> {
     let args = Args::parse()?;
     raise_descriptor_limit()?;
-    let mut imps = vec![Impl::Tether];
+    let mut legs = vec![
+        Leg {
+            imp: Impl::Tether,
+            ticket_key: false,
+        },
+        Leg {
+            imp: Impl::Tether,
+            ticket_key: true,
+        },
+    ];
     if let Some(dir) = &args.upstream {
-        imps.push(Impl::Upstream(dir.clone()));
+        legs.push(Leg {
+            imp: Impl::Upstream(dir.clone()),
+            ticket_key: false,
+        });
     }
     println!(
         "fleet bench: agents {:?}, idle {:?}, {} dials; server CPU from /proc, RSS above the server's own before any agent",
         args.agents, args.idle, args.dials
     );
     println!(
-        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | storm: server CPU per agent (µs) | starved |"
+        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | storm: server CPU per agent (µs) | storm: resumed | starved |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.agents {
         let mut rows = Vec::new();
-        for imp in &imps {
-            let row = measure(imp, n, &args).await?;
+        for leg in &legs {
+            let row = measure(leg, n, &args).await?;
             println!(
-                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {:.0} | {} |",
-                imp.name(),
+                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {:.0} | {} | {} |",
+                leg.name(),
                 row.connect_all.as_secs_f64(),
                 row.rss_per_agent_kib,
                 row.idle_cpu_ms_per_agent_minute,
@@ -428,16 +502,30 @@ async fn main() -> Result<()> {
                     |d| format!("{:.2}", d.as_secs_f64())
                 ),
                 row.storm_cpu_per_agent.as_secs_f64() * 1e6,
+                row.resumed
+                    .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.0}")),
                 row.starved
             );
             rows.push(row);
         }
-        if let [ours, theirs] = rows.as_slice() {
+        let Some((theirs, ours)) = rows.split_last().filter(|_| args.upstream.is_some()) else {
+            continue;
+        };
+        for (leg, ours) in legs.iter().zip(ours) {
             println!(
-                "| {n} | tether / upstream | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | | {} | {:.2} | |",
+                "| {n} | {} / upstream | {:.2} | {:.2} | {} | {:.2} / {:.2} | | {} | {:.2} | | |",
+                leg.name(),
                 ours.connect_all.as_secs_f64() / theirs.connect_all.as_secs_f64(),
                 ours.rss_per_agent_kib / theirs.rss_per_agent_kib,
-                ours.idle_cpu_ms_per_agent_minute / theirs.idle_cpu_ms_per_agent_minute,
+                // Both round to nothing when no keepalive fell in the idle window.
+                if theirs.idle_cpu_ms_per_agent_minute > 0.0 {
+                    format!(
+                        "{:.2}",
+                        ours.idle_cpu_ms_per_agent_minute / theirs.idle_cpu_ms_per_agent_minute
+                    )
+                } else {
+                    "n/a".to_owned()
+                },
                 ours.dial_p50.as_secs_f64() / theirs.dial_p50.as_secs_f64(),
                 ours.dial_p99.as_secs_f64() / theirs.dial_p99.as_secs_f64(),
                 match (ours.storm, theirs.storm) {
