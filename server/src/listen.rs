@@ -345,7 +345,7 @@ pub fn tls_incoming(
                                 role,
                                 %peer,
                                 error = %err,
-                                "refused a resumed TLS session; the peer's next handshake will be a full one, with its certificate checked afresh"
+                                "refused a resumed TLS session: its client certificate is no longer valid"
                             );
                             return;
                         }

@@ -276,7 +276,7 @@ impl Metrics {
             );
             ours.register(
                 "tls_handshake_failures",
-                "Failed TLS handshakes, by listener (agent, frontend, frontend_uds for a TLS client on the plaintext Unix socket) and reason (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_sent_no_certificate, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, plaintext_peer, tls_on_plaintext_socket, timeout, resumed_certificate_refused for a resumed session whose certificate no longer passes, other)",
+                "Failed TLS handshakes, by listener (agent, frontend, frontend_uds for a TLS client on the plaintext Unix socket) and reason (peer_certificate_expired, peer_certificate_not_yet_valid, peer_certificate_unknown_ca, peer_sent_no_certificate, our_certificate_expired, our_certificate_unknown_ca, our_certificate_refused, plaintext_peer, tls_on_plaintext_socket, timeout, resumed_certificate_refused for a resumed session whose certificate expired since its ticket was issued, other)",
                 metrics.handshake_failures.clone(),
             );
             ours.register(
