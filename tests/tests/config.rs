@@ -324,3 +324,26 @@ fn log_file_is_appended_to_as_klog_does() {
         "stderr got log lines"
     );
 }
+
+#[test]
+fn a_session_ticket_key_file_that_is_missing_exposed_or_short_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new(&[]).unwrap();
+    let path = pki.dir().join("tickets.key");
+    let flag = format!("--session-ticket-key-file={}", path.display());
+    let refused = |why: &str| {
+        let (code, line) = fails("tether-server", &server_args(&pki, &[&flag]));
+        assert_ne!(code, 0);
+        assert!(
+            line.contains("--session-ticket-key-file") && line.contains(why),
+            "{line}"
+        );
+    };
+    refused("No such file");
+    std::fs::write(&path, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    refused("group or others may read it (mode 644)");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(&path, [7u8; 16]).unwrap();
+    refused("16 bytes; it needs at least 32");
+}
