@@ -122,7 +122,7 @@ pub struct Args {
         help_heading = "Agents"
     )]
     pub session_ticket_key_file: String,
-    /// How long a session ticket stays good: at least this, at most twice this.
+    /// How long a session ticket stays good: at least this, at most twice this. At most 168h.
     #[arg(long, env = "TETHER_SESSION_TICKET_LIFETIME", value_parser = go_duration, default_value = "1h", help_heading = "Agents")]
     pub session_ticket_lifetime: Duration,
     /// Minimum TLS version on the agent and TCP frontend ports: VersionTLS12 or VersionTLS13.
@@ -500,13 +500,15 @@ pub struct TokenAuthSettings {
 /// What seals the agent port's session tickets: keys from `--session-ticket-key-file`, else
 /// keys that live and die with this process.
 fn session_tickets(args: &Args, anchors: &[u8]) -> Result<Arc<dyn ProducesTickets>, ConfigError> {
+    // RFC 8446 lets a server promise a ticket a week at most.
+    const WEEK: u32 = 7 * 24 * 3600;
     let lifetime = u32::try_from(args.session_ticket_lifetime.as_secs())
         .ok()
-        .filter(|secs| *secs > 0)
+        .filter(|secs| (1..=WEEK).contains(secs))
         .ok_or_else(|| ConfigError::Invalid {
             flag: "session-ticket-lifetime",
             value: format!("{:?}", args.session_ticket_lifetime),
-            why: "between 1s and 136 years".into(),
+            why: "between 1s and 168h (TLS 1.3 lets a ticket live a week at most)".into(),
         })?;
     if args.session_ticket_key_file.is_empty() {
         let keys = TicketKeys::random(lifetime, anchors).map_err(|_| ConfigError::Invalid {

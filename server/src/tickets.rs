@@ -1,5 +1,6 @@
-//! TLS 1.3 session tickets for the agent port, sealed with keys derived from a secret file so
-//! that they still open after the server restarts (`--session-ticket-key-file`).
+//! TLS 1.3 session tickets for the agent port, sealed with rolling keys: random ones that die
+//! with the process, or ones derived from a secret file, which still open after the server
+//! restarts (`--session-ticket-key-file`).
 //!
 //! A restarted server otherwise meets every agent with a full handshake, and in a fleet that
 //! is what the reconnect storm is made of: certificate signatures and their verification on

@@ -347,3 +347,17 @@ fn a_session_ticket_key_file_that_is_missing_exposed_or_short_is_refused_by_name
     std::fs::write(&path, [7u8; 16]).unwrap();
     refused("16 bytes; it needs at least 32");
 }
+
+#[test]
+fn a_session_ticket_lifetime_tls_cannot_carry_is_refused_by_name() {
+    let pki = Pki::new(&[]).unwrap();
+    for lifetime in ["0s", "169h"] {
+        let flag = format!("--session-ticket-lifetime={lifetime}");
+        let (code, line) = fails("tether-server", &server_args(&pki, &[&flag]));
+        assert_ne!(code, 0);
+        assert!(
+            line.contains("--session-ticket-lifetime") && line.contains("a week at most"),
+            "{line}"
+        );
+    }
+}
