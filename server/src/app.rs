@@ -113,6 +113,9 @@ pub async fn start(config: Config) -> Result<Server, StartError> {
         ))),
         _ => None,
     };
+    if let Some(auth) = &token_auth {
+        tasks.spawn(auth.clone().keep_answers(shutdown.clone()));
+    }
     if let (Some(settings), Some(client)) = (&config.leases, kube) {
         let controller = crate::leases::LeaseController::new(
             client,

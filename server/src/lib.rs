@@ -22,7 +22,8 @@
 //! Beside them: `app` wires everything and returns what it bound; `config` turns flags into a
 //! checked `Config`; `listen` accepts TCP/TLS and Unix-socket connections; `strategy` is
 //! `--proxy-strategies`; `token_auth` checks agents' service-account tokens (rate-limited,
-//! cached, strangers kept from starving proven agents); `identity` checks an agent's claims
+//! cached, strangers kept from starving proven agents) and `review_store` keeps its cache
+//! across a restart; `identity` checks an agent's claims
 //! against its certificate or token and limits streams per identity; `nodes` follows every
 //! Node's addresses for token-bound claims, which `registry` uses to serve an address only
 //! when one node claims it; `metrics`.
@@ -41,6 +42,7 @@ pub mod nodes;
 pub mod outbox;
 pub mod probe;
 pub mod registry;
+pub mod review_store;
 pub mod strategy;
 pub mod tickets;
 pub mod token_auth;

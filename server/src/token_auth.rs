@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
@@ -13,10 +15,12 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, PostParams};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 
 use crate::config::TokenAuthSettings;
 use crate::metrics::Metrics;
+use crate::review_store::{self, Question, Remembered};
 
 /// An agent whose review could not start within this is refused at once (and retries with
 /// its backoff) rather than waiting past its own 30 s timeout for an answer it would ignore.
@@ -43,6 +47,9 @@ const SOURCES: usize = 65_536;
 const IN_FLIGHT: usize = 32;
 /// Tokens remembered at once; past it, reviews are not cached until entries expire.
 const CACHE_ENTRIES: usize = 16_384;
+/// How often new answers go to `--token-review-cache-file`: a server killed outright loses
+/// at most this much of them, and its agents reviewed in that time are reviewed again.
+const SAVE_EVERY: Duration = Duration::from_secs(2);
 
 /// The `extra` keys kube-apiserver sets for tokens bound to a pod.
 const EXTRA_NODE: &str = "authentication.kubernetes.io/node-name";
@@ -61,6 +68,10 @@ pub struct TokenAuth {
     in_flight: Semaphore,
     peers: PeerSlots,
     cache: Mutex<Cache<Authenticated>>,
+    /// `--token-review-cache-file`, where `cache` outlives the process.
+    store: Option<PathBuf>,
+    /// Answers added to `cache` so far: the store is written when this moves.
+    answers: AtomicU64,
     /// Digests of tokens kube-apiserver just refused.
     refused: Mutex<Cache<()>>,
     sources: Mutex<Sources>,
@@ -211,7 +222,7 @@ pub struct Authenticated {
 
 impl TokenAuth {
     pub fn new(settings: &TokenAuthSettings, client: kube::Client, metrics: Arc<Metrics>) -> Self {
-        TokenAuth {
+        let auth = TokenAuth {
             reviews: Api::all(client.clone()),
             nodes: Api::all(client),
             namespace: settings.namespace.clone(),
@@ -222,9 +233,106 @@ impl TokenAuth {
             in_flight: Semaphore::new(IN_FLIGHT),
             peers: PeerSlots::default(),
             cache: Mutex::new(Cache::default()),
+            store: settings.cache_file.clone(),
+            answers: AtomicU64::new(0),
             refused: Mutex::new(Cache::default()),
             sources: Mutex::new(Sources::default()),
             metrics,
+        };
+        auth.restore();
+        auth
+    }
+
+    fn question(&self) -> Question {
+        Question {
+            account: format!(
+                "system:serviceaccount:{}:{}",
+                self.namespace, self.service_account
+            ),
+            audience: self.audience.clone(),
+        }
+    }
+
+    /// Takes back what the store remembers. A store that cannot be read costs reviews, not
+    /// the start: the server then reviews every agent again and writes the file anew.
+    fn restore(&self) {
+        let Some(path) = &self.store else { return };
+        let loaded = review_store::load(path, &self.question(), SystemTime::now(), self.cache_ttl);
+        let (remembered, dropped) = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                tracing::warn!(error = %err, "not reusing earlier TokenReview answers; every agent is reviewed again");
+                return;
+            }
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut cache = lock(&self.cache);
+        for entry in &remembered {
+            let left = entry.until.duration_since(wall).unwrap_or_default();
+            let who = Authenticated {
+                user: entry.user.clone(),
+                node: entry.node.clone(),
+                pod: entry.pod.clone(),
+            };
+            cache.insert(&entry.digest, who, now + left, now);
+        }
+        tracing::info!(
+            file = %path.display(),
+            restored = remembered.len(),
+            dropped,
+            "reusing TokenReview answers from before the restart"
+        );
+    }
+
+    /// Writes the cache to `--token-review-cache-file` whenever it gained answers, and once
+    /// more when `stop` fires. Returns at once without a file.
+    pub async fn keep_answers(self: Arc<Self>, stop: CancellationToken) {
+        if self.store.is_none() {
+            return;
+        }
+        let mut saved = 0;
+        loop {
+            let stopping = tokio::select! {
+                () = tokio::time::sleep(SAVE_EVERY) => false,
+                () = stop.cancelled() => true,
+            };
+            let answers = self.answers.load(Ordering::Relaxed);
+            if answers != saved {
+                let auth = self.clone();
+                if let Ok(true) = tokio::task::spawn_blocking(move || auth.save()).await {
+                    saved = answers;
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Whether the store now holds every answer the cache has.
+    fn save(&self) -> bool {
+        let Some(path) = &self.store else {
+            return true;
+        };
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let entries: Vec<Remembered> = lock(&self.cache)
+            .0
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(digest, (who, until))| Remembered {
+                digest: digest.clone(),
+                user: who.user.clone(),
+                node: who.node.clone(),
+                pod: who.pod.clone(),
+                until: wall + until.duration_since(now),
+            })
+            .collect();
+        match review_store::save(path, &self.question(), &entries) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(error = %err, "TokenReview answers not kept for the next start; retrying");
+                false
+            }
         }
     }
 
@@ -290,6 +398,7 @@ impl TokenAuth {
                     .min(self.cache_ttl);
                 if !ttl.is_zero() {
                     lock(&self.cache).insert(key.as_ref(), who.clone(), now + ttl, now);
+                    self.answers.fetch_add(1, Ordering::Relaxed);
                 }
                 who
             }

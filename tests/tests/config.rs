@@ -361,3 +361,39 @@ fn a_session_ticket_lifetime_tls_cannot_carry_is_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn a_token_review_cache_file_without_tokens_a_directory_or_privacy_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new(&[]).unwrap();
+    let path = pki.dir().join("reviews.json");
+    let flag = format!("--token-review-cache-file={}", path.display());
+    let token = [
+        "--agent-namespace=kube-system",
+        "--agent-service-account=konnectivity-agent",
+        "--authentication-audience=system:konnectivity-server",
+        "--kubeconfig=/dev/null",
+    ];
+    let refused = |extra: &[&str], why: &str| {
+        let (code, line) = fails("tether-server", &server_args(&pki, extra));
+        assert_eq!(code, 2, "{line}");
+        assert!(line.contains(why), "{line}");
+    };
+    refused(
+        &[&flag],
+        "--agent-namespace is required with --token-review-cache-file",
+    );
+    let mut args = token.to_vec();
+    args.push(&flag);
+    std::fs::write(&path, "{}").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    refused(&args, "open to others (mode 640)");
+    let mut uncached = args.clone();
+    uncached.push("--token-review-cache-ttl=0s");
+    refused(&uncached, "nothing to keep");
+    let nowhere = "--token-review-cache-file=/nonexistent/tether/reviews.json";
+    refused(
+        &[&token[..], &[nowhere]].concat(),
+        "its directory does not exist",
+    );
+}

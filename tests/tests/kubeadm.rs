@@ -128,7 +128,8 @@ fn guide_certificates(pki: &Path) {
 }
 
 /// The static pod's arguments and environment with each mounted path under `root` (every
-/// mount is a hostPath at the same path inside and out).
+/// mount is a hostPath at the same path inside and out); makes the directories of
+/// `DirectoryOrCreate` mounts there, as the kubelet would.
 fn server_command(root: &Path) -> (Vec<String>, Vec<(String, String)>) {
     let pod = &read_yaml("kubernetes/control-plane/konnectivity-server.yaml")[0];
     let spec = pod_spec(pod);
@@ -148,14 +149,13 @@ fn server_command(root: &Path) -> (Vec<String>, Vec<(String, String)>) {
     let mut mounted: Vec<(String, String)> = mounts(spec, container)
         .into_iter()
         .map(|m| {
-            let (host, _) = m.host.unwrap();
+            let (host, kind) = m.host.unwrap();
             assert_eq!(host, m.inside, "a hostPath mounted elsewhere");
-            (
-                m.inside,
-                root.join(host.trim_start_matches('/'))
-                    .display()
-                    .to_string(),
-            )
+            let under_root = root.join(host.trim_start_matches('/'));
+            if kind == "DirectoryOrCreate" {
+                std::fs::create_dir_all(&under_root).unwrap();
+            }
+            (m.inside, under_root.display().to_string())
         })
         .collect();
     mounted.sort_by_key(|(inside, _)| std::cmp::Reverse(inside.len()));
@@ -309,8 +309,6 @@ fn the_guide_on_a_kubeadm_control_plane_gives_a_working_tunnel() {
     .unwrap()
     .replace("/etc/kubernetes", &etc.display().to_string());
     std::fs::write(etc.join("konnectivity-server.conf"), kubeconfig).unwrap();
-    // hostPath type DirectoryOrCreate.
-    std::fs::create_dir_all(etc.join("konnectivity-server")).unwrap();
 
     let (service, slice) = web();
     let cluster = kube_api::Cluster {

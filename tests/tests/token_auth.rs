@@ -428,6 +428,101 @@ async fn a_successful_review_is_reused_until_the_token_expires() {
     assert_eq!(times_asked(&api, "agent-token"), before + 2);
 }
 
+/// Entries in the `--token-review-cache-file` at `path`, once it exists.
+fn entries_kept(path: &Path) -> usize {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .and_then(|file| file["entries"].as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_lets_agents_back_in_on_answers_from_its_cache_file() {
+    use nix::sys::signal::Signal;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    let file = dir.path().join("reviews.json");
+    let keep = format!("--token-review-cache-file={}", file.display());
+    let (lasting, brief) = (jwt(3600), jwt(3));
+
+    let first = token_server(&api, &[&keep]);
+    for token in ["agent-token", &lasting, &brief] {
+        drop(connect_with(&first, "a", token, "").await.unwrap());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || entries_kept(&file) == 3),
+        "the answers never reached {}",
+        file.display()
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        !text.contains("agent-token") && !text.contains(&lasting),
+        "a token in the file: {text}"
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    // Killed outright: what was written before is all there is.
+    first.server.logged.process.signal(Signal::SIGKILL).unwrap();
+    drop(first);
+
+    let mut second = token_server(&api, &[&keep]);
+    for token in ["agent-token", &lasting] {
+        drop(connect_with(&second, "a", token, "").await.unwrap());
+        assert_eq!(
+            times_asked(&api, token),
+            1,
+            "the restarted server asked kube-apiserver again"
+        );
+    }
+    let (_, metrics) = http_get(second.server.health_port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("tether_server_token_reviews_total{outcome=\"cached\"} 2"),
+        "{metrics}"
+    );
+    // A graceful stop writes the file as well; the brief token's answer expires meanwhile.
+    second
+        .server
+        .logged
+        .process
+        .signal(Signal::SIGTERM)
+        .unwrap();
+    second
+        .server
+        .logged
+        .process
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap();
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let third = token_server(&api, &[&keep]);
+    drop(connect_with(&third, "a", &brief, "").await.unwrap());
+    assert_eq!(
+        times_asked(&api, &brief),
+        2,
+        "an answer was reused past the token's expiry across a restart"
+    );
+    drop(connect_with(&third, "a", &lasting, "").await.unwrap());
+    assert_eq!(times_asked(&api, &lasting), 1);
+    drop(third);
+
+    // Others may not read a file that lets its writer pass tokens off as any agent's.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut args = api.server_args();
+    args.push(keep.clone());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = Cluster::server_only(Mode::HttpConnect, Transport::Uds, &refs)
+        .err()
+        .expect("the server started with a cache file others can read");
+    let why = format!("{refused:#}");
+    assert!(
+        why.contains("--token-review-cache-file") && why.contains("chmod 600"),
+        "{why}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_review_whose_turn_is_past_the_deadline_is_refused_at_once() {
     let dir = tempfile::tempdir().unwrap();
