@@ -148,12 +148,15 @@ pub fn server(
         ),
         format!("--cluster-cert={}", pair.cert.display()),
         format!("--cluster-key={}", pair.key.display()),
-        // Agents authenticate with client certificates, the same way for both implementations.
-        format!("--cluster-ca-cert={}", pki.ca().display()),
         format!("--agent-port={agent_port}"),
         format!("--health-port={health_port}"),
         format!("--admin-port={}", ports.admin),
     ];
+    // Agents authenticate with client certificates, the same way for both implementations,
+    // unless `extra` turns token authentication on (which tether takes instead of them).
+    if !extra.iter().any(|a| a.starts_with("--agent-namespace")) {
+        args.push(format!("--cluster-ca-cert={}", pki.ca().display()));
+    }
     let target = match transport {
         Transport::Uds => {
             args.push(format!("--uds-name={}", uds.display()));

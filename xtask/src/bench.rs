@@ -29,6 +29,10 @@ pub struct Options {
     /// Fleet: the fleet sizes to measure, comma-separated; ha: how many agents (default 40).
     #[arg(long)]
     pub agents: Option<String>,
+    /// Fleet: agents authenticate by service-account token, each server reviewing them at
+    /// this many TokenReviews per second, instead of by client certificate.
+    #[arg(long, value_name = "QPS")]
+    pub token_qps: Option<u32>,
     /// Soak: how long to run, printing a line a minute.
     #[arg(long, default_value_t = 30)]
     pub minutes: u64,
@@ -82,6 +86,9 @@ pub fn run(opts: &Options) -> Result<()> {
             ]);
             if opts.quick {
                 cmd.args(["--idle-seconds", "5", "--dials", "200"]);
+            }
+            if let Some(qps) = opts.token_qps {
+                cmd.args(["--token-qps", &qps.to_string()]);
             }
             if let Some(dir) = &opts.upstream_bin {
                 cmd.arg("--upstream-bin").arg(dir);

@@ -13,8 +13,14 @@
 //! `--session-ticket-key-file`, where the restarted server resumes the agents' TLS sessions.
 //! Each simulated agent keeps its own session store, as separate agent processes would.
 //!
+//! With `--token-qps Q` the agents authenticate by service-account token instead, each its
+//! own (as each agent pod has its own projected token), every server reviewing them at Q
+//! TokenReviews per second against a stand-in kube-apiserver on loopback. tether-server is
+//! then measured as it starts by default, and with `--token-review-cache-file`, where the
+//! restarted server reuses the answers it had.
+//!
 //! Command line: `fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D]
-//! [--upstream-bin DIR]`.
+//! [--token-qps Q] [--upstream-bin DIR]`.
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -30,6 +36,7 @@ use tether_proto::agent::agent_service_client::AgentServiceClient;
 use tether_proto::{Message, Packet};
 use tether_tests::cluster::{Mode, Transport};
 use tether_tests::frontend::{GrpcTunnel, grpc_client};
+use tether_tests::kube_api::{self, KubeApi, TokenOwner};
 use tether_tests::peers::{self, Impl, Peer, ServerPorts};
 use tether_tests::pki::Pki;
 use tether_tests::process::{cpu_time, rss_kib, wait_until};
@@ -45,6 +52,8 @@ struct Args {
     agents: Vec<usize>,
     idle: Duration,
     dials: usize,
+    /// Token authentication at this many TokenReviews per second, instead of certificates.
+    token_qps: Option<u32>,
     upstream: Option<PathBuf>,
 }
 
@@ -54,6 +63,7 @@ impl Args {
             agents: vec![1_000, 5_000, 10_000],
             idle: Duration::from_secs(30),
             dials: 1_000,
+            token_qps: None,
             upstream: None,
         };
         let mut it = std::env::args().skip(1);
@@ -68,9 +78,16 @@ impl Args {
                 }
                 "--idle-seconds" => args.idle = Duration::from_secs(value()?.parse()?),
                 "--dials" => args.dials = value()?.parse()?,
+                "--token-qps" => {
+                    args.token_qps = Some(
+                        value()?
+                            .parse()
+                            .context("--token-qps takes a whole number")?,
+                    );
+                }
                 "--upstream-bin" => args.upstream = Some(PathBuf::from(value()?)),
                 other => bail!(
-                    "unknown argument {other:?}; usage: fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D] [--upstream-bin DIR]"
+                    "unknown argument {other:?}; usage: fleet_bench [--agents N,N,...] [--idle-seconds S] [--dials D] [--token-qps Q] [--upstream-bin DIR]"
                 ),
             }
         }
@@ -90,6 +107,16 @@ struct Fleet {
     up_at: Vec<AtomicU64>,
     epoch: Instant,
     stop: CancellationToken,
+    /// Agents send their own service-account token ([`token`]).
+    tokens: bool,
+}
+
+const ACCOUNT: &str = "system:serviceaccount:kube-system:konnectivity-agent";
+const AUDIENCE: &str = "system:konnectivity-server";
+
+/// Agent `i`'s service-account token.
+fn token(i: usize) -> String {
+    format!("fleet-token-{i}")
 }
 
 /// Agent `i`'s source address: 127.1.0.1 onwards, 250 per /24, so per-source admission limits
@@ -100,7 +127,13 @@ fn source(i: usize) -> Ipv4Addr {
 }
 
 impl Fleet {
-    fn start(n: usize, port: u16, pki: &Pki, tracker: &TaskTracker) -> Result<Arc<Self>> {
+    fn start(
+        n: usize,
+        port: u16,
+        pki: &Pki,
+        tokens: bool,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<Self>> {
         let fleet = Arc::new(Fleet {
             port,
             tls: client_tls(pki)?,
@@ -108,6 +141,7 @@ impl Fleet {
             up_at: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
             stop: CancellationToken::new(),
+            tokens,
         });
         for i in 0..n {
             tracker.spawn(fleet.clone().agent(i));
@@ -179,6 +213,12 @@ impl Fleet {
             "agentidentifiers",
             MetadataValue::try_from(format!("host=agent-{i}"))?,
         );
+        if self.tokens {
+            metadata.insert(
+                "authorization",
+                MetadataValue::try_from(format!("Bearer {}", token(i)))?,
+            );
+        }
         let mut client = AgentServiceClient::new(channel);
         let mut inbound = tokio::select! {
             response = client.connect(request) => response?.into_inner(),
@@ -257,6 +297,8 @@ struct Row {
     starved: usize,
     /// Handshakes the restarted server resumed from a ticket (tether only).
     resumed: Option<f64>,
+    /// TokenReviews the restarted server asked for until every agent was back (token legs).
+    reviews: Option<usize>,
 }
 
 const STORM_DEADLINE: Duration = Duration::from_secs(120);
@@ -264,26 +306,55 @@ const STORM_DEADLINE: Duration = Duration::from_secs(120);
 /// One server set-up the fleet faces.
 struct Leg {
     imp: Impl,
-    /// tether-server with `--session-ticket-key-file`: agents resume after its restart.
-    ticket_key: bool,
+    /// Agents authenticate by token, reviewed at this many per second.
+    token_qps: Option<u32>,
+    /// tether-server keeps what it learnt across the restart: with `--session-ticket-key-file`
+    /// agents resume their TLS sessions, with `--token-review-cache-file` their tokens need
+    /// no new review.
+    keeps: bool,
 }
 
 impl Leg {
     fn name(&self) -> &'static str {
-        match (&self.imp, self.ticket_key) {
-            (Impl::Tether, false) => "tether",
-            (Impl::Tether, true) => "tether, ticket key",
-            (Impl::Upstream(_), _) => "upstream",
+        match (&self.imp, self.token_qps.is_some(), self.keeps) {
+            (Impl::Tether, false, false) => "tether",
+            (Impl::Tether, false, true) => "tether, ticket key",
+            (Impl::Tether, true, false) => "tether, token",
+            (Impl::Tether, true, true) => "tether, token, cache file",
+            (Impl::Upstream(_), false, _) => "upstream",
+            (Impl::Upstream(_), true, _) => "upstream, token",
         }
     }
 }
 
-fn start_server(leg: &Leg, pki: &Pki, ports: ServerPorts) -> Result<Peer> {
+/// `kubeconfig` reaches the stand-in kube-apiserver (token legs only).
+fn start_server(
+    leg: &Leg,
+    pki: &Pki,
+    ports: ServerPorts,
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<Peer> {
     let mut args = vec![
         "--server-count=1".to_owned(),
         "--proxy-strategies=destHost".to_owned(),
     ];
-    if leg.ticket_key {
+    if let (Some(qps), Some(kubeconfig)) = (leg.token_qps, kubeconfig) {
+        args.extend([
+            "--agent-namespace=kube-system".to_owned(),
+            "--agent-service-account=konnectivity-agent".to_owned(),
+            format!("--authentication-audience={AUDIENCE}"),
+            format!("--kubeconfig={}", kubeconfig.display()),
+            "--kube-api-content-type=application/json".to_owned(),
+            format!("--kubeconfig-qps={qps}"),
+            format!("--kubeconfig-burst={qps}"),
+        ]);
+        if leg.keeps {
+            args.push(format!(
+                "--token-review-cache-file={}",
+                pki.dir().join("reviews.json").display()
+            ));
+        }
+    } else if leg.keeps {
         args.push(format!(
             "--session-ticket-key-file={}",
             ticket_key(pki)?.display()
@@ -322,12 +393,31 @@ fn ticket_key(pki: &Pki) -> Result<PathBuf> {
 async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
     let pki = Pki::new(&[])?;
     let ports = ServerPorts::free()?;
-    let mut server = start_server(leg, &pki, ports)?;
+    // Held for the whole measure: both the server and its restarted self review through it.
+    let stand_in = leg.token_qps.is_some().then(|| {
+        let tokens = (0..n)
+            .map(|i| TokenOwner {
+                token: token(i),
+                username: ACCOUNT.to_owned(),
+                audiences: vec![AUDIENCE.to_owned()],
+                node: None,
+            })
+            .collect();
+        let pair = pki.pair("server");
+        let cluster = kube_api::Cluster {
+            tokens,
+            ..kube_api::Cluster::default()
+        };
+        let (api, port) = KubeApi::start_on_loopback(cluster, &pair.cert, &pair.key);
+        (api, KubeApi::kubeconfig(pki.dir(), port, &pki.ca()))
+    });
+    let kubeconfig = stand_in.as_ref().map(|(_, path)| path.as_path());
+    let mut server = start_server(leg, &pki, ports, kubeconfig)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kib(server.pid);
     let tracker = TaskTracker::new();
     let started = Instant::now();
-    let fleet = Fleet::start(n, ports.agent, &pki, &tracker)?;
+    let fleet = Fleet::start(n, ports.agent, &pki, leg.token_qps.is_some(), &tracker)?;
     if !all_connected(&fleet, n, Duration::from_secs(300)).await {
         bail!(
             "{}: only {} of {n} agents connected",
@@ -403,8 +493,13 @@ async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let restarted_at = fleet.now_ms();
-    let server = start_server(leg, &pki, ports)?;
+    let reviews_before = stand_in.as_ref().map(|(api, _)| reviews(api));
+    let server = start_server(leg, &pki, ports, kubeconfig)?;
     let back = all_connected(&fleet, n, STORM_DEADLINE).await;
+    let reviews = stand_in
+        .as_ref()
+        .zip(reviews_before)
+        .map(|((api, _), before)| reviews(api) - before);
     let storm_cpu_per_agent = cpu_time(server.pid) / u32::try_from(n)?;
     let resumed = matches!(leg.imp, Impl::Tether).then(|| {
         peers::metric(
@@ -442,7 +537,16 @@ async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
         storm_cpu_per_agent,
         starved,
         resumed,
+        reviews,
     })
+}
+
+/// TokenReviews the stand-in kube-apiserver has answered.
+fn reviews(api: &KubeApi) -> usize {
+    api.asked()
+        .iter()
+        .filter(|a| a.path.ends_with("/tokenreviews"))
+        .count()
 }
 
 fn raise_descriptor_limit() -> Result<()> {
@@ -460,36 +564,46 @@ fn ms(d: Duration) -> String {
 async fn main() -> Result<()> {
     let args = Args::parse()?;
     raise_descriptor_limit()?;
+    let token_qps = args.token_qps;
     let mut legs = vec![
         Leg {
             imp: Impl::Tether,
-            ticket_key: false,
+            token_qps,
+            keeps: false,
         },
         Leg {
             imp: Impl::Tether,
-            ticket_key: true,
+            token_qps,
+            keeps: true,
         },
     ];
     if let Some(dir) = &args.upstream {
         legs.push(Leg {
             imp: Impl::Upstream(dir.clone()),
-            ticket_key: false,
+            token_qps,
+            keeps: false,
         });
     }
     println!(
-        "fleet bench: agents {:?}, idle {:?}, {} dials; server CPU from /proc, RSS above the server's own before any agent",
-        args.agents, args.idle, args.dials
+        "fleet bench: agents {:?}, idle {:?}, {} dials, {}; server CPU from /proc, RSS above the server's own before any agent",
+        args.agents,
+        args.idle,
+        args.dials,
+        token_qps.map_or_else(
+            || "client certificates".to_owned(),
+            |q| format!("tokens reviewed at {q}/s")
+        )
     );
     println!(
-        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | storm: server CPU per agent (µs) | storm: resumed | starved |"
+        "| agents | server | all connected (s) | RSS per agent (KiB) | idle CPU per agent (ms/min) | dial p50 / p99 (ms) | dial failures | storm: all back (s) | storm: server CPU per agent (µs) | storm: resumed | storm: TokenReviews | starved |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &args.agents {
         let mut rows = Vec::new();
         for leg in &legs {
             let row = measure(leg, n, &args).await?;
             println!(
-                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {:.0} | {} | {} |",
+                "| {n} | {} | {:.1} | {:.1} | {:.3} | {} / {} | {} | {} | {:.0} | {} | {} | {} |",
                 leg.name(),
                 row.connect_all.as_secs_f64(),
                 row.rss_per_agent_kib,
@@ -504,6 +618,8 @@ async fn main() -> Result<()> {
                 row.storm_cpu_per_agent.as_secs_f64() * 1e6,
                 row.resumed
                     .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.0}")),
+                row.reviews
+                    .map_or_else(|| "n/a".to_owned(), |r| r.to_string()),
                 row.starved
             );
             rows.push(row);
@@ -513,7 +629,7 @@ async fn main() -> Result<()> {
         };
         for (leg, ours) in legs.iter().zip(ours) {
             println!(
-                "| {n} | {} / upstream | {:.2} | {:.2} | {} | {:.2} / {:.2} | | {} | {:.2} | | |",
+                "| {n} | {} / upstream | {:.2} | {:.2} | {} | {:.2} / {:.2} | | {} | {:.2} | | | |",
                 leg.name(),
                 ours.connect_all.as_secs_f64() / theirs.connect_all.as_secs_f64(),
                 ours.rss_per_agent_kib / theirs.rss_per_agent_kib,
