@@ -174,12 +174,11 @@ pub fn save(path: &Path, question: &Question, entries: &[Remembered]) -> Result<
                 user: r.user.clone(),
                 node: r.node.clone(),
                 pod: r.pod.clone(),
-                // Rounded up: an answer is never reused for less than it was given, and the
-                // server's own copy (not this) decides while it runs.
+                // Rounded down: a restart may shorten an answer's life, never lengthen it.
                 until: r
                     .until
                     .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                    .map_or(0, |d| d.as_secs()),
             })
             .collect(),
     };
