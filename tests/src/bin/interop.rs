@@ -17,6 +17,7 @@ use tether_proto::Packet;
 use tether_tests::cluster::{Mode, Transport};
 use tether_tests::destination;
 use tether_tests::frontend::{Event, GrpcTunnel, Target, grpc_client, http_connect, raw_h2};
+use tether_tests::kube_api;
 use tether_tests::peers::{self, Impl, Peer, ServerPorts};
 use tether_tests::pki::Pki;
 use tether_tests::process::wait_until;
@@ -556,6 +557,134 @@ async fn identity_binding(pair: &Pair, report: &mut Report) {
                 })
             });
             with_logs(&setup, ensure_ok(refused, "node-b was not refused"))
+        })
+        .await;
+}
+
+/// Token authentication across implementations: the agent sends its service-account token
+/// (`--service-account-token-path`) and the server reviews it with a stand-in kube-apiserver.
+/// tether-server, given `--token-review-cache-file`, also lets the agent back after a restart
+/// without asking for a second review.
+async fn token_authentication(pair: &Pair, report: &mut Report) {
+    let echo = destination::echo().await.to_string();
+    let keeps = matches!(pair.server, Impl::Tether);
+    let name = format!(
+        "{}: the agent gets in by service-account token{}",
+        pair.label(),
+        if keeps {
+            ", and back after a restart without a second TokenReview"
+        } else {
+            ", and again after a restart"
+        }
+    );
+    report
+        .check(name, async {
+            let pki = Pki::new(&[])?;
+            let api_pair = pki.pair("server");
+            let cluster = kube_api::Cluster {
+                tokens: vec![kube_api::TokenOwner {
+                    token: "interop-token".to_owned(),
+                    username: "system:serviceaccount:kube-system:konnectivity-agent".to_owned(),
+                    audiences: vec!["system:konnectivity-server".to_owned()],
+                    node: None,
+                }],
+                ..kube_api::Cluster::default()
+            };
+            let (api, api_port) =
+                kube_api::KubeApi::start_on_loopback(cluster, &api_pair.cert, &api_pair.key);
+            let reviews = || {
+                api.asked()
+                    .iter()
+                    .filter(|a| a.path.ends_with("/tokenreviews"))
+                    .count()
+            };
+            let kubeconfig = kube_api::KubeApi::kubeconfig(pki.dir(), api_port, &pki.ca());
+            let token = pki.dir().join("token");
+            std::fs::write(&token, "interop-token")?;
+            let cache = pki.dir().join("reviews.json");
+            let mut extra = vec![
+                "--agent-namespace=kube-system".to_owned(),
+                "--agent-service-account=konnectivity-agent".to_owned(),
+                "--authentication-audience=system:konnectivity-server".to_owned(),
+                format!("--kubeconfig={}", kubeconfig.display()),
+                "--kube-api-content-type=application/json".to_owned(),
+            ];
+            if keeps {
+                extra.push(format!("--token-review-cache-file={}", cache.display()));
+            }
+            let ports = ServerPorts::free()?;
+            let start = |pki: &Pki| {
+                peers::server(
+                    &pair.server,
+                    pki,
+                    Mode::HttpConnect,
+                    Transport::Uds,
+                    &pki.dir().join("s.sock"),
+                    ports,
+                    &extra,
+                )
+            };
+            let server = start(&pki)?;
+            let agent = peers::agent(
+                &pair.agent,
+                &pki,
+                ports.agent,
+                &[format!("--service-account-token-path={}", token.display())],
+            )?;
+            let mut setup = Setup {
+                pki,
+                server,
+                agents: vec![agent],
+                ports,
+                mode: Mode::HttpConnect,
+                transport: Transport::Uds,
+            };
+            let ready = wait_ready(setup.server.health_port, Duration::from_secs(15));
+            with_logs(&setup, ensure_ok(ready, "the agent was not let in"))?;
+            with_logs(&setup, connect_echo(setup.target()?, &echo, 1 << 16).await)?;
+            let before = reviews();
+            with_logs(
+                &setup,
+                ensure_ok(before >= 1, "the server asked for no TokenReview"),
+            )?;
+            if keeps {
+                let written = wait_until(Duration::from_secs(10), || cache.exists());
+                with_logs(
+                    &setup,
+                    ensure_ok(written, "the answer never reached the file"),
+                )?;
+            }
+            setup
+                .server
+                .logged
+                .process
+                .signal(nix::sys::signal::Signal::SIGKILL)?;
+            setup
+                .server
+                .logged
+                .process
+                .wait_timeout(Duration::from_secs(5))?;
+            setup.server = start(&setup.pki)?;
+            let ready = wait_ready(setup.server.health_port, Duration::from_secs(30));
+            with_logs(
+                &setup,
+                ensure_ok(ready, "the agent did not come back within 30 s"),
+            )?;
+            with_logs(&setup, connect_echo(setup.target()?, &echo, 1 << 16).await)?;
+            if keeps {
+                let after = reviews();
+                with_logs(
+                    &setup,
+                    ensure_ok(
+                        after == before,
+                        &format!(
+                            "the restarted server asked for {} more reviews",
+                            after - before
+                        ),
+                    ),
+                )?;
+            }
+            Ok(())
         })
         .await;
 }
@@ -1140,6 +1269,7 @@ async fn main() -> std::process::ExitCode {
         server_leases(pair, &mut report).await;
         dest_host(pair, &mut report).await;
         slow_readers(pair, &mut report).await;
+        token_authentication(pair, &mut report).await;
         if matches!(pair.server, Impl::Tether) {
             identity_binding(pair, &mut report).await;
         }
