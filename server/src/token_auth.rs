@@ -257,7 +257,8 @@ impl TokenAuth {
     /// the start: the server then reviews every agent again and writes the file anew.
     fn restore(&self) {
         let Some(path) = &self.store else { return };
-        let loaded = review_store::load(path, &self.question(), SystemTime::now(), self.cache_ttl);
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let loaded = review_store::load(path, &self.question(), wall, self.cache_ttl);
         let (remembered, dropped) = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
@@ -265,7 +266,6 @@ impl TokenAuth {
                 return;
             }
         };
-        let (now, wall) = (Instant::now(), SystemTime::now());
         let mut cache = lock(&self.cache);
         for entry in &remembered {
             let left = entry.until.duration_since(wall).unwrap_or_default();

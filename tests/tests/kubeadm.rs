@@ -358,12 +358,7 @@ fn the_guide_on_a_kubeadm_control_plane_gives_a_working_tunnel() {
     );
 
     let asked = api.asked();
-    assert!(
-        asked
-            .iter()
-            .any(|a| a.method == "POST" && a.path.ends_with("/tokenreviews")),
-        "{asked:?}"
-    );
+    assert!(api.token_reviews() > 0, "{asked:?}");
     assert!(
         asked.iter().any(|a| a.path == "/api/v1/nodes/node-1"),
         "the agent's claim to node-1 was not checked: {asked:?}"

@@ -493,13 +493,13 @@ async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let restarted_at = fleet.now_ms();
-    let reviews_before = stand_in.as_ref().map(|(api, _)| reviews(api));
+    let reviews_before = stand_in.as_ref().map(|(api, _)| api.token_reviews());
     let server = start_server(leg, &pki, ports, kubeconfig)?;
     let back = all_connected(&fleet, n, STORM_DEADLINE).await;
     let reviews = stand_in
         .as_ref()
         .zip(reviews_before)
-        .map(|((api, _), before)| reviews(api) - before);
+        .map(|((api, _), before)| api.token_reviews() - before);
     let storm_cpu_per_agent = cpu_time(server.pid) / u32::try_from(n)?;
     let resumed = matches!(leg.imp, Impl::Tether).then(|| {
         peers::metric(
@@ -539,14 +539,6 @@ async fn measure(leg: &Leg, n: usize, args: &Args) -> Result<Row> {
         resumed,
         reviews,
     })
-}
-
-/// TokenReviews the stand-in kube-apiserver has answered.
-fn reviews(api: &KubeApi) -> usize {
-    api.asked()
-        .iter()
-        .filter(|a| a.path.ends_with("/tokenreviews"))
-        .count()
 }
 
 fn raise_descriptor_limit() -> Result<()> {

@@ -592,12 +592,6 @@ async fn token_authentication(pair: &Pair, report: &mut Report) {
             };
             let (api, api_port) =
                 kube_api::KubeApi::start_on_loopback(cluster, &api_pair.cert, &api_pair.key);
-            let reviews = || {
-                api.asked()
-                    .iter()
-                    .filter(|a| a.path.ends_with("/tokenreviews"))
-                    .count()
-            };
             let kubeconfig = kube_api::KubeApi::kubeconfig(pki.dir(), api_port, &pki.ca());
             let token = pki.dir().join("token");
             std::fs::write(&token, "interop-token")?;
@@ -642,7 +636,7 @@ async fn token_authentication(pair: &Pair, report: &mut Report) {
             let ready = wait_ready(setup.server.health_port, Duration::from_secs(15));
             with_logs(&setup, ensure_ok(ready, "the agent was not let in"))?;
             with_logs(&setup, connect_echo(setup.target()?, &echo, 1 << 16).await)?;
-            let before = reviews();
+            let before = api.token_reviews();
             with_logs(
                 &setup,
                 ensure_ok(before >= 1, "the server asked for no TokenReview"),
@@ -672,7 +666,7 @@ async fn token_authentication(pair: &Pair, report: &mut Report) {
             )?;
             with_logs(&setup, connect_echo(setup.target()?, &echo, 1 << 16).await)?;
             if keeps {
-                let after = reviews();
+                let after = api.token_reviews();
                 with_logs(
                     &setup,
                     ensure_ok(

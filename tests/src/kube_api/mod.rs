@@ -120,6 +120,16 @@ impl KubeApi {
     pub fn asked(&self) -> Vec<Asked> {
         self.asked.lock().unwrap().clone()
     }
+
+    /// How many TokenReviews it has been asked for.
+    pub fn token_reviews(&self) -> usize {
+        self.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.method == "POST" && a.path.ends_with("/tokenreviews"))
+            .count()
+    }
 }
 
 type Tls = rustls::StreamOwned<rustls::ServerConnection, TcpStream>;
