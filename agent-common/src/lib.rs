@@ -8,16 +8,27 @@
 /// Version of the pinned maps' layout: their names, types, key and value layouts, capacities
 /// and what their values mean. Bump it with any such change, so an agent never adopts maps a
 /// different release pinned and instead replaces them (see the agent's `guard_program::pins`).
-pub const PIN_LAYOUT: u32 = 3;
+pub const PIN_LAYOUT: u32 = 4;
 
-/// Per-CPU counters, one slot per (reason, action): see [`counter_slot`].
+/// Per-CPU counters of what the guard passes, one slot per (reason, action): see
+/// [`counter_slot`]. What it drops, or would drop, is counted in [`INTERFACE_COUNTERS_MAP`]
+/// alone; the totals are the sum of both.
 pub const COUNTERS_MAP: &str = "COUNTERS";
-/// Per-CPU [`InterfaceCounters`], for what the guard drops or would drop, at index
-/// `ifindex % INTERFACE_SLOTS`: an array lookup costs the drop path a fraction of a hash
-/// lookup. The agent claims the slot of each interface it guards (two guarded interfaces whose
-/// indexes share a slot: the second is only counted in [`COUNTERS_MAP`]).
+/// Per-CPU [`DropCounters`], for what the guard drops or would drop: at index
+/// `ifindex % INTERFACE_SLOTS` when [`GuardConfig::interface_slots`] gives that slot to the
+/// interface, else at [`UNCLAIMED_SLOT`]. One lookup on the drop path counts the drop, its
+/// interface and the events' budget: each further per-CPU lookup there cost a SYN flood
+/// about 4 % of its drop rate.
 pub const INTERFACE_COUNTERS_MAP: &str = "IF_COUNTERS";
 pub const INTERFACE_SLOTS: u32 = 256;
+/// Drops on interfaces without a slot of their own (an interface whose slot another guarded
+/// interface holds, or a program run without one: BPF_PROG_TEST_RUN).
+pub const UNCLAIMED_SLOT: u32 = INTERFACE_SLOTS;
+/// Never written by the program: the agent adds a slot's counts here before giving the slot to
+/// another interface, so that the totals never lose them.
+pub const RETIRED_SLOT: u32 = INTERFACE_SLOTS + 1;
+/// Entries of [`INTERFACE_COUNTERS_MAP`].
+pub const DROP_COUNTER_ENTRIES: u32 = INTERFACE_SLOTS + 2;
 /// One [`GuardConfig`] at index 0.
 pub const CONFIG_MAP: &str = "CONFIG";
 /// LPM tries of control-plane source prefixes: the policy of record. The program asks them
@@ -36,14 +47,13 @@ pub const PORT_PROTECTED: u8 = 1;
 /// dropped from the control plane.
 pub const PORT_TUNNEL: u8 = 2;
 
-/// Ring buffer of [`DropEvent`]s, written at most [`EVENTS_PER_SECOND`] times per CPU.
+/// Ring buffer of [`DropEvent`]s, written at most [`EVENTS_PER_SECOND`] times per CPU and
+/// counter slot.
 pub const EVENTS_MAP: &str = "EVENTS";
-/// Per-CPU [`EventBudget`] behind the events' rate limit.
-pub const EVENT_BUDGET_MAP: &str = "EVENT_BUDGET";
 
 /// Maps whose contents must outlive the agent process: pinned under the bpffs root and adopted
-/// by the next agent, so policy, mode and counters carry over a restart. The events ring and
-/// its budget belong to the running agent and are not pinned.
+/// by the next agent, so policy, mode and counters carry over a restart. The events ring
+/// belongs to the running agent and is not pinned.
 pub const PINNED_MAPS: [&str; 8] = [
     COUNTERS_MAP,
     INTERFACE_COUNTERS_MAP,
@@ -55,10 +65,11 @@ pub const PINNED_MAPS: [&str; 8] = [
     PORTS_MAP,
 ];
 
-/// Drop events each CPU may emit per second; beyond that they are only counted in the next
-/// event's `suppressed`. Enough to see who is knocking, too few to flood the logs.
+/// Drop events each CPU may emit per second for each interface with a counter slot (and as
+/// many for those without); beyond that they are only counted in the next event's
+/// `suppressed`. Enough to see who is knocking, too few to flood the logs.
 pub const EVENTS_PER_SECOND: u32 = 8;
-/// Once a CPU's budget is spent, it reads the clock (to see whether a new one-second window
+/// Once a budget is spent, it reads the clock (to see whether a new one-second window
 /// began) for each of the first this many suppressed drops, then only for every this-many-th:
 /// a flood pays for the clock on one packet in this many, and its next event comes at most
 /// this many packets late.
@@ -192,6 +203,10 @@ pub struct GuardConfig {
     /// [`tunnel_bit`]s of the IP protocols dropped as [`Reason::Encapsulated`] from the
     /// control plane.
     pub tunnels: u32,
+    /// The interface (ifindex) whose drops slot `ifindex % INTERFACE_SLOTS` of
+    /// [`INTERFACE_COUNTERS_MAP`] counts, or 0. Here, beside the mode, the program reads it
+    /// from a line it has already; the agent changes an entry with one aligned store.
+    pub interface_slots: [u32; INTERFACE_SLOTS as usize],
     /// The control-plane table's first level, one `TABLE_*` entry per IPv4 /16 (indexed by
     /// the address's first two octets). The table is here rather than in maps of its own:
     /// the program looks the config up for every packet anyway, and each further lookup
@@ -214,6 +229,7 @@ impl Default for GuardConfig {
         GuardConfig {
             mode: Mode::Off as u32,
             tunnels: 0,
+            interface_slots: [0; INTERFACE_SLOTS as usize],
             v4_top: [TABLE_NONE; 65536],
             v6_top: [TABLE_NONE; 65536],
             v4_mid: [[TABLE_NONE; 256]; 256],
@@ -272,13 +288,16 @@ pub const fn tunnel_bit(protocol: u8) -> u32 {
     }
 }
 
-/// One interface's counters: [`COUNTER_SLOTS`] slots, indexed as [`counter_slot`].
+/// What one CPU dropped (or would drop) on one interface: [`COUNTER_SLOTS`] slots, indexed as
+/// [`counter_slot`], and the budget of its drop events.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceCounters {
-    /// The interface that owns this slot; 0 (no interface has it) for none.
+pub struct DropCounters {
+    /// The interface the agent gave this slot to, for readers of the counts; the program
+    /// decides by [`GuardConfig::interface_slots`] and never writes it.
     pub ifindex: u32,
     pub _pad: u32,
+    pub budget: EventBudget,
     pub slots: [Counter; COUNTER_SLOTS as usize],
 }
 
@@ -303,11 +322,12 @@ pub struct DropEvent {
     /// 1 when dropped, 0 when monitor mode let it pass.
     pub dropped: u8,
     pub _pad: u8,
-    /// Events this CPU left out, because of the rate limit, since its previous event.
+    /// Drops this CPU left out of the events, because of the rate limit, since its previous
+    /// event on the same counter slot (the same interface).
     pub suppressed: u32,
 }
 
-/// One CPU's share of the events' rate limit.
+/// One CPU's share of the events' rate limit on one counter slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
@@ -329,9 +349,13 @@ const _: () = {
     assert!(core::mem::size_of::<Counter>() == 16);
     assert!(core::mem::offset_of!(Counter, packets) == 0);
     assert!(core::mem::offset_of!(Counter, bytes) == 8);
-    assert!(core::mem::size_of::<GuardConfig>() == 8 + 2 * 65536 + 256 * (256 + 32));
+    assert!(
+        core::mem::size_of::<GuardConfig>()
+            == 8 + 4 * INTERFACE_SLOTS as usize + 2 * 65536 + 256 * (256 + 32)
+    );
     assert!(core::mem::offset_of!(GuardConfig, v4_low) % 8 == 0);
-    assert!(core::mem::offset_of!(GuardConfig, v4_top) == 8);
+    assert!(core::mem::offset_of!(GuardConfig, interface_slots) == 8);
+    assert!(core::mem::offset_of!(GuardConfig, v4_top) == 8 + 4 * INTERFACE_SLOTS as usize);
     assert!(core::mem::offset_of!(GuardConfig, mode) == 0);
     assert!(core::mem::size_of::<Reason>() == 4);
     assert!(core::mem::size_of::<DropEvent>() == 48);
@@ -341,7 +365,8 @@ const _: () = {
     assert!(core::mem::offset_of!(DropEvent, family) == 40);
     assert!(core::mem::offset_of!(DropEvent, suppressed) == 44);
     assert!(core::mem::size_of::<EventBudget>() == 16);
-    assert!(core::mem::size_of::<InterfaceCounters>() == 8 + 16 * COUNTER_SLOTS as usize);
+    assert!(core::mem::size_of::<DropCounters>() == 24 + 16 * COUNTER_SLOTS as usize);
+    assert!(core::mem::offset_of!(DropCounters, budget) == 8);
 };
 
 /// The dial hooks' maps, by the names the kernel side gives them (its `#[map(name = ...)]`).
@@ -472,7 +497,7 @@ unsafe impl aya::Pod for GuardConfig {}
 unsafe impl aya::Pod for DropEvent {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for InterfaceCounters {}
+unsafe impl aya::Pod for DropCounters {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for DialRule {}

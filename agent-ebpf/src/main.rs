@@ -19,17 +19,17 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf};
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::info;
 use tether_agent_common::{
-    COUNTER_SLOTS, Counter, DropEvent, EVENT_CLOCK_EVERY, EVENTS_PER_SECOND, EVENTS_RING_BYTES,
-    EventBudget, GuardConfig, INTERFACE_SLOTS, InterfaceCounters, MAX_PORTS, MAX_PREFIXES, Mode,
-    PORT_PROTECTED, PORT_TUNNEL, Reason, TABLE_ALL, TABLE_NONE, TABLE_TRIE, counter_slot,
-    low_block_holds, top_slot, tunnel_bit,
+    COUNTER_SLOTS, Counter, DROP_COUNTER_ENTRIES, DropCounters, DropEvent, EVENT_CLOCK_EVERY,
+    EVENTS_PER_SECOND, EVENTS_RING_BYTES, EventBudget, GuardConfig, INTERFACE_SLOTS, MAX_PORTS,
+    MAX_PREFIXES, Mode, PORT_PROTECTED, PORT_TUNNEL, Reason, TABLE_ALL, TABLE_NONE, TABLE_TRIE,
+    UNCLAIMED_SLOT, counter_slot, low_block_holds, top_slot, tunnel_bit,
 };
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 #[map(name = "IF_COUNTERS")]
-static IF_COUNTERS: PerCpuArray<InterfaceCounters> =
-    PerCpuArray::with_max_entries(INTERFACE_SLOTS, 0);
+static IF_COUNTERS: PerCpuArray<DropCounters> =
+    PerCpuArray::with_max_entries(DROP_COUNTER_ENTRIES, 0);
 #[map(name = "CONFIG")]
 // Mappable: the agent changes single fields in place (see its `guard_program::shared_config`).
 static CONFIG: Array<GuardConfig> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -45,8 +45,6 @@ static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(MAX_PREFIXES,
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
-#[map(name = "EVENT_BUDGET")]
-static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -114,7 +112,7 @@ fn guard<const L2: usize, const PLAIN4: usize, const PLAIN6: usize>(ctx: &XdpCon
     let mut transport = Transport::default();
     let verdict = match plain_tcp::<L2, PLAIN4, PLAIN6>(ctx, config) {
         Some(false) => {
-            count(ctx, Reason::Pass, false);
+            count(ctx, Reason::Pass);
             return xdp_action::XDP_PASS;
         }
         Some(true) => {
@@ -127,10 +125,10 @@ fn guard<const L2: usize, const PLAIN4: usize, const PLAIN6: usize>(ctx: &XdpCon
         None => classify::<L2>(ctx, config, &mut transport),
     };
     let drop = verdict.drop && mode == Mode::Enforce as u32;
-    count(ctx, verdict.reason, drop);
     if verdict.drop {
-        count_interface(ctx, verdict.reason, drop);
-        report::<L2>(ctx, verdict.reason, &transport, drop);
+        count_drop::<L2>(ctx, config, verdict.reason, &transport, drop);
+    } else {
+        count(ctx, verdict.reason);
     }
     if drop {
         xdp_action::XDP_DROP
@@ -715,10 +713,11 @@ fn transport(
     }
 }
 
+/// Counts a packet whose verdict passes it (see `count_drop` for the others).
 #[inline(always)]
-fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
+fn count(ctx: &XdpContext, reason: Reason) {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter_slot(reason, dropped)) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter_slot(reason, false)) {
         // SAFETY: the pointer comes from a successful per-CPU map lookup, so it is valid for
         // this CPU's slot, and XDP programs do not migrate between CPUs while running.
         let counter = unsafe { &mut *slot };
@@ -735,19 +734,28 @@ fn count(ctx: &XdpContext, reason: Reason, dropped: bool) {
     }
 }
 
-/// Counts a drop (or would-drop) against the interface it arrived on, when the agent guards
-/// that interface.
+/// Counts a drop (or would-drop) against the interface it arrived on (or as unclaimed), and
+/// reports it within that counter slot's event budget.
 #[inline(always)]
-fn count_interface(ctx: &XdpContext, reason: Reason, dropped: bool) {
+fn count_drop<const L2: usize>(
+    ctx: &XdpContext,
+    config: &GuardConfig,
+    reason: Reason,
+    transport: &Transport,
+    dropped: bool,
+) {
     let ifindex = ctx.ingress_ifindex() as u32;
-    let Some(counters) = IF_COUNTERS.get_ptr_mut(ifindex % INTERFACE_SLOTS) else {
+    let slot = ifindex % INTERFACE_SLOTS;
+    let slot = if config.interface_slots[slot as usize] == ifindex {
+        slot
+    } else {
+        UNCLAIMED_SLOT
+    };
+    let Some(counters) = IF_COUNTERS.get_ptr_mut(slot) else {
         return;
     };
     // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
     let counters = unsafe { &mut *counters };
-    if counters.ifindex != ifindex {
-        return;
-    }
     let len = (ctx.data_end() - ctx.data()) as u64;
     if let Some(counter) = counters
         .slots
@@ -756,19 +764,22 @@ fn count_interface(ctx: &XdpContext, reason: Reason, dropped: bool) {
         counter.packets += 1;
         counter.bytes += len;
     }
+    report::<L2>(ctx, &mut counters.budget, reason, transport, dropped);
 }
 
-/// Sends a [`DropEvent`] for a packet the policy drops, within this CPU's per-second budget.
+/// Sends a [`DropEvent`] for a packet the policy drops, within `budget` (this CPU's, for the
+/// counter slot the drop was counted in).
 ///
 /// Runs only on the drop path, so it re-reads the addresses instead of carrying them through
 /// the fast path's parse.
 #[inline(always)]
-fn report<const L2: usize>(ctx: &XdpContext, reason: Reason, transport: &Transport, dropped: bool) {
-    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: a successful per-CPU lookup; XDP programs do not migrate between CPUs.
-    let budget = unsafe { &mut *budget };
+fn report<const L2: usize>(
+    ctx: &XdpContext,
+    budget: &mut EventBudget,
+    reason: Reason,
+    transport: &Transport,
+    dropped: bool,
+) {
     const SECOND_NS: u64 = 1_000_000_000;
     if budget.sent >= EVENTS_PER_SECOND {
         budget.suppressed += 1;

@@ -89,3 +89,99 @@ fn xdp_guard_counts_every_packet_and_its_logs_reach_tracing() {
         "aya-log record did not reach tracing; captured:\n{text}"
     );
 }
+
+/// Drops are counted once, per interface slot, and the totals are the sum of the slots: a slot
+/// the agent takes from an interface must keep what it counted in the totals, and drops on an
+/// interface without a slot must be counted too.
+#[test]
+fn drops_stay_in_the_totals_when_an_interface_loses_its_counter_slot() {
+    use tether_agent::guard_program::{Cidr, Layout, Policy};
+
+    require_root();
+    let node = Netns::new("slots").unwrap();
+    let peer = Netns::new("slotp").unwrap();
+    veth(&node, "eth0", "10.78.0.1/24", &peer, "eth0", "10.78.0.2/24").unwrap();
+    veth(&node, "eth1", "10.79.0.1/24", &peer, "eth1", "10.79.0.2/24").unwrap();
+
+    let (mut program, _logs) = GuardProgram::load(None).unwrap();
+    program
+        .set_policy(&Policy {
+            control_plane: Vec::new(),
+            // UDP to a protected port from a source not allowed: one drop per datagram.
+            protected_ports: vec![10250],
+            allowed: vec![Cidr {
+                addr: [192, 0, 2, 1].into(),
+                len: 32,
+            }],
+            tunnel_protocols: Vec::new(),
+            tunnel_ports: Vec::new(),
+        })
+        .unwrap();
+    program.set_mode(Mode::Enforce).unwrap();
+    node.run(|| program.attach("eth0", Layout::Ethernet))
+        .unwrap()
+        .unwrap();
+    let claim = |program: &mut GuardProgram, interfaces: &[&str]| {
+        let names: Vec<String> = interfaces.iter().map(|i| i.to_string()).collect();
+        let uncounted = node
+            .run(|| program.count_interfaces(&names))
+            .unwrap()
+            .unwrap();
+        assert!(uncounted.is_empty(), "{uncounted:?}");
+    };
+    let send = |datagrams: u64| {
+        peer.run(|| {
+            let socket = UdpSocket::bind("10.78.0.2:0").unwrap();
+            for _ in 0..datagrams {
+                socket.send_to(b"knock", "10.78.0.1:10250").unwrap();
+            }
+        })
+        .unwrap();
+    };
+    let dropped = |program: &GuardProgram| {
+        let counters = program.counters().unwrap();
+        let protected = counters
+            .iter()
+            .find(|c| c.reason == Reason::ProtectedPort)
+            .unwrap();
+        protected.dropped.packets
+    };
+    let on_interfaces = |program: &GuardProgram| -> Vec<(String, u64)> {
+        let counters = program.counters_handle().unwrap();
+        node.run(|| counters.read_interfaces())
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|i| {
+                let protected = i
+                    .counts
+                    .iter()
+                    .find(|c| c.reason == Reason::ProtectedPort)
+                    .unwrap();
+                (i.interface, protected.dropped.packets)
+            })
+            .collect()
+    };
+
+    claim(&mut program, &["eth0"]);
+    send(10);
+    assert_eq!(dropped(&program), 10);
+    assert_eq!(on_interfaces(&program), [("eth0".to_string(), 10)]);
+
+    // eth0's slot is given up: its ten drops stay in the totals, and drops on it from now on
+    // are counted as unclaimed.
+    claim(&mut program, &["eth1"]);
+    assert_eq!(dropped(&program), 10);
+    assert_eq!(on_interfaces(&program), [("eth1".to_string(), 0)]);
+    send(5);
+    assert_eq!(dropped(&program), 15);
+
+    // Back to eth0: its slot starts from zero, the totals go on.
+    claim(&mut program, &["eth0", "eth1"]);
+    send(3);
+    assert_eq!(dropped(&program), 18);
+    assert_eq!(
+        on_interfaces(&program),
+        [("eth0".to_string(), 3), ("eth1".to_string(), 0)]
+    );
+}

@@ -6,8 +6,8 @@ use std::os::fd::AsFd;
 
 use aya::maps::{Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use tether_agent_common::{
-    COUNTERS_MAP, Counter, INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS, InterfaceCounters, Reason,
-    counter_slot,
+    COUNTER_SLOTS, COUNTERS_MAP, Counter, DROP_COUNTER_ENTRIES, DropCounters,
+    INTERFACE_COUNTERS_MAP, INTERFACE_SLOTS, RETIRED_SLOT, Reason, counter_slot,
 };
 
 use super::{BpfError, GuardProgram, interface_index, map_error};
@@ -32,13 +32,16 @@ pub struct InterfaceCounts {
 /// The guard's per-CPU counters, readable while the guard runs (by `/metrics`, for one).
 pub struct Counters {
     array: PerCpuArray<MapData, Counter>,
-    interfaces: PerCpuArray<MapData, InterfaceCounters>,
+    interfaces: PerCpuArray<MapData, DropCounters>,
 }
 
 impl GuardProgram {
     /// Counts drops per interface for exactly these interfaces from now on: each claims the
     /// slot of its ifindex, keeping its counts when it had it already. Returns the interfaces
     /// left uncounted because another in the list holds their slot.
+    ///
+    /// A slot given to another interface starts from zero; what it counted before moves to
+    /// the retired slot, so the totals lose nothing.
     pub fn count_interfaces(&mut self, interfaces: &[String]) -> Result<Vec<String>, BpfError> {
         let mut owners: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
         let mut uncounted = Vec::new();
@@ -51,46 +54,85 @@ impl GuardProgram {
                 std::collections::btree_map::Entry::Occupied(_) => uncounted.push(name.clone()),
             }
         }
+        let config = self.config()?;
+        let changes: Vec<(u32, u32)> = (0..INTERFACE_SLOTS)
+            .filter_map(|slot| {
+                let wanted = owners.get(&slot).copied().unwrap_or(0);
+                (config.interface_slot(slot as usize) != wanted).then_some((slot, wanted))
+            })
+            .collect();
+        if changes.is_empty() {
+            return Ok(uncounted);
+        }
+        // Drops on these interfaces go to the unclaimed slot from the next packet on. Once the
+        // runs that read the old owners are over, the program no longer writes the slots.
+        for &(slot, _) in &changes {
+            config.set_interface_slot(slot as usize, 0);
+        }
+        wait_for_running_programs();
         let cpus = aya::util::nr_cpus().map_err(|(_, source)| BpfError::Map {
             name: INTERFACE_COUNTERS_MAP,
             source: MapError::IoError(source),
         })?;
         let mut map =
-            PerCpuArray::<_, InterfaceCounters>::try_from(self.map_mut(INTERFACE_COUNTERS_MAP)?)
+            PerCpuArray::<_, DropCounters>::try_from(self.map_mut(INTERFACE_COUNTERS_MAP)?)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
-        for slot in 0..INTERFACE_SLOTS {
-            let held = map
+        let mut retired: Vec<DropCounters> = map
+            .get(&RETIRED_SLOT, 0)
+            .map_err(map_error(INTERFACE_COUNTERS_MAP))?
+            .iter()
+            .copied()
+            .collect();
+        let per_cpu = |values: Vec<DropCounters>| {
+            PerCpuValues::try_from(values).map_err(|source| BpfError::Map {
+                name: INTERFACE_COUNTERS_MAP,
+                source: MapError::IoError(source),
+            })
+        };
+        let mut fresh = Vec::new();
+        for &(slot, wanted) in &changes {
+            let old = map
                 .get(&slot, 0)
-                .map_err(map_error(INTERFACE_COUNTERS_MAP))?
-                .first()
-                .map_or(0, |c| c.ifindex);
-            let wanted = owners.get(&slot).copied().unwrap_or(0);
-            if held == wanted {
-                continue;
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+            for (sum, old) in retired.iter_mut().zip(old.iter()) {
+                for (sum, old) in sum.slots.iter_mut().zip(old.slots) {
+                    sum.packets += old.packets;
+                    sum.bytes += old.bytes;
+                }
             }
-            let fresh = InterfaceCounters {
+            let value = DropCounters {
                 ifindex: wanted,
-                ..InterfaceCounters::default()
+                ..DropCounters::default()
             };
-            let values =
-                PerCpuValues::try_from(vec![fresh; cpus]).map_err(|source| BpfError::Map {
-                    name: INTERFACE_COUNTERS_MAP,
-                    source: MapError::IoError(source),
-                })?;
+            fresh.push((slot, per_cpu(vec![value; cpus])?));
+        }
+        // Retired before the slots are cleared: an agent stopped in between counts some drops
+        // twice rather than never.
+        map.set(RETIRED_SLOT, per_cpu(retired)?, 0)
+            .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        for (slot, values) in fresh {
             map.set(slot, values, 0)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        }
+        let config = self.config()?;
+        for (slot, wanted) in changes {
+            config.set_interface_slot(slot as usize, wanted);
         }
         Ok(uncounted)
     }
 
     /// The guard's counters, summed over CPUs, one entry per reason.
     pub fn counters(&self) -> Result<Vec<ReasonCounts>, BpfError> {
-        let map = self.ebpf.map(COUNTERS_MAP).ok_or(BpfError::Missing {
-            kind: "map",
-            name: COUNTERS_MAP,
-        })?;
-        let array = PerCpuArray::<_, Counter>::try_from(map).map_err(map_error(COUNTERS_MAP))?;
-        read_counters(&array)
+        let map = |name: &'static str| {
+            self.ebpf
+                .map(name)
+                .ok_or(BpfError::Missing { kind: "map", name })
+        };
+        let array = PerCpuArray::<_, Counter>::try_from(map(COUNTERS_MAP)?)
+            .map_err(map_error(COUNTERS_MAP))?;
+        let drops = PerCpuArray::<_, DropCounters>::try_from(map(INTERFACE_COUNTERS_MAP)?)
+            .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        read_counters(&array, &drops)
     }
 
     /// A handle on the counters that outlives borrows of the program.
@@ -133,7 +175,7 @@ impl Counters {
 
     /// Counts per reason, summed over CPUs.
     pub fn read(&self) -> Result<Vec<ReasonCounts>, BpfError> {
-        read_counters(&self.array)
+        read_counters(&self.array, &self.interfaces)
     }
 
     /// What each guarded interface dropped (or would drop), per reason, summed over CPUs;
@@ -182,26 +224,57 @@ impl std::fmt::Debug for Counters {
     }
 }
 
-fn read_counters<T: Borrow<MapData>>(
+/// The totals: what passed, from `array`, and what was dropped or would have been, from every
+/// slot of `drops` (interfaces', unclaimed and retired).
+fn read_counters<T: Borrow<MapData>, U: Borrow<MapData>>(
     array: &PerCpuArray<T, Counter>,
+    drops: &PerCpuArray<U, DropCounters>,
 ) -> Result<Vec<ReasonCounts>, BpfError> {
-    let sum = |slot: u32| -> Result<Counter, BpfError> {
-        let per_cpu = array.get(&slot, 0).map_err(map_error(COUNTERS_MAP))?;
-        Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        }))
-    };
-    Reason::ALL
+    let mut totals = [Counter::default(); COUNTER_SLOTS as usize];
+    for (slot, total) in totals.iter_mut().enumerate() {
+        let per_cpu = array
+            .get(&(slot as u32), 0)
+            .map_err(map_error(COUNTERS_MAP))?;
+        for c in per_cpu.iter() {
+            add(total, c);
+        }
+    }
+    for index in 0..DROP_COUNTER_ENTRIES {
+        let per_cpu = drops
+            .get(&index, 0)
+            .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+        for c in per_cpu.iter() {
+            for (total, c) in totals.iter_mut().zip(&c.slots) {
+                add(total, c);
+            }
+        }
+    }
+    Ok(Reason::ALL
         .into_iter()
-        .map(|reason| {
-            Ok(ReasonCounts {
-                reason,
-                passed: sum(counter_slot(reason, false))?,
-                dropped: sum(counter_slot(reason, true))?,
-            })
+        .map(|reason| ReasonCounts {
+            reason,
+            passed: totals[counter_slot(reason, false) as usize],
+            dropped: totals[counter_slot(reason, true) as usize],
         })
-        .collect()
+        .collect())
+}
+
+fn add(total: &mut Counter, c: &Counter) {
+    total.packets += c.packets;
+    total.bytes += c.bytes;
+}
+
+/// Returns once every run of the guard that started before the call is over.
+/// `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU grace period, and XDP programs run
+/// inside RCU read-side sections. Where it is not available (nohz_full CPUs), a pause far
+/// longer than any run.
+fn wait_for_running_programs() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) } == 0;
+    if !done {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn interface_name(index: u32) -> Option<String> {

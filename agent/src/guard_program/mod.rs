@@ -366,17 +366,12 @@ pub fn interface_index(interface: &str) -> Result<u32, BpfError> {
 
 #[cfg(test)]
 mod tests {
-    use tether_agent_common::EVENT_BUDGET_MAP;
-
     use super::*;
 
     #[test]
     fn the_object_defines_every_map_and_program_agent_common_names() {
         let object = aya_obj::Object::parse(EBPF_OBJECT).unwrap();
-        for name in PINNED_MAPS
-            .into_iter()
-            .chain([EVENTS_MAP, EVENT_BUDGET_MAP])
-        {
+        for name in PINNED_MAPS.into_iter().chain([EVENTS_MAP]) {
             assert!(object.maps.contains_key(name), "no map {name}");
         }
         for layout in Layout::ALL {

@@ -72,6 +72,20 @@ impl SharedConfig {
         unsafe { std::ptr::addr_of_mut!((*self.config.as_ptr()).tunnels).write_volatile(tunnels) }
     }
 
+    /// The interface that slot `slot` of the drop counters counts (0 for none).
+    pub fn interface_slot(&self, slot: usize) -> u32 {
+        // SAFETY: as in `mode`; `slot` is bounds-checked by the indexing.
+        unsafe { std::ptr::addr_of!((*self.config.as_ptr()).interface_slots[slot]).read_volatile() }
+    }
+
+    pub fn set_interface_slot(&self, slot: usize, ifindex: u32) {
+        // SAFETY: as in `set_mode`; `slot` is bounds-checked by the indexing.
+        unsafe {
+            std::ptr::addr_of_mut!((*self.config.as_ptr()).interface_slots[slot])
+                .write_volatile(ifindex)
+        }
+    }
+
     /// The control-plane table, to change in place. Each entry is one byte (each bitmap word
     /// one aligned store), so the program reads every entry either before or after a change.
     pub fn tables(&mut self) -> Tables<'_> {
