@@ -114,7 +114,6 @@ impl GuardProgram {
             map.set(slot, values, 0)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
         }
-        let config = self.config()?;
         for (slot, wanted) in changes {
             config.set_interface_slot(slot as usize, wanted);
         }

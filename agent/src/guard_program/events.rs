@@ -24,7 +24,8 @@ pub struct GuardEvent {
     pub protocol: &'static str,
     pub source_port: u16,
     pub destination_port: u16,
-    /// Events this CPU left out since its previous one (rate limit).
+    /// Drops this CPU left out of the events on the same interface since its previous one
+    /// (rate limit).
     pub suppressed: u32,
 }
 
