@@ -95,9 +95,8 @@ impl GuardProgram {
                 .get(&slot, 0)
                 .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
             for (sum, old) in retired.iter_mut().zip(old.iter()) {
-                for (sum, old) in sum.slots.iter_mut().zip(old.slots) {
-                    sum.packets += old.packets;
-                    sum.bytes += old.bytes;
+                for (sum, old) in sum.slots.iter_mut().zip(&old.slots) {
+                    add(sum, old);
                 }
             }
             let value = DropCounters {
@@ -191,13 +190,11 @@ impl Counters {
                 continue;
             }
             let sum = |slot: u32| {
-                per_cpu.iter().fold(Counter::default(), |acc, c| {
-                    let c = c.slots[slot as usize];
-                    Counter {
-                        packets: acc.packets + c.packets,
-                        bytes: acc.bytes + c.bytes,
-                    }
-                })
+                let mut total = Counter::default();
+                for c in per_cpu.iter() {
+                    add(&mut total, &c.slots[slot as usize]);
+                }
+                total
             };
             out.push(InterfaceCounts {
                 interface: interface_name(index).unwrap_or_else(|| format!("#{index}")),
