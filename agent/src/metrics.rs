@@ -500,6 +500,10 @@ impl Collector for GuardCollector {
                 return Ok(());
             }
         };
+        let crate::guard_program::Counts {
+            totals,
+            per_interface,
+        } = counts;
         let metrics: [(&str, &str, CounterField); 2] = [
             (
                 "tether_agent_guard_packets",
@@ -514,7 +518,7 @@ impl Collector for GuardCollector {
         ];
         for (name, help, value) in metrics {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for count in &counts {
+            for count in &totals {
                 for (action, counter) in [("pass", &count.passed), ("drop", &count.dropped)] {
                     let labels = GuardLabels {
                         reason: count.reason.label(),
@@ -524,20 +528,13 @@ impl Collector for GuardCollector {
                 }
             }
         }
-        let interfaces = match self.counters.read_interfaces() {
-            Ok(interfaces) => interfaces,
-            Err(err) => {
-                tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot read the guard's per-interface counters");
-                return Ok(());
-            }
-        };
         let mut family = encoder.encode_descriptor(
             "tether_agent_guard_interface_packets",
             "Packets the XDP guard dropped, or in monitor mode would drop (action pass), by interface and reason",
             None,
             MetricType::Counter,
         )?;
-        for interface in &interfaces {
+        for interface in &per_interface {
             for count in &interface.counts {
                 for (action, counter) in [("pass", &count.passed), ("drop", &count.dropped)] {
                     let labels = InterfaceGuardLabels {

@@ -148,7 +148,7 @@ fn drops_stay_in_the_totals_when_an_interface_loses_its_counter_slot() {
     };
     let on_interfaces = |program: &GuardProgram| -> Vec<(String, u64)> {
         let counters = program.counters_handle().unwrap();
-        node.run(|| counters.read_interfaces())
+        node.run(|| counters.read().map(|counts| counts.per_interface))
             .unwrap()
             .unwrap()
             .into_iter()

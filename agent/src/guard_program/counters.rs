@@ -130,7 +130,7 @@ impl GuardProgram {
             .map_err(map_error(COUNTERS_MAP))?;
         let drops = PerCpuArray::<_, DropCounters>::try_from(map(INTERFACE_COUNTERS_MAP)?)
             .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
-        read_counters(&array, &drops)
+        totals(&array, &read_drop_slots(&drops)?)
     }
 
     /// A handle on the counters that outlives borrows of the program.
@@ -171,47 +171,25 @@ impl Counters {
         Ok(Counters { array, interfaces })
     }
 
-    /// Counts per reason, summed over CPUs.
-    pub fn read(&self) -> Result<Vec<ReasonCounts>, BpfError> {
-        read_counters(&self.array, &self.interfaces)
+    /// The totals and every interface's counts, from one read of each slot, so that the
+    /// interfaces never add up to more than the totals.
+    pub fn read(&self) -> Result<Counts, BpfError> {
+        let drops = read_drop_slots(&self.interfaces)?;
+        Ok(Counts {
+            totals: totals(&self.array, &drops)?,
+            per_interface: per_interface(&drops),
+        })
     }
+}
 
+/// What [`Counters::read`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// Summed over CPUs, one entry per reason.
+    pub totals: Vec<ReasonCounts>,
     /// What each guarded interface dropped (or would drop), per reason, summed over CPUs;
     /// sorted by interface.
-    pub fn read_interfaces(&self) -> Result<Vec<InterfaceCounts>, BpfError> {
-        let mut out = Vec::new();
-        for slot in 0..INTERFACE_SLOTS {
-            let per_cpu = self
-                .interfaces
-                .get(&slot, 0)
-                .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
-            let index = per_cpu.first().map_or(0, |c| c.ifindex);
-            if index == 0 {
-                continue;
-            }
-            let sum = |slot: u32| {
-                let mut total = Counter::default();
-                for c in per_cpu.iter() {
-                    add(&mut total, &c.slots[slot as usize]);
-                }
-                total
-            };
-            out.push(InterfaceCounts {
-                interface: interface_name(index).unwrap_or_else(|| format!("#{index}")),
-                counts: Reason::ALL
-                    .into_iter()
-                    .filter(|r| *r != Reason::Pass)
-                    .map(|reason| ReasonCounts {
-                        reason,
-                        passed: sum(counter_slot(reason, false)),
-                        dropped: sum(counter_slot(reason, true)),
-                    })
-                    .collect(),
-            });
-        }
-        out.sort_by(|a, b| a.interface.cmp(&b.interface));
-        Ok(out)
-    }
+    pub per_interface: Vec<InterfaceCounts>,
 }
 
 impl std::fmt::Debug for Counters {
@@ -220,11 +198,24 @@ impl std::fmt::Debug for Counters {
     }
 }
 
-/// The totals: what passed, from `array`, and what was dropped or would have been, from every
-/// slot of `drops` (interfaces', unclaimed and retired).
-fn read_counters<T: Borrow<MapData>, U: Borrow<MapData>>(
-    array: &PerCpuArray<T, Counter>,
+/// Every slot of `drops` (interfaces', unclaimed and retired), read once.
+fn read_drop_slots<U: Borrow<MapData>>(
     drops: &PerCpuArray<U, DropCounters>,
+) -> Result<Vec<PerCpuValues<DropCounters>>, BpfError> {
+    (0..DROP_COUNTER_ENTRIES)
+        .map(|index| {
+            drops
+                .get(&index, 0)
+                .map_err(map_error(INTERFACE_COUNTERS_MAP))
+        })
+        .collect()
+}
+
+/// The totals: what passed, from `array`, and what was dropped or would have been, from every
+/// drop slot.
+fn totals<T: Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+    drops: &[PerCpuValues<DropCounters>],
 ) -> Result<Vec<ReasonCounts>, BpfError> {
     let mut totals = [Counter::default(); COUNTER_SLOTS as usize];
     for (slot, total) in totals.iter_mut().enumerate() {
@@ -235,10 +226,7 @@ fn read_counters<T: Borrow<MapData>, U: Borrow<MapData>>(
             add(total, c);
         }
     }
-    for index in 0..DROP_COUNTER_ENTRIES {
-        let per_cpu = drops
-            .get(&index, 0)
-            .map_err(map_error(INTERFACE_COUNTERS_MAP))?;
+    for per_cpu in drops {
         for c in per_cpu.iter() {
             for (total, c) in totals.iter_mut().zip(&c.slots) {
                 add(total, c);
@@ -253,6 +241,38 @@ fn read_counters<T: Borrow<MapData>, U: Borrow<MapData>>(
             dropped: totals[counter_slot(reason, true) as usize],
         })
         .collect())
+}
+
+/// The claimed interface slots among `drops`, named and summed over CPUs.
+fn per_interface(drops: &[PerCpuValues<DropCounters>]) -> Vec<InterfaceCounts> {
+    let mut out = Vec::new();
+    for per_cpu in drops.iter().take(INTERFACE_SLOTS as usize) {
+        let index = per_cpu.first().map_or(0, |c| c.ifindex);
+        if index == 0 {
+            continue;
+        }
+        let sum = |slot: u32| {
+            let mut total = Counter::default();
+            for c in per_cpu.iter() {
+                add(&mut total, &c.slots[slot as usize]);
+            }
+            total
+        };
+        out.push(InterfaceCounts {
+            interface: interface_name(index).unwrap_or_else(|| format!("#{index}")),
+            counts: Reason::ALL
+                .into_iter()
+                .filter(|r| *r != Reason::Pass)
+                .map(|reason| ReasonCounts {
+                    reason,
+                    passed: sum(counter_slot(reason, false)),
+                    dropped: sum(counter_slot(reason, true)),
+                })
+                .collect(),
+        });
+    }
+    out.sort_by(|a, b| a.interface.cmp(&b.interface));
+    out
 }
 
 fn add(total: &mut Counter, c: &Counter) {

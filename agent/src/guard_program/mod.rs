@@ -33,7 +33,7 @@ use tether_agent_common::{
     CONFIG_MAP, EVENTS_MAP, GUARD_IP_PROGRAM, GUARD_PROGRAM, Mode, PINNED_MAPS,
 };
 
-pub use counters::{Counters, InterfaceCounts, ReasonCounts};
+pub use counters::{Counters, Counts, InterfaceCounts, ReasonCounts};
 pub use error::{BpfError, is_permission_error, map_error};
 pub use events::{DropEvents, GuardEvent};
 pub use kernel_logs::KernelLogs;

@@ -318,7 +318,7 @@ impl PinnedGuard {
                 .map(|(p, _)| *p)
                 .collect()
         };
-        let counters = self.counters()?;
+        let counts = self.counters()?.read()?;
         Ok(Status {
             mode,
             interfaces,
@@ -333,8 +333,8 @@ impl PinnedGuard {
                     .collect(),
                 tunnel_ports: with(PORT_TUNNEL),
             },
-            counters: counters.read()?,
-            per_interface: counters.read_interfaces()?,
+            counters: counts.totals,
+            per_interface: counts.per_interface,
         })
     }
 
