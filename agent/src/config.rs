@@ -178,7 +178,9 @@ pub struct GuardArgs {
     pub allowed: Vec<Cidr>,
     /// UDP port that carries a tunnel (VXLAN 4789 and 8472, Geneve 6081, WireGuard 51820 and
     /// 51871, L2TP 1701, IPsec NAT traversal 4500, MPLS in UDP 6635); from the control plane it
-    /// is dropped, since the packets inside would reach the node unguarded (repeatable).
+    /// is dropped, since the packets inside would reach the node unguarded (repeatable). The
+    /// ports of the node's VXLAN, Geneve and bare UDP devices are added as the devices come and
+    /// go; name FOU and GUE ports (`ip fou add`) here.
     #[arg(long = "guard-tunnel-port", env = "TETHER_GUARD_TUNNEL_PORT", value_delimiter = ',', default_values_t = [4789u16, 6081, 8472, 51820, 51871, 1701, 4500, 6635])]
     pub tunnel_ports: Vec<u16>,
     /// Tunnel the control plane may still send: ipip, ipv6 (IPv6 in IP), gre, esp, l2tp
@@ -807,6 +809,13 @@ impl Config {
                     .iter()
                     .copied()
                     .filter(|p| !allowed_tunnels.contains(&AllowedTunnel::Udp(*p)))
+                    .collect(),
+                allowed_tunnel_ports: allowed_tunnels
+                    .iter()
+                    .filter_map(|allowed| match allowed {
+                        AllowedTunnel::Udp(port) => Some(*port),
+                        AllowedTunnel::Protocol(_) => None,
+                    })
                     .collect(),
                 bpffs_root: args.guard.bpffs_root.clone(),
             },

@@ -30,8 +30,12 @@ pub struct GuardSettings {
     pub allowed: Vec<Cidr>,
     /// IP protocols dropped from the control plane as tunnels.
     pub tunnel_protocols: Vec<u8>,
-    /// UDP ports dropped from the control plane as tunnels.
+    /// UDP ports dropped from the control plane as tunnels, besides the ports of the node's
+    /// tunnel devices.
     pub tunnel_ports: Vec<u16>,
+    /// UDP ports the operator allowed tunnels on: never dropped as tunnels, even when a tunnel
+    /// device receives on one.
+    pub allowed_tunnel_ports: Vec<u16>,
     pub bpffs_root: PathBuf,
 }
 
@@ -156,16 +160,23 @@ pub async fn start(
     } else {
         settings.control_plane.clone()
     };
+    // Subscribed before the first look at the routes and devices, so no change falls in
+    // between.
+    let changes = interfaces::Changes::subscribe()?;
+    let mut tunnel_ports = TunnelPorts {
+        configured: settings.tunnel_ports.clone(),
+        allowed: settings.allowed_tunnel_ports.clone(),
+        found: BTreeMap::new(),
+    };
+    tunnel_ports.refresh()?;
     let policy = Policy {
         control_plane,
         protected_ports: settings.protected_ports.clone(),
         allowed: settings.allowed.clone(),
         tunnel_protocols: settings.tunnel_protocols.clone(),
-        tunnel_ports: settings.tunnel_ports.clone(),
+        tunnel_ports: tunnel_ports.ports(),
     };
     let mode = refuse_enforce_on_control_plane(settings.mode, &policy.control_plane);
-    // Subscribed before the first look at the routes, so no change falls in between.
-    let changes = interfaces::Changes::subscribe()?;
     let mut links = Links {
         named: settings.interfaces.clone(),
         control_plane: policy.control_plane.clone(),
@@ -236,7 +247,7 @@ pub async fn start(
             spawn(Box::pin(async move {
                 // The program stays loaded as long as this task: its fd backs the pin.
                 report("interface watch")(
-                    follow(changes, links, program, mode)
+                    follow(changes, links, tunnel_ports, policy, program, mode)
                         .await
                         .map_err(|e| chain(&e)),
                 )
@@ -394,11 +405,53 @@ impl Links {
     }
 }
 
-/// Keeps the guard on the right interfaces as links and routes change, for as long as the
-/// agent runs.
+/// The UDP ports dropped from the control plane as tunnels: the configured ones and the ones
+/// the node's tunnel devices receive on, less the ones the operator allowed.
+struct TunnelPorts {
+    configured: Vec<u16>,
+    allowed: Vec<u16>,
+    /// Ports of tunnel devices, with a device that receives on each.
+    found: BTreeMap<u16, String>,
+}
+
+impl TunnelPorts {
+    /// Reads the tunnel devices again; returns whether the ports changed.
+    fn refresh(&mut self) -> Result<bool, GuardError> {
+        let mut found = interfaces::udp_tunnel_ports()
+            .map_err(|err| GuardError::Watch(interfaces::WatchError::from(err)))?;
+        found.retain(|port, _| !self.allowed.contains(port));
+        for (port, interface) in &found {
+            if !self.found.contains_key(port) && !self.configured.contains(port) {
+                tracing::info!(
+                    port,
+                    interface,
+                    "a tunnel device receives on this UDP port: dropped from the control plane as a tunnel"
+                );
+            }
+        }
+        let changed = !found.keys().eq(self.found.keys());
+        self.found = found;
+        Ok(changed)
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        let ports: BTreeSet<u16> = self
+            .configured
+            .iter()
+            .chain(self.found.keys())
+            .copied()
+            .collect();
+        ports.into_iter().collect()
+    }
+}
+
+/// Keeps the guard on the right interfaces, and its tunnel ports on the node's tunnel devices,
+/// as links and routes change, for as long as the agent runs.
 async fn follow(
     mut changes: interfaces::Changes,
     mut links: Links,
+    mut tunnel_ports: TunnelPorts,
+    mut policy: Policy,
     mut program: GuardProgram,
     mode: Mode,
 ) -> Result<(), GuardError> {
@@ -409,6 +462,17 @@ async fn follow(
             .and_then(|wanted| links.reconcile(wanted, &mut program, mode));
         if let Err(err) = result {
             tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
+        }
+        let result = tunnel_ports.refresh().and_then(|changed| {
+            if changed {
+                policy.tunnel_ports = tunnel_ports.ports();
+                program.set_policy(&policy)?;
+                tracing::info!(tunnel_ports = ?policy.tunnel_ports, "XDP guard tunnel ports");
+            }
+            Ok(())
+        });
+        if let Err(err) = result {
+            tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guard's tunnel ports");
         }
     }
 }

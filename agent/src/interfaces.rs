@@ -15,7 +15,9 @@ use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{
+    InfoBareUdp, InfoData, InfoGeneve, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use nix::sys::socket::{
     AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket,
@@ -218,6 +220,50 @@ fn links() -> io::Result<BTreeMap<u32, Link>> {
             _ => None,
         })
         .collect())
+}
+
+/// The UDP ports on which the kernel takes packets apart for a tunnel device of this network
+/// namespace (VXLAN, Geneve, bare UDP), each with the name of a device that uses it. Such a
+/// port is a tunnel whatever number it has: overlays do not all keep to the IANA ports.
+pub fn udp_tunnel_ports() -> io::Result<BTreeMap<u16, String>> {
+    let replies = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+    Ok(replies
+        .iter()
+        .filter_map(|reply| match reply {
+            RouteNetlinkMessage::NewLink(link) => {
+                let port = tunnel_port(link)?;
+                let name = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(name) => Some(name.clone()),
+                    _ => None,
+                })?;
+                Some((port, name))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+/// The UDP port a tunnel device receives on, from its link info.
+fn tunnel_port(link: &LinkMessage) -> Option<u16> {
+    let infos = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => Some(infos),
+        _ => None,
+    })?;
+    infos.iter().find_map(|info| match info {
+        LinkInfo::Data(InfoData::Vxlan(data)) => data.iter().find_map(|d| match d {
+            InfoVxlan::Port(port) => Some(*port),
+            _ => None,
+        }),
+        LinkInfo::Data(InfoData::Geneve(data)) => data.iter().find_map(|d| match d {
+            InfoGeneve::Port(port) => Some(*port),
+            _ => None,
+        }),
+        LinkInfo::Data(InfoData::BareUdp(data)) => data.iter().find_map(|d| match d {
+            InfoBareUdp::Port(port) => Some(*port),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// The unicast routes of every table, IPv4 and IPv6.

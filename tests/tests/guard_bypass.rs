@@ -11,7 +11,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tether_tests::guard_site::{CP, NODE, Site, log_field, metric_in};
@@ -158,39 +158,51 @@ fn fragments_and_long_headers_do_not_reach_protected_ports() {
     assert!(udp_arrives(&site, ELSEWHERE6, open6, &big, |_| {}));
 }
 
+/// A VXLAN overlay between the control plane and the node: device `device` with VNI `vni` on
+/// UDP `port`, the node's end at 10.`subnet`.0.2, where a listener on :8080 stands for a pod.
+/// Returns a probe for whether a connection from the control plane through the overlay gets
+/// in; it accepts what got in before, so a full backlog never passes for a drop.
+fn overlay(
+    site: &Site,
+    device: &str,
+    vni: u32,
+    port: u16,
+    subnet: u8,
+) -> impl Fn(&Site) -> bool + use<> {
+    let (vni, port) = (vni.to_string(), port.to_string());
+    for (ns, local, remote, host) in [(&site.cp, CP, NODE, 1), (&site.node, NODE, CP, 2)] {
+        ns.ip(&[
+            "link", "add", device, "type", "vxlan", "id", &vni, "local", local, "remote", remote,
+            "dstport", &port, "dev", "eth0",
+        ])
+        .unwrap();
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("10.{subnet}.0.{host}/24"),
+            "dev",
+            device,
+        ])
+        .unwrap();
+        ns.ip(&["link", "set", device, "up"]).unwrap();
+    }
+    let pod: SocketAddr = format!("10.{subnet}.0.2:8080").parse().unwrap();
+    let listener = site.node.run(|| TcpListener::bind(pod)).unwrap().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    move |site: &Site| {
+        while listener.accept().is_ok() {}
+        site.cp
+            .run(|| TcpStream::connect_timeout(&pod, Duration::from_millis(500)).is_ok())
+            .unwrap()
+    }
+}
+
 /// Item 2: a VXLAN tunnel from the control plane to the node decapsulates on a device the
 /// guard is not on, and the packet inside comes from an overlay address no CIDR names.
 #[test]
 fn a_tunnel_from_the_control_plane_is_no_way_in() {
     let site = site("tun");
-    for (ns, local, remote, inner) in [
-        (&site.cp, CP, NODE, "10.99.0.1/24"),
-        (&site.node, NODE, CP, "10.99.0.2/24"),
-    ] {
-        ns.ip(&[
-            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote", remote,
-            "dstport", "4789", "dev", "eth0",
-        ])
-        .unwrap();
-        ns.ip(&["addr", "add", inner, "dev", "vx0"]).unwrap();
-        ns.ip(&["link", "set", "vx0", "up"]).unwrap();
-    }
-    let pod = site
-        .node
-        .run(|| TcpListener::bind("10.99.0.2:8080"))
-        .unwrap()
-        .unwrap();
-    let through_tunnel = |site: &Site| {
-        site.cp
-            .run(|| {
-                TcpStream::connect_timeout(
-                    &"10.99.0.2:8080".parse().unwrap(),
-                    Duration::from_millis(500),
-                )
-                .is_ok()
-            })
-            .unwrap()
-    };
+    let through_tunnel = overlay(&site, "vx0", 42, 4789, 99);
 
     let monitor = start(&site, "monitor", &[]);
     assert!(through_tunnel(&site), "the overlay itself does not work");
@@ -217,7 +229,48 @@ fn a_tunnel_from_the_control_plane_is_no_way_in() {
         "--guard-allow-tunnel did not let it in"
     );
     assert_eq!(counted(&site, &allowed, "encapsulated", "drop"), before);
-    drop(pod);
+}
+
+/// The kernel decapsulates VXLAN on whatever port a device names, not only on the ports
+/// `--guard-tunnel-port` lists: overlays on ports of their own, one there before the agent
+/// starts and one made while it runs, are no way in either; allowing a port lets that one in.
+#[test]
+fn a_tunnel_on_a_port_of_its_own_is_no_way_in() {
+    let site = site("tunport");
+    let before = overlay(&site, "vx0", 42, 4790, 99);
+
+    let monitor = start(&site, "monitor", &[]);
+    assert!(before(&site), "the overlay itself does not work");
+    drop(monitor);
+
+    let enforce = start(&site, "enforce", &[]);
+    assert!(
+        !before(&site),
+        "a connection got in through VXLAN on port 4790"
+    );
+    let later = overlay(&site, "vx1", 43, 4791, 98);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while later(&site) {
+        assert!(
+            Instant::now() < deadline,
+            "connections still get in through a VXLAN device made on port 4791 after the agent started"
+        );
+    }
+    assert!(!later(&site), "the drop on port 4791 did not last");
+    assert!(counted(&site, &enforce, "encapsulated", "drop") >= 2);
+    drop(enforce);
+
+    let allowed = start(&site, "enforce", &["--guard-allow-tunnel=udp:4790"]);
+    assert!(
+        before(&site),
+        "--guard-allow-tunnel did not let port 4790 in"
+    );
+    assert!(!later(&site), "allowing port 4790 let port 4791 in");
+    drop(allowed);
+
+    let monitor = start(&site, "monitor", &[]);
+    assert!(later(&site), "the second overlay itself does not work");
+    drop(monitor);
 }
 
 /// Sends a bare ACK from the control plane to `port` on the node, as a raw segment, and
