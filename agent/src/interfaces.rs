@@ -4,7 +4,8 @@
 //! routing table and every nexthop of a multipath route, through rtnetlink: policy routing
 //! (`ip rule` into other tables, as cloud VPC CNIs do for secondary interfaces) and ECMP
 //! uplinks carry the control plane's traffic as much as the main table's first nexthop does.
-//! Changes are announced by rtnetlink too.
+//! Also which UDP ports the node's tunnel devices receive on. Changes are announced by
+//! rtnetlink too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;

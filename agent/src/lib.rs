@@ -21,7 +21,8 @@
 //!
 //! - `guard`: the XDP program on the node's uplinks that drops the control plane's direct
 //!   connections (`guard_program` loads, pins and attaches it and reads its counters and events;
-//!   `interfaces` finds the uplinks; `kernel` and `capabilities` check what the host allows).
+//!   `interfaces` finds the uplinks and the tunnel devices' ports; `kernel` and `capabilities`
+//!   check what the host allows).
 //! - `dial_plane`: what the agent may dial and where a Service dial goes, enforced in
 //!   userspace and by cgroup hooks in the kernel, with the Service map it follows.
 //!
