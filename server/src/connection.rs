@@ -512,6 +512,21 @@ impl Connections {
             self.end_dial(&connection, End::DialFailed { error });
             return;
         }
+        if tables.established.contains_key(&connect_id) {
+            // Taking it would orphan the connection that holds the ID: its frontend would
+            // never hear its end. No CLOSE_REQ either, which would end that connection.
+            drop(tables);
+            self.metrics.reject("dial_response_connect_id_in_use");
+            tracing::warn!(
+                dial = dial_id,
+                connect_id,
+                "agent answered a dial with a connectID another connection holds; the dial fails"
+            );
+            let error =
+                format!("the agent answered with connectID {connect_id}, which is already in use");
+            self.end_dial(&connection, End::DialFailed { error });
+            return;
+        }
         connection.connect_id.store(connect_id, Ordering::Release);
         let _ = connection.established_at.set(Instant::now());
         if self.settings.flow_control {
@@ -757,5 +772,57 @@ impl Queues for Connections {
                 ),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::CONTROL_LIMIT;
+
+    /// An agent that answers a second dial with the connectID of a connection it already
+    /// has must not take that ID over: the first frontend would never hear its end.
+    #[tokio::test]
+    async fn a_connect_id_in_use_fails_the_later_dial_and_orphans_nothing() {
+        let (outbox, _to_agent) = Outbox::new(16, CONTROL_LIMIT);
+        let settings = Settings {
+            queue_bytes: 8192,
+            buffer_bytes: 32 * 1024,
+            stall_timeout: Duration::from_millis(20),
+            dial_timeout: None,
+            flow_control: false,
+        };
+        let connections = Connections::new(
+            outbox,
+            settings,
+            Arc::new(Metrics::new()),
+            TaskTracker::new(),
+        );
+        let (first, second) = (connections.open(1), connections.open(2));
+        first.dial("10.0.0.1:10250").await.unwrap();
+        second.dial("10.0.0.1:10250").await.unwrap();
+        connections.answered(first.dial_id, 32, String::new());
+        connections.answered(second.dial_id, 32, String::new());
+        assert!(
+            matches!(second.mailbox.pop().await, Some(ToFrontend::DialFailed { error, .. }) if error.contains("already in use")),
+            "the later dial took a connectID in use"
+        );
+        assert_eq!(connections.len(), 1);
+        connections.agent_gone();
+        let mut told = Vec::new();
+        while let Some(event) = first.mailbox.pop().await {
+            told.push(event);
+        }
+        assert!(
+            matches!(
+                told.as_slice(),
+                [
+                    ToFrontend::DialOk { connect_id: 32 },
+                    ToFrontend::Closed { .. }
+                ]
+            ),
+            "the first frontend was not told its dial and its end"
+        );
+        assert!(connections.is_empty());
     }
 }
