@@ -168,7 +168,9 @@ pub async fn start(
         allowed: settings.allowed_tunnel_ports.clone(),
         found: BTreeMap::new(),
     };
-    tunnel_ports.refresh()?;
+    let now =
+        interfaces::links().map_err(|err| GuardError::Watch(interfaces::WatchError::from(err)))?;
+    tunnel_ports.refresh(&now);
     let policy = Policy {
         control_plane,
         protected_ports: settings.protected_ports.clone(),
@@ -183,7 +185,7 @@ pub async fn start(
         guarded: BTreeMap::new(),
         refused: BTreeMap::new(),
     };
-    let wanted = links.wanted()?;
+    let wanted = links.wanted(&now)?;
     if wanted.is_empty() {
         return Err(GuardError::NoRoute);
     }
@@ -276,8 +278,12 @@ struct Links {
 }
 
 impl Links {
-    fn wanted(&self) -> Result<Vec<interfaces::Wanted>, GuardError> {
-        interfaces::carrying(&self.control_plane, &self.named)
+    /// Which of `now` (every interface, as [`interfaces::links`] read them) to be on.
+    fn wanted(
+        &self,
+        now: &BTreeMap<u32, interfaces::Link>,
+    ) -> Result<Vec<interfaces::Wanted>, GuardError> {
+        interfaces::carrying(now, &self.control_plane, &self.named)
             .map_err(|err| GuardError::Watch(interfaces::WatchError::from(err)))
     }
 
@@ -415,10 +421,9 @@ struct TunnelPorts {
 }
 
 impl TunnelPorts {
-    /// Reads the tunnel devices again; returns whether the ports changed.
-    fn refresh(&mut self) -> Result<bool, GuardError> {
-        let mut found = interfaces::udp_tunnel_ports()
-            .map_err(|err| GuardError::Watch(interfaces::WatchError::from(err)))?;
+    /// Takes the tunnel devices among `now`; returns whether the ports changed.
+    fn refresh(&mut self, now: &BTreeMap<u32, interfaces::Link>) -> bool {
+        let mut found = interfaces::udp_tunnel_ports(now);
         found.retain(|port, _| !self.allowed.contains(port));
         for (port, interface) in &found {
             if !self.found.contains_key(port) && !self.configured.contains(port) {
@@ -431,7 +436,7 @@ impl TunnelPorts {
         }
         let changed = !found.keys().eq(self.found.keys());
         self.found = found;
-        Ok(changed)
+        changed
     }
 
     fn ports(&self) -> Vec<u16> {
@@ -457,22 +462,30 @@ async fn follow(
 ) -> Result<(), GuardError> {
     loop {
         changes.next().await?;
+        let now = match interfaces::links() {
+            Ok(now) => now,
+            Err(err) => {
+                let err = GuardError::Watch(interfaces::WatchError::from(err));
+                tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
+                continue;
+            }
+        };
         let result = links
-            .wanted()
+            .wanted(&now)
             .and_then(|wanted| links.reconcile(wanted, &mut program, mode));
         if let Err(err) = result {
             tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guarded interfaces");
         }
-        let result = tunnel_ports.refresh().and_then(|changed| {
-            if changed {
-                policy.tunnel_ports = tunnel_ports.ports();
-                program.set_policy(&policy)?;
-                tracing::info!(tunnel_ports = ?policy.tunnel_ports, "XDP guard tunnel ports");
+        if tunnel_ports.refresh(&now) {
+            policy.tunnel_ports = tunnel_ports.ports();
+            match program.set_policy(&policy) {
+                Ok(()) => {
+                    tracing::info!(tunnel_ports = ?policy.tunnel_ports, "XDP guard tunnel ports")
+                }
+                Err(err) => {
+                    tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guard's tunnel ports")
+                }
             }
-            Ok(())
-        });
-        if let Err(err) = result {
-            tracing::error!(error = %tether_runtime::error_chain(&err), "cannot update the guard's tunnel ports");
         }
     }
 }

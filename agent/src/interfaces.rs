@@ -55,6 +55,9 @@ pub struct Link {
     pub name: String,
     /// Its device type (`ARPHRD_*`), which says where its frames' IP header is.
     pub device_type: u16,
+    /// For a tunnel device (VXLAN, Geneve, bare UDP), the UDP port the kernel takes packets
+    /// apart on.
+    pub tunnel_port: Option<u16>,
 }
 
 impl Link {
@@ -112,10 +115,14 @@ fn layout(device_type: u16) -> Result<Layout, DeviceType> {
     }
 }
 
-/// Interfaces that can carry traffic from `control_plane`, plus `named`, sorted by name.
-pub fn carrying(control_plane: &[Cidr], named: &[String]) -> io::Result<Vec<Wanted>> {
-    let links = links()?;
-    let names = select(&routes()?, &links, control_plane, named);
+/// Interfaces among `links` that can carry traffic from `control_plane`, plus `named`, sorted
+/// by name.
+pub fn carrying(
+    links: &BTreeMap<u32, Link>,
+    control_plane: &[Cidr],
+    named: &[String],
+) -> io::Result<Vec<Wanted>> {
+    let names = select(&routes()?, links, control_plane, named);
     Ok(names
         .into_iter()
         .map(|name| Wanted {
@@ -199,7 +206,7 @@ fn select(
 }
 
 /// Every interface of this network namespace, by index.
-fn links() -> io::Result<BTreeMap<u32, Link>> {
+pub fn links() -> io::Result<BTreeMap<u32, Link>> {
     let replies = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
     Ok(replies
         .into_iter()
@@ -215,6 +222,7 @@ fn links() -> io::Result<BTreeMap<u32, Link>> {
                         index: link.header.index,
                         name,
                         device_type: u16::from(link.header.link_layer_type),
+                        tunnel_port: tunnel_port(&link),
                     },
                 ))
             }
@@ -223,25 +231,14 @@ fn links() -> io::Result<BTreeMap<u32, Link>> {
         .collect())
 }
 
-/// The UDP ports on which the kernel takes packets apart for a tunnel device of this network
-/// namespace (VXLAN, Geneve, bare UDP), each with the name of a device that uses it. Such a
-/// port is a tunnel whatever number it has: overlays do not all keep to the IANA ports.
-pub fn udp_tunnel_ports() -> io::Result<BTreeMap<u16, String>> {
-    let replies = dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
-    Ok(replies
-        .iter()
-        .filter_map(|reply| match reply {
-            RouteNetlinkMessage::NewLink(link) => {
-                let port = tunnel_port(link)?;
-                let name = link.attributes.iter().find_map(|a| match a {
-                    LinkAttribute::IfName(name) => Some(name.clone()),
-                    _ => None,
-                })?;
-                Some((port, name))
-            }
-            _ => None,
-        })
-        .collect())
+/// The UDP ports on which the kernel takes packets apart for a tunnel device among `links`
+/// (VXLAN, Geneve, bare UDP), each with the name of a device that uses it. Such a port is a
+/// tunnel whatever number it has: overlays do not all keep to the IANA ports.
+pub fn udp_tunnel_ports(links: &BTreeMap<u32, Link>) -> BTreeMap<u16, String> {
+    links
+        .values()
+        .filter_map(|link| Some((link.tunnel_port?, link.name.clone())))
+        .collect()
 }
 
 /// The UDP port a tunnel device receives on, from its link info.
@@ -442,6 +439,7 @@ mod tests {
                         index,
                         name: name.into(),
                         device_type,
+                        tunnel_port: None,
                     },
                 )
             })
