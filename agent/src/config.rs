@@ -149,7 +149,11 @@ pub struct GuardArgs {
     pub guard_mode: GuardMode,
     /// Interface to guard besides the ones found by their routes (repeatable, or
     /// comma-separated). Every interface with a route to the control plane (the default route
-    /// included) is guarded, and followed as interfaces and routes change.
+    /// included) is guarded, and followed as interfaces and routes change. For a bridge (or an
+    /// Open vSwitch internal port), a macvlan, ipvlan or VLAN the guard goes where its frames
+    /// enter instead: the bridge's ports other than pods' veths and VMs' taps, the device the
+    /// macvlan sits on. A bridge whose uplink is a veth into another namespace needs that veth
+    /// named here.
     #[arg(
         long = "guard-interface",
         env = "TETHER_GUARD_INTERFACE",

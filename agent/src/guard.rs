@@ -1,6 +1,6 @@
 //! The guard's lifecycle in the agent: fills in the defaults an operator left out (the control
 //! plane from the proxy server's address), puts the XDP program in place over whatever an
-//! earlier agent pinned, on every interface that routes to the control plane, follows those
+//! earlier agent pinned, on every interface that carries the control plane's traffic, follows those
 //! as they change, and keeps its logs and drop events flowing.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -298,9 +298,22 @@ impl Links {
     ) -> Result<(), GuardError> {
         let mut readable = Vec::new();
         let mut refused = BTreeMap::new();
+        let mut uppers = BTreeMap::new();
+        // What stands for an interface the operator named is held to the same standard.
+        let named: BTreeSet<String> = wanted
+            .iter()
+            .filter(|want| {
+                self.named.contains(&want.name)
+                    || want.upper.as_ref().is_some_and(|u| self.named.contains(u))
+            })
+            .map(|want| want.name.clone())
+            .collect();
         for want in wanted {
+            if let Some(upper) = &want.upper {
+                uppers.insert(want.name.clone(), upper.clone());
+            }
             let Some(link) = want.link else {
-                if self.named.contains(&want.name) {
+                if named.contains(&want.name) {
                     return Err(BpfError::NoSuchInterface {
                         interface: want.name,
                     }
@@ -310,7 +323,7 @@ impl Links {
             };
             match link.layout() {
                 Ok(layout) => readable.push((want.name, link.index, layout)),
-                Err(device_type) if self.named.contains(&want.name) => {
+                Err(device_type) if named.contains(&want.name) => {
                     return Err(GuardError::UnreadableDevice {
                         interface: want.name,
                         device_type,
@@ -321,7 +334,7 @@ impl Links {
                         tracing::error!(
                             interface = want.name,
                             device_type = %device_type,
-                            "cannot guard an interface that routes to the control plane: the guard cannot read \
+                            "cannot guard an interface that carries the control plane's traffic: the guard cannot read \
                              frames of its device type, so traffic arriving on it is NOT guarded; route the \
                              control plane through another interface or filter this one with a host firewall"
                         );
@@ -351,6 +364,17 @@ impl Links {
                 tracing::warn!(error = %tether_runtime::error_chain(&err), "cannot claim drop counters before attaching; counting starts once attached");
             }
         }
+        // What is no longer wanted loses its guard before anything new gets one: a bridge
+        // whose uplink port just joined it gives way to the port, and XDP refuses a device
+        // whose upper device has a program.
+        let wanted_names: Vec<String> = readable.iter().map(|(name, _, _)| name.clone()).collect();
+        for interface in program.release_other_interfaces(&wanted_names)? {
+            self.guarded.remove(&interface);
+            tracing::info!(
+                interface,
+                "XDP guard detached: no longer an interface the control plane's traffic enters through"
+            );
+        }
         let mut now = BTreeMap::new();
         for (interface, index, layout) in readable {
             if self.guarded.get(&interface) == Some(&index) {
@@ -364,7 +388,8 @@ impl Links {
                         attach = attached.label(),
                         layout = layout.label(),
                         mode = mode.label(),
-                        named = self.named.contains(&interface),
+                        named = named.contains(&interface),
+                        below = uppers.get(&interface).map(String::as_str),
                         "XDP guard attached"
                     );
                     if attached == Attached::Generic {
@@ -375,11 +400,11 @@ impl Links {
                     }
                     now.insert(interface, index);
                 }
-                Err(err) if !self.named.contains(&interface) => {
+                Err(err) if !named.contains(&interface) => {
                     tracing::error!(
                         interface,
                         error = %tether_runtime::error_chain(&err),
-                        "cannot guard an interface that routes to the control plane: traffic arriving on it is not guarded"
+                        "cannot guard an interface that carries the control plane's traffic: traffic arriving on it is not guarded"
                     );
                 }
                 Err(err) => return Err(err.into()),
@@ -394,10 +419,12 @@ impl Links {
             );
         }
         let keep: Vec<String> = now.keys().cloned().collect();
+        // A pinned link whose interface could not take the guard again would otherwise keep
+        // an earlier program there.
         for interface in program.release_other_interfaces(&keep)? {
-            tracing::info!(
+            tracing::warn!(
                 interface,
-                "XDP guard detached: no longer an interface to the control plane"
+                "XDP guard detached: the guard could not be put on this interface again"
             );
         }
         for interface in program.count_interfaces(&keep)? {

@@ -4,8 +4,10 @@
 //! routing table and every nexthop of a multipath route, through rtnetlink: policy routing
 //! (`ip rule` into other tables, as cloud VPC CNIs do for secondary interfaces) and ECMP
 //! uplinks carry the control plane's traffic as much as the main table's first nexthop does.
-//! Also which UDP ports the node's tunnel devices receive on. Changes are announced by
-//! rtnetlink too.
+//! Then the interfaces below those, where their frames really enter: a bridge's ports and the
+//! device a macvlan or VLAN sits on hand pods their frames without passing the interface the
+//! routes name. Also which UDP ports the node's tunnel devices receive on. Changes are
+//! announced by rtnetlink too.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -17,7 +19,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
-    InfoBareUdp, InfoData, InfoGeneve, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
+    InfoBareUdp, InfoData, InfoGeneve, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use nix::sys::socket::{
@@ -46,10 +48,13 @@ pub struct Wanted {
     pub name: String,
     /// `None` when no interface has the name (only an operator-named one can be missing).
     pub link: Option<Link>,
+    /// When it is wanted because frames for another interface enter through it (a port of
+    /// that bridge, the device that macvlan sits on), that interface's name.
+    pub upper: Option<String>,
 }
 
 /// An interface as rtnetlink describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Link {
     pub index: u32,
     pub name: String,
@@ -58,6 +63,29 @@ pub struct Link {
     /// For a tunnel device (VXLAN, Geneve, bare UDP), the UDP port the kernel takes packets
     /// apart on.
     pub tunnel_port: Option<u16>,
+    /// The bridge (or Open vSwitch datapath, or bond) it is a port of.
+    pub controller: Option<u32>,
+    /// For a device stacked on another one of this namespace (VLAN, macvlan, macvtap, ipvlan,
+    /// ipvtap, MACsec), that one: the frames of both arrive there.
+    pub lower: Option<u32>,
+    pub role: Role,
+}
+
+/// What an interface is to the frames that pass it, as far as where to guard goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// A Linux bridge, whose ports hand each other frames it never sees, or a VRF, whose
+    /// devices take in frames for it.
+    Bridge,
+    /// An Open vSwitch internal port (`br-ex`, say): its datapath switches frames between the
+    /// datapath's other ports without it.
+    OvsInternal,
+    /// One pod's or VM's own link: a veth whose peer is in another network namespace, a tap,
+    /// a netkit device. Frames from the network do not enter the node there, and a guard on
+    /// it would judge the pod's traffic to its neighbours.
+    Endpoint,
+    #[default]
+    Other,
 }
 
 impl Link {
@@ -123,13 +151,70 @@ pub fn carrying(
     named: &[String],
 ) -> io::Result<Vec<Wanted>> {
     let names = select(&routes()?, links, control_plane, named);
-    Ok(names
+    Ok(entry_points(links, names)
         .into_iter()
-        .map(|name| Wanted {
+        .map(|(name, upper)| Wanted {
             link: links.values().find(|l| l.name == name).cloned(),
             name,
+            upper,
         })
         .collect())
+}
+
+/// Where the guard goes for `chosen`: on each one itself or, when frames for it enter through
+/// other interfaces first, on those instead, down to where they enter the node. Each comes
+/// with the name of the chosen interface it stands for, if it was not chosen itself; sorted
+/// by name. Never on a device and one below it together: the kernel refuses XDP on a device
+/// whose upper device has it.
+fn entry_points(
+    links: &BTreeMap<u32, Link>,
+    chosen: Vec<String>,
+) -> BTreeMap<String, Option<String>> {
+    let mut wanted = BTreeMap::new();
+    for name in chosen {
+        let Some(top) = links.values().find(|link| link.name == name) else {
+            wanted.insert(name, None);
+            continue;
+        };
+        let mut seen = BTreeSet::from([top.index]);
+        let mut queue = vec![top];
+        while let Some(link) = queue.pop() {
+            let below: Vec<&Link> = entries(links, link)
+                .filter(|entry| seen.insert(entry.index))
+                .collect();
+            if !below.is_empty() {
+                queue.extend(below);
+            } else if link.index == top.index {
+                wanted.insert(name.clone(), None);
+            } else {
+                wanted
+                    .entry(link.name.clone())
+                    .or_insert_with(|| Some(name.clone()));
+            }
+        }
+    }
+    wanted
+}
+
+/// Where frames for `upper` enter before they reach it: the device it is stacked on, and the
+/// ports of its bridge (or of its Open vSwitch datapath) other than pods' and VMs' own links
+/// and the datapath's other internal ports.
+fn entries<'a>(links: &'a BTreeMap<u32, Link>, upper: &'a Link) -> impl Iterator<Item = &'a Link> {
+    let bridge = match upper.role {
+        Role::Bridge => Some(upper.index),
+        Role::OvsInternal => upper.controller,
+        _ => None,
+    };
+    let ports = links.values().filter(move |link| {
+        bridge.is_some()
+            && link.controller == bridge
+            && !matches!(link.role, Role::Endpoint | Role::OvsInternal)
+    });
+    upper
+        .lower
+        .and_then(|index| links.get(&index))
+        .into_iter()
+        .chain(ports)
 }
 
 /// The node's own addresses: those on the interfaces of its default routes in the main table,
@@ -216,6 +301,11 @@ pub fn links() -> io::Result<BTreeMap<u32, Link>> {
                     LinkAttribute::IfName(name) => Some(name.clone()),
                     _ => None,
                 })?;
+                let (role, lower) = placement(&link);
+                let controller = link.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Controller(index) => Some(*index),
+                    _ => None,
+                });
                 Some((
                     link.header.index,
                     Link {
@@ -223,12 +313,58 @@ pub fn links() -> io::Result<BTreeMap<u32, Link>> {
                         name,
                         device_type: u16::from(link.header.link_layer_type),
                         tunnel_port: tunnel_port(&link),
+                        controller,
+                        lower,
+                        role,
                     },
                 ))
             }
             _ => None,
         })
         .collect())
+}
+
+/// A link's [`Role`], and the device of this namespace it is stacked on, from its kind and
+/// its link attributes.
+fn placement(link: &LinkMessage) -> (Role, Option<u32>) {
+    let mut kind = None;
+    let mut peer = None;
+    let mut peer_elsewhere = false;
+    for attribute in &link.attributes {
+        match attribute {
+            LinkAttribute::LinkInfo(infos) => {
+                kind = infos.iter().find_map(|info| match info {
+                    LinkInfo::Kind(kind) => Some(kind),
+                    _ => None,
+                });
+            }
+            LinkAttribute::Link(index) => peer = Some(*index),
+            // The linked device (a veth's peer, a macvlan's lower device) is in another
+            // network namespace, where its index means another interface.
+            LinkAttribute::LinkNetNsId(_) => peer_elsewhere = true,
+            _ => {}
+        }
+    }
+    let role = match kind {
+        Some(InfoKind::Bridge | InfoKind::Vrf) => Role::Bridge,
+        Some(InfoKind::Other(other)) if other == "openvswitch" => Role::OvsInternal,
+        Some(InfoKind::Veth) if peer_elsewhere => Role::Endpoint,
+        Some(InfoKind::Tun | InfoKind::Netkit) => Role::Endpoint,
+        _ => Role::Other,
+    };
+    let stacked = matches!(
+        kind,
+        Some(
+            InfoKind::Vlan
+                | InfoKind::MacVlan
+                | InfoKind::MacVtap
+                | InfoKind::IpVlan
+                | InfoKind::IpVtap
+                | InfoKind::MacSec
+        )
+    );
+    let lower = peer.filter(|_| stacked && !peer_elsewhere);
+    (role, lower)
 }
 
 /// The UDP ports on which the kernel takes packets apart for a tunnel device among `links`
@@ -439,7 +575,7 @@ mod tests {
                         index,
                         name: name.into(),
                         device_type,
-                        tunnel_port: None,
+                        ..Link::default()
                     },
                 )
             })
@@ -480,6 +616,132 @@ mod tests {
         assert_eq!(
             layout(ARPHRD_IPGRE).unwrap_err().to_string(),
             "ipgre (ARPHRD 778)"
+        );
+    }
+
+    /// One link for [`node`]: name, index, controller, lower, role.
+    type Row<'a> = (&'a str, u32, Option<u32>, Option<u32>, Role);
+
+    /// A node's links for [`entry_points`].
+    fn node(links: &[Row<'_>]) -> BTreeMap<u32, Link> {
+        links
+            .iter()
+            .map(|&(name, index, controller, lower, role)| {
+                (
+                    index,
+                    Link {
+                        index,
+                        name: name.into(),
+                        device_type: ARPHRD_ETHER,
+                        controller,
+                        lower,
+                        role,
+                        ..Link::default()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_guard_goes_where_frames_enter_the_node() {
+        use Role::{Bridge, Endpoint, Other, OvsInternal};
+        let chosen = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
+        let pick = |links: &BTreeMap<u32, Link>, names: &[&str]| -> Vec<(String, Option<String>)> {
+            entry_points(links, chosen(names)).into_iter().collect()
+        };
+        let at = |name: &str, upper: Option<&str>| (name.to_owned(), upper.map(str::to_owned));
+
+        // A bridge over a VLAN of a bond, beside a pod's veth and a VM's tap; a macvlan over
+        // the same VLAN.
+        let stacked = node(&[
+            ("bond0", 2, None, None, Other),
+            ("bond0.7", 3, Some(4), Some(2), Other),
+            ("br0", 4, None, None, Bridge),
+            ("veth1", 5, Some(4), None, Endpoint),
+            ("tap0", 6, Some(4), None, Endpoint),
+            ("mv0", 7, None, Some(3), Other),
+            ("cni0", 8, None, None, Bridge),
+            ("veth2", 9, Some(8), None, Endpoint),
+        ]);
+        assert_eq!(
+            pick(&stacked, &["br0"]),
+            [at("bond0", Some("br0"))],
+            "through the VLAN port down to the device the frames arrive on"
+        );
+        assert_eq!(pick(&stacked, &["mv0", "bond0"]), [at("bond0", None)]);
+        assert_eq!(
+            pick(&stacked, &["cni0", "eth9"]),
+            [at("cni0", None), at("eth9", None)],
+            "a bridge of pods' ports only is guarded itself; a missing name is kept"
+        );
+
+        // Open vSwitch, as OVN-Kubernetes has it: the node's address on br-ex, an internal
+        // port of the datapath ovs-system, whose other ports are the NIC, the Geneve device,
+        // br-int and pods.
+        let ovs = node(&[
+            ("ovs-system", 2, None, None, OvsInternal),
+            ("br-ex", 3, Some(2), None, OvsInternal),
+            ("br-int", 4, Some(2), None, OvsInternal),
+            ("eth0", 5, Some(2), None, Other),
+            ("genev_sys_6081", 6, Some(2), None, Other),
+            ("pod1", 7, Some(2), None, Endpoint),
+        ]);
+        assert_eq!(
+            pick(&ovs, &["br-ex"]),
+            [
+                at("eth0", Some("br-ex")),
+                at("genev_sys_6081", Some("br-ex"))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_links_place_comes_from_its_kind_and_link_attributes() {
+        use netlink_packet_route::link::{LinkAttribute as A, LinkInfo as I};
+        let message = |kind: InfoKind, attributes: &[A]| {
+            let mut link = LinkMessage::default();
+            link.attributes = vec![A::LinkInfo(vec![I::Kind(kind)])];
+            link.attributes.extend_from_slice(attributes);
+            link
+        };
+        assert_eq!(
+            placement(&message(InfoKind::Veth, &[A::Link(9)])),
+            (Role::Other, None)
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Veth, &[A::Link(2), A::LinkNetNsId(1)])),
+            (Role::Endpoint, None),
+            "a veth into another namespace is a pod's"
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Tun, &[])),
+            (Role::Endpoint, None)
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Bridge, &[])),
+            (Role::Bridge, None)
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Vrf, &[])),
+            (Role::Bridge, None)
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Other("openvswitch".into()), &[])),
+            (Role::OvsInternal, None)
+        );
+        assert_eq!(
+            placement(&message(InfoKind::MacVlan, &[A::Link(2)])),
+            (Role::Other, Some(2))
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Vlan, &[A::Link(2), A::LinkNetNsId(0)])),
+            (Role::Other, None),
+            "a lower device in another namespace is out of reach"
+        );
+        assert_eq!(
+            placement(&message(InfoKind::Vxlan, &[A::Link(2)])),
+            (Role::Other, None)
         );
     }
 

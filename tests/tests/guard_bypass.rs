@@ -788,3 +788,188 @@ fn other_transports_and_tunnels_from_the_control_plane_are_dropped() {
     send_all();
     expect(&enforce, "drop", before);
 }
+
+/// A pod in `pod` at `address`, listening on :8080. Returns a probe for whether a connection
+/// from `from` gets in; it accepts what got in before, so a full backlog never passes for a
+/// drop.
+fn pod_listener(pod: &Netns, address: &str) -> impl Fn(&Netns) -> bool + use<> {
+    let at: SocketAddr = format!("{address}:8080").parse().unwrap();
+    let listener = pod.run(|| TcpListener::bind(at)).unwrap().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    move |from: &Netns| {
+        while listener.accept().is_ok() {}
+        from.run(|| TcpStream::connect_timeout(&at, Duration::from_millis(500)).is_ok())
+            .unwrap()
+    }
+}
+
+/// A veth from `ns`'s `name` to `eth0` in `peer`, without addresses.
+fn veth_to(ns: &Netns, name: &str, peer: &Netns) {
+    ns.ip(&[
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer.name(),
+    ])
+    .unwrap();
+}
+
+/// Pods whose frames enter the node below the interface the routes name: a bridge that holds
+/// the node's address with the uplink (here a VXLAN, as an L2 extension has it; a NIC or a
+/// bond is the same) and a pod's veth as ports, as bridged CNIs and VM hosts have it, and a
+/// macvlan that holds the node's address beside a pod's macvlan on the same uplink, as Multus
+/// setups have it. The bridge forwards a pod's frames from port to port and the uplink hands
+/// a macvlan pod its frames directly, so neither passes the bridge or the node's macvlan. The
+/// guard must sit where the frames enter (the bridge's uplink port, the macvlan's lower
+/// device), and stay off the pod's own port.
+#[test]
+fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
+    let site = site("below");
+    let node = &site.node;
+    // The bridge: the control plane at 10.66.0.1 on a VXLAN whose node end, vxb, is a port of
+    // br0 (its underlay, 10.65.0.0/24, does not route to the control plane); the pod at
+    // 10.66.0.3 on br0's port pv0.
+    let cp_bridge = Netns::new("below-cpb").unwrap();
+    let bridged = Netns::new("below-podb").unwrap();
+    veth(
+        &cp_bridge,
+        "eth0",
+        "10.65.0.1/24",
+        node,
+        "up1",
+        "10.65.0.2/24",
+    )
+    .unwrap();
+    for (ns, local, remote, underlay) in [
+        (&cp_bridge, "10.65.0.1", "10.65.0.2", "eth0"),
+        (node, "10.65.0.2", "10.65.0.1", "up1"),
+    ] {
+        ns.ip(&[
+            "link", "add", "vxb", "type", "vxlan", "id", "7", "local", local, "remote", remote,
+            "dstport", "4789", "dev", underlay,
+        ])
+        .unwrap();
+    }
+    cp_bridge
+        .ip(&["addr", "add", "10.66.0.1/24", "dev", "vxb"])
+        .unwrap();
+    node.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
+    node.ip(&["link", "set", "vxb", "master", "br0"]).unwrap();
+    node.ip(&["addr", "add", "10.66.0.2/24", "dev", "br0"])
+        .unwrap();
+    veth_to(node, "pv0", &bridged);
+    node.ip(&["link", "set", "pv0", "master", "br0"]).unwrap();
+    bridged
+        .ip(&["addr", "add", "10.66.0.3/24", "dev", "eth0"])
+        .unwrap();
+    // The macvlan: the control plane at 10.55.0.1 on the far end of up2, the node at
+    // 10.55.0.2 on mv0 over up2, the pod at 10.55.0.3 on a macvlan of up2 of its own.
+    let cp_macvlan = Netns::new("below-cpm").unwrap();
+    let macvlan = Netns::new("below-podm").unwrap();
+    veth_to(node, "up2", &cp_macvlan);
+    cp_macvlan
+        .ip(&["addr", "add", "10.55.0.1/24", "dev", "eth0"])
+        .unwrap();
+    node.ip(&[
+        "link", "add", "mv0", "link", "up2", "type", "macvlan", "mode", "bridge",
+    ])
+    .unwrap();
+    node.ip(&["addr", "add", "10.55.0.2/24", "dev", "mv0"])
+        .unwrap();
+    node.ip(&[
+        "link", "add", "mvp", "link", "up2", "type", "macvlan", "mode", "bridge",
+    ])
+    .unwrap();
+    node.ip(&["link", "set", "mvp", "netns", macvlan.name()])
+        .unwrap();
+    macvlan
+        .ip(&["addr", "add", "10.55.0.3/24", "dev", "mvp"])
+        .unwrap();
+    for (ns, links) in [
+        (&cp_bridge, &["vxb"][..]),
+        (node, &["vxb", "br0", "pv0", "up2", "mv0"][..]),
+        (&bridged, &["eth0"][..]),
+        (&cp_macvlan, &["eth0"][..]),
+        (&macvlan, &["mvp"][..]),
+    ] {
+        for link in links {
+            ns.ip(&["link", "set", link, "up"]).unwrap();
+        }
+    }
+    let to_bridged = pod_listener(&bridged, "10.66.0.3");
+    let to_macvlan = pod_listener(&macvlan, "10.55.0.3");
+    // Found by their routes, as on a node: br0 and mv0 route to the control plane.
+    let flags = format!("--control-plane-cidr={CP}/32,10.66.0.1/32,10.55.0.1/32");
+
+    let monitor = site.agent(&["--guard-mode=monitor", &flags]);
+    // A bridge port starts forwarding once the bridge has seen it up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !to_bridged(&cp_bridge) {
+        assert!(Instant::now() < deadline, "the bridge itself does not work");
+    }
+    assert!(to_macvlan(&cp_macvlan), "the macvlan itself does not work");
+    let would = counted(&site, &monitor, "control_plane_syn", "pass");
+    assert!(
+        would >= 2,
+        "monitor mode counted {would} of the SYNs to pods as would-drop"
+    );
+    drop(monitor);
+
+    // The uplink joins the bridge while the agent runs: until then the bridge has only a
+    // pod's port and is guarded itself, then it gives way to the uplink port (the kernel
+    // refuses XDP on a port while its bridge has a program).
+    node.ip(&["link", "set", "vxb", "nomaster"]).unwrap();
+    let enforce = site.agent(&["--guard-mode=enforce", &flags]);
+    let on = |interface| tether_tests::guard_site::xdp_attach_mode(node, interface).is_some();
+    assert!(
+        on("br0") && !on("vxb"),
+        "a bridge without an uplink port is not guarded itself"
+    );
+    node.ip(&["link", "set", "vxb", "master", "br0"]).unwrap();
+    assert!(
+        tether_tests::process::wait_until(Duration::from_secs(5), || on("vxb") && !on("br0")),
+        "the guard did not move to the uplink port that joined the bridge"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while to_bridged(&cp_bridge) {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane reached a pod through the uplink's bridge"
+        );
+    }
+    assert!(
+        !to_bridged(&cp_bridge),
+        "the control plane reached a pod through the uplink's bridge"
+    );
+    assert!(
+        !to_macvlan(&cp_macvlan),
+        "the control plane reached a pod on a macvlan of the node's uplink"
+    );
+    for (interface, serves) in [
+        ("vxb", "the bridge's uplink port"),
+        ("up2", "the macvlan's lower device"),
+    ] {
+        assert!(
+            tether_tests::guard_site::xdp_attach_mode(node, interface).is_some(),
+            "no guard on {interface}, {serves}"
+        );
+        let series = format!(
+            r#"tether_agent_guard_interface_packets_total{{interface="{interface}",reason="control_plane_syn",action="drop"}}"#
+        );
+        assert!(
+            metric_in(node, enforce.health_port, &series) >= Some(1),
+            "{series}"
+        );
+    }
+    assert_eq!(
+        tether_tests::guard_site::xdp_attach_mode(node, "pv0"),
+        None,
+        "the guard sits on a pod's own bridge port"
+    );
+}
