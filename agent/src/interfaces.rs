@@ -66,7 +66,8 @@ pub struct Link {
     /// The bridge (or Open vSwitch datapath, or bond) it is a port of.
     pub controller: Option<u32>,
     /// For a device stacked on another one of this namespace (VLAN, macvlan, macvtap, ipvlan,
-    /// ipvtap, MACsec), that one: the frames of both arrive there.
+    /// ipvtap), that one: the frames of both arrive there, readable. (A MACsec device is
+    /// guarded itself: below it the guard would see only ciphertext.)
     pub lower: Option<u32>,
     pub role: Role,
 }
@@ -360,7 +361,6 @@ fn placement(link: &LinkMessage) -> (Role, Option<u32>) {
                 | InfoKind::MacVtap
                 | InfoKind::IpVlan
                 | InfoKind::IpVtap
-                | InfoKind::MacSec
         )
     );
     let lower = peer.filter(|_| stacked && !peer_elsewhere);
