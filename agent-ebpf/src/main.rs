@@ -74,6 +74,11 @@ const MAX_EXTENSION_HEADERS: usize = 8;
 /// (and calling the packet unparseable). Measured from the IP header, so a packet is judged
 /// alike behind any link-layer header.
 const MAX_CHAIN: usize = 512;
+/// VLAN tags read past, in a frame with more than the two whose contents are parsed. Linux
+/// strips any number of priority tags (VLAN ID 0) and delivers what is inside as if untagged
+/// (eight of them, on a veth), so a frame with more tags than this is dropped whoever sent
+/// it: where its IP header is cannot be told.
+const MAX_VLAN_TAGS: usize = 8;
 /// Farthest a transport header can start (behind Ethernet and two VLAN tags); keeps offsets
 /// bounded for the verifier.
 const MAX_L4_OFFSET: usize = ETH_HLEN + 8 + MAX_CHAIN;
@@ -484,9 +489,34 @@ fn classify<const L2: usize>(
     match ethertype {
         ETH_P_IP => ipv4(ctx, offset, config, found),
         ETH_P_IPV6 => ipv6(ctx, offset, config, found),
-        // A third tag is nothing the node's stack would deliver as IP.
-        ETH_P_8021Q | ETH_P_8021AD => malformed(false),
+        ETH_P_8021Q | ETH_P_8021AD => deeply_tagged(ctx, offset, config),
         // ARP and everything else is not ours to judge.
+        _ => PASS,
+    }
+}
+
+/// A frame with a third VLAN tag at `offset`. Parsing what it carries behind every depth of
+/// tags would take the verifier past its limit, and priority tags are stripped whatever
+/// their number, so it is judged by its source alone: unparseable, dropped unless the
+/// source may reach protected ports (the control plane's is dropped either way). Nested VLAN
+/// devices and priority-tagged QinQ rarely reach a node with more than two.
+#[inline(always)]
+fn deeply_tagged(ctx: &XdpContext, mut offset: usize, config: &GuardConfig) -> Verdict {
+    let mut ethertype = ETH_P_8021Q;
+    for _ in 2..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(ctx, offset + 2) else {
+            return malformed(false);
+        };
+        ethertype = inner;
+        offset += 4;
+    }
+    match ethertype {
+        ETH_P_IP => Source::V4(offset + 12, config).unparseable(ctx),
+        ETH_P_IPV6 => Source::V6(offset + 8, config).unparseable(ctx),
+        ETH_P_8021Q | ETH_P_8021AD => Verdict::new(Reason::Malformed, true),
         _ => PASS,
     }
 }
@@ -838,7 +868,7 @@ fn addresses<const L2: usize>(ctx: &XdpContext, event: &mut DropEvent) {
         let Some(mut ethertype) = reread::<2>(ctx, 12).map(u16::from_be_bytes) else {
             return;
         };
-        for _ in 0..2 {
+        for _ in 0..MAX_VLAN_TAGS {
             if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
                 break;
             }

@@ -973,3 +973,117 @@ fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
         "the guard sits on a pod's own bridge port"
     );
 }
+
+/// Sends `frame` out of the control plane's eth0 as it is, through a packet socket, and
+/// returns whether the node answered the SYN inside it (from `NODE`:10250 to port 40000, the
+/// source port `packets::tcp` writes) with a SYN-ACK.
+fn frame_answered(site: &Site, frame: &[u8]) -> bool {
+    let node: Ipv4Addr = NODE.parse().unwrap();
+    site.cp
+        .run(|| {
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            let socket = Socket::new(
+                Domain::PACKET,
+                Type::RAW,
+                Some(Protocol::from(i32::from(all))),
+            )
+            .unwrap();
+            // SAFETY: writes one sockaddr_ll, which fits the storage, and reports its length.
+            let ((), address) = unsafe {
+                socket2::SockAddr::try_init(|storage, len| {
+                    let link = storage.cast::<libc::sockaddr_ll>();
+                    (*link).sll_family = libc::AF_PACKET as u16;
+                    (*link).sll_protocol = all;
+                    (*link).sll_ifindex =
+                        i32::try_from(libc::if_nametoindex(c"eth0".as_ptr())).unwrap();
+                    *len = libc::socklen_t::try_from(size_of::<libc::sockaddr_ll>()).unwrap();
+                    Ok(())
+                })
+            }
+            .unwrap();
+            socket.bind(&address).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            socket.send(frame).unwrap();
+            let deadline = Instant::now() + Duration::from_millis(700);
+            let mut buf = [std::mem::MaybeUninit::new(0u8); 1600];
+            while Instant::now() < deadline {
+                let Ok(n) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                // SAFETY: recv initialised the first n bytes.
+                let got: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let syn_ack = got.len() >= 54
+                    && got[12..14] == [0x08, 0x00]
+                    && got[23] == 6
+                    && got[26..30] == node.octets()
+                    && got[34..38] == [0x28, 0x0a, 0x9c, 0x40]
+                    && got[47] & 0x12 == 0x12;
+                if syn_ack {
+                    return true;
+                }
+            }
+            false
+        })
+        .unwrap()
+}
+
+/// Linux strips any number of priority tags (802.1Q with VLAN ID 0) from a frame and
+/// delivers the packet inside as if untagged. A control-plane SYN behind three of them,
+/// more than the guard parses, reached the kubelet; behind three or eight it is dropped.
+#[test]
+fn priority_tags_the_kernel_strips_hide_no_syn() {
+    use tether_tests::packets::{SYN, TCP, ipv4, tcp, with_checksums};
+    let site = site("prio");
+    let mac = |ns: &Netns| -> Vec<u8> {
+        let out = ns.ip(&["-j", "link", "show", "eth0"]).unwrap();
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        links[0]["address"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .map(|octet| u8::from_str_radix(octet, 16).unwrap())
+            .collect()
+    };
+    let (cp, node): (Ipv4Addr, Ipv4Addr) = (CP.parse().unwrap(), NODE.parse().unwrap());
+    let syn = with_checksums(
+        [
+            ipv4(cp.octets(), node.octets(), TCP, 20, 0, 0),
+            tcp(10250, SYN, 0),
+        ]
+        .concat(),
+    );
+    let behind = |tags: usize| -> Vec<u8> {
+        let mut frame = mac(&site.node);
+        frame.extend(mac(&site.cp));
+        for _ in 0..tags {
+            frame.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+        }
+        frame.extend_from_slice(&[0x08, 0x00]);
+        frame.extend_from_slice(&syn);
+        frame
+    };
+
+    let monitor = start(&site, "monitor", &[]);
+    for tags in [0, 3, 8] {
+        assert!(
+            frame_answered(&site, &behind(tags)),
+            "the kubelet did not answer a SYN behind {tags} priority tags"
+        );
+    }
+    assert!(counted(&site, &monitor, "unparseable", "pass") >= 2);
+    drop(monitor);
+
+    let enforce = start(&site, "enforce", &[]);
+    for tags in [0, 3, 8] {
+        assert!(
+            !frame_answered(&site, &behind(tags)),
+            "a control-plane SYN behind {tags} priority tags reached the kubelet"
+        );
+    }
+    assert!(counted(&site, &enforce, "unparseable", "drop") >= 2);
+}

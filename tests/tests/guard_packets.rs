@@ -225,18 +225,43 @@ fn vlan_tags_are_looked_through() {
         Reason::ControlPlaneSyn,
         true,
     );
-    let triple = frame(&[
-        &ethernet(&[QINQ, VLAN, VLAN], ETH_IP),
-        &ipv4(CP4, NODE4, TCP, 20, 0, 0),
-        &tcp(443, SYN, 0),
-    ]);
+    // Linux strips any number of priority tags (VLAN ID 0) and delivers what is inside, so
+    // behind a third tag the source alone decides: only one allowed on protected ports gets
+    // through, and past eight tags nothing does.
+    let tagged = |tags: usize, source: [u8; 4], port: u16| {
+        frame(&[
+            &ethernet(&vec![VLAN; tags], ETH_IP),
+            &ipv4(source, NODE4, TCP, 20, 0, 0),
+            &tcp(port, SYN, 0),
+        ])
+    };
+    for tags in [3, 8] {
+        for (name, source) in [("the control plane", CP4), ("elsewhere", OTHER4)] {
+            expect(
+                &mut g,
+                &format!("{tags} tags, from {name}"),
+                &tagged(tags, source, 443),
+                XDP_DROP,
+                Reason::Unparseable,
+                true,
+            );
+        }
+        expect(
+            &mut g,
+            &format!("{tags} tags, from an allowed source"),
+            &tagged(tags, ALLOWED4, 10250),
+            XDP_PASS,
+            Reason::Unparseable,
+            false,
+        );
+    }
     expect(
         &mut g,
-        "three tags",
-        &triple,
-        XDP_PASS,
+        "nine tags",
+        &tagged(9, ALLOWED4, 443),
+        XDP_DROP,
         Reason::Malformed,
-        false,
+        true,
     );
 }
 
