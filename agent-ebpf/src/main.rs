@@ -467,25 +467,17 @@ fn classify<const L2: usize>(
             _ => PASS,
         };
     }
-    let Some(mut ethertype) = be16(ctx, 12) else {
+    let Some(ethertype) = be16(ctx, 12) else {
         return malformed(false);
     };
     // Untagged IPv4 first: it is most of what a node receives.
     if ethertype == ETH_P_IP {
         return ipv4(ctx, ETH_HLEN, config, found);
     }
-    let mut offset = ETH_HLEN;
     // Up to two VLAN tags (802.1Q, or 802.1ad outer + 802.1Q inner).
-    for _ in 0..2 {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
-        }
-        let Some(inner) = be16(ctx, offset + 2) else {
-            return malformed(false);
-        };
-        ethertype = inner;
-        offset += 4;
-    }
+    let Some((ethertype, offset)) = past_tags::<2>(ctx, ethertype, ETH_HLEN) else {
+        return malformed(false);
+    };
     match ethertype {
         ETH_P_IP => ipv4(ctx, offset, config, found),
         ETH_P_IPV6 => ipv6(ctx, offset, config, found),
@@ -501,24 +493,37 @@ fn classify<const L2: usize>(
 /// source may reach protected ports (the control plane's is dropped either way). Nested VLAN
 /// devices and priority-tagged QinQ rarely reach a node with more than two.
 #[inline(always)]
-fn deeply_tagged(ctx: &XdpContext, mut offset: usize, config: &GuardConfig) -> Verdict {
-    let mut ethertype = ETH_P_8021Q;
-    for _ in 2..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
-        }
-        let Some(inner) = be16(ctx, offset + 2) else {
-            return malformed(false);
-        };
-        ethertype = inner;
-        offset += 4;
-    }
+fn deeply_tagged(ctx: &XdpContext, offset: usize, config: &GuardConfig) -> Verdict {
+    let Some((ethertype, offset)) =
+        past_tags::<{ MAX_VLAN_TAGS - 2 }>(ctx, ETH_P_8021Q, offset)
+    else {
+        return malformed(false);
+    };
     match ethertype {
         ETH_P_IP => Source::V4(offset + 12, config).unparseable(ctx),
         ETH_P_IPV6 => Source::V6(offset + 8, config).unparseable(ctx),
         ETH_P_8021Q | ETH_P_8021AD => Verdict::new(Reason::Malformed, true),
         _ => PASS,
     }
+}
+
+/// Reads past up to N VLAN tags, the first of which `ethertype` (read just before `offset`)
+/// announces: the ethertype after them and where what it announces starts, or `None` when the
+/// frame ends inside a tag.
+#[inline(always)]
+fn past_tags<const N: usize>(
+    ctx: &XdpContext,
+    mut ethertype: u16,
+    mut offset: usize,
+) -> Option<(u16, usize)> {
+    for _ in 0..N {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        ethertype = be16(ctx, offset + 2)?;
+        offset += 4;
+    }
+    Some((ethertype, offset))
 }
 
 #[inline(always)]

@@ -153,24 +153,39 @@ impl Src {
 }
 
 fn model(f: &Frame) -> Expected {
-    let Some(mut ethertype) = f.be16(12) else {
+    let Some((ethertype, l3)) = f.be16(12).and_then(|e| past_tags(f, e, 14, 2)) else {
         return Expected(Reason::Malformed, false);
     };
-    let mut l3 = 14;
-    for _ in 0..2 {
-        if ethertype != 0x8100 && ethertype != 0x88a8 {
-            break;
-        }
-        let Some(inner) = f.be16(l3 + 2) else {
-            return Expected(Reason::Malformed, false);
-        };
-        ethertype = inner;
-        l3 += 4;
-    }
     match ethertype {
         0x0800 => ipv4(f, l3),
         0x86dd => ipv6(f, l3),
-        0x8100 | 0x88a8 => Expected(Reason::Malformed, false),
+        0x8100 | 0x88a8 => deeply_tagged(f, l3),
+        _ => PASS,
+    }
+}
+
+/// Up to `n` VLAN tags read past from `ethertype`, read just before `at`: the ethertype after
+/// them and where its header starts; `None` when the frame ends inside a tag.
+fn past_tags(f: &Frame, mut ethertype: u16, mut at: usize, n: usize) -> Option<(u16, usize)> {
+    for _ in 0..n {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        ethertype = f.be16(at + 2)?;
+        at += 4;
+    }
+    Some((ethertype, at))
+}
+
+/// Behind a third tag: up to eight tags in all are read past, and the source alone decides.
+fn deeply_tagged(f: &Frame, l3: usize) -> Expected {
+    let Some((ethertype, l3)) = past_tags(f, 0x8100, l3, 6) else {
+        return Expected(Reason::Malformed, false);
+    };
+    match ethertype {
+        0x0800 => Src::V4(l3 + 12).unparseable(f),
+        0x86dd => Src::V6(l3 + 8).unparseable(f),
+        0x8100 | 0x88a8 => Expected(Reason::Malformed, true),
         _ => PASS,
     }
 }

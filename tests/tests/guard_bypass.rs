@@ -273,6 +273,19 @@ fn a_tunnel_on_a_port_of_its_own_is_no_way_in() {
     drop(monitor);
 }
 
+/// The next packet `socket` receives within its read timeout.
+fn receive(socket: &Socket) -> Option<Vec<u8>> {
+    let mut buf = [std::mem::MaybeUninit::new(0u8); 2048];
+    let n = socket.recv(&mut buf).ok()?;
+    // SAFETY: every byte was initialised when the buffer was made.
+    Some(
+        buf[..n]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect(),
+    )
+}
+
 /// Sends a bare ACK from the control plane to `port` on the node, as a raw segment, and
 /// returns whether the node answered it with a RST (what a listener does with an ACK it has
 /// no handshake for).
@@ -300,13 +313,7 @@ fn bare_ack_answered(site: &Site, port: u16) -> bool {
             segment[16..18].copy_from_slice(&checksum.to_be_bytes());
             let to = SocketAddr::V4(SocketAddrV4::new(node, 0));
             raw.send_to(&segment, &to.into()).unwrap();
-            let mut buf = [std::mem::MaybeUninit::new(0u8); 1500];
-            while let Ok(n) = raw.recv(&mut buf) {
-                // SAFETY: recv initialised the first n bytes.
-                let packet: Vec<u8> = buf[..n]
-                    .iter()
-                    .map(|b| unsafe { b.assume_init() })
-                    .collect();
+            while let Some(packet) = receive(&raw) {
                 let l4 = usize::from(packet[0] & 0x0f) * 4;
                 if packet.len() < l4 + 14 || packet[12..16] != node.octets() {
                     continue;
@@ -1007,16 +1014,10 @@ fn frame_answered(site: &Site, frame: &[u8]) -> bool {
                 .unwrap();
             socket.send(frame).unwrap();
             let deadline = Instant::now() + Duration::from_millis(700);
-            let mut buf = [std::mem::MaybeUninit::new(0u8); 1600];
             while Instant::now() < deadline {
-                let Ok(n) = socket.recv(&mut buf) else {
+                let Some(got) = receive(&socket) else {
                     continue;
                 };
-                // SAFETY: recv initialised the first n bytes.
-                let got: Vec<u8> = buf[..n]
-                    .iter()
-                    .map(|b| unsafe { b.assume_init() })
-                    .collect();
                 let syn_ack = got.len() >= 54
                     && got[12..14] == [0x08, 0x00]
                     && got[23] == 6
