@@ -184,6 +184,7 @@ pub async fn start(
         control_plane: policy.control_plane.clone(),
         guarded: BTreeMap::new(),
         refused: BTreeMap::new(),
+        fallback: BTreeMap::new(),
     };
     let wanted = links.wanted(&now)?;
     if wanted.is_empty() {
@@ -275,6 +276,9 @@ struct Links {
     /// Interfaces that carry the control plane's traffic but whose frames the guard cannot
     /// read, by the ifindex they were refused at: said once per device, not per change.
     refused: BTreeMap<String, u32>,
+    /// Interfaces guarded themselves because an interface their frames enter through could
+    /// not take the guard, with the interfaces below them at the time.
+    fallback: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Links {
@@ -289,7 +293,9 @@ impl Links {
 
     /// Attaches to `wanted` (what [`Links::wanted`] read) and detaches from the interfaces
     /// that are no longer in it. Failing on an interface the operator named is an error; on one found
-    /// by its routes it is logged, and the rest are still guarded.
+    /// by its routes it is logged, and the rest are still guarded. Where an interface below
+    /// another (a bridge's port, a macvlan's device) cannot take the guard, the one above it
+    /// gets it instead, as before the guard went below.
     fn reconcile(
         &mut self,
         wanted: Vec<interfaces::Wanted>,
@@ -298,22 +304,44 @@ impl Links {
     ) -> Result<(), GuardError> {
         let mut readable = Vec::new();
         let mut refused = BTreeMap::new();
-        let mut uppers = BTreeMap::new();
-        // What stands for an interface the operator named is held to the same standard.
-        let named: BTreeSet<String> = wanted
-            .iter()
-            .filter(|want| {
-                self.named.contains(&want.name)
-                    || want.upper.as_ref().is_some_and(|u| self.named.contains(u))
-            })
-            .map(|want| want.name.clone())
-            .collect();
-        for want in wanted {
+        // The interfaces below each upper one, and the upper one itself.
+        let mut below: BTreeMap<String, (interfaces::Link, BTreeSet<String>)> = BTreeMap::new();
+        for want in &wanted {
             if let Some(upper) = &want.upper {
-                uppers.insert(want.name.clone(), upper.clone());
+                below
+                    .entry(upper.name.clone())
+                    .or_insert_with(|| (upper.clone(), BTreeSet::new()))
+                    .1
+                    .insert(want.name.clone());
+            }
+        }
+        // An upper interface guarded in place of those below it stays so while they stay the
+        // same: they cannot take the guard while it has it (XDP refuses a device whose upper
+        // device has a program), so trying again would only open a gap.
+        let standing: BTreeMap<String, BTreeSet<String>> = self
+            .fallback
+            .iter()
+            .filter(|(upper, entries)| {
+                self.guarded.contains_key(*upper)
+                    && below.get(*upper).is_some_and(|(_, now)| now == *entries)
+            })
+            .map(|(upper, entries)| (upper.clone(), entries.clone()))
+            .collect();
+        let uppers: BTreeMap<String, String> = wanted
+            .iter()
+            .filter_map(|want| Some((want.name.clone(), want.upper.as_ref()?.name.clone())))
+            .collect();
+        let named = |interface: &String| self.named.contains(interface);
+        for want in wanted {
+            let stood_for = want
+                .upper
+                .as_ref()
+                .is_some_and(|upper| standing.contains_key(&upper.name));
+            if stood_for && !self.guarded.contains_key(&want.name) {
+                continue;
             }
             let Some(link) = want.link else {
-                if named.contains(&want.name) {
+                if named(&want.name) {
                     return Err(BpfError::NoSuchInterface {
                         interface: want.name,
                     }
@@ -323,7 +351,7 @@ impl Links {
             };
             match link.layout() {
                 Ok(layout) => readable.push((want.name, link.index, layout)),
-                Err(device_type) if named.contains(&want.name) => {
+                Err(device_type) if named(&want.name) => {
                     return Err(GuardError::UnreadableDevice {
                         interface: want.name,
                         device_type,
@@ -367,7 +395,11 @@ impl Links {
         // What is no longer wanted loses its guard before anything new gets one: a bridge
         // whose uplink port just joined it gives way to the port, and XDP refuses a device
         // whose upper device has a program.
-        let wanted_names: Vec<String> = readable.iter().map(|(name, _, _)| name.clone()).collect();
+        let wanted_names: Vec<String> = readable
+            .iter()
+            .map(|(name, _, _)| name.clone())
+            .chain(standing.keys().cloned())
+            .collect();
         for interface in program.release_other_interfaces(&wanted_names)? {
             self.guarded.remove(&interface);
             tracing::info!(
@@ -388,7 +420,7 @@ impl Links {
                         attach = attached.label(),
                         layout = layout.label(),
                         mode = mode.label(),
-                        named = named.contains(&interface),
+                        named = named(&interface),
                         below = uppers.get(&interface).map(String::as_str),
                         "XDP guard attached"
                     );
@@ -400,7 +432,7 @@ impl Links {
                     }
                     now.insert(interface, index);
                 }
-                Err(err) if !named.contains(&interface) => {
+                Err(err) if !named(&interface) => {
                     tracing::error!(
                         interface,
                         error = %tether_runtime::error_chain(&err),
@@ -410,6 +442,45 @@ impl Links {
                 Err(err) => return Err(err.into()),
             }
         }
+        let mut fallback = BTreeMap::new();
+        for (upper, (link, entries)) in below {
+            if let Some(entries) = standing.get(&upper) {
+                now.insert(upper.clone(), link.index);
+                fallback.insert(upper, entries.clone());
+                continue;
+            }
+            let failed: Vec<&String> = entries.iter().filter(|e| !now.contains_key(*e)).collect();
+            if failed.is_empty() {
+                continue;
+            }
+            // Bridges, VRFs and the stacked devices are all Ethernet.
+            let Ok(layout) = link.layout() else {
+                continue;
+            };
+            match program.attach(&upper, layout) {
+                Ok(attached) => {
+                    tracing::warn!(
+                        interface = upper,
+                        attach = attached.label(),
+                        mode = mode.label(),
+                        instead_of = ?failed,
+                        "XDP guard attached to the interface itself: the ones its frames enter through could not take \
+                         it, so what arrives through them for others (bridged or macvlan pods) is NOT guarded"
+                    );
+                    now.insert(upper.clone(), link.index);
+                    fallback.insert(upper, entries);
+                }
+                Err(err) if !named(&upper) => {
+                    tracing::error!(
+                        interface = upper,
+                        error = %tether_runtime::error_chain(&err),
+                        "cannot guard an interface that carries the control plane's traffic, nor the ones its frames enter through"
+                    );
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        self.fallback = fallback;
         if now.len() > MANY_INTERFACES && self.guarded.len() <= MANY_INTERFACES {
             tracing::warn!(
                 interfaces = now.len(),

@@ -49,8 +49,8 @@ pub struct Wanted {
     /// `None` when no interface has the name (only an operator-named one can be missing).
     pub link: Option<Link>,
     /// When it is wanted because frames for another interface enter through it (a port of
-    /// that bridge, the device that macvlan sits on), that interface's name.
-    pub upper: Option<String>,
+    /// that bridge, the device that macvlan sits on), that interface.
+    pub upper: Option<Link>,
 }
 
 /// An interface as rtnetlink describes it.
@@ -154,10 +154,13 @@ pub fn carrying(
     let names = select(&routes()?, links, control_plane, named);
     Ok(entry_points(links, names)
         .into_iter()
-        .map(|(name, upper)| Wanted {
-            link: links.values().find(|l| l.name == name).cloned(),
-            name,
-            upper,
+        .map(|(name, upper)| {
+            let find = |name: &str| links.values().find(|l| l.name == name).cloned();
+            Wanted {
+                link: find(&name),
+                upper: upper.as_deref().and_then(find),
+                name,
+            }
         })
         .collect())
 }

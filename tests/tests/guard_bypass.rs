@@ -672,17 +672,7 @@ fn every_nexthop_and_every_routing_table_is_guarded() {
         .run(|| TcpListener::bind("10.97.0.2:10250"))
         .unwrap()
         .unwrap();
-    let direct = || {
-        other
-            .run(|| {
-                TcpStream::connect_timeout(
-                    &"10.97.0.2:10250".parse().unwrap(),
-                    Duration::from_millis(500),
-                )
-                .is_ok()
-            })
-            .unwrap()
-    };
+    let direct = || connects(&other, "10.97.0.2:10250");
     assert!(direct(), "the policy-routed interface does not work at all");
 
     let agent = site.agent(&[&format!(
@@ -810,6 +800,13 @@ fn pod_listener(pod: &Netns, address: &str) -> impl Fn(&Netns) -> bool + use<> {
     }
 }
 
+/// Whether a TCP connection from `from` to `to` opens within half a second.
+fn connects(from: &Netns, to: &str) -> bool {
+    let to: SocketAddr = to.parse().unwrap();
+    from.run(|| TcpStream::connect_timeout(&to, Duration::from_millis(500)).is_ok())
+        .unwrap()
+}
+
 /// A veth from `ns`'s `name` to `eth0` in `peer`, without addresses.
 fn veth_to(ns: &Netns, name: &str, peer: &Netns) {
     ns.ip(&[
@@ -827,23 +824,14 @@ fn veth_to(ns: &Netns, name: &str, peer: &Netns) {
     .unwrap();
 }
 
-/// Pods whose frames enter the node below the interface the routes name: a bridge that holds
-/// the node's address with the uplink (here a VXLAN, as an L2 extension has it; a NIC or a
-/// bond is the same) and a pod's veth as ports, as bridged CNIs and VM hosts have it, and a
-/// macvlan that holds the node's address beside a pod's macvlan on the same uplink, as Multus
-/// setups have it. The bridge forwards a pod's frames from port to port and the uplink hands
-/// a macvlan pod its frames directly, so neither passes the bridge or the node's macvlan. The
-/// guard must sit where the frames enter (the bridge's uplink port, the macvlan's lower
-/// device), and stay off the pod's own port.
-#[test]
-fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
-    let site = site("below");
+/// A bridge on the node: the control plane at 10.66.0.1 on a VXLAN whose node end, vxb, is a
+/// port of br0 (its underlay, 10.65.0.0/24, does not route to the control plane); a pod at
+/// 10.66.0.3 on br0's port pv0; br0 holds 10.66.0.2. Returns the control plane's namespace
+/// and the pod's, everything up.
+fn bridged_pod(site: &Site, tag: &str) -> (Netns, Netns) {
     let node = &site.node;
-    // The bridge: the control plane at 10.66.0.1 on a VXLAN whose node end, vxb, is a port of
-    // br0 (its underlay, 10.65.0.0/24, does not route to the control plane); the pod at
-    // 10.66.0.3 on br0's port pv0.
-    let cp_bridge = Netns::new("below-cpb").unwrap();
-    let bridged = Netns::new("below-podb").unwrap();
+    let cp_bridge = Netns::new(&format!("{tag}-cpb")).unwrap();
+    let bridged = Netns::new(&format!("{tag}-podb")).unwrap();
     veth(
         &cp_bridge,
         "eth0",
@@ -875,6 +863,31 @@ fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
     bridged
         .ip(&["addr", "add", "10.66.0.3/24", "dev", "eth0"])
         .unwrap();
+    for (ns, links) in [
+        (&cp_bridge, &["vxb"][..]),
+        (node, &["vxb", "br0", "pv0"][..]),
+        (&bridged, &["eth0"][..]),
+    ] {
+        for link in links {
+            ns.ip(&["link", "set", link, "up"]).unwrap();
+        }
+    }
+    (cp_bridge, bridged)
+}
+
+/// Pods whose frames enter the node below the interface the routes name: a bridge that holds
+/// the node's address with the uplink (here a VXLAN, as an L2 extension has it; a NIC or a
+/// bond is the same) and a pod's veth as ports, as bridged CNIs and VM hosts have it, and a
+/// macvlan that holds the node's address beside a pod's macvlan on the same uplink, as Multus
+/// setups have it. The bridge forwards a pod's frames from port to port and the uplink hands
+/// a macvlan pod its frames directly, so neither passes the bridge or the node's macvlan. The
+/// guard must sit where the frames enter (the bridge's uplink port, the macvlan's lower
+/// device), and stay off the pod's own port.
+#[test]
+fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
+    let site = site("below");
+    let node = &site.node;
+    let (cp_bridge, bridged) = bridged_pod(&site, "below");
     // The macvlan: the control plane at 10.55.0.1 on the far end of up2, the node at
     // 10.55.0.2 on mv0 over up2, the pod at 10.55.0.3 on a macvlan of up2 of its own.
     let cp_macvlan = Netns::new("below-cpm").unwrap();
@@ -899,9 +912,7 @@ fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
         .ip(&["addr", "add", "10.55.0.3/24", "dev", "mvp"])
         .unwrap();
     for (ns, links) in [
-        (&cp_bridge, &["vxb"][..]),
-        (node, &["vxb", "br0", "pv0", "up2", "mv0"][..]),
-        (&bridged, &["eth0"][..]),
+        (node, &["up2", "mv0"][..]),
         (&cp_macvlan, &["eth0"][..]),
         (&macvlan, &["mvp"][..]),
     ] {
@@ -1087,4 +1098,52 @@ fn priority_tags_the_kernel_strips_hide_no_syn() {
         );
     }
     assert!(counted(&site, &enforce, "unparseable", "drop") >= 2);
+}
+
+/// Where the bridge's uplink port cannot take the guard (another XDP program holds it, a
+/// CNI's say), the bridge itself gets it, as before the guard went below bridges: the node's
+/// own listeners on the bridge's address stay out of the control plane's reach.
+#[test]
+fn a_bridge_whose_uplink_port_is_taken_is_guarded_itself() {
+    use tether_agent::guard_program::{GuardProgram, Layout};
+    let site = site("taken");
+    let node = &site.node;
+    let (cp_bridge, _bridged) = bridged_pod(&site, "taken");
+    tether_tests::guard_site::kubelet(node, "10.66.0.2", "bridge");
+    let to_node = || connects(&cp_bridge, "10.66.0.2:10250");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !to_node() {
+        assert!(Instant::now() < deadline, "the bridge itself does not work");
+    }
+    // Another XDP program on the uplink port, held by this process (an unpinned link).
+    let other = node
+        .run(|| {
+            let (mut program, _logs) = GuardProgram::load(None).unwrap();
+            program.attach("vxb", Layout::Ethernet).unwrap();
+            program
+        })
+        .unwrap();
+    let agent = site.agent(&[
+        "--guard-mode=enforce",
+        &format!("--control-plane-cidr={CP}/32,10.66.0.1/32"),
+    ]);
+    assert!(
+        tether_tests::guard_site::xdp_attach_mode(node, "br0").is_some(),
+        "the bridge is not guarded in place of its uplink port"
+    );
+    assert!(
+        !to_node(),
+        "the control plane reached the node through the bridge"
+    );
+    // The warning is the subject: it is how an operator learns that bridged pods are not
+    // guarded.
+    agent
+        .logged
+        .logs
+        .wait_for(
+            "XDP guard attached to the interface itself",
+            Duration::from_secs(5),
+        )
+        .expect("no warning that the guard stands in for the uplink port");
+    drop(other);
 }
