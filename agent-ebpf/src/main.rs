@@ -494,8 +494,7 @@ fn classify<const L2: usize>(
 /// devices and priority-tagged QinQ rarely reach a node with more than two.
 #[inline(always)]
 fn deeply_tagged(ctx: &XdpContext, offset: usize, config: &GuardConfig) -> Verdict {
-    let Some((ethertype, offset)) =
-        past_tags::<{ MAX_VLAN_TAGS - 2 }>(ctx, ETH_P_8021Q, offset)
+    let Some((ethertype, offset)) = past_tags::<{ MAX_VLAN_TAGS - 2 }>(ctx, ETH_P_8021Q, offset)
     else {
         return malformed(false);
     };

@@ -315,15 +315,16 @@ impl Links {
                     .insert(want.name.clone());
             }
         }
-        // An upper interface guarded in place of those below it stays so while they stay the
-        // same: they cannot take the guard while it has it (XDP refuses a device whose upper
-        // device has a program), so trying again would only open a gap.
+        // An upper interface guarded in place of those below it stays so while it and they
+        // stay the same: they cannot take the guard while it has it (XDP refuses a device whose
+        // upper device has a program), so trying again would only open a gap.
         let standing: BTreeMap<String, BTreeSet<String>> = self
             .fallback
             .iter()
             .filter(|(upper, entries)| {
-                self.guarded.contains_key(*upper)
-                    && below.get(*upper).is_some_and(|(_, now)| now == *entries)
+                below.get(*upper).is_some_and(|(link, now)| {
+                    now == *entries && self.guarded.get(*upper) == Some(&link.index)
+                })
             })
             .map(|(upper, entries)| (upper.clone(), entries.clone()))
             .collect();
