@@ -996,7 +996,7 @@ fn pods_behind_a_bridge_or_macvlan_uplink_are_no_way_in() {
 /// returns whether the node answered the SYN inside it (from `NODE`:10250 to port 40000, the
 /// source port `packets::tcp` writes) with a SYN-ACK.
 fn frame_answered(site: &Site, frame: &[u8]) -> bool {
-    let node: Ipv4Addr = NODE.parse().unwrap();
+    let (cp, node): (Ipv4Addr, Ipv4Addr) = (CP.parse().unwrap(), NODE.parse().unwrap());
     site.cp
         .run(|| {
             let all = (libc::ETH_P_ALL as u16).to_be();
@@ -1029,12 +1029,12 @@ fn frame_answered(site: &Site, frame: &[u8]) -> bool {
                 let Some(got) = receive(&socket) else {
                     continue;
                 };
-                let syn_ack = got.len() >= 54
-                    && got[12..14] == [0x08, 0x00]
-                    && got[23] == 6
-                    && got[26..30] == node.octets()
-                    && got[34..38] == [0x28, 0x0a, 0x9c, 0x40]
-                    && got[47] & 0x12 == 0x12;
+                // Untagged IPv4 from the node's port 10250, a SYN-ACK to the control plane's
+                // port 40000.
+                let syn_ack = got.get(12..14) == Some(&[0x08, 0x00][..])
+                    && got.get(26..30) == Some(&node.octets()[..])
+                    && got.get(34..36) == Some(&10250u16.to_be_bytes()[..])
+                    && is_syn_ack_to(&got[14..], cp.into(), 40000);
                 if syn_ack {
                     return true;
                 }
