@@ -62,7 +62,8 @@ impl Identifiers {
                 "host" => ids.hosts.push(value.to_ascii_lowercase()),
                 "ipv4" | "ipv6" => {
                     let ip: IpAddr = value.parse().map_err(|_| invalid("IP address"))?;
-                    ids.addresses.push(ip);
+                    // `::ffff:a.b.c.d` is a.b.c.d to the kernel that dials it, so to us.
+                    ids.addresses.push(ip.to_canonical());
                 }
                 "cidr" => ids.cidrs.push(value.parse().map_err(|_| invalid("CIDR"))?),
                 "default-route" if !saw_default_route => {
@@ -112,7 +113,7 @@ impl<'a> Destination<'a> {
     pub fn new(host: &'a str) -> Self {
         Destination {
             host,
-            ip: host.parse().ok(),
+            ip: host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical()),
         }
     }
 }
@@ -158,6 +159,11 @@ mod tests {
         // Found by the identifiers fuzz target: an address written as a host name.
         let named = Identifiers::parse("host=10.0.0.5").unwrap();
         assert!(named.serves("10.0.0.5"));
+        // An IPv4-mapped IPv6 address is the IPv4 address, claimed or dialled.
+        let mapped = Identifiers::parse("ipv6=::ffff:10.0.0.5").unwrap();
+        assert_eq!(mapped.addresses, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert!(mapped.serves("10.0.0.5"));
+        assert!(ids.serves("::ffff:10.0.0.5"));
         assert_eq!(
             Identifiers::parse("host=a;ipv4=1.2.3.4"),
             Err(IdentifiersError::Semicolon("host=a;ipv4=1.2.3.4".into()))

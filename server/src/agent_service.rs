@@ -272,7 +272,7 @@ impl Agents {
         node: Option<&str>,
     ) -> Result<(), Status> {
         if let (Binding::Token, Some(auth), Some(node)) = (self.binding, &self.token_auth, node)
-            && !identifiers.addresses.is_empty()
+            && identity::claims_addresses(identifiers)
         {
             vouched.addresses = auth
                 .node_addresses(node)

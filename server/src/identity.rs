@@ -108,6 +108,20 @@ pub enum Mismatch {
     Unbindable { what: String },
 }
 
+/// Whether the claims name any address, which a token-bound node's status must then list.
+pub fn claims_addresses(ids: &Identifiers) -> bool {
+    !ids.addresses.is_empty() || ids.hosts.iter().any(|h| h.parse::<IpAddr>().is_ok())
+}
+
+/// An address and its IPv4-mapped IPv6 form are one address to the registry (and to the
+/// kernel): either spelling of a vouched address backs a claim in the other.
+fn vouched_address(vouched: &Vouched, address: IpAddr) -> bool {
+    vouched
+        .addresses
+        .iter()
+        .any(|v| v.to_canonical() == address.to_canonical())
+}
+
 /// Checks an agent's claims against what its credential vouches for.
 pub fn check(agent_id: &str, ids: &Identifiers, vouched: &Vouched) -> Result<(), Mismatch> {
     let named = |name: &str| vouched.names.iter().any(|n| n.eq_ignore_ascii_case(name));
@@ -123,13 +137,19 @@ pub fn check(agent_id: &str, ids: &Identifiers, vouched: &Vouched) -> Result<(),
             vouched: vouched.label.clone(),
         });
     }
+    // A host name that is an IP literal serves dials to that address, so it is an address
+    // claim too: a node named `10.0.0.6` (a joining kubelet picks its own name) does not
+    // thereby get another node's 10.0.0.6.
+    let literals = ids.hosts.iter().filter_map(|h| h.parse::<IpAddr>().ok());
     if let Some(address) = ids
         .addresses
         .iter()
-        .find(|a| !vouched.addresses.contains(a))
+        .copied()
+        .chain(literals)
+        .find(|a| !vouched_address(vouched, *a))
     {
         return Err(Mismatch::Address {
-            address: *address,
+            address,
             vouched: vouched.label.clone(),
         });
     }
@@ -214,6 +234,9 @@ mod tests {
         let ids = Identifiers::parse("host=Node-A.example&ipv4=10.0.0.5&ipv6=fd00::5").unwrap();
         assert_eq!(check("node-a", &ids, &vouched()), Ok(()));
         assert_eq!(check("NODE-A", &Identifiers::default(), &vouched()), Ok(()));
+        // The mapped IPv6 form of a vouched IPv4 address is that address.
+        let mapped = Identifiers::parse("ipv6=::ffff:10.0.0.5").unwrap();
+        assert_eq!(check("node-a", &mapped, &vouched()), Ok(()));
     }
 
     #[test]
@@ -232,6 +255,23 @@ mod tests {
         assert!(refused("node-a", "ipv4=10.0.0.6").contains("10.0.0.6"));
         assert!(refused("node-a", "cidr=0.0.0.0/0").contains("cidr=0.0.0.0/0"));
         assert!(refused("node-a", "default-route=true").contains("default-route"));
+        // A node named as an address claims that address by its name only if it is its own.
+        let named_by_address = Vouched {
+            label: "node 10.0.0.6".into(),
+            names: vec!["10.0.0.6".into()],
+            addresses: vec!["10.0.0.9".parse().unwrap()],
+        };
+        let ids = Identifiers::parse("host=10.0.0.6").unwrap();
+        assert_eq!(
+            check("10.0.0.6", &ids, &named_by_address)
+                .unwrap_err()
+                .to_string(),
+            "identifier 10.0.0.6 is not an address of the agent's node 10.0.0.6"
+        );
+        assert_eq!(
+            check("10.0.0.6", &Identifiers::default(), &named_by_address),
+            Ok(())
+        );
     }
 
     #[test]

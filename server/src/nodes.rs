@@ -58,12 +58,16 @@ impl State {
     }
 }
 
-fn addresses_of(node: &Node) -> Vec<IpAddr> {
+/// The IP addresses a Node's status lists, in canonical form: an IPv4-mapped IPv6 address
+/// (`::ffff:10.0.0.5`) is the IPv4 address it maps, as it is to the kernel that dials it and
+/// to the registry, so a node cannot contest or claim an address by spelling it differently.
+pub fn addresses_of(node: &Node) -> Vec<IpAddr> {
     let mut addresses: Vec<IpAddr> = node
         .status
         .iter()
         .flat_map(|status| status.addresses.iter().flatten())
-        .filter_map(|address| address.address.parse().ok())
+        .filter_map(|address| address.address.parse::<IpAddr>().ok())
+        .map(|address| address.to_canonical())
         .collect();
     addresses.sort();
     addresses.dedup();
@@ -188,5 +192,21 @@ mod tests {
         nodes.write().remove("node-a");
         assert!(nodes.owners(a).is_empty());
         assert_eq!(nodes.node_of("node-a"), None);
+    }
+
+    #[test]
+    fn a_nodes_addresses_are_read_as_the_kernel_dials_them() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "rogue"},
+            "status": {"addresses": [
+                {"type": "InternalIP", "address": "::ffff:10.0.0.5"},
+                {"type": "ExternalIP", "address": "fd00::5"},
+                {"type": "InternalIP", "address": "10.0.0.5"},
+                {"type": "Hostname", "address": "rogue"},
+            ]},
+        }))
+        .unwrap();
+        let expected: Vec<IpAddr> = vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()];
+        assert_eq!(addresses_of(&node), expected);
     }
 }

@@ -441,13 +441,7 @@ impl TokenAuth {
                 node: node.to_owned(),
                 source,
             })?;
-        Ok(read
-            .status
-            .and_then(|status| status.addresses)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|address| address.address.parse().ok())
-            .collect())
+        Ok(crate::nodes::addresses_of(&read))
     }
 
     /// One TokenReview, within this peer's share and standing and the deadline.

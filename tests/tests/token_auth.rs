@@ -102,6 +102,20 @@ fn review_status(token: &str, audiences: &Value) -> Value {
                 "extra": {"authentication.kubernetes.io/node-name": ["rogue"]},
             }})
         }
+        // A projected token of a pod on a node that lists node-c's address in its IPv4-mapped
+        // IPv6 form.
+        "mapper-token" if for_us => {
+            json!({"authenticated": true, "audiences": [AUDIENCE], "user": {
+                "username": agent,
+                "extra": {"authentication.kubernetes.io/node-name": ["mapper"]},
+            }})
+        }
+        "named-as-address-token" if for_us => {
+            json!({"authenticated": true, "audiences": [AUDIENCE], "user": {
+                "username": agent,
+                "extra": {"authentication.kubernetes.io/node-name": ["10.0.0.11"]},
+            }})
+        }
         // JWT-shaped tokens carry their expiry.
         jwt if for_us && jwt.starts_with("e30.") => user(agent),
         "slow-token" => {
@@ -151,18 +165,27 @@ fn answer(stream: std::net::TcpStream, asked: &Mutex<Vec<Asked>>) {
 }
 
 /// The cluster's Nodes: node-a, and a rogue node whose kubelet wrote node-a's address into
-/// its own status (NodeRestriction lets a kubelet write its Node's status).
+/// its own status (NodeRestriction lets a kubelet write its Node's status); node-c, and a
+/// node whose kubelet wrote node-c's address in its IPv4-mapped IPv6 form, the same address
+/// to the kernel that dials it; node-d, and a node named by node-d's address.
 fn node(name: &str) -> Option<Value> {
     let addresses: &[&str] = match name {
         "node-a" => &["10.0.0.5"],
         "rogue" => &["10.0.0.5", "10.0.0.7"],
+        "node-c" => &["10.0.0.6"],
+        "mapper" => &["::ffff:10.0.0.6", "10.0.0.8"],
+        "node-d" => &["10.0.0.11"],
+        // A node whose kubelet joined under a name that is node-d's address.
+        "10.0.0.11" => &["10.0.0.10"],
         _ => return None,
     };
     let mut listed: Vec<Value> = addresses
         .iter()
         .map(|a| json!({"type": "InternalIP", "address": a}))
         .collect();
-    listed.push(json!({"type": "Hostname", "address": name}));
+    // The node named by an address writes a hostname of its own, which a kubelet may.
+    let hostname = if name == "10.0.0.11" { "sly" } else { name };
+    listed.push(json!({"type": "Hostname", "address": hostname}));
     Some(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": name, "resourceVersion": "1"},
         "status": {"addresses": listed}}))
@@ -186,7 +209,7 @@ fn answer_nodes(mut stream: std::net::TcpStream, request_line: &str, asked: &Mut
     let body = match path.trim_start_matches("/api/v1/nodes").split('?').next() {
         Some("") => {
             json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"},
-            "items": [node("node-a"), node("rogue")]})
+            "items": [node("node-a"), node("rogue"), node("node-c"), node("mapper"), node("node-d"), node("10.0.0.11")]})
         }
         Some(name) => match node(name.trim_start_matches('/')) {
             Some(node) => node,
@@ -677,6 +700,33 @@ async fn connect_refusal(cluster: &Cluster, address: &str) -> Option<String> {
     .err()
 }
 
+/// A dial to `address` is served, by `agent`.
+async fn assert_reaches(cluster: &Cluster, agent: &mut FakeAgent, address: &str) {
+    assert_eq!(connect_refusal(cluster, address).await, None);
+    assert_eq!(
+        dial_seen(agent, Duration::from_secs(2)).await.as_deref(),
+        Some(address)
+    );
+}
+
+/// A server binding agents to their tokens' nodes, handing unclaimed dials to `default`,
+/// once it has listed the Nodes (the claims the tests make are judged on them, so a server
+/// that never lists them goes on and fails there).
+fn bound_server(api: &ApiServer, extra: &[&str]) -> Cluster {
+    let mut args = vec![
+        "--bind-agent-identity=token",
+        "--proxy-strategies=destHost,default",
+    ];
+    args.extend_from_slice(extra);
+    let cluster = token_server(api, &args);
+    wait_until(Duration::from_secs(5), || {
+        api.asked()
+            .iter()
+            .any(|a| a.review["nodes"] == "/api/v1/nodes?")
+    });
+    cluster
+}
+
 /// A node whose kubelet lists another node's address in its own Node status, and whose agent
 /// registers first claiming it, receives none of that node's dials: an address two Nodes list
 /// is served by no agent (dials to it fail, naming both), dials by the node's name still reach
@@ -686,20 +736,7 @@ async fn connect_refusal(cluster: &Cluster, address: &str) -> Option<String> {
 async fn a_node_listing_anothers_address_receives_none_of_its_dials() {
     let dir = tempfile::tempdir().unwrap();
     let api = ApiServer::start(dir.path());
-    let cluster = token_server(
-        &api,
-        &[
-            "--bind-agent-identity=token",
-            "--proxy-strategies=destHost,default",
-        ],
-    );
-    // Once the server has the Nodes (the claims below are what it is judged on, so a server
-    // that never lists them goes on and fails there).
-    wait_until(Duration::from_secs(5), || {
-        api.asked()
-            .iter()
-            .any(|a| a.review["nodes"] == "/api/v1/nodes?")
-    });
+    let cluster = bound_server(&api, &[]);
     let mut rogue = connect_with(
         &cluster,
         "rogue",
@@ -732,20 +769,8 @@ async fn a_node_listing_anothers_address_receives_none_of_its_dials() {
     );
 
     // By name, the victim's own agent; the rogue's own address, the rogue.
-    assert_eq!(connect_refusal(&cluster, "node-a:10250").await, None);
-    assert_eq!(
-        dial_seen(&mut victim, Duration::from_secs(2))
-            .await
-            .as_deref(),
-        Some("node-a:10250")
-    );
-    assert_eq!(connect_refusal(&cluster, "10.0.0.7:22").await, None);
-    assert_eq!(
-        dial_seen(&mut rogue, Duration::from_secs(2))
-            .await
-            .as_deref(),
-        Some("10.0.0.7:22")
-    );
+    assert_reaches(&cluster, &mut victim, "node-a:10250").await;
+    assert_reaches(&cluster, &mut rogue, "10.0.0.7:22").await;
 
     // The victim's agent goes away: its dials are not handed to the rogue's through default.
     drop(victim);
@@ -776,6 +801,90 @@ async fn a_node_listing_anothers_address_receives_none_of_its_dials() {
             "{series} missing:\n{metrics}"
         );
     }
+}
+
+/// The same rogue, writing the victim's address in another form of it: `::ffff:10.0.0.6` is
+/// 10.0.0.6 to the kernel that dials it, so it is the same contested address. With the
+/// victim's agent away (restarting, say), the rogue's agent claiming the mapped form must
+/// not receive the victim's dials by either spelling.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_listing_anothers_address_in_mapped_form_receives_none_of_its_dials() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    // Refused at once rather than held for node-c's agent to come back.
+    let cluster = bound_server(&api, &["--hold-dials-after-start=0s"]);
+    let mut mapper = connect_with(
+        &cluster,
+        "mapper",
+        "mapper-token",
+        "host=mapper&ipv6=::ffff:10.0.0.6&ipv4=10.0.0.8",
+    )
+    .await
+    .unwrap();
+    for (address, host) in [
+        ("[::ffff:10.0.0.6]:10250", "::ffff:10.0.0.6"),
+        ("10.0.0.6:10250", "10.0.0.6"),
+    ] {
+        let refusal = connect_refusal(&cluster, address).await.unwrap_or_else(|| {
+            panic!("a dial to {address} went to an agent of a node that wrote the address in mapped form")
+        });
+        assert!(
+            refusal.ends_with(&format!(
+                "No agent available: {host} is claimed by node mapper and node node-c; tether-server serves a node's address only when one node claims it"
+            )),
+            "{address}: {refusal}"
+        );
+    }
+    assert_eq!(
+        dial_seen(&mut mapper, Duration::from_millis(300)).await,
+        None
+    );
+    // Its own address still reaches it.
+    assert_reaches(&cluster, &mut mapper, "10.0.0.8:22").await;
+}
+
+/// A kubelet picks its Node's name when it joins. One that named itself `10.0.0.11`, node-d's
+/// address, may claim `host=10.0.0.11` as its name, but a host name that is an address serves
+/// dials to that address: the claim is refused unless its Node lists the address, and with
+/// node-d's agent away its dials fail rather than reach this agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_named_as_anothers_address_cannot_claim_it_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = ApiServer::start(dir.path());
+    // Refused at once rather than held for an agent to come back.
+    let cluster = bound_server(&api, &["--hold-dials-after-start=0s"]);
+    let claim = connect_with(
+        &cluster,
+        "10.0.0.11",
+        "named-as-address-token",
+        "host=10.0.0.11",
+    )
+    .await;
+    let err = format!("{:#}", claim.err().expect("the claim by name got in"));
+    assert!(
+        err.contains("identifier 10.0.0.11 is not an address of the agent's node 10.0.0.11"),
+        "{err}"
+    );
+    // Without the name as a claim it gets in, and node-d's dials still do not reach it.
+    let mut named = connect_with(
+        &cluster,
+        "10.0.0.11",
+        "named-as-address-token",
+        "ipv4=10.0.0.10",
+    )
+    .await
+    .unwrap();
+    let refusal = connect_refusal(&cluster, "10.0.0.11:10250")
+        .await
+        .expect("node-d's address was dialled through an agent");
+    assert!(
+        refusal.ends_with("No agent available: 10.0.0.11 belongs to node node-d, whose agent is not connected; tether-server does not hand a node's dials to another node's agent"),
+        "{refusal}"
+    );
+    assert_eq!(
+        dial_seen(&mut named, Duration::from_millis(300)).await,
+        None
+    );
 }
 
 /// Junk tokens from sixteen addresses, four streams at a time each, for as long as the test
