@@ -55,6 +55,7 @@ const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_DCCP: u8 = 33;
 const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_AH: u8 = 51;
 /// The first chunk of an SCTP packet that opens an association.
 const SCTP_INIT: u8 = 1;
 /// A DCCP packet that opens a connection (the type in bits 1-4 of the ninth octet).
@@ -545,14 +546,28 @@ fn ipv4(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport
         // judged like a whole packet, it never reassembles.
         return fragment_verdict(ctx, source);
     }
-    let protocol = header[9];
-    let l4 = l3 + header_len;
+    let mut protocol = header[9];
+    let mut l4 = l3 + header_len;
     let packet = Packet {
         source,
         first_fragment,
         tunnels: config.tunnels,
     };
-    // Options must be present in full; a TCP or UDP header read past them proves it anyway.
+    // An authentication header hides nothing: the kernel checks it and delivers what
+    // follows, a SYN included, so the verdict is on what follows (as behind IPv6's). One is
+    // read past; behind a second the packet is unparseable.
+    if protocol == IPPROTO_AH {
+        let Some([following, len]) = array::<2>(ctx, l4) else {
+            return packet.truncated(ctx);
+        };
+        if following == IPPROTO_AH {
+            return source.unparseable(ctx);
+        }
+        protocol = following;
+        l4 += (usize::from(len) + 2) * 4;
+    }
+    // Options (and an authentication header) must be present in full; a TCP or UDP header
+    // read past them proves it anyway.
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && array::<2>(ctx, l4 - 2).is_none() {
         return packet.truncated(ctx);
     }
@@ -586,7 +601,7 @@ fn ipv6(ctx: &XdpContext, l3: usize, config: &GuardConfig, found: &mut Transport
                 (usize::from(len) + 1) * 8
             }
             // Authentication header: length in 4-octet units, less two.
-            51 => {
+            IPPROTO_AH => {
                 let Some([following, len]) = array::<2>(ctx, offset) else {
                     return packet.truncated(ctx);
                 };

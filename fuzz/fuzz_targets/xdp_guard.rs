@@ -204,8 +204,19 @@ fn ipv4(f: &Frame, l3: usize) -> Expected {
     if offset != 0 || (more_fragments && src.control_plane(f)) {
         return src.fragment(f);
     }
-    let l4 = l3 + header_len;
-    let protocol = h[9];
+    let mut l4 = l3 + header_len;
+    let mut protocol = h[9];
+    // One authentication header is looked through; a second makes the packet unparseable.
+    if protocol == 51 {
+        let Some(&[following, len]) = f.0.get(l4..l4 + 2) else {
+            return src.truncated(f, more_fragments);
+        };
+        if following == 51 {
+            return src.unparseable(f);
+        }
+        protocol = following;
+        l4 += (usize::from(len) + 2) * 4;
+    }
     if protocol != 6 && protocol != 17 && f.0.len() < l4 {
         return src.truncated(f, more_fragments);
     }

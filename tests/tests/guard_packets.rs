@@ -1350,3 +1350,81 @@ fn sctp_and_dccp_open_connections_as_tcp_does_and_more_tunnels_are_dropped() {
         true,
     );
 }
+
+/// IPsec's authentication header signs a packet without hiding it: given a security
+/// association, the kernel checks it and delivers what follows, a SYN to the kubelet
+/// included. Behind IPv4's, as behind IPv6's, the verdict is on what follows.
+#[test]
+fn what_follows_an_ipv4_authentication_header_is_judged() {
+    const AH: u8 = 51;
+    const ESP: u8 = 50;
+    let (mut g, _logs) = guard(Mode::Enforce);
+    // Next header, length (4-octet units, less two: 12 octets with a 4-octet ICV), SPI,
+    // sequence number, ICV.
+    let ah = |next: u8| [[next, 1].as_slice(), &[0; 10]].concat();
+    let packet = |src, l4: &[&[u8]]| {
+        let payload: usize = l4.iter().map(|part| part.len()).sum();
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let eth = ethernet(&[], ETH_IP);
+        let ip = ipv4(src, NODE4, AH, payload, 0, 0);
+        parts.push(&eth);
+        parts.push(&ip);
+        parts.extend_from_slice(l4);
+        frame(&parts)
+    };
+    let syn_to = |port| tcp(port, SYN, 0);
+    let cases: [(&str, Vec<u8>, u32, Reason, bool); 7] = [
+        (
+            "a SYN from the control plane behind AH",
+            packet(CP4, &[&ah(TCP), &syn_to(80)]),
+            XDP_DROP,
+            Reason::ControlPlaneSyn,
+            true,
+        ),
+        (
+            "a SYN to the kubelet from elsewhere behind AH",
+            packet(OTHER4, &[&ah(TCP), &syn_to(10250)]),
+            XDP_DROP,
+            Reason::ProtectedPort,
+            true,
+        ),
+        (
+            "a SYN to another port from elsewhere behind AH",
+            packet(OTHER4, &[&ah(TCP), &syn_to(80)]),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "a SYN to the kubelet from an allowed source behind AH",
+            packet(ALLOWED4, &[&ah(TCP), &syn_to(10250)]),
+            XDP_PASS,
+            Reason::Pass,
+            false,
+        ),
+        (
+            "ESP from the control plane behind AH",
+            packet(CP4, &[&ah(ESP), &[0; 16]]),
+            XDP_DROP,
+            Reason::Encapsulated,
+            true,
+        ),
+        (
+            "two authentication headers from elsewhere",
+            packet(OTHER4, &[&ah(AH), &ah(TCP), &syn_to(10250)]),
+            XDP_DROP,
+            Reason::Unparseable,
+            true,
+        ),
+        (
+            "an authentication header cut short, from the control plane",
+            packet(CP4, &[&ah(TCP)[..8]]),
+            XDP_DROP,
+            Reason::Malformed,
+            true,
+        ),
+    ];
+    for (name, frame, action, reason, dropped) in cases {
+        expect(&mut g, name, &frame, action, reason, dropped);
+    }
+}
