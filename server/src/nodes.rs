@@ -75,21 +75,26 @@ pub fn addresses_of(node: &Node) -> Vec<IpAddr> {
 }
 
 impl Nodes {
-    /// The Nodes whose status lists `address`, by name, sorted.
+    /// The Nodes whose status lists `address` (in any spelling), by name, sorted.
     pub fn owners(&self, address: IpAddr) -> Vec<String> {
         self.read()
             .owners
-            .get(&address)
+            .get(&address.to_canonical())
             .map(|owners| owners.iter().cloned().collect())
             .unwrap_or_default()
     }
 
     /// The Node a dial's host belongs to, when one does: a Node's name, or an address its
-    /// status lists.
+    /// status lists (in any spelling).
     pub fn node_of(&self, host: &str) -> Option<String> {
         let state = self.read();
         if let Ok(address) = host.parse::<IpAddr>() {
-            return state.owners.get(&address)?.iter().next().cloned();
+            return state
+                .owners
+                .get(&address.to_canonical())?
+                .iter()
+                .next()
+                .cloned();
         }
         let host = host.to_ascii_lowercase();
         state.addresses.contains_key(&host).then_some(host)
@@ -183,6 +188,7 @@ mod tests {
         let a: IpAddr = "10.0.0.5".parse().unwrap();
         assert_eq!(nodes.owners(a), ["node-a", "rogue"]);
         assert_eq!(nodes.node_of("10.0.0.7").as_deref(), Some("rogue"));
+        assert_eq!(nodes.node_of("::ffff:10.0.0.7").as_deref(), Some("rogue"));
         assert_eq!(nodes.node_of("NODE-A").as_deref(), Some("node-a"));
         assert_eq!(nodes.node_of("10.9.9.9"), None);
         nodes

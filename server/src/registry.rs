@@ -442,7 +442,7 @@ impl Registry {
         }
         let mut claimants: BTreeSet<String> = BTreeSet::new();
         if let (Some(nodes), Ok(ip)) = (&self.nodes, host.parse::<IpAddr>()) {
-            let owners = nodes.owners(ip.to_canonical());
+            let owners = nodes.owners(ip);
             if owners.len() > 1 {
                 claimants.extend(owners.into_iter().map(|n| format!("node {n}")));
             }

@@ -874,13 +874,19 @@ async fn a_node_named_as_anothers_address_cannot_claim_it_by_name() {
     )
     .await
     .unwrap();
-    let refusal = connect_refusal(&cluster, "10.0.0.11:10250")
-        .await
-        .expect("node-d's address was dialled through an agent");
-    assert!(
-        refusal.ends_with("No agent available: 10.0.0.11 belongs to node node-d, whose agent is not connected; tether-server does not hand a node's dials to another node's agent"),
-        "{refusal}"
-    );
+    // Nor under default, in either spelling of the address.
+    for (address, host) in [
+        ("10.0.0.11:10250", "10.0.0.11"),
+        ("[::ffff:10.0.0.11]:10250", "::ffff:10.0.0.11"),
+    ] {
+        let refusal = connect_refusal(&cluster, address)
+            .await
+            .unwrap_or_else(|| panic!("{address}, node-d's, was dialled through an agent"));
+        assert!(
+            refusal.ends_with(&format!("No agent available: {host} belongs to node node-d, whose agent is not connected; tether-server does not hand a node's dials to another node's agent")),
+            "{refusal}"
+        );
+    }
     assert_eq!(
         dial_seen(&mut named, Duration::from_millis(300)).await,
         None
